@@ -1,0 +1,491 @@
+//! Validation at the edge: wire requests become domain values here, or an
+//! [`Invalid`] error that names the offending field. Nothing past this module
+//! sees unvalidated input.
+
+use std::collections::HashMap;
+
+use dispatcher_wire as wire;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::settings::Settings;
+
+/// A request field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Roles of org members, weakest last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Member,
+    Admin,
+    Owner,
+}
+
+impl Role {
+    pub fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "owner" => Role::Owner,
+            "admin" => Role::Admin,
+            "member" => Role::Member,
+            "viewer" => Role::Viewer,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::Admin => "admin",
+            Role::Member => "member",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    /// Whether the role may submit and cancel jobs.
+    pub fn can_write_jobs(self) -> bool {
+        self >= Role::Member
+    }
+}
+
+fn check_name(
+    field: &str,
+    value: &str,
+    max: usize,
+    allowed: impl Fn(char) -> bool,
+) -> Result<(), Invalid> {
+    if value.is_empty() {
+        return Err(Invalid::new(field, "must not be empty"));
+    }
+    if value.len() > max {
+        return Err(Invalid::new(field, format!("must be at most {max} bytes")));
+    }
+    if let Some(c) = value.chars().find(|c| !allowed(*c)) {
+        return Err(Invalid::new(
+            field,
+            format!("character {c:?} is not allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// A worker id: printable, short.
+pub fn worker_id(value: &str) -> Result<String, Invalid> {
+    check_name("worker_id", value, 128, |c| {
+        c.is_ascii_alphanumeric() || "-_.:@/".contains(c)
+    })?;
+    Ok(value.to_owned())
+}
+
+/// Dataset names: lower-case identifiers (they become table names).
+pub fn dataset_name(field: &str, value: &str) -> Result<String, Invalid> {
+    check_name(field, value, 63, |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
+    })?;
+    if !value.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(Invalid::new(field, "must start with a lower-case letter"));
+    }
+    Ok(value.to_owned())
+}
+
+fn task_key(field: &str, value: &str) -> Result<(), Invalid> {
+    check_name(field, value, 128, |c| {
+        c.is_ascii_alphanumeric() || "-_.".contains(c)
+    })
+}
+
+// ------------------------------------------------------------------ jobs ---
+
+/// A job that passed validation: unique keys, known dependencies, no cycle.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub name: String,
+    /// In submission order.
+    pub tasks: Vec<NewTask>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    pub id: Uuid,
+    pub key: String,
+    pub runtime: wire::Runtime,
+    pub bundle: String,
+    pub inputs: Value,
+    pub outputs: Vec<String>,
+    pub max_attempts: u32,
+    /// Indexes into `NewJob::tasks`.
+    pub depends_on: Vec<usize>,
+}
+
+pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJob, Invalid> {
+    let name = req.name.trim().to_owned();
+    if name.is_empty() || name.len() > 200 {
+        return Err(Invalid::new("name", "must be 1 to 200 bytes"));
+    }
+    if req.tasks.is_empty() {
+        return Err(Invalid::new("tasks", "a job needs at least one task"));
+    }
+    if req.tasks.len() > settings.max_tasks_per_job {
+        return Err(Invalid::new(
+            "tasks",
+            format!(
+                "a job may have at most {} tasks",
+                settings.max_tasks_per_job
+            ),
+        ));
+    }
+
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(req.tasks.len());
+    for (i, t) in req.tasks.iter().enumerate() {
+        task_key(&format!("tasks[{i}].key"), &t.key)?;
+        if let Some(first) = index.insert(t.key.as_str(), i) {
+            return Err(Invalid::new(
+                format!("tasks[{i}].key"),
+                format!("duplicate key {:?} (first used by tasks[{first}])", t.key),
+            ));
+        }
+    }
+
+    let mut tasks = Vec::with_capacity(req.tasks.len());
+    for (i, t) in req.tasks.iter().enumerate() {
+        if t.bundle.is_empty() || t.bundle.len() > 4096 {
+            return Err(Invalid::new(
+                format!("tasks[{i}].bundle"),
+                "must be 1 to 4096 bytes",
+            ));
+        }
+        let inputs = t
+            .inputs
+            .clone()
+            .unwrap_or_else(|| Value::Object(Default::default()));
+        if !inputs.is_object() {
+            return Err(Invalid::new(
+                format!("tasks[{i}].inputs"),
+                "must be a JSON object",
+            ));
+        }
+        let max_attempts = t.max_attempts.unwrap_or(settings.default_max_attempts);
+        if max_attempts == 0 || max_attempts > settings.max_attempts_limit {
+            return Err(Invalid::new(
+                format!("tasks[{i}].max_attempts"),
+                format!("must be 1 to {}", settings.max_attempts_limit),
+            ));
+        }
+        let mut outputs = Vec::with_capacity(t.outputs.len());
+        for (j, o) in t.outputs.iter().enumerate() {
+            outputs.push(dataset_name(&format!("tasks[{i}].outputs[{j}]"), o)?);
+        }
+        let mut depends_on = Vec::with_capacity(t.depends_on.len());
+        for (j, dep) in t.depends_on.iter().enumerate() {
+            let field = format!("tasks[{i}].depends_on[{j}]");
+            let Some(&d) = index.get(dep.as_str()) else {
+                return Err(Invalid::new(field, format!("unknown task key {dep:?}")));
+            };
+            if depends_on.contains(&d) {
+                return Err(Invalid::new(field, format!("{dep:?} is listed twice")));
+            }
+            depends_on.push(d);
+        }
+        tasks.push(NewTask {
+            id: Uuid::now_v7(),
+            key: t.key.clone(),
+            runtime: t.runtime,
+            bundle: t.bundle.clone(),
+            inputs,
+            outputs,
+            max_attempts,
+            depends_on,
+        });
+    }
+
+    if let Some(cycle) = find_cycle(&tasks) {
+        let path: Vec<&str> = cycle.iter().map(|&i| tasks[i].key.as_str()).collect();
+        return Err(Invalid::new(
+            "tasks",
+            format!("dependency cycle: {}", path.join(" -> ")),
+        ));
+    }
+    Ok(NewJob { name, tasks })
+}
+
+/// A cycle in the dependency graph, as a path that starts and ends at the
+/// same task, or `None`. Iterative depth-first search (no recursion limit).
+fn find_cycle(tasks: &[NewTask]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnStack,
+        Done,
+    }
+    let mut mark = vec![Mark::New; tasks.len()];
+    for root in 0..tasks.len() {
+        if mark[root] != Mark::New {
+            continue;
+        }
+        // (node, next dependency index to visit)
+        let mut stack: Vec<(usize, usize)> = vec![(root, 0)];
+        mark[root] = Mark::OnStack;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            if let Some(&dep) = tasks[node].depends_on.get(*next) {
+                *next += 1;
+                match mark[dep] {
+                    Mark::New => {
+                        mark[dep] = Mark::OnStack;
+                        stack.push((dep, 0));
+                    }
+                    Mark::OnStack => {
+                        let start = stack.iter().position(|&(n, _)| n == dep).unwrap_or(0);
+                        let mut path: Vec<usize> = stack[start..].iter().map(|&(n, _)| n).collect();
+                        path.push(dep);
+                        // Dependencies point backwards in time; show the
+                        // cycle in execution order.
+                        path.reverse();
+                        return Some(path);
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[node] = Mark::Done;
+                stack.pop();
+            }
+        }
+    }
+    None
+}
+
+// --------------------------------------------------------- worker calls ---
+
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub seq: i64,
+    pub kind: String,
+    pub payload: Value,
+}
+
+pub fn events(req: wire::EventsRequest, settings: &Settings) -> Result<Vec<NewEvent>, Invalid> {
+    if req.events.is_empty() {
+        return Err(Invalid::new("events", "must hold at least one event"));
+    }
+    if req.events.len() > settings.max_events_per_call {
+        return Err(Invalid::new(
+            "events",
+            format!("at most {} events per call", settings.max_events_per_call),
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(req.events.len());
+    req.events
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let seq = i64::try_from(e.seq)
+                .map_err(|_| Invalid::new(format!("events[{i}].seq"), "is too large"))?;
+            if !seen.insert(seq) {
+                return Err(Invalid::new(
+                    format!("events[{i}].seq"),
+                    format!("seq {seq} appears twice in this call"),
+                ));
+            }
+            check_name(&format!("events[{i}].kind"), &e.kind, 64, |c| {
+                c.is_ascii_alphanumeric() || "-_.".contains(c)
+            })?;
+            Ok(NewEvent {
+                seq,
+                kind: e.kind,
+                payload: e.payload,
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewBufferBatch {
+    pub batch_id: Uuid,
+    pub dataset: String,
+    pub object_key: String,
+    pub rows: i64,
+    pub sha256: String,
+}
+
+pub fn buffer_batch(req: wire::BufferPublishRequest) -> Result<NewBufferBatch, Invalid> {
+    let dataset = dataset_name("dataset", &req.dataset)?;
+    let key = &req.object_key;
+    if key.is_empty() || key.len() > 1024 {
+        return Err(Invalid::new("object_key", "must be 1 to 1024 bytes"));
+    }
+    if key.starts_with('/')
+        || key.contains('\\')
+        || key
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        || key.chars().any(|c| c.is_control())
+    {
+        return Err(Invalid::new(
+            "object_key",
+            "must be a relative key without empty, `.` or `..` segments",
+        ));
+    }
+    let rows = i64::try_from(req.rows).map_err(|_| Invalid::new("rows", "is too large"))?;
+    if req.sha256.len() != 64 || !req.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Invalid::new("sha256", "must be 64 hexadecimal characters"));
+    }
+    Ok(NewBufferBatch {
+        batch_id: req.batch_id,
+        dataset,
+        object_key: req.object_key,
+        rows,
+        sha256: req.sha256.to_ascii_lowercase(),
+    })
+}
+
+/// A completion, normalised so that a replay can be compared with the
+/// original by value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completion {
+    Succeeded { output: Value },
+    Failed { message: String, retryable: bool },
+}
+
+impl Completion {
+    /// The canonical JSON stored with the attempt and compared on replay.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Completion::Succeeded { output } => {
+                serde_json::json!({"outcome": "succeeded", "output": output})
+            }
+            Completion::Failed { message, retryable } => serde_json::json!({
+                "outcome": "failed",
+                "error": {"message": message, "retryable": retryable}
+            }),
+        }
+    }
+}
+
+pub fn completion(req: wire::CompleteRequest) -> Result<Completion, Invalid> {
+    match req.outcome {
+        wire::Outcome::Succeeded => {
+            if req.error.is_some() {
+                return Err(Invalid::new(
+                    "error",
+                    "not allowed when outcome is \"succeeded\"",
+                ));
+            }
+            Ok(Completion::Succeeded {
+                output: req.output.unwrap_or(Value::Null),
+            })
+        }
+        wire::Outcome::Failed => {
+            if req.output.is_some() {
+                return Err(Invalid::new(
+                    "output",
+                    "not allowed when outcome is \"failed\"",
+                ));
+            }
+            let err = req
+                .error
+                .ok_or_else(|| Invalid::new("error", "required when outcome is \"failed\""))?;
+            if err.message.len() > 64 * 1024 {
+                return Err(Invalid::new("error.message", "must be at most 65536 bytes"));
+            }
+            Ok(Completion::Failed {
+                message: err.message,
+                retryable: err.retryable,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(key: &str, deps: &[&str]) -> wire::TaskSubmission {
+        wire::TaskSubmission {
+            key: key.into(),
+            runtime: wire::Runtime::Exec,
+            bundle: "true".into(),
+            inputs: None,
+            depends_on: deps.iter().map(|d| d.to_string()).collect(),
+            max_attempts: None,
+            outputs: vec![],
+        }
+    }
+
+    fn job(tasks: Vec<wire::TaskSubmission>) -> Result<NewJob, Invalid> {
+        new_job(
+            wire::SubmitJobRequest {
+                name: "j".into(),
+                tasks,
+            },
+            &Settings::default(),
+        )
+    }
+
+    #[test]
+    fn cycle_is_rejected_and_named() {
+        let err = job(vec![
+            task("a", &["c"]),
+            task("b", &["a"]),
+            task("c", &["b"]),
+        ])
+        .unwrap_err();
+        assert_eq!(err.field, "tasks");
+        assert!(err.message.contains("dependency cycle"), "{err}");
+        for k in ["a", "b", "c"] {
+            assert!(err.message.contains(k), "{err}");
+        }
+    }
+
+    #[test]
+    fn self_dependency_is_a_cycle() {
+        let err = job(vec![task("a", &["a"])]).unwrap_err();
+        assert_eq!(err.message, "dependency cycle: a -> a");
+    }
+
+    #[test]
+    fn duplicate_and_unknown_keys_name_the_field() {
+        let err = job(vec![task("a", &[]), task("a", &[])]).unwrap_err();
+        assert_eq!(err.field, "tasks[1].key");
+        let err = job(vec![task("a", &["zz"])]).unwrap_err();
+        assert_eq!(err.field, "tasks[0].depends_on[0]");
+    }
+
+    #[test]
+    fn diamond_is_accepted() {
+        let j = job(vec![
+            task("a", &[]),
+            task("b", &["a"]),
+            task("c", &["a"]),
+            task("d", &["b", "c"]),
+        ])
+        .unwrap();
+        assert_eq!(j.tasks[3].depends_on, vec![1, 2]);
+    }
+
+    #[test]
+    fn object_keys_cannot_escape_their_prefix() {
+        for bad in ["/abs", "a/../b", "a//b", "a/./b", "a\\b", ""] {
+            let req = wire::BufferPublishRequest {
+                batch_id: Uuid::nil(),
+                dataset: "d".into(),
+                object_key: bad.into(),
+                rows: 1,
+                sha256: "0".repeat(64),
+            };
+            assert!(buffer_batch(req).is_err(), "{bad:?} accepted");
+        }
+    }
+}

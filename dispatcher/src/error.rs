@@ -1,0 +1,210 @@
+//! Errors in layers: [`StoreError`] says what the store decided; [`ApiError`]
+//! is the one HTTP error, rendered as the contract's
+//! `{"error": {"code", "message", "retryable"}}` body. Internal details are
+//! logged, never sent.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use dispatcher_wire::{ErrorBody, ErrorDetail, TaskState};
+use uuid::Uuid;
+
+use crate::domain::Invalid;
+use crate::tokens::TokenError;
+
+/// Outcomes of store operations other than success.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no task {0}")]
+    TaskNotFound(Uuid),
+    #[error("no job {0}")]
+    JobNotFound(Uuid),
+    #[error("attempt {attempt} of task {task_id} was superseded by attempt {current}")]
+    StaleAttempt {
+        task_id: Uuid,
+        attempt: u32,
+        current: u32,
+    },
+    #[error("attempt {attempt} of task {task_id} has already finished (task is {state})")]
+    AttemptFinished {
+        task_id: Uuid,
+        attempt: u32,
+        state: String,
+    },
+    #[error("the lease of attempt {attempt} of task {task_id} has expired")]
+    LeaseExpired { task_id: Uuid, attempt: u32 },
+    #[error("task {task_id} is not claimable: {reason}")]
+    NotClaimable { task_id: Uuid, reason: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether a caller that lost its lease (in any way) got this error.
+    pub fn is_fenced(&self) -> bool {
+        matches!(
+            self,
+            StoreError::StaleAttempt { .. }
+                | StoreError::AttemptFinished { .. }
+                | StoreError::LeaseExpired { .. }
+        )
+    }
+}
+
+/// The one error type of the HTTP layer.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retryable: bool,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retryable: false,
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field}: {message}"),
+        )
+    }
+
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    pub fn payload_too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            "method not allowed on this path",
+        )
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+        e.retryable = true;
+        e.retry_after_secs = Some(1);
+        e
+    }
+
+    pub fn internal() -> Self {
+        let mut e = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; it has been logged",
+        );
+        e.retryable = true;
+        e
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::invalid(&e.field, e.message)
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(e: TokenError) -> Self {
+        ApiError::unauthenticated(e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let message = e.to_string();
+        match e {
+            StoreError::TaskNotFound(_) | StoreError::JobNotFound(_) => {
+                ApiError::not_found(message)
+            }
+            StoreError::StaleAttempt { .. } | StoreError::AttemptFinished { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "stale_attempt", message)
+            }
+            StoreError::LeaseExpired { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "lease_expired", message)
+            }
+            StoreError::NotClaimable { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "not_claimable", message)
+            }
+            StoreError::Conflict(_) => ApiError::conflict(message),
+            StoreError::Forbidden(_) => ApiError::forbidden(message),
+            StoreError::Db(db) => match db {
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                    tracing::warn!(error = %db, "database unavailable");
+                    ApiError::unavailable("database unavailable")
+                }
+                other => {
+                    tracing::error!(error = %other, "database error");
+                    ApiError::internal()
+                }
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(code = self.code, message = %self.message, "request failed");
+        } else {
+            tracing::debug!(code = self.code, message = %self.message, "request refused");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+                retryable: self.retryable,
+            },
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+/// Parses a stored state, treating an unknown one as a bug.
+pub(crate) fn task_state(s: &str) -> Result<TaskState, StoreError> {
+    TaskState::parse(s).ok_or_else(|| {
+        StoreError::Db(sqlx::Error::Decode(
+            format!("unknown task state {s:?}").into(),
+        ))
+    })
+}

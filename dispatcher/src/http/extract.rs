@@ -1,0 +1,108 @@
+//! The project's own extractors. Handlers use these, never axum's `Json` or
+//! raw headers, so every rejection is the contract's error body.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::tokens::{TaskClaims, TokenKind, UserClaims, WorkerClaims};
+
+/// A JSON body, parsed strictly: `Content-Type` must be JSON, the size limit
+/// answers `413 payload_too_large`, and a parse error names the field. An
+/// empty body reads as `{}` so that all-optional requests may omit it.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let json_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                let mime = v.split(';').next().unwrap_or("").trim();
+                mime.eq_ignore_ascii_case("application/json")
+            });
+        let limit = state.settings.max_body_bytes;
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::payload_too_large(limit)
+            } else {
+                ApiError::invalid("body", rejection.body_text())
+            }
+        })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            if json_type != Some(true) {
+                return Err(ApiError::invalid(
+                    "Content-Type",
+                    "must be application/json",
+                ));
+            }
+            &bytes
+        };
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "body".to_owned() } else { path };
+            ApiError::invalid(&field, e.into_inner())
+        })?;
+        de.end().map_err(|e| ApiError::invalid("body", e))?;
+        Ok(ApiJson(value))
+    }
+}
+
+fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    let value = parts
+        .headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthenticated("missing Authorization header"))?
+        .to_str()
+        .map_err(|_| ApiError::unauthenticated("Authorization header is not ASCII"))?;
+    let (scheme, token) = value
+        .split_once(' ')
+        .ok_or_else(|| ApiError::unauthenticated("Authorization must be `Bearer <token>`"))?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(ApiError::unauthenticated(
+            "Authorization must be `Bearer <token>`",
+        ));
+    }
+    Ok(token.trim())
+}
+
+/// A verified per-attempt capability token (`/v1/task/*`).
+pub struct TaskAuth(pub TaskClaims);
+
+/// A verified worker credential (`/internal/*`).
+pub struct WorkerAuth(pub WorkerClaims);
+
+/// A verified user token (`/v1/jobs*`). Membership is checked by the handler
+/// against Postgres.
+pub struct UserAuth(pub UserClaims);
+
+macro_rules! token_extractor {
+    ($ty:ident, $kind:expr) => {
+        impl FromRequestParts<AppState> for $ty {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &AppState,
+            ) -> Result<Self, Self::Rejection> {
+                let token = bearer(parts)?;
+                Ok($ty(state.keys.verify(token, $kind)?))
+            }
+        }
+    };
+}
+
+token_extractor!(TaskAuth, TokenKind::Task);
+token_extractor!(WorkerAuth, TokenKind::Worker);
+token_extractor!(UserAuth, TokenKind::User);

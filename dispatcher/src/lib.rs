@@ -1,0 +1,10 @@
+//! The dispatcher: a lease-based task dispatcher backed by Postgres.
+//!
+//! `docs/architecture.md` is the map of this crate.
+
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod settings;
+pub mod store;
+pub mod tokens;

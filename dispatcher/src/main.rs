@@ -1,0 +1,327 @@
+//! The `dispatcher` binary: a thin CLI over the library.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand};
+use dispatcher::domain::Role;
+use dispatcher::http::{self, AppState};
+use dispatcher::settings::Settings;
+use dispatcher::store::Store;
+use dispatcher::tokens::{self, Keyring};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "dispatcher",
+    version,
+    about = "Lease-based task dispatcher backed by Postgres"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (worker contract, jobs API, JWKS, health).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(DbArgs),
+    /// Signing keys and credentials.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Operator commands: orgs, users, memberships.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Args)]
+struct DbArgs {
+    /// Postgres connection URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+}
+
+#[derive(Args)]
+struct KeyArgs {
+    /// PKCS#8 PEM Ed25519 private key used to sign tokens.
+    #[arg(long, env = "DISPATCHER_SIGNING_KEY_FILE")]
+    signing_key: PathBuf,
+    /// Extra SPKI PEM public keys accepted for verification (key rotation).
+    #[arg(
+        long = "verify-key",
+        env = "DISPATCHER_VERIFY_KEY_FILES",
+        value_delimiter = ','
+    )]
+    verify_keys: Vec<PathBuf>,
+    /// Token issuer (`iss`).
+    #[arg(long, env = "DISPATCHER_ISSUER", default_value = "dispatcher")]
+    issuer: String,
+}
+
+impl KeyArgs {
+    fn keyring(&self, leeway_secs: u64) -> Result<Keyring> {
+        let signing = std::fs::read_to_string(&self.signing_key)
+            .with_context(|| format!("reading signing key {}", self.signing_key.display()))?;
+        let extra = self
+            .verify_keys
+            .iter()
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading verification key {}", p.display()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Keyring::from_pem(
+            &self.issuer,
+            &signing,
+            &extra,
+            leeway_secs,
+        )?)
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Address to listen on.
+    #[arg(long, env = "DISPATCHER_BIND", default_value = "127.0.0.1:8080")]
+    bind: String,
+    /// Apply migrations before serving.
+    #[arg(long, env = "DISPATCHER_MIGRATE")]
+    migrate: bool,
+    /// Largest number of pooled database connections.
+    #[arg(long, env = "DISPATCHER_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    max_connections: u32,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Generate an Ed25519 signing key: PATH (private) and PATH.pub (public).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Mint a worker credential.
+    Worker {
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[arg(long)]
+        worker_id: String,
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: i64,
+    },
+    /// Mint a user token for acting in one org.
+    User {
+        #[command(flatten)]
+        keys: KeyArgs,
+        #[arg(long)]
+        user_id: Uuid,
+        #[arg(long)]
+        org_id: Uuid,
+        #[arg(long, default_value_t = 1)]
+        ttl_hours: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create an org (or find it by name); prints its id.
+    CreateOrg {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        name: String,
+    },
+    /// Create a user (or find it by e-mail), grant a role in an org; prints the user id.
+    AddMember {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        org_id: Uuid,
+        #[arg(long)]
+        email: String,
+        /// owner, admin, member or viewer.
+        #[arg(long, default_value = "member")]
+        role: String,
+    },
+}
+
+async fn connect(db: &DbArgs, settings: Arc<Settings>, max: u32) -> Result<Store> {
+    Store::connect(&db.database_url, max, settings)
+        .await
+        .context("connecting to Postgres (set DATABASE_URL)")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate(db) => {
+            let store = connect(&db, Arc::new(Settings::default()), 2).await?;
+            store.migrate().await.context("applying migrations")?;
+            eprintln!("migrations applied");
+            Ok(())
+        }
+        Command::Token(cmd) => token(cmd),
+        Command::Admin(cmd) => admin(cmd).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let mut settings = Settings::default();
+    settings.issuer = args.keys.issuer.clone();
+    let settings = Arc::new(settings);
+    let keys = Arc::new(args.keys.keyring(settings.token_leeway.as_secs())?);
+    let store = connect(&args.db, settings.clone(), args.max_connections).await?;
+    if args.migrate {
+        store.migrate().await.context("applying migrations")?;
+    }
+    let listener = tokio::net::TcpListener::bind(&args.bind)
+        .await
+        .with_context(|| format!("binding {}", args.bind))?;
+    tracing::info!(addr = %listener.local_addr()?, kid = keys.signing_kid(), "dispatcher listening");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    http::serve(
+        listener,
+        AppState {
+            store,
+            keys,
+            settings,
+        },
+        shutdown,
+    )
+    .await?;
+    tracing::info!("dispatcher stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown requested; draining");
+    shutdown.cancel();
+}
+
+fn token(cmd: TokenCommand) -> Result<()> {
+    match cmd {
+        TokenCommand::Keygen { out } => {
+            let (private, public) = tokens::generate_key_pem();
+            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+            write_private(&out, &private)?;
+            std::fs::write(&pub_path, public)
+                .with_context(|| format!("writing {}", pub_path.display()))?;
+            let ring = Keyring::from_pem("dispatcher", &private, &[], 0)?;
+            println!("{}", ring.signing_kid());
+            eprintln!(
+                "wrote {} and {} (kid above)",
+                out.display(),
+                pub_path.display()
+            );
+        }
+        TokenCommand::Worker {
+            keys,
+            worker_id,
+            ttl_hours,
+        } => {
+            let ring = keys.keyring(0)?;
+            let id = dispatcher::domain::worker_id(&worker_id)?;
+            println!(
+                "{}",
+                ring.mint_worker(&id, Utc::now() + chrono::Duration::hours(ttl_hours))
+            );
+        }
+        TokenCommand::User {
+            keys,
+            user_id,
+            org_id,
+            ttl_hours,
+        } => {
+            let ring = keys.keyring(0)?;
+            println!(
+                "{}",
+                ring.mint_user(
+                    user_id,
+                    org_id,
+                    Utc::now() + chrono::Duration::hours(ttl_hours)
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+fn write_private(path: &PathBuf, pem: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist yet)", path.display()))?;
+    f.write_all(pem.as_bytes())?;
+    Ok(())
+}
+
+async fn admin(cmd: AdminCommand) -> Result<()> {
+    let settings = Arc::new(Settings::default());
+    match cmd {
+        AdminCommand::CreateOrg { db, name } => {
+            let name = name.trim();
+            if name.is_empty() || name.len() > 200 {
+                bail!("--name must be 1 to 200 bytes");
+            }
+            let store = connect(&db, settings, 2).await?;
+            println!("{}", store.ensure_org(name).await?);
+        }
+        AdminCommand::AddMember {
+            db,
+            org_id,
+            email,
+            role,
+        } => {
+            let Some(role) = Role::parse(&role) else {
+                bail!("--role must be owner, admin, member or viewer");
+            };
+            if !email.contains('@') {
+                bail!("--email must be an e-mail address");
+            }
+            let store = connect(&db, settings, 2).await?;
+            let user = store.ensure_user(&email).await?;
+            store.set_membership(org_id, user, role).await?;
+            println!("{user}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Every tunable number of the dispatcher, with its default, in one place.
+//!
+//! `docs/standards/operations.md` explains each default; keep the two in step.
+
+use std::time::Duration;
+
+/// Runtime settings, read once at start and passed down (no globals).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `iss` of every token this dispatcher signs, and the issuer it accepts.
+    pub issuer: String,
+    /// Lease granted when a claim names none.
+    pub lease_default: Duration,
+    /// Smallest lease a claim may ask for (the contract requires <= 1 s).
+    pub lease_min: Duration,
+    /// Largest lease a claim may ask for.
+    pub lease_max: Duration,
+    /// A capability token lives until its lease ends plus this grace, so a
+    /// heartbeat sent just before expiry still authenticates. The database
+    /// lease, not the token, decides whether a write is accepted.
+    pub token_grace: Duration,
+    /// Clock leeway allowed when checking `exp` of any token.
+    pub token_leeway: Duration,
+    /// First retry delay after a retryable failure; doubles per attempt.
+    pub retry_base: Duration,
+    /// Upper bound of the retry delay.
+    pub retry_cap: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Largest number of tasks in one job.
+    pub max_tasks_per_job: usize,
+    /// Largest number of events in one `/v1/task/events` call.
+    pub max_events_per_call: usize,
+    /// `max_attempts` of a task that names none.
+    pub default_max_attempts: u32,
+    /// Largest `max_attempts` a task may ask for.
+    pub max_attempts_limit: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            issuer: "dispatcher".to_owned(),
+            lease_default: Duration::from_secs(60),
+            lease_min: Duration::from_secs(1),
+            lease_max: Duration::from_secs(3600),
+            token_grace: Duration::from_secs(60),
+            token_leeway: Duration::from_secs(5),
+            retry_base: Duration::from_secs(2),
+            retry_cap: Duration::from_secs(300),
+            max_body_bytes: 1024 * 1024,
+            max_tasks_per_job: 10_000,
+            max_events_per_call: 1_000,
+            default_max_attempts: 3,
+            max_attempts_limit: 100,
+        }
+    }
+}
+
+impl Settings {
+    /// The lease actually granted for a requested number of seconds.
+    pub fn clamp_lease(&self, requested: Option<u32>) -> Duration {
+        match requested {
+            None => self.lease_default,
+            Some(s) => Duration::from_secs(u64::from(s)).clamp(self.lease_min, self.lease_max),
+        }
+    }
+
+    /// Workers heartbeat every third of the lease, so two heartbeats can be
+    /// lost before the lease runs out.
+    pub fn heartbeat_interval(lease: Duration) -> Duration {
+        (lease / 3).max(Duration::from_secs(1)).min(lease)
+    }
+
+    /// Delay before attempt `failed_attempt + 1` may be claimed: exponential
+    /// in the attempt number, capped, with "equal jitter" (half fixed, half
+    /// random) so that retries of a burst of failures spread out.
+    pub fn retry_delay(&self, failed_attempt: u32, unit_random: f64) -> Duration {
+        let exp = failed_attempt.saturating_sub(1).min(30);
+        let full = self
+            .retry_base
+            .saturating_mul(1u32 << exp)
+            .min(self.retry_cap);
+        let half = full / 2;
+        half + half.mul_f64(unit_random.clamp(0.0, 1.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_is_clamped_to_bounds() {
+        let s = Settings::default();
+        assert_eq!(s.clamp_lease(None), Duration::from_secs(60));
+        assert_eq!(s.clamp_lease(Some(0)), Duration::from_secs(1));
+        assert_eq!(s.clamp_lease(Some(5)), Duration::from_secs(5));
+        assert_eq!(s.clamp_lease(Some(1_000_000)), Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn retry_delay_grows_exponentially_with_jitter_and_cap() {
+        let s = Settings::default();
+        assert_eq!(s.retry_delay(1, 0.0), Duration::from_secs(1));
+        assert_eq!(s.retry_delay(1, 1.0), Duration::from_secs(2));
+        assert_eq!(s.retry_delay(3, 1.0), Duration::from_secs(8));
+        assert_eq!(s.retry_delay(3, 0.0), Duration::from_secs(4));
+        assert_eq!(s.retry_delay(40, 1.0), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn heartbeat_interval_is_a_third_of_the_lease() {
+        assert_eq!(
+            Settings::heartbeat_interval(Duration::from_secs(60)),
+            Duration::from_secs(20)
+        );
+        assert_eq!(
+            Settings::heartbeat_interval(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+    }
+}

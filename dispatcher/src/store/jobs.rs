@@ -1,0 +1,230 @@
+//! Jobs: submission of a validated DAG, reads, cancellation. Every query is
+//! scoped by org: a job of another org is simply not found.
+
+use chrono::{DateTime, Utc};
+use dispatcher_wire::{JobState, JobView, TaskView};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::tasks::{end_job, enqueue_wakeups, lock_job};
+use super::Store;
+use crate::domain::NewJob;
+use crate::error::{task_state, StoreError};
+
+fn job_state(s: &str) -> Result<JobState, StoreError> {
+    JobState::parse(s).ok_or_else(|| {
+        StoreError::Db(sqlx::Error::Decode(
+            format!("unknown job state {s:?}").into(),
+        ))
+    })
+}
+
+impl Store {
+    /// Inserts the job, its tasks, specs and dependency edges, and the
+    /// wake-ups of its root tasks, in one transaction.
+    pub async fn submit_job(
+        &self,
+        org_id: Uuid,
+        created_by: Option<Uuid>,
+        job: &NewJob,
+    ) -> Result<JobView, StoreError> {
+        let job_id = Uuid::now_v7();
+        let n = job.tasks.len();
+        let ids: Vec<Uuid> = job.tasks.iter().map(|t| t.id).collect();
+        let states: Vec<&str> = job
+            .tasks
+            .iter()
+            .map(|t| {
+                if t.depends_on.is_empty() {
+                    "ready"
+                } else {
+                    "blocked"
+                }
+            })
+            .collect();
+        let max_attempts: Vec<i32> = job
+            .tasks
+            .iter()
+            .map(|t| i32::try_from(t.max_attempts).unwrap_or(i32::MAX))
+            .collect();
+        let pending: Vec<i32> = job
+            .tasks
+            .iter()
+            .map(|t| i32::try_from(t.depends_on.len()).unwrap_or(i32::MAX))
+            .collect();
+        let ords: Vec<i32> = (0..n)
+            .map(|i| i32::try_from(i).unwrap_or(i32::MAX))
+            .collect();
+        let keys: Vec<&str> = job.tasks.iter().map(|t| t.key.as_str()).collect();
+        let runtimes: Vec<&str> = job.tasks.iter().map(|t| t.runtime.as_str()).collect();
+        let bundles: Vec<&str> = job.tasks.iter().map(|t| t.bundle.as_str()).collect();
+        let inputs: Vec<&Value> = job.tasks.iter().map(|t| &t.inputs).collect();
+        // text[][] cannot be ragged, so each task's outputs travel as JSON.
+        let outputs: Vec<Value> = job
+            .tasks
+            .iter()
+            .map(|t| Value::from(t.outputs.clone()))
+            .collect();
+        let (dep_from, dep_on): (Vec<Uuid>, Vec<Uuid>) = job
+            .tasks
+            .iter()
+            .flat_map(|t| t.depends_on.iter().map(move |&d| (t.id, job.tasks[d].id)))
+            .unzip();
+        let roots: Vec<Uuid> = job
+            .tasks
+            .iter()
+            .filter(|t| t.depends_on.is_empty())
+            .map(|t| t.id)
+            .collect();
+
+        let mut tx = self.pool.begin().await?;
+        let created_at: DateTime<Utc> = sqlx::query_scalar(
+            "INSERT INTO jobs (id, org_id, name, state, created_by, tasks_unfinished)
+             VALUES ($1, $2, $3, 'running', $4, $5)
+             RETURNING created_at",
+        )
+        .bind(job_id)
+        .bind(org_id)
+        .bind(&job.name)
+        .bind(created_by)
+        .bind(i32::try_from(n).unwrap_or(i32::MAX))
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO tasks (id, job_id, state, max_attempts, pending_deps)
+             SELECT id, $1, state, max_attempts, pending
+               FROM unnest($2::uuid[], $3::text[], $4::int[], $5::int[])
+                    AS t(id, state, max_attempts, pending)",
+        )
+        .bind(job_id)
+        .bind(&ids)
+        .bind(&states)
+        .bind(&max_attempts)
+        .bind(&pending)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO task_specs (task_id, job_id, ord, key, runtime, bundle, inputs, outputs)
+             SELECT id, $1, ord, key, runtime, bundle, inputs,
+                    ARRAY(SELECT jsonb_array_elements_text(outputs))
+               FROM unnest($2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
+                           $7::jsonb[], $8::jsonb[])
+                    AS s(id, ord, key, runtime, bundle, inputs, outputs)",
+        )
+        .bind(job_id)
+        .bind(&ids)
+        .bind(&ords)
+        .bind(&keys)
+        .bind(&runtimes)
+        .bind(&bundles)
+        .bind(&inputs)
+        .bind(&outputs)
+        .execute(&mut *tx)
+        .await?;
+        if !dep_from.is_empty() {
+            sqlx::query(
+                "INSERT INTO task_deps (task_id, depends_on)
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[])",
+            )
+            .bind(&dep_from)
+            .bind(&dep_on)
+            .execute(&mut *tx)
+            .await?;
+        }
+        enqueue_wakeups(&mut tx, &roots, None).await?;
+        tx.commit().await?;
+
+        Ok(JobView {
+            job_id,
+            name: job.name.clone(),
+            state: JobState::Running,
+            created_at,
+            finished_at: None,
+            tasks: job
+                .tasks
+                .iter()
+                .zip(&states)
+                .map(|(t, s)| TaskView {
+                    key: t.key.clone(),
+                    task_id: t.id,
+                    state: dispatcher_wire::TaskState::parse(s)
+                        .unwrap_or(dispatcher_wire::TaskState::Blocked),
+                    attempt: 0,
+                    max_attempts: t.max_attempts,
+                })
+                .collect(),
+        })
+    }
+
+    /// The job with every task's state and attempt, if it belongs to `org_id`.
+    pub async fn get_job(&self, org_id: Uuid, job_id: Uuid) -> Result<JobView, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let job: Option<(String, String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "SELECT name, state, created_at, finished_at FROM jobs WHERE id = $1 AND org_id = $2",
+        )
+        .bind(job_id)
+        .bind(org_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some((name, state, created_at, finished_at)) = job else {
+            return Err(StoreError::JobNotFound(job_id));
+        };
+        let rows: Vec<(String, Uuid, String, i32, i32)> = sqlx::query_as(
+            "SELECT s.key, t.id, t.state, t.attempt, t.max_attempts
+               FROM tasks t JOIN task_specs s ON s.task_id = t.id
+              WHERE t.job_id = $1
+              ORDER BY s.ord",
+        )
+        .bind(job_id)
+        .fetch_all(&mut *conn)
+        .await?;
+        let tasks = rows
+            .into_iter()
+            .map(|(key, task_id, state, attempt, max_attempts)| {
+                Ok(TaskView {
+                    key,
+                    task_id,
+                    state: task_state(&state)?,
+                    attempt: u32::try_from(attempt).unwrap_or(0),
+                    max_attempts: u32::try_from(max_attempts).unwrap_or(0),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(JobView {
+            job_id,
+            name,
+            state: job_state(&state)?,
+            created_at,
+            finished_at,
+            tasks,
+        })
+    }
+
+    /// Cancels a running job: unstarted tasks end as cancelled at once,
+    /// leased tasks are asked to stop. Cancelling a cancelled job is a no-op;
+    /// a job that already succeeded or failed is a conflict.
+    pub async fn cancel_job(&self, org_id: Uuid, job_id: Uuid) -> Result<JobView, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let owner: Option<Uuid> = sqlx::query_scalar("SELECT org_id FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if owner != Some(org_id) {
+            return Err(StoreError::JobNotFound(job_id));
+        }
+        let state = lock_job(&mut tx, job_id)
+            .await?
+            .ok_or(StoreError::JobNotFound(job_id))?;
+        match state.as_str() {
+            "running" => end_job(&mut tx, job_id, "cancelled").await?,
+            "cancelled" => {}
+            other => {
+                return Err(StoreError::Conflict(format!(
+                    "job {job_id} has already {other}; it cannot be cancelled"
+                )))
+            }
+        }
+        tx.commit().await?;
+        self.get_job(org_id, job_id).await
+    }
+}

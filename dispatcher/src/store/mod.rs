@@ -1,0 +1,78 @@
+//! The store: the only source of truth. Each public operation is one short
+//! Postgres transaction; lease fencing lives in the SQL `WHERE` clauses.
+//!
+//! Lock order, to keep transactions free of deadlocks: a transaction that
+//! touches a job row and task rows locks the **job row first**, then tasks.
+//! Operations on a single task (claim, heartbeat, events, publishes) take no
+//! job lock.
+
+mod jobs;
+mod orgs;
+mod tasks;
+
+pub use tasks::*;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+use crate::settings::Settings;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+    settings: Arc<Settings>,
+}
+
+impl Store {
+    pub fn new(pool: PgPool, settings: Arc<Settings>) -> Self {
+        Store { pool, settings }
+    }
+
+    /// Connects with a bounded pool. `max_connections` bounds the load this
+    /// process puts on Postgres.
+    pub async fn connect(
+        url: &str,
+        max_connections: u32,
+        settings: Arc<Settings>,
+    ) -> Result<Self, sqlx::Error> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.application_name("dispatcher"))
+            .await?;
+        Ok(Store { pool, settings })
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The backoff before the attempt after `failed_attempt`, jittered.
+    fn retry_delay(&self, failed_attempt: i32) -> Duration {
+        let n = u32::try_from(failed_attempt).unwrap_or(1);
+        self.settings.retry_delay(n, rand::random::<f64>())
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// Readiness: the database answers.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+    }
+}

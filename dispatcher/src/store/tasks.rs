@@ -1,0 +1,715 @@
+//! The task lifecycle: claim, heartbeat, events, buffer publishes,
+//! completion and lease expiry.
+//!
+//! Every write made on behalf of an attempt carries the fence
+//! `id = $task AND job_id = $job AND attempt = $attempt AND state = 'leased'
+//! AND lease_expires_at > now()` in the same statement as the write (ADR
+//! 0001). Zero rows means the caller lost; [`fence_error`] then says how.
+//! `now()` is Postgres' clock, the only clock leases are judged by (ADR 0003).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use dispatcher_wire::{CompleteResponse, Runtime, TaskSpec, TaskState};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::Store;
+use crate::domain::{Completion, NewBufferBatch, NewEvent};
+use crate::error::{task_state, StoreError};
+
+/// A granted lease: what the claim answers and what the token is minted for.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub task_id: Uuid,
+    pub job_id: Uuid,
+    pub org_id: Uuid,
+    pub attempt: u32,
+    pub lease: Duration,
+    pub lease_expires_at: DateTime<Utc>,
+    pub spec: TaskSpec,
+}
+
+/// The identity a capability token speaks for. Every fenced write names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub task_id: Uuid,
+    pub job_id: Uuid,
+    pub attempt: u32,
+}
+
+impl Fence {
+    fn attempt_i32(&self) -> i32 {
+        i32::try_from(self.attempt).unwrap_or(i32::MAX)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseRenewal {
+    pub lease_expires_at: DateTime<Utc>,
+    pub cancel_requested: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventsOutcome {
+    pub accepted: u32,
+    pub duplicates: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishOutcome {
+    /// Recorded now.
+    Accepted,
+    /// The same batch was recorded before; nothing changed.
+    Duplicate,
+}
+
+fn secs_i32(d: Duration) -> i32 {
+    i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
+}
+
+fn millis_i64(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn to_u32(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(0)
+}
+
+/// Explains why a fenced write matched no row. Read-only.
+pub(crate) async fn fence_error(conn: &mut PgConnection, fence: Fence) -> StoreError {
+    let row: Result<Option<(String, i32, Uuid, bool, Option<String>)>, _> = sqlx::query_as(
+        "SELECT t.state, t.attempt, t.job_id,
+                coalesce(t.lease_expires_at > now(), false),
+                a.outcome
+           FROM tasks t
+           LEFT JOIN attempts a ON a.task_id = t.id AND a.attempt = $2
+          WHERE t.id = $1",
+    )
+    .bind(fence.task_id)
+    .bind(fence.attempt_i32())
+    .fetch_optional(&mut *conn)
+    .await;
+    let (state, current, job_id, live, outcome) = match row {
+        Ok(Some(r)) => r,
+        Ok(None) => return StoreError::TaskNotFound(fence.task_id),
+        Err(e) => return StoreError::Db(e),
+    };
+    let current = to_u32(current);
+    if job_id != fence.job_id || current < fence.attempt {
+        return StoreError::Forbidden(format!(
+            "token does not match task {} (job or attempt unknown)",
+            fence.task_id
+        ));
+    }
+    if current > fence.attempt {
+        return StoreError::StaleAttempt {
+            task_id: fence.task_id,
+            attempt: fence.attempt,
+            current,
+        };
+    }
+    match (state.as_str(), outcome.as_deref()) {
+        ("leased", None) if !live => StoreError::LeaseExpired {
+            task_id: fence.task_id,
+            attempt: fence.attempt,
+        },
+        (_, Some("lease_expired")) => StoreError::LeaseExpired {
+            task_id: fence.task_id,
+            attempt: fence.attempt,
+        },
+        ("leased", None) => {
+            // The fence failed but the lease looks live now: only a
+            // concurrent change can do that. Nothing was written; retryable.
+            StoreError::Db(sqlx::Error::PoolTimedOut)
+        }
+        (state, _) => StoreError::AttemptFinished {
+            task_id: fence.task_id,
+            attempt: fence.attempt,
+            state: state.to_owned(),
+        },
+    }
+}
+
+/// Writes one wake-up per task into the outbox, in the caller's transaction.
+pub(crate) async fn enqueue_wakeups(
+    conn: &mut PgConnection,
+    task_ids: &[Uuid],
+    available_at: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    if task_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO outbox (topic, payload, available_at)
+         SELECT 'wakeup', jsonb_build_object('task_id', id), coalesce($2, now())
+           FROM unnest($1::uuid[]) AS id",
+    )
+    .bind(task_ids)
+    .bind(available_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks a job row; the first lock of every multi-row transaction.
+pub(crate) async fn lock_job(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(job_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Ends a running job as `failed` or `cancelled`: unstarted tasks are
+/// cancelled at once, leased ones are asked to stop (their heartbeat answers
+/// `cancel_requested: true` and their completion ends them as cancelled).
+pub(crate) async fn end_job(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    state: &'static str,
+) -> Result<(), sqlx::Error> {
+    let ended = sqlx::query(
+        "UPDATE jobs SET state = $2, finished_at = now() WHERE id = $1 AND state = 'running'",
+    )
+    .bind(job_id)
+    .bind(state)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if ended == 0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE tasks SET state = 'cancelled', not_before = NULL, updated_at = now()
+          WHERE job_id = $1 AND state IN ('blocked', 'ready')",
+    )
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks SET cancel_requested = true, updated_at = now()
+          WHERE job_id = $1 AND state = 'leased'",
+    )
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The consequences of a task reaching `state`, in the same transaction:
+/// release dependants and wake them, schedule a retry's wake-up, or end the
+/// job. The job row must already be locked by the caller.
+async fn after_transition(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    job_id: Uuid,
+    state: TaskState,
+    retry_at: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    match state {
+        TaskState::Succeeded => {
+            let dependants: Vec<(Uuid, String)> = sqlx::query_as(
+                "UPDATE tasks t
+                    SET pending_deps = t.pending_deps - 1,
+                        state = CASE WHEN t.pending_deps = 1 THEN 'ready' ELSE t.state END,
+                        updated_at = now()
+                   FROM task_deps d
+                  WHERE d.depends_on = $1 AND t.id = d.task_id AND t.state = 'blocked'
+              RETURNING t.id, t.state",
+            )
+            .bind(task_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            let released: Vec<Uuid> = dependants
+                .into_iter()
+                .filter(|(_, s)| s == "ready")
+                .map(|(id, _)| id)
+                .collect();
+            enqueue_wakeups(conn, &released, None).await?;
+            sqlx::query(
+                "UPDATE jobs
+                    SET tasks_unfinished = tasks_unfinished - 1,
+                        state = CASE WHEN tasks_unfinished = 1 AND state = 'running'
+                                     THEN 'succeeded' ELSE state END,
+                        finished_at = CASE WHEN tasks_unfinished = 1 AND state = 'running'
+                                           THEN now() ELSE finished_at END
+                  WHERE id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        TaskState::Ready => enqueue_wakeups(conn, &[task_id], retry_at).await?,
+        TaskState::Failed => end_job(conn, job_id, "failed").await?,
+        TaskState::Cancelled | TaskState::Blocked | TaskState::Leased => {}
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Claims a task for a new attempt. Succeeds when the task is `ready`
+    /// (and past its retry backoff) or `leased` with an expired lease, while
+    /// attempts remain. Commits at once; no transaction outlives the call.
+    pub async fn claim(
+        &self,
+        task_id: Uuid,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Claimed, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let granted: Option<(Uuid, i32, DateTime<Utc>)> = sqlx::query_as(
+            "UPDATE tasks
+                SET state = 'leased', attempt = attempt + 1, lease_seconds = $2,
+                    lease_expires_at = now() + $2 * interval '1 second',
+                    not_before = NULL, updated_at = now()
+              WHERE id = $1
+                AND attempt < max_attempts
+                AND NOT cancel_requested
+                AND ((state = 'ready' AND (not_before IS NULL OR not_before <= now()))
+                  OR (state = 'leased' AND lease_expires_at <= now()))
+          RETURNING job_id, attempt, lease_expires_at",
+        )
+        .bind(task_id)
+        .bind(secs_i32(lease))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((job_id, attempt, lease_expires_at)) = granted else {
+            tx.rollback().await?;
+            return Err(self.claim_refusal(task_id).await);
+        };
+        // A reclaimed expired lease: the previous attempt ends here.
+        sqlx::query(
+            "UPDATE attempts SET finished_at = now(), outcome = 'lease_expired'
+              WHERE task_id = $1 AND attempt = $2 - 1 AND finished_at IS NULL",
+        )
+        .bind(task_id)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO attempts (task_id, attempt, worker_id) VALUES ($1, $2, $3)")
+            .bind(task_id)
+            .bind(attempt)
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?;
+        let (key, runtime, bundle, inputs, outputs, org_id): (
+            String,
+            String,
+            String,
+            Value,
+            Vec<String>,
+            Uuid,
+        ) = sqlx::query_as(
+            "SELECT s.key, s.runtime, s.bundle, s.inputs, s.outputs, j.org_id
+               FROM task_specs s JOIN jobs j ON j.id = s.job_id
+              WHERE s.task_id = $1",
+        )
+        .bind(task_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let runtime = Runtime::parse(&runtime).ok_or_else(|| {
+            StoreError::Db(sqlx::Error::Decode(
+                format!("unknown runtime {runtime:?}").into(),
+            ))
+        })?;
+        Ok(Claimed {
+            task_id,
+            job_id,
+            org_id,
+            attempt: to_u32(attempt),
+            lease,
+            lease_expires_at,
+            spec: TaskSpec {
+                key,
+                runtime,
+                bundle,
+                inputs,
+                outputs,
+            },
+        })
+    }
+
+    /// Why a claim matched no row. An expired lease that cannot be reclaimed
+    /// (out of attempts, or cancel requested) is ended here, by the same rules
+    /// as the lease reaper, so the task does not linger as `leased`.
+    async fn claim_refusal(&self, task_id: Uuid) -> StoreError {
+        type Row = (
+            String,
+            i32,
+            i32,
+            i32,
+            bool,
+            Option<DateTime<Utc>>,
+            Option<DateTime<Utc>>,
+            bool,
+        );
+        let row: Result<Option<Row>, _> = sqlx::query_as(
+            "SELECT state, attempt, max_attempts, pending_deps, cancel_requested,
+                    not_before, lease_expires_at, coalesce(lease_expires_at <= now(), false)
+               FROM tasks WHERE id = $1",
+        )
+        .bind(task_id)
+        .fetch_optional(&self.pool)
+        .await;
+        let (state, attempt, max_attempts, pending, cancel, not_before, lease_until, expired) =
+            match row {
+                Ok(Some(r)) => r,
+                Ok(None) => return StoreError::TaskNotFound(task_id),
+                Err(e) => return StoreError::Db(e),
+            };
+        let reason = match state.as_str() {
+            "leased" if expired => {
+                if let Err(e) = self.expire_lease(task_id).await {
+                    return e;
+                }
+                if cancel {
+                    "its job was stopped; the task is now cancelled".to_owned()
+                } else {
+                    format!("the lease expired and all {max_attempts} attempts are used; the task has failed")
+                }
+            }
+            "leased" => format!(
+                "attempt {attempt} holds a live lease until {}",
+                lease_until.map(|t| t.to_rfc3339()).unwrap_or_default()
+            ),
+            "blocked" => format!("waiting for {pending} unfinished dependencies"),
+            "ready" if not_before.is_some() => format!(
+                "retry backoff until {}",
+                not_before.map(|t| t.to_rfc3339()).unwrap_or_default()
+            ),
+            "ready" => "the task changed concurrently; try again".to_owned(),
+            other => format!("the task is {other}"),
+        };
+        StoreError::NotClaimable { task_id, reason }
+    }
+
+    /// Ends an expired lease by the rules of a retryable failure: a retry
+    /// (with backoff) while attempts remain, else the task and its job fail;
+    /// a task whose job was stopped becomes cancelled. Returns the new state,
+    /// or `None` when the lease was not (or no longer) expired.
+    pub async fn expire_lease(&self, task_id: Uuid) -> Result<Option<TaskState>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some((job_id, attempt)): Option<(Uuid, i32)> =
+            sqlx::query_as("SELECT job_id, attempt FROM tasks WHERE id = $1")
+                .bind(task_id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Err(StoreError::TaskNotFound(task_id));
+        };
+        lock_job(&mut tx, job_id).await?;
+        let ended: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "UPDATE tasks
+                SET state = CASE WHEN cancel_requested THEN 'cancelled'
+                                 WHEN attempt < max_attempts THEN 'ready'
+                                 ELSE 'failed' END,
+                    not_before = CASE WHEN NOT cancel_requested AND attempt < max_attempts
+                                      THEN now() + $3 * interval '1 millisecond' END,
+                    lease_expires_at = NULL, updated_at = now()
+              WHERE id = $1 AND attempt = $2 AND state = 'leased' AND lease_expires_at <= now()
+          RETURNING state, not_before",
+        )
+        .bind(task_id)
+        .bind(attempt)
+        .bind(millis_i64(self.retry_delay(attempt)))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((state, retry_at)) = ended else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let state = task_state(&state)?;
+        sqlx::query(
+            "UPDATE attempts SET finished_at = now(), outcome = 'lease_expired'
+              WHERE task_id = $1 AND attempt = $2 AND finished_at IS NULL",
+        )
+        .bind(task_id)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
+        after_transition(&mut tx, task_id, job_id, state, retry_at).await?;
+        tx.commit().await?;
+        Ok(Some(state))
+    }
+
+    /// Extends the lease of the current attempt by its lease duration.
+    pub async fn heartbeat(
+        &self,
+        fence: Fence,
+        progress: Option<&Value>,
+    ) -> Result<LeaseRenewal, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let renewed: Option<(DateTime<Utc>, bool)> = sqlx::query_as(
+            "UPDATE tasks SET lease_expires_at = now() + lease_seconds * interval '1 second'
+              WHERE id = $1 AND job_id = $2 AND attempt = $3
+                AND state = 'leased' AND lease_expires_at > now()
+          RETURNING lease_expires_at, cancel_requested",
+        )
+        .bind(fence.task_id)
+        .bind(fence.job_id)
+        .bind(fence.attempt_i32())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((lease_expires_at, cancel_requested)) = renewed else {
+            let err = fence_error(&mut tx, fence).await;
+            tx.rollback().await?;
+            return Err(err);
+        };
+        if let Some(progress) = progress {
+            sqlx::query("UPDATE attempts SET progress = $3 WHERE task_id = $1 AND attempt = $2")
+                .bind(fence.task_id)
+                .bind(fence.attempt_i32())
+                .bind(progress)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(LeaseRenewal {
+            lease_expires_at,
+            cancel_requested,
+        })
+    }
+
+    /// Stores events once per (task, attempt, seq). A replayed seq with the
+    /// same body counts as a duplicate; with another body the whole call is
+    /// a conflict and nothing is stored.
+    pub async fn record_events(
+        &self,
+        fence: Fence,
+        events: &[NewEvent],
+    ) -> Result<EventsOutcome, StoreError> {
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        let payloads: Vec<&Value> = events.iter().map(|e| &e.payload).collect();
+        let mut tx = self.pool.begin().await?;
+        let (live, inserted): (bool, i64) = sqlx::query_as(
+            "WITH fence AS (
+                 SELECT id FROM tasks
+                  WHERE id = $1 AND job_id = $2 AND attempt = $3
+                    AND state = 'leased' AND lease_expires_at > now()
+                    FOR SHARE
+             ), ins AS (
+                 INSERT INTO task_events (task_id, attempt, seq, kind, payload)
+                 SELECT $1, $3, e.seq, e.kind, e.payload
+                   FROM unnest($4::bigint[], $5::text[], $6::jsonb[]) AS e(seq, kind, payload)
+                  WHERE EXISTS (SELECT 1 FROM fence)
+                     ON CONFLICT (task_id, attempt, seq) DO NOTHING
+                 RETURNING seq
+             )
+             SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM ins)",
+        )
+        .bind(fence.task_id)
+        .bind(fence.job_id)
+        .bind(fence.attempt_i32())
+        .bind(&seqs)
+        .bind(&kinds)
+        .bind(&payloads)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !live {
+            let err = fence_error(&mut tx, fence).await;
+            tx.rollback().await?;
+            return Err(err);
+        }
+        let inserted = u32::try_from(inserted).unwrap_or(0);
+        let total = u32::try_from(events.len()).unwrap_or(u32::MAX);
+        if inserted < total {
+            let differing: Option<i64> = sqlx::query_scalar(
+                "SELECT t.seq FROM task_events t
+                   JOIN unnest($3::bigint[], $4::text[], $5::jsonb[]) AS e(seq, kind, payload)
+                     ON t.seq = e.seq
+                  WHERE t.task_id = $1 AND t.attempt = $2
+                    AND (t.kind <> e.kind OR t.payload <> e.payload)
+                  LIMIT 1",
+            )
+            .bind(fence.task_id)
+            .bind(fence.attempt_i32())
+            .bind(&seqs)
+            .bind(&kinds)
+            .bind(&payloads)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(seq) = differing {
+                tx.rollback().await?;
+                return Err(StoreError::Conflict(format!(
+                    "event seq {seq} of attempt {} was already stored with a different body",
+                    fence.attempt
+                )));
+            }
+        }
+        tx.commit().await?;
+        Ok(EventsOutcome {
+            accepted: inserted,
+            duplicates: total - inserted,
+        })
+    }
+
+    /// Records a buffer batch once per batch id and, in the same statement,
+    /// the outbox row that hands it to the buffer sink.
+    pub async fn publish_buffer(
+        &self,
+        fence: Fence,
+        batch: &NewBufferBatch,
+    ) -> Result<PublishOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (live, inserted): (bool, bool) = sqlx::query_as(
+            "WITH fence AS (
+                 SELECT id FROM tasks
+                  WHERE id = $1 AND job_id = $2 AND attempt = $3
+                    AND state = 'leased' AND lease_expires_at > now()
+                    FOR SHARE
+             ), ins AS (
+                 INSERT INTO buffer_publishes (batch_id, task_id, attempt, dataset, object_key, rows, sha256)
+                 SELECT $4, $1, $3, $5, $6, $7, $8 FROM fence
+                     ON CONFLICT (batch_id) DO NOTHING
+                 RETURNING batch_id
+             ), wake AS (
+                 INSERT INTO outbox (topic, payload)
+                 SELECT 'buffer', jsonb_build_object('batch_id', batch_id) FROM ins
+             )
+             SELECT EXISTS (SELECT 1 FROM fence), EXISTS (SELECT 1 FROM ins)",
+        )
+        .bind(fence.task_id)
+        .bind(fence.job_id)
+        .bind(fence.attempt_i32())
+        .bind(batch.batch_id)
+        .bind(&batch.dataset)
+        .bind(&batch.object_key)
+        .bind(batch.rows)
+        .bind(&batch.sha256)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !live {
+            let err = fence_error(&mut tx, fence).await;
+            tx.rollback().await?;
+            return Err(err);
+        }
+        if inserted {
+            tx.commit().await?;
+            return Ok(PublishOutcome::Accepted);
+        }
+        let same: bool = sqlx::query_scalar(
+            "SELECT task_id = $2 AND dataset = $3 AND object_key = $4 AND rows = $5 AND sha256 = $6
+               FROM buffer_publishes WHERE batch_id = $1",
+        )
+        .bind(batch.batch_id)
+        .bind(fence.task_id)
+        .bind(&batch.dataset)
+        .bind(&batch.object_key)
+        .bind(batch.rows)
+        .bind(&batch.sha256)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.rollback().await?;
+        if same {
+            Ok(PublishOutcome::Duplicate)
+        } else {
+            Err(StoreError::Conflict(format!(
+                "batch {} was already published with a different body",
+                batch.batch_id
+            )))
+        }
+    }
+
+    /// Completes the current attempt. Exactly one completion per attempt is
+    /// committed; a replay of it returns the original answer, a different
+    /// completion for the same attempt is a conflict.
+    pub async fn complete(
+        &self,
+        fence: Fence,
+        completion: &Completion,
+    ) -> Result<CompleteResponse, StoreError> {
+        let (succeeded, retryable) = match completion {
+            Completion::Succeeded { .. } => (true, false),
+            Completion::Failed { retryable, .. } => (false, *retryable),
+        };
+        let canonical = completion.to_json();
+        let mut tx = self.pool.begin().await?;
+        lock_job(&mut tx, fence.job_id).await?;
+        let ended: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "UPDATE tasks
+                SET state = CASE WHEN cancel_requested THEN 'cancelled'
+                                 WHEN $4 THEN 'succeeded'
+                                 WHEN $5 AND attempt < max_attempts THEN 'ready'
+                                 ELSE 'failed' END,
+                    not_before = CASE WHEN NOT cancel_requested AND NOT $4 AND $5
+                                           AND attempt < max_attempts
+                                      THEN now() + $6 * interval '1 millisecond' END,
+                    lease_expires_at = NULL, updated_at = now()
+              WHERE id = $1 AND job_id = $2 AND attempt = $3
+                AND state = 'leased' AND lease_expires_at > now()
+          RETURNING state, not_before",
+        )
+        .bind(fence.task_id)
+        .bind(fence.job_id)
+        .bind(fence.attempt_i32())
+        .bind(succeeded)
+        .bind(retryable)
+        .bind(millis_i64(self.retry_delay(fence.attempt_i32())))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((state, retry_at)) = ended else {
+            tx.rollback().await?;
+            return self.completion_replay(fence, &canonical).await;
+        };
+        let state = task_state(&state)?;
+        let response = CompleteResponse {
+            task_id: fence.task_id,
+            attempt: fence.attempt,
+            state,
+            retry_at,
+        };
+        sqlx::query(
+            "UPDATE attempts
+                SET finished_at = now(), outcome = $3, completion = $4, response = $5
+              WHERE task_id = $1 AND attempt = $2",
+        )
+        .bind(fence.task_id)
+        .bind(fence.attempt_i32())
+        .bind(if succeeded { "succeeded" } else { "failed" })
+        .bind(&canonical)
+        .bind(
+            serde_json::to_value(&response)
+                .map_err(|e| StoreError::Db(sqlx::Error::Encode(e.into())))?,
+        )
+        .execute(&mut *tx)
+        .await?;
+        after_transition(&mut tx, fence.task_id, fence.job_id, state, retry_at).await?;
+        tx.commit().await?;
+        Ok(response)
+    }
+
+    /// The answer to a completion whose fence matched no row: the original
+    /// answer if this attempt already completed the same way, a conflict if
+    /// it completed another way, else the fencing error.
+    async fn completion_replay(
+        &self,
+        fence: Fence,
+        canonical: &Value,
+    ) -> Result<CompleteResponse, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let earlier: Option<(bool, Value)> = sqlx::query_as(
+            "SELECT completion = $3, response FROM attempts
+              WHERE task_id = $1 AND attempt = $2 AND completion IS NOT NULL",
+        )
+        .bind(fence.task_id)
+        .bind(fence.attempt_i32())
+        .bind(canonical)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match earlier {
+            Some((true, response)) => serde_json::from_value(response)
+                .map_err(|e| StoreError::Db(sqlx::Error::Decode(e.into()))),
+            Some((false, _)) => Err(StoreError::Conflict(format!(
+                "attempt {} of task {} already completed with a different result",
+                fence.attempt, fence.task_id
+            ))),
+            None => Err(fence_error(&mut conn, fence).await),
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! Wire types of the worker contract (`shared/design/contract.md`) and the
+//! minimal jobs API.
+//!
+//! This crate has no server dependencies so that workers can depend on it.
+//! Request types reject unknown fields (a misspelt field is an error, not a
+//! silent default); response types accept unknown fields, because the
+//! contract allows fields to be added to answers.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Body of every non-2xx answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code (`stale_attempt`, `lease_expired`, ...).
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// Task states, as stored and as answered.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    Blocked,
+    Ready,
+    Leased,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Blocked => "blocked",
+            TaskState::Ready => "ready",
+            TaskState::Leased => "leased",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "blocked" => TaskState::Blocked,
+            "ready" => TaskState::Ready,
+            "leased" => TaskState::Leased,
+            "succeeded" => TaskState::Succeeded,
+            "failed" => TaskState::Failed,
+            "cancelled" => TaskState::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            _ => return None,
+        })
+    }
+}
+
+/// What a task runs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    Exec,
+    Node,
+    Python,
+    Rust,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Exec => "exec",
+            Runtime::Node => "node",
+            Runtime::Python => "python",
+            Runtime::Rust => "rust",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "exec" => Runtime::Exec,
+            "node" => Runtime::Node,
+            "python" => Runtime::Python,
+            "rust" => Runtime::Rust,
+            _ => return None,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- claim ---
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    pub task_id: Uuid,
+    pub worker_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimResponse {
+    pub task_id: Uuid,
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub lease_expires_at: DateTime<Utc>,
+    pub heartbeat_interval_seconds: u32,
+    pub capability_token: String,
+    pub token_expires_at: DateTime<Utc>,
+    pub task: TaskSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub key: String,
+    pub runtime: Runtime,
+    pub bundle: String,
+    pub inputs: Value,
+    pub outputs: Vec<String>,
+}
+
+// ------------------------------------------------------------ heartbeat ---
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub lease_expires_at: DateTime<Utc>,
+    pub capability_token: String,
+    pub token_expires_at: DateTime<Utc>,
+    pub cancel_requested: bool,
+}
+
+// --------------------------------------------------------------- events ---
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsRequest {
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub seq: u64,
+    pub kind: String,
+    #[serde(default)]
+    pub payload: Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventsResponse {
+    pub accepted: u32,
+    pub duplicates: u32,
+}
+
+// ------------------------------------------------------- buffer publish ---
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferPublishRequest {
+    pub batch_id: Uuid,
+    pub dataset: String,
+    pub object_key: String,
+    pub rows: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BufferPublishResponse {
+    pub batch_id: Uuid,
+    pub status: String,
+}
+
+// ------------------------------------------------------------- complete ---
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskFailure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskFailure {
+    pub message: String,
+    /// Whether another attempt may succeed. Defaults to `true`.
+    #[serde(default = "default_true")]
+    pub retryable: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CompleteResponse {
+    pub task_id: Uuid,
+    pub attempt: u32,
+    /// The task's state after this completion: `succeeded`, `failed`,
+    /// `cancelled`, or `ready` when a retry was scheduled.
+    pub state: TaskState,
+    /// When the retry becomes claimable, if one was scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+// ----------------------------------------------------------------- jobs ---
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitJobRequest {
+    pub name: String,
+    pub tasks: Vec<TaskSubmission>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSubmission {
+    pub key: String,
+    pub runtime: Runtime,
+    pub bundle: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Value>,
+    #[serde(default)]
+    pub depends_on: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Datasets the task may write (its capability token's dataset scope).
+    #[serde(default)]
+    pub outputs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobView {
+    pub job_id: Uuid,
+    pub name: String,
+    pub state: JobState,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    pub tasks: Vec<TaskView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskView {
+    pub key: String,
+    pub task_id: Uuid,
+    pub state: TaskState,
+    pub attempt: u32,
+    pub max_attempts: u32,
+}
+
+// -------------------------------------------------------------- wake-up ---
+
+/// The queue message body. Nothing else in a message is to be trusted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WakeUp {
+    pub task_id: Uuid,
+}

@@ -1,1 +1,394 @@
+//! Test harness: a real Postgres database per test (created from
+//! `DATABASE_URL`, dropped when the test ends), and the real HTTP server on a
+//! free loopback port.
+//!
+//! Tests never sleep to move time: they move the lease clock in the database
+//! (`expire_lease`, `skip_backoff`), which is the only clock leases obey.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use chrono::Utc;
+use dispatcher::http::{self, AppState};
+use dispatcher::settings::Settings;
+use dispatcher::store::Store;
+use dispatcher::tokens::Keyring;
+use dispatcher_wire as wire;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The admin connection URL: `DATABASE_URL`, or the local default.
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database of its own, migrated, dropped (with its connections) on drop.
+pub struct TestDb {
+    pub pool: PgPool,
+    name: String,
+    admin: PgConnectOptions,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let url = database_url();
+        let admin: PgConnectOptions = url
+            .parse()
+            .unwrap_or_else(|e| panic!("DATABASE_URL {url:?} is not a Postgres URL: {e}"));
+        let name = format!("test_{}", Uuid::new_v4().simple());
+        let mut conn = admin.connect().await.unwrap_or_else(|e| {
+            panic!(
+                "these tests need a running Postgres; could not connect with DATABASE_URL={url:?}: {e}. \
+                 Start Postgres or point DATABASE_URL at one."
+            )
+        });
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("CREATE DATABASE");
+        conn.close().await.ok();
+        let pool = PgPoolOptions::new()
+            .max_connections(20)
+            .connect_with(admin.clone().database(&name))
+            .await
+            .expect("connecting to the test database");
+        dispatcher::store::MIGRATOR
+            .run(&pool)
+            .await
+            .expect("applying migrations");
+        TestDb { pool, name, admin }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin = self.admin.clone();
+        // Drop runs inside the test's runtime; use a runtime of our own. The
+        // pool is not closed first: connections held by server tasks of the
+        // (now blocked) test runtime would never be returned. FORCE ends them.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut conn = admin.connect().await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await?;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// A running dispatcher with one org, one member, and credentials.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub keys: Arc<Keyring>,
+    /// The PKCS#8 PEM of the signing key, so tests can sign arbitrary claims
+    /// with the genuine key.
+    pub signing_pem: String,
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub org_id: Uuid,
+    pub user_id: Uuid,
+    pub user_token: String,
+    pub worker_token: String,
+    shutdown: CancellationToken,
+    // Last: dropped after the server is told to stop.
+    pub db: TestDb,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub struct Response {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Response {
+    /// The contract's error code, if this is an error body.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(Settings::default()).await
+    }
+
+    pub async fn spawn_with(settings: Settings) -> TestApp {
+        let db = TestDb::new().await;
+        let settings = Arc::new(settings);
+        let (signing_pem, _) = dispatcher::tokens::generate_key_pem();
+        let keys = Arc::new(
+            Keyring::from_pem(
+                &settings.issuer,
+                &signing_pem,
+                &[],
+                settings.token_leeway.as_secs(),
+            )
+            .expect("keyring"),
+        );
+        let store = Store::new(db.pool.clone(), settings.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let state = AppState {
+            store: store.clone(),
+            keys: keys.clone(),
+            settings: settings.clone(),
+        };
+        tokio::spawn(http::serve(listener, state, shutdown.clone()));
+        let org_id = store.ensure_org("acme").await.expect("org");
+        let user_id = store.ensure_user("ada@acme.test").await.expect("user");
+        store
+            .set_membership(org_id, user_id, dispatcher::domain::Role::Member)
+            .await
+            .expect("membership");
+        let exp = Utc::now() + chrono::Duration::hours(1);
+        let user_token = keys.mint_user(user_id, org_id, exp);
+        let worker_token = keys.mint_worker("test-worker", exp);
+        TestApp {
+            addr,
+            client: reqwest::Client::new(),
+            keys,
+            signing_pem,
+            settings,
+            store,
+            org_id,
+            user_id,
+            user_token,
+            worker_token,
+            shutdown,
+            db,
+        }
+    }
+
+    /// Signs arbitrary claims with the genuine signing key and `kid`, under
+    /// the given `typ` header.
+    pub fn sign_raw(&self, typ: &str, claims: &Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(self.signing_pem.as_bytes()).expect("key");
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA);
+        header.typ = Some(typ.to_owned());
+        header.kid = Some(self.keys.signing_kid().to_owned());
+        jsonwebtoken::encode(&header, claims, &key).expect("sign")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// POSTs JSON with a bearer token.
+    pub async fn post(&self, path: &str, token: &str, body: &Value) -> Response {
+        let resp = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        Self::read(resp).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Response {
+        let resp = self
+            .client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        Self::read(resp).await
+    }
+
+    pub async fn read(resp: reqwest::Response) -> Response {
+        let status = resp.status();
+        let text = resp.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Response { status, body }
+    }
+
+    /// Submits a job as the test user; panics unless it is created.
+    pub async fn submit(&self, job: &Value) -> wire::JobView {
+        let r = self.post("/v1/jobs", &self.user_token, job).await;
+        assert_eq!(r.status, StatusCode::CREATED, "submit failed: {}", r.body);
+        serde_json::from_value(r.body).expect("job view")
+    }
+
+    /// A one-task job; returns the task id.
+    pub async fn single_task(&self, max_attempts: u32) -> Uuid {
+        let job = self
+            .submit(&json!({"name": "single", "tasks": [
+                {"key": "only", "runtime": "exec", "bundle": "/bin/true",
+                 "max_attempts": max_attempts, "outputs": ["alert_events"]}
+            ]}))
+            .await;
+        job.tasks[0].task_id
+    }
+
+    pub async fn job(&self, job_id: Uuid) -> wire::JobView {
+        let r = self
+            .get(&format!("/v1/jobs/{job_id}"), &self.user_token)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "get job failed: {}", r.body);
+        serde_json::from_value(r.body).expect("job view")
+    }
+
+    pub async fn try_claim(&self, task_id: Uuid, worker: &str) -> Response {
+        self.post(
+            "/internal/task-claim",
+            &self.worker_token,
+            &json!({"task_id": task_id, "worker_id": worker}),
+        )
+        .await
+    }
+
+    /// Claims a task; panics unless the claim is granted.
+    pub async fn claim(&self, task_id: Uuid) -> wire::ClaimResponse {
+        let r = self.try_claim(task_id, "test-worker").await;
+        assert_eq!(r.status, StatusCode::OK, "claim failed: {}", r.body);
+        serde_json::from_value(r.body).expect("claim response")
+    }
+
+    pub async fn complete_ok(&self, token: &str, output: Value) -> Response {
+        self.post(
+            "/v1/task/complete",
+            token,
+            &json!({"outcome": "succeeded", "output": output}),
+        )
+        .await
+    }
+
+    /// Claims and completes a task successfully.
+    pub async fn run_ok(&self, task_id: Uuid) {
+        let c = self.claim(task_id).await;
+        let r = self
+            .complete_ok(&c.capability_token, json!({"ok": true}))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "complete failed: {}", r.body);
+    }
+
+    /// Moves the task's lease into the past, in the database.
+    pub async fn expire_lease(&self, task_id: Uuid) {
+        let n = sqlx::query(
+            "UPDATE tasks SET lease_expires_at = now() - interval '1 second'
+              WHERE id = $1 AND state = 'leased'",
+        )
+        .bind(task_id)
+        .execute(&self.db.pool)
+        .await
+        .expect("expire lease")
+        .rows_affected();
+        assert_eq!(n, 1, "task {task_id} was not leased");
+    }
+
+    /// Ends the retry backoff of a ready task, in the database.
+    pub async fn skip_backoff(&self, task_id: Uuid) {
+        sqlx::query("UPDATE tasks SET not_before = now() WHERE id = $1 AND state = 'ready'")
+            .bind(task_id)
+            .execute(&self.db.pool)
+            .await
+            .expect("skip backoff");
+    }
+
+    /// Everything the store holds about a task, to prove a refused call
+    /// changed nothing.
+    pub async fn snapshot(&self, task_id: Uuid) -> Value {
+        sqlx::query_scalar(
+            "SELECT jsonb_build_object(
+                'task', (SELECT to_jsonb(t) FROM tasks t WHERE t.id = $1),
+                'attempts', (SELECT coalesce(jsonb_agg(to_jsonb(a) ORDER BY a.attempt), '[]')
+                               FROM attempts a WHERE a.task_id = $1),
+                'events', (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e.attempt, e.seq), '[]')
+                             FROM task_events e WHERE e.task_id = $1),
+                'publishes', (SELECT coalesce(jsonb_agg(to_jsonb(b) ORDER BY b.batch_id), '[]')
+                                FROM buffer_publishes b WHERE b.task_id = $1),
+                'jobs', (SELECT coalesce(jsonb_agg(to_jsonb(j)), '[]') FROM jobs j),
+                'outbox', (SELECT coalesce(jsonb_agg(to_jsonb(o) ORDER BY o.id), '[]') FROM outbox o))",
+        )
+        .bind(task_id)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("snapshot")
+    }
+
+    /// Row counts of every table, to prove a refused request wrote nothing.
+    pub async fn table_counts(&self) -> Value {
+        sqlx::query_scalar(
+            "SELECT jsonb_build_object(
+                'jobs', (SELECT count(*) FROM jobs), 'tasks', (SELECT count(*) FROM tasks),
+                'task_specs', (SELECT count(*) FROM task_specs), 'task_deps', (SELECT count(*) FROM task_deps),
+                'attempts', (SELECT count(*) FROM attempts), 'task_events', (SELECT count(*) FROM task_events),
+                'buffer_publishes', (SELECT count(*) FROM buffer_publishes), 'outbox', (SELECT count(*) FROM outbox))",
+        )
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("counts")
+    }
+
+    /// Number of outbox wake-ups for a task.
+    pub async fn wakeups(&self, task_id: Uuid) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE topic = 'wakeup' AND payload->>'task_id' = $1::text",
+        )
+        .bind(task_id)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("wakeups")
+    }
+
+    /// Committed completions of a task (attempt rows carrying a completion).
+    pub async fn committed_completions(&self, task_id: Uuid) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM attempts WHERE task_id = $1 AND completion IS NOT NULL",
+        )
+        .bind(task_id)
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("completions")
+    }
+}
+
+/// A valid buffer-publish body for the attempt a claim answered.
+pub fn batch_body(claim: &wire::ClaimResponse, batch_id: Uuid, rows: u64) -> Value {
+    let claims = decode_claims(&claim.capability_token);
+    let prefix = claims["prefixes"][0].as_str().expect("prefix").to_owned();
+    json!({
+        "batch_id": batch_id,
+        "dataset": "alert_events",
+        "object_key": format!("{prefix}buffers/{batch_id}.jsonl"),
+        "rows": rows,
+        "sha256": "a".repeat(64),
+    })
+}
+
+/// The claims of a JWT, unverified (for tests that inspect or forge tokens).
+pub fn decode_claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("JWT payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url payload");
+    serde_json::from_slice(&bytes).expect("JSON claims")
+}

@@ -1,1 +1,9 @@
-fn main() {}
+//! One integration-test binary (one link step on a 2-core machine).
+//! Each test gets its own Postgres database and its own server.
+
+mod completion;
+mod dag;
+mod fencing;
+mod input;
+mod orgs;
+mod tokens;

@@ -1,0 +1,265 @@
+//! Invariants 1 (fencing), 2 (one clock) and 3 (attempts only grow).
+
+use dispatcher_tests::{batch_body, TestApp};
+use reqwest::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+/// The four fenced writes, each with a valid body for `claim`'s attempt.
+fn fenced_calls(claim: &dispatcher_wire::ClaimResponse) -> Vec<(&'static str, serde_json::Value)> {
+    vec![
+        ("/v1/task/heartbeat", json!({"progress": {"pct": 50}})),
+        (
+            "/v1/task/events",
+            json!({"events": [{"seq": 7, "kind": "log", "payload": {"msg": "late"}}]}),
+        ),
+        (
+            "/v1/task/buffer-publish",
+            batch_body(claim, Uuid::new_v4(), 3),
+        ),
+        (
+            "/v1/task/complete",
+            json!({"outcome": "succeeded", "output": {"stale": true}}),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn invariant_1_fencing_stale_attempt_writes_are_refused_and_change_nothing() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let first = app.claim(task).await;
+    app.expire_lease(task).await;
+    let second = app.claim(task).await;
+    assert_eq!(second.attempt, first.attempt + 1);
+
+    for (path, body) in fenced_calls(&first) {
+        let before = app.snapshot(task).await;
+        let r = app.post(path, &first.capability_token, &body).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{path}: {}", r.body);
+        assert_eq!(r.code(), "stale_attempt", "{path}: {}", r.body);
+        assert_eq!(r.body["error"]["retryable"], false);
+        assert_eq!(
+            app.snapshot(task).await,
+            before,
+            "{path} changed the database"
+        );
+    }
+
+    // The current attempt is unaffected and can finish.
+    let r = app.complete_ok(&second.capability_token, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
+#[tokio::test]
+async fn invariant_1_fencing_expired_lease_cannot_write_and_task_is_claimed_again_as_next_attempt()
+{
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+    app.expire_lease(task).await;
+
+    for (path, body) in fenced_calls(&claim) {
+        let before = app.snapshot(task).await;
+        let r = app.post(path, &claim.capability_token, &body).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{path}: {}", r.body);
+        assert_eq!(r.code(), "lease_expired", "{path}: {}", r.body);
+        assert_eq!(
+            app.snapshot(task).await,
+            before,
+            "{path} changed the database"
+        );
+    }
+
+    let again = app.claim(task).await;
+    assert_eq!(again.attempt, claim.attempt + 1);
+    // The old attempt is now stale, not merely expired.
+    let r = app
+        .post("/v1/task/heartbeat", &claim.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.code(), "stale_attempt", "{}", r.body);
+}
+
+#[tokio::test]
+async fn invariant_1_fencing_live_lease_is_not_claimable() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    app.claim(task).await;
+    let before = app.snapshot(task).await;
+    let r = app.try_claim(task, "intruder").await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.code(), "not_claimable", "{}", r.body);
+    assert_eq!(app.snapshot(task).await, before);
+}
+
+#[tokio::test]
+async fn invariant_1_fencing_finished_attempt_cannot_write_again() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+    assert_eq!(
+        app.complete_ok(&claim.capability_token, json!({}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    for (path, body) in fenced_calls(&claim).into_iter().take(3) {
+        let before = app.snapshot(task).await;
+        let r = app.post(path, &claim.capability_token, &body).await;
+        assert_eq!(r.code(), "stale_attempt", "{path}: {}", r.body);
+        assert_eq!(app.snapshot(task).await, before);
+    }
+}
+
+#[tokio::test]
+async fn invariant_2_one_clock_lease_is_judged_by_postgres_now() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+
+    // The granted expiry is the database's own value, not a process clock's.
+    let (db_expiry, lease_secs): (chrono::DateTime<chrono::Utc>, f64) = sqlx::query_as(
+        "SELECT lease_expires_at, extract(epoch FROM lease_expires_at - now())::float8 FROM tasks WHERE id = $1",
+    )
+    .bind(task)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(claim.lease_expires_at, db_expiry);
+    assert!(
+        lease_secs > 50.0 && lease_secs <= 60.0,
+        "lease {lease_secs}s"
+    );
+
+    // The token is still valid by every process clock, but the database says
+    // the lease is over: the write is refused.
+    app.expire_lease(task).await;
+    let r = app
+        .post("/v1/task/heartbeat", &claim.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.code(), "lease_expired", "{}", r.body);
+
+    // And a lease the database holds live is honoured, however the process
+    // clock would judge the original grant.
+    sqlx::query("UPDATE tasks SET lease_expires_at = now() + interval '1 hour' WHERE id = $1")
+        .bind(task)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let r = app
+        .post("/v1/task/heartbeat", &claim.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let renewed: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT lease_expires_at FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(r.body["lease_expires_at"], json!(renewed));
+}
+
+#[tokio::test]
+async fn invariant_3_attempts_only_grow_across_expiry_retry_and_restart() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(4).await;
+    let mut seen = vec![];
+
+    let c1 = app.claim(task).await;
+    seen.push(c1.attempt);
+    app.expire_lease(task).await;
+    let c2 = app.claim(task).await;
+    seen.push(c2.attempt);
+    let r = app
+        .post(
+            "/v1/task/complete",
+            &c2.capability_token,
+            &json!({"outcome": "failed", "error": {"message": "boom", "retryable": true}}),
+        )
+        .await;
+    assert_eq!(r.body["state"], "ready", "{}", r.body);
+    app.skip_backoff(task).await;
+
+    // A "restart": a second server over the same database continues the count.
+    let restarted = dispatcher::store::Store::new(app.db.pool.clone(), app.settings.clone());
+    let c3 = restarted
+        .claim(task, "after-restart", std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    seen.push(c3.attempt);
+    assert_eq!(seen, vec![1, 2, 3]);
+    let stored: i32 = sqlx::query_scalar("SELECT attempt FROM tasks WHERE id = $1")
+        .bind(task)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 3);
+}
+
+#[tokio::test]
+async fn heartbeat_extends_the_lease_and_refreshes_the_token() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+    sqlx::query("UPDATE tasks SET lease_expires_at = now() + interval '2 seconds' WHERE id = $1")
+        .bind(task)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let r = app
+        .post(
+            "/v1/task/heartbeat",
+            &claim.capability_token,
+            &json!({"progress": {"pct": 10}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let hb: dispatcher_wire::HeartbeatResponse = serde_json::from_value(r.body).unwrap();
+    assert!(hb.lease_expires_at > claim.lease_expires_at - chrono::Duration::seconds(1));
+    assert!(!hb.cancel_requested);
+    assert_ne!(hb.capability_token, claim.capability_token);
+    // The refreshed token speaks for the same attempt and works.
+    let claims = dispatcher_tests::decode_claims(&hb.capability_token);
+    assert_eq!(claims["att"], 1);
+    let r = app.complete_ok(&hb.capability_token, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let progress: serde_json::Value =
+        sqlx::query_scalar("SELECT progress FROM attempts WHERE task_id = $1 AND attempt = 1")
+            .bind(task)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(progress, json!({"pct": 10}));
+}
+
+#[tokio::test]
+async fn claim_clamps_the_requested_lease_to_configured_bounds() {
+    let app = TestApp::spawn().await;
+    for (asked, granted) in [(0u64, 1i64), (5, 5), (10_000_000, 3600)] {
+        let task = app.single_task(1).await;
+        let r = app
+            .post(
+                "/internal/task-claim",
+                &app.worker_token,
+                &json!({"task_id": task, "worker_id": "w", "lease_seconds": asked}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let c: dispatcher_wire::ClaimResponse = serde_json::from_value(r.body).unwrap();
+        let secs: i32 = sqlx::query_scalar("SELECT lease_seconds FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        assert_eq!(i64::from(secs), granted, "asked {asked}");
+        assert!(c.heartbeat_interval_seconds >= 1);
+    }
+}
+
+#[tokio::test]
+async fn claim_of_an_unknown_task_is_404() {
+    let app = TestApp::spawn().await;
+    let r = app.try_claim(Uuid::new_v4(), "w").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.code(), "not_found");
+}

@@ -5,5 +5,6 @@ mod completion;
 mod dag;
 mod fencing;
 mod input;
+mod model;
 mod orgs;
 mod tokens;

@@ -187,9 +187,10 @@ async fn main() -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let mut settings = Settings::default();
-    settings.issuer = args.keys.issuer.clone();
-    let settings = Arc::new(settings);
+    let settings = Arc::new(Settings {
+        issuer: args.keys.issuer.clone(),
+        ..Settings::default()
+    });
     let keys = Arc::new(args.keys.keyring(settings.token_leeway.as_secs())?);
     let store = connect(&args.db, settings.clone(), args.max_connections).await?;
     if args.migrate {

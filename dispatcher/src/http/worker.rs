@@ -112,7 +112,7 @@ pub async fn buffer_publish(
     ApiJson(req): ApiJson<wire::BufferPublishRequest>,
 ) -> Result<Json<wire::BufferPublishResponse>, ApiError> {
     let batch = domain::buffer_batch(req)?;
-    if !claims.datasets.iter().any(|d| *d == batch.dataset) {
+    if !claims.datasets.contains(&batch.dataset) {
         return Err(ApiError::forbidden(format!(
             "dataset {:?} is not among the task's outputs",
             batch.dataset

@@ -19,6 +19,14 @@ fn job_state(s: &str) -> Result<JobState, StoreError> {
     })
 }
 
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    name: String,
+    state: String,
+    created_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
 impl Store {
     /// Inserts the job, its tasks, specs and dependency edges, and the
     /// wake-ups of its root tasks, in one transaction.
@@ -159,14 +167,20 @@ impl Store {
     /// The job with every task's state and attempt, if it belongs to `org_id`.
     pub async fn get_job(&self, org_id: Uuid, job_id: Uuid) -> Result<JobView, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        let job: Option<(String, String, DateTime<Utc>, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let job: Option<JobRow> = sqlx::query_as(
             "SELECT name, state, created_at, finished_at FROM jobs WHERE id = $1 AND org_id = $2",
         )
         .bind(job_id)
         .bind(org_id)
         .fetch_optional(&mut *conn)
         .await?;
-        let Some((name, state, created_at, finished_at)) = job else {
+        let Some(JobRow {
+            name,
+            state,
+            created_at,
+            finished_at,
+        }) = job
+        else {
             return Err(StoreError::JobNotFound(job_id));
         };
         let rows: Vec<(String, Uuid, String, i32, i32)> = sqlx::query_as(

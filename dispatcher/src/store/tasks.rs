@@ -78,10 +78,19 @@ fn to_u32(n: i32) -> u32 {
 }
 
 /// Explains why a fenced write matched no row. Read-only.
+#[derive(sqlx::FromRow)]
+struct FenceRow {
+    state: String,
+    attempt: i32,
+    job_id: Uuid,
+    live: bool,
+    outcome: Option<String>,
+}
+
 pub(crate) async fn fence_error(conn: &mut PgConnection, fence: Fence) -> StoreError {
-    let row: Result<Option<(String, i32, Uuid, bool, Option<String>)>, _> = sqlx::query_as(
+    let row: Result<Option<FenceRow>, _> = sqlx::query_as(
         "SELECT t.state, t.attempt, t.job_id,
-                coalesce(t.lease_expires_at > now(), false),
+                coalesce(t.lease_expires_at > now(), false) AS live,
                 a.outcome
            FROM tasks t
            LEFT JOIN attempts a ON a.task_id = t.id AND a.attempt = $2
@@ -91,7 +100,13 @@ pub(crate) async fn fence_error(conn: &mut PgConnection, fence: Fence) -> StoreE
     .bind(fence.attempt_i32())
     .fetch_optional(&mut *conn)
     .await;
-    let (state, current, job_id, live, outcome) = match row {
+    let FenceRow {
+        state,
+        attempt: current,
+        job_id,
+        live,
+        outcome,
+    } = match row {
         Ok(Some(r)) => r,
         Ok(None) => return StoreError::TaskNotFound(fence.task_id),
         Err(e) => return StoreError::Db(e),
@@ -250,6 +265,28 @@ async fn after_transition(
     Ok(())
 }
 
+#[derive(sqlx::FromRow)]
+struct SpecRow {
+    key: String,
+    runtime: String,
+    bundle: String,
+    inputs: Value,
+    outputs: Vec<String>,
+    org_id: Uuid,
+}
+
+#[derive(sqlx::FromRow)]
+struct RefusalRow {
+    state: String,
+    attempt: i32,
+    max_attempts: i32,
+    pending_deps: i32,
+    cancel_requested: bool,
+    not_before: Option<DateTime<Utc>>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    expired: bool,
+}
+
 impl Store {
     /// Claims a task for a new attempt. Succeeds when the task is `ready`
     /// (and past its retry backoff) or `leased` with an expired lease, while
@@ -296,14 +333,14 @@ impl Store {
             .bind(worker_id)
             .execute(&mut *tx)
             .await?;
-        let (key, runtime, bundle, inputs, outputs, org_id): (
-            String,
-            String,
-            String,
-            Value,
-            Vec<String>,
-            Uuid,
-        ) = sqlx::query_as(
+        let SpecRow {
+            key,
+            runtime,
+            bundle,
+            inputs,
+            outputs,
+            org_id,
+        }: SpecRow = sqlx::query_as(
             "SELECT s.key, s.runtime, s.bundle, s.inputs, s.outputs, j.org_id
                FROM task_specs s JOIN jobs j ON j.id = s.job_id
               WHERE s.task_id = $1",
@@ -338,30 +375,28 @@ impl Store {
     /// (out of attempts, or cancel requested) is ended here, by the same rules
     /// as the lease reaper, so the task does not linger as `leased`.
     async fn claim_refusal(&self, task_id: Uuid) -> StoreError {
-        type Row = (
-            String,
-            i32,
-            i32,
-            i32,
-            bool,
-            Option<DateTime<Utc>>,
-            Option<DateTime<Utc>>,
-            bool,
-        );
-        let row: Result<Option<Row>, _> = sqlx::query_as(
-            "SELECT state, attempt, max_attempts, pending_deps, cancel_requested,
-                    not_before, lease_expires_at, coalesce(lease_expires_at <= now(), false)
+        let row: Result<Option<RefusalRow>, _> = sqlx::query_as(
+            "SELECT state, attempt, max_attempts, pending_deps, cancel_requested, not_before,
+                    lease_expires_at, coalesce(lease_expires_at <= now(), false) AS expired
                FROM tasks WHERE id = $1",
         )
         .bind(task_id)
         .fetch_optional(&self.pool)
         .await;
-        let (state, attempt, max_attempts, pending, cancel, not_before, lease_until, expired) =
-            match row {
-                Ok(Some(r)) => r,
-                Ok(None) => return StoreError::TaskNotFound(task_id),
-                Err(e) => return StoreError::Db(e),
-            };
+        let RefusalRow {
+            state,
+            attempt,
+            max_attempts,
+            pending_deps: pending,
+            cancel_requested: cancel,
+            not_before,
+            lease_expires_at: lease_until,
+            expired,
+        } = match row {
+            Ok(Some(r)) => r,
+            Ok(None) => return StoreError::TaskNotFound(task_id),
+            Err(e) => return StoreError::Db(e),
+        };
         let reason = match state.as_str() {
             "leased" if expired => {
                 if let Err(e) = self.expire_lease(task_id).await {

@@ -86,7 +86,12 @@ fn is_terminal(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "cancelled")
 }
 
-async fn run_case(store: &Store, org: Uuid, max_attempts: u32, ops: Vec<Op>) -> Result<(), TestCaseError> {
+async fn run_case(
+    store: &Store,
+    org: Uuid,
+    max_attempts: u32,
+    ops: Vec<Op>,
+) -> Result<(), TestCaseError> {
     let settings = store.settings().clone();
     let job = domain::new_job(
         serde_json::from_value(json!({"name": "model", "tasks": [
@@ -112,11 +117,23 @@ async fn run_case(store: &Store, org: Uuid, max_attempts: u32, ops: Vec<Op>) -> 
         };
         match op {
             Op::Claim(w) => {
-                let r = store.claim(task, &format!("w{w}"), Duration::from_secs(60)).await;
-                prop_assert_eq!(r.is_ok(), before.claimable, "claim result {:?} vs {:?}", r.as_ref().err(), before);
+                let r = store
+                    .claim(task, &format!("w{w}"), Duration::from_secs(60))
+                    .await;
+                prop_assert_eq!(
+                    r.is_ok(),
+                    before.claimable,
+                    "claim result {:?} vs {:?}",
+                    r.as_ref().err(),
+                    before
+                );
                 if let Ok(c) = r {
                     prop_assert_eq!(c.attempt, before.attempt + 1);
-                    fences[w] = Some(Fence { task_id: task, job_id: view.job_id, attempt: c.attempt });
+                    fences[w] = Some(Fence {
+                        task_id: task,
+                        job_id: view.job_id,
+                        attempt: c.attempt,
+                    });
                 }
             }
             Op::ExpireLease => {
@@ -127,26 +144,43 @@ async fn run_case(store: &Store, org: Uuid, max_attempts: u32, ops: Vec<Op>) -> 
                     .unwrap();
             }
             Op::EndBackoff => {
-                sqlx::query("UPDATE tasks SET not_before = now() WHERE id = $1 AND state = 'ready'")
-                    .bind(task)
-                    .execute(pool)
-                    .await
-                    .unwrap();
+                sqlx::query(
+                    "UPDATE tasks SET not_before = now() WHERE id = $1 AND state = 'ready'",
+                )
+                .bind(task)
+                .execute(pool)
+                .await
+                .unwrap();
             }
-            Op::Heartbeat(w) | Op::Event(w, _) | Op::Publish(w, _) | Op::Succeed(w) | Op::Fail { worker: w, .. } => {
+            Op::Heartbeat(w)
+            | Op::Event(w, _)
+            | Op::Publish(w, _)
+            | Op::Succeed(w)
+            | Op::Fail { worker: w, .. } => {
                 let Some(fence) = fences[w] else { continue };
                 let expect_ok = current(&fences[w]);
                 let result: Result<(), dispatcher::error::StoreError> = match op {
                     Op::Heartbeat(_) => store.heartbeat(fence, None).await.map(drop),
                     Op::Event(_, seq) => store
-                        .record_events(fence, &[NewEvent { seq: i64::from(seq), kind: "log".into(), payload: json!({"a": fence.attempt}) }])
+                        .record_events(
+                            fence,
+                            &[NewEvent {
+                                seq: i64::from(seq),
+                                kind: "log".into(),
+                                payload: json!({"a": fence.attempt}),
+                            }],
+                        )
                         .await
                         .map(drop),
                     Op::Publish(_, b) => store
                         .publish_buffer(
                             fence,
                             &NewBufferBatch {
-                                batch_id: Uuid::from_u128((u128::from(fence.attempt) << 8) | u128::from(b) | (task.as_u128() & !0xffff)),
+                                batch_id: Uuid::from_u128(
+                                    (u128::from(fence.attempt) << 8)
+                                        | u128::from(b)
+                                        | (task.as_u128() & !0xffff),
+                                ),
                                 dataset: "ds".into(),
                                 object_key: format!("k/{}/{b}", fence.attempt),
                                 rows: 1,
@@ -155,9 +189,23 @@ async fn run_case(store: &Store, org: Uuid, max_attempts: u32, ops: Vec<Op>) -> 
                         )
                         .await
                         .map(drop),
-                    Op::Succeed(_) => store.complete(fence, &Completion::Succeeded { output: json!({"by": fence.attempt}) }).await.map(drop),
+                    Op::Succeed(_) => store
+                        .complete(
+                            fence,
+                            &Completion::Succeeded {
+                                output: json!({"by": fence.attempt}),
+                            },
+                        )
+                        .await
+                        .map(drop),
                     Op::Fail { retryable, .. } => store
-                        .complete(fence, &Completion::Failed { message: "x".into(), retryable })
+                        .complete(
+                            fence,
+                            &Completion::Failed {
+                                message: "x".into(),
+                                retryable,
+                            },
+                        )
                         .await
                         .map(drop),
                     _ => unreachable!(),
@@ -175,17 +223,34 @@ async fn run_case(store: &Store, org: Uuid, max_attempts: u32, ops: Vec<Op>) -> 
                             .await
                             .unwrap();
                         prop_assert_eq!(n, 1, "a non-current attempt's completion was accepted without an earlier one");
-                        prop_assert_eq!(observe(pool, task).await, before.clone(), "a replay changed the task");
+                        prop_assert_eq!(
+                            observe(pool, task).await,
+                            before.clone(),
+                            "a replay changed the task"
+                        );
                     }
                     // A different completion by a finished attempt.
                     (Err(dispatcher::error::StoreError::Conflict(_)), false) => {}
-                    (r, e) => prop_assert!(false, "{:?} by attempt {}: got {:?}, expected ok={} ({:?})", op, fence.attempt, r, e, before),
+                    (r, e) => prop_assert!(
+                        false,
+                        "{:?} by attempt {}: got {:?}, expected ok={} ({:?})",
+                        op,
+                        fence.attempt,
+                        r,
+                        e,
+                        before
+                    ),
                 }
             }
         }
 
         let now = observe(pool, task).await;
-        prop_assert!(now.attempt >= last.attempt, "attempt went down: {:?} -> {:?}", last, now);
+        prop_assert!(
+            now.attempt >= last.attempt,
+            "attempt went down: {:?} -> {:?}",
+            last,
+            now
+        );
         if let Some(t) = &terminal {
             prop_assert_eq!(&now.state, t, "a terminal state changed");
         } else if is_terminal(&now.state) {
@@ -226,10 +291,18 @@ fn model_random_interleavings_never_accept_a_stale_write_or_change_a_terminal_st
     let db = rt.block_on(TestDb::new());
     let store = Store::new(db.pool.clone(), Arc::new(Settings::default()));
     let org = rt.block_on(store.ensure_org("model")).unwrap();
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
-    let mut runner = TestRunner::new(Config { cases, ..Config::default() });
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    let mut runner = TestRunner::new(Config {
+        cases,
+        ..Config::default()
+    });
     let strategy = (1u32..=4, proptest::collection::vec(op(), 1..48));
-    let result = runner.run(&strategy, |(max_attempts, ops)| rt.block_on(run_case(&store, org, max_attempts, ops)));
+    let result = runner.run(&strategy, |(max_attempts, ops)| {
+        rt.block_on(run_case(&store, org, max_attempts, ops))
+    });
     drop(store);
     drop(db);
     if let Err(e) = result {

@@ -5,6 +5,10 @@
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod queue;
+pub mod reaper;
+pub mod relay;
+pub mod services;
 pub mod settings;
 pub mod store;
 pub mod tokens;

@@ -1,5 +1,7 @@
 //! The `dispatcher` binary: a thin CLI over the library.
 
+mod dev;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -7,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use dispatcher::domain::Role;
-use dispatcher::http::{self, AppState};
+use dispatcher::services::{self, Roles};
 use dispatcher::settings::Settings;
 use dispatcher::store::Store;
 use dispatcher::tokens::{self, Keyring};
@@ -29,6 +31,9 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API (worker contract, jobs API, JWKS, health).
     Serve(ServeArgs),
+    /// The whole local stack with zero configuration: database, key, all
+    /// roles, workers, and a sample job.
+    Dev(dev::DevArgs),
     /// Apply pending database migrations and exit.
     Migrate(DbArgs),
     /// Signing keys and credentials.
@@ -103,6 +108,9 @@ struct ServeArgs {
     /// Largest number of pooled database connections.
     #[arg(long, env = "DISPATCHER_DB_MAX_CONNECTIONS", default_value_t = 16)]
     max_connections: u32,
+    /// Roles to run: any of api, relay, reaper, or all.
+    #[arg(long, env = "DISPATCHER_ROLES", default_value = "all", value_parser = Roles::parse)]
+    roles: Roles,
 }
 
 #[derive(Subcommand)]
@@ -165,16 +173,22 @@ async fn connect(db: &DbArgs, settings: Arc<Settings>, max: u32) -> Result<Store
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // `dev` prints its own progress; its services log warnings only.
+    let default_filter = match cli.command {
+        Command::Dev(_) => "warn",
+        _ => "info,sqlx=warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Dev(args) => dev::run(args).await,
         Command::Migrate(db) => {
             let store = connect(&db, Arc::new(Settings::default()), 2).await?;
             store.migrate().await.context("applying migrations")?;
@@ -189,6 +203,7 @@ async fn main() -> Result<()> {
 async fn serve(args: ServeArgs) -> Result<()> {
     let settings = Arc::new(Settings {
         issuer: args.keys.issuer.clone(),
+        failpoints: failpoints_from_env(),
         ..Settings::default()
     });
     let keys = Arc::new(args.keys.keyring(settings.token_leeway.as_secs())?);
@@ -196,24 +211,46 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.migrate {
         store.migrate().await.context("applying migrations")?;
     }
-    let listener = tokio::net::TcpListener::bind(&args.bind)
-        .await
-        .with_context(|| format!("binding {}", args.bind))?;
-    tracing::info!(addr = %listener.local_addr()?, kid = keys.signing_kid(), "dispatcher listening");
+    let listener = if args.roles.api {
+        let l = tokio::net::TcpListener::bind(&args.bind)
+            .await
+            .with_context(|| format!("binding {}", args.bind))?;
+        tracing::info!(addr = %l.local_addr()?, kid = keys.signing_kid(), "dispatcher listening");
+        Some(l)
+    } else {
+        None
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    http::serve(
-        listener,
-        AppState {
-            store,
-            keys,
-            settings,
-        },
-        shutdown,
-    )
-    .await?;
+    services::run(listener, store, keys, settings, args.roles, shutdown).await?;
     tracing::info!("dispatcher stopped");
     Ok(())
+}
+
+/// `DISPATCHER_FAILPOINTS=claim_after_commit,…` arms crash points in debug
+/// builds (tests of crash recovery); release builds ignore it.
+fn failpoints_from_env() -> Vec<String> {
+    let armed: Vec<String> = std::env::var("DISPATCHER_FAILPOINTS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if !armed.is_empty() {
+        if cfg!(debug_assertions) {
+            tracing::warn!(
+                ?armed,
+                "failpoints armed: this process will crash on purpose"
+            );
+        } else {
+            tracing::warn!(
+                ?armed,
+                "failpoints are compiled out of release builds; ignored"
+            );
+        }
+    }
+    armed
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.

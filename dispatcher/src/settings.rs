@@ -35,6 +35,32 @@ pub struct Settings {
     pub default_max_attempts: u32,
     /// Largest `max_attempts` a task may ask for.
     pub max_attempts_limit: u32,
+    /// Outbox rows the relay takes per transaction.
+    pub relay_batch: u32,
+    /// How often the relay looks for due rows when no notification came
+    /// (rows whose `available_at` is in the future, lost notifications).
+    pub relay_poll: Duration,
+    /// Publish tries before an outbox row is marked `dead`.
+    pub relay_max_tries: u32,
+    /// First delay after a failed publish; doubles per try, with jitter.
+    pub relay_retry_base: Duration,
+    /// Upper bound of the publish retry delay.
+    pub relay_retry_cap: Duration,
+    /// How often the lease reaper runs.
+    pub reaper_period: Duration,
+    /// Expired leases handled per reaper pass.
+    pub reaper_batch: u32,
+    /// A ready task not claimed for this long is woken again (its wake-up
+    /// may have been lost or dead-lettered).
+    pub rewake_after: Duration,
+    /// Sent outbox rows are deleted after this long.
+    pub outbox_retention: Duration,
+    /// Receives of one message before the queue moves it to its DLQ.
+    pub queue_max_receives: u32,
+    /// Longest queue long-poll a worker may ask for (SQS: 20 s).
+    pub queue_max_wait: Duration,
+    /// Named crash points (debug builds only; see `failpoint`).
+    pub failpoints: Vec<String>,
 }
 
 impl Default for Settings {
@@ -53,8 +79,29 @@ impl Default for Settings {
             max_events_per_call: 1_000,
             default_max_attempts: 3,
             max_attempts_limit: 100,
+            relay_batch: 100,
+            relay_poll: Duration::from_millis(500),
+            relay_max_tries: 10,
+            relay_retry_base: Duration::from_secs(1),
+            relay_retry_cap: Duration::from_secs(300),
+            reaper_period: Duration::from_secs(1),
+            reaper_batch: 100,
+            rewake_after: Duration::from_secs(60),
+            outbox_retention: Duration::from_secs(24 * 3600),
+            queue_max_receives: 5,
+            queue_max_wait: Duration::from_secs(20),
+            failpoints: Vec::new(),
         }
     }
+}
+
+/// `base × 2^(n−1)`, capped, with equal jitter: half fixed, half scaled by
+/// `unit_random` in `[0, 1]`.
+fn backoff(base: Duration, cap: Duration, n: u32, unit_random: f64) -> Duration {
+    let exp = n.saturating_sub(1).min(30);
+    let full = base.saturating_mul(1u32 << exp).min(cap);
+    let half = full / 2;
+    half + half.mul_f64(unit_random.clamp(0.0, 1.0))
 }
 
 impl Settings {
@@ -76,13 +123,32 @@ impl Settings {
     /// in the attempt number, capped, with "equal jitter" (half fixed, half
     /// random) so that retries of a burst of failures spread out.
     pub fn retry_delay(&self, failed_attempt: u32, unit_random: f64) -> Duration {
-        let exp = failed_attempt.saturating_sub(1).min(30);
-        let full = self
-            .retry_base
-            .saturating_mul(1u32 << exp)
-            .min(self.retry_cap);
-        let half = full / 2;
-        half + half.mul_f64(unit_random.clamp(0.0, 1.0))
+        backoff(self.retry_base, self.retry_cap, failed_attempt, unit_random)
+    }
+}
+
+impl Settings {
+    /// Delay before publish try `tries + 1` of an outbox row.
+    pub fn relay_retry_delay(&self, tries: u32, unit_random: f64) -> Duration {
+        backoff(
+            self.relay_retry_base,
+            self.relay_retry_cap,
+            tries,
+            unit_random,
+        )
+    }
+
+    /// Crashes the process (`abort`, like SIGKILL: no cleanup, no answer)
+    /// when the named failpoint is armed. Only debug builds have failpoints;
+    /// in release builds this is a no-op. Armed from `DISPATCHER_FAILPOINTS`.
+    pub fn failpoint(&self, name: &str) {
+        #[cfg(debug_assertions)]
+        if self.failpoints.iter().any(|f| f == name) {
+            eprintln!("failpoint {name}: aborting");
+            std::process::abort();
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = name;
     }
 }
 

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use chrono::Utc;
-use dispatcher::http::{self, AppState};
+use dispatcher::services::{self, Roles};
 use dispatcher::settings::Settings;
 use dispatcher::store::Store;
 use dispatcher::tokens::Keyring;
@@ -153,12 +153,15 @@ impl TestApp {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
-        let state = AppState {
-            store: store.clone(),
-            keys: keys.clone(),
-            settings: settings.clone(),
-        };
-        tokio::spawn(http::serve(listener, state, shutdown.clone()));
+        // The API only: tests of the relay and reaper drive those by hand.
+        tokio::spawn(services::run(
+            Some(listener),
+            store.clone(),
+            keys.clone(),
+            settings.clone(),
+            Roles::API,
+            shutdown.clone(),
+        ));
         let org_id = store.ensure_org("acme").await.expect("org");
         let user_id = store.ensure_user("ada@acme.test").await.expect("user");
         store

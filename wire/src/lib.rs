@@ -317,3 +317,54 @@ pub struct TaskView {
 pub struct WakeUp {
     pub task_id: Uuid,
 }
+
+// --------------------------------------------------------------- queues ---
+// `/internal/queues/{queue}/…`: the local profile's queue, served to workers
+// over HTTP so they never hold database credentials. SQS semantics.
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveRequest {
+    /// 1 to 10; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_messages: Option<u32>,
+    /// Long-poll wait, 0 to 20 seconds; default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_seconds: Option<u32>,
+    /// How long received messages stay invisible, 0 to 43200; default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub visibility_timeout_seconds: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueueMessage {
+    pub message_id: String,
+    pub receipt_handle: String,
+    pub body: Value,
+    pub receive_count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceiveResponse {
+    pub messages: Vec<QueueMessage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VisibilityRequest {
+    pub receipt_handle: String,
+    pub visibility_timeout_seconds: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteRequest {
+    pub receipt_handle: String,
+}
+
+/// `changed` / `deleted` is false when the receipt no longer names the
+/// current delivery (the message was delivered again since).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceiptResponse {
+    pub ok: bool,
+}

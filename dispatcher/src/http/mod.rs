@@ -2,6 +2,7 @@
 
 mod extract;
 mod jobs;
+mod queues;
 mod worker;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
+use crate::queue::Queue;
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::tokens::Keyring;
@@ -24,6 +26,8 @@ pub struct AppState {
     pub store: Store,
     pub keys: Arc<Keyring>,
     pub settings: Arc<Settings>,
+    /// The queue served at `/internal/queues/*` (the local profile's).
+    pub queue: Arc<dyn Queue>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -37,6 +41,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/task/events", post(worker::events))
         .route("/v1/task/buffer-publish", post(worker::buffer_publish))
         .route("/v1/task/complete", post(worker::complete))
+        .route("/internal/queues/{queue}/receive", post(queues::receive))
+        .route(
+            "/internal/queues/{queue}/visibility",
+            post(queues::change_visibility),
+        )
+        .route("/internal/queues/{queue}/delete", post(queues::delete))
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{job_id}", get(jobs::get))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))

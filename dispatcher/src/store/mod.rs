@@ -8,7 +8,10 @@
 
 mod jobs;
 mod orgs;
+mod outbox;
 mod tasks;
+
+pub use outbox::{OutboxBatch, OutboxCounts, OutboxRow};
 
 pub use tasks::*;
 

@@ -349,6 +349,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.settings.failpoint("claim_after_commit");
         let runtime = Runtime::parse(&runtime).ok_or_else(|| {
             StoreError::Db(sqlx::Error::Decode(
                 format!("unknown runtime {runtime:?}").into(),
@@ -443,8 +444,11 @@ impl Store {
                 SET state = CASE WHEN cancel_requested THEN 'cancelled'
                                  WHEN attempt < max_attempts THEN 'ready'
                                  ELSE 'failed' END,
+                    -- Backoff counts from the last sign of life: the silent
+                    -- lease already waited lease_seconds of it.
                     not_before = CASE WHEN NOT cancel_requested AND attempt < max_attempts
-                                      THEN now() + $3 * interval '1 millisecond' END,
+                                      THEN now() + greatest(0, $3 - lease_seconds * 1000::bigint)
+                                                   * interval '1 millisecond' END,
                     lease_expires_at = NULL, updated_at = now()
               WHERE id = $1 AND attempt = $2 AND state = 'leased' AND lease_expires_at <= now()
           RETURNING state, not_before",
@@ -716,6 +720,7 @@ impl Store {
         .await?;
         after_transition(&mut tx, fence.task_id, fence.job_id, state, retry_at).await?;
         tx.commit().await?;
+        self.settings.failpoint("complete_after_commit");
         Ok(response)
     }
 

@@ -1,0 +1,280 @@
+//! `dispatcher dev`: the whole local stack in one command, with zero
+//! configuration. Creates its database if needed, migrates, keeps a dev
+//! signing key in `.dev/`, runs every role and a pool of worker-wrapper
+//! processes, submits a sample DAG, shows it run, and keeps serving.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use chrono::Utc;
+use dispatcher::domain::{self, Role};
+use dispatcher::services::{self, Roles};
+use dispatcher::settings::Settings;
+use dispatcher::store::Store;
+use dispatcher::tokens::{self, Keyring};
+use dispatcher_wire::{JobState, TaskState};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct DevArgs {
+    /// Postgres URL; by default the local server's `dispatcher_dev` database,
+    /// created if missing.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    #[arg(long, env = "DISPATCHER_BIND", default_value = "127.0.0.1:8080")]
+    bind: String,
+    /// Worker-wrapper processes to start.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Tasks each worker runs at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Where the dev signing key is kept.
+    #[arg(long, default_value = ".dev")]
+    state_dir: PathBuf,
+    /// Start the stack without submitting the sample job.
+    #[arg(long)]
+    no_sample: bool,
+    /// Stop after the sample job finishes instead of serving on.
+    #[arg(long)]
+    exit_after_sample: bool,
+}
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/dispatcher_dev";
+
+/// Creates the database named in `url` if it does not exist.
+async fn ensure_database(url: &str) -> Result<()> {
+    let opts: PgConnectOptions = url.parse().context("DATABASE_URL is not a Postgres URL")?;
+    let name = opts.get_database().unwrap_or("postgres").to_owned();
+    let mut conn = opts
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .with_context(|| format!("connecting to Postgres at {url} (is it running? scripts/ensure-postgres starts one)"))?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await?;
+    if !exists {
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            bail!("will not create database {name:?}: use letters, digits and _");
+        }
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await?;
+        eprintln!("created database {name}");
+    }
+    conn.close().await.ok();
+    Ok(())
+}
+
+fn dev_key(dir: &Path) -> Result<String> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("signing.pem");
+    if !path.exists() {
+        let (private, public) = tokens::generate_key_pem();
+        std::fs::write(&path, &private)?;
+        std::fs::write(dir.join("signing.pem.pub"), public)?;
+        #[cfg(unix)]
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&path)?.permissions(),
+            0o600,
+        );
+    }
+    std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn worker_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let path = me.with_file_name("worker-wrapper");
+    if !path.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build -p worker-wrapper` (scripts/dev does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub async fn run(args: DevArgs) -> Result<()> {
+    let url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| DEFAULT_URL.to_owned());
+    ensure_database(&url).await?;
+    let settings = Arc::new(Settings::default());
+    let store = Store::connect(&url, 16, settings.clone()).await?;
+    store.migrate().await.context("applying migrations")?;
+    let pem = dev_key(&args.state_dir)?;
+    let keys = Arc::new(Keyring::from_pem(
+        &settings.issuer,
+        &pem,
+        &[],
+        settings.token_leeway.as_secs(),
+    )?);
+    let org = store.ensure_org("dev").await?;
+    let user = store.ensure_user("dev@localhost").await?;
+    store.set_membership(org, user, Role::Owner).await?;
+    let expires = Utc::now() + chrono::Duration::hours(12);
+    let user_token = keys.mint_user(user, org, expires);
+    let worker_token = keys.mint_worker("dev-pool", expires);
+    let worker_bin = worker_binary()?;
+
+    let listener = tokio::net::TcpListener::bind(&args.bind)
+        .await
+        .with_context(|| {
+            format!(
+                "binding {} (set DISPATCHER_BIND to use another address)",
+                args.bind
+            )
+        })?;
+    let url_http = format!("http://{}", listener.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(services::run(
+        Some(listener),
+        store.clone(),
+        keys.clone(),
+        settings.clone(),
+        Roles::ALL,
+        shutdown.clone(),
+    ));
+    eprintln!("dispatcher serving at {url_http} (api, relay, reaper)");
+
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let child = tokio::process::Command::new(&worker_bin)
+            .arg("run")
+            .env("DISPATCHER_URL", &url_http)
+            .env("WORKER_CREDENTIAL", &worker_token)
+            .env("WORKER_ID", format!("dev-worker-{i}"))
+            .env("WORKER_CONCURRENCY", args.concurrency.to_string())
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", worker_bin.display()))?;
+        workers.push(child);
+    }
+    eprintln!(
+        "started {} worker-wrapper processes × {} slots",
+        args.workers, args.concurrency
+    );
+
+    let mut job_id = None;
+    if !args.no_sample {
+        let id = sample_job(&store, org, user, &worker_bin, &settings).await?;
+        job_id = Some(id);
+        watch(&store, org, id).await?;
+    }
+
+    println!();
+    println!("The local stack is running at {url_http}. Ctrl-C stops it.");
+    println!("  export USER_TOKEN={user_token}");
+    if let Some(id) = job_id {
+        println!("  curl -s {url_http}/v1/jobs/{id} -H \"authorization: Bearer $USER_TOKEN\"");
+    }
+    println!(
+        "  curl -s -X POST {url_http}/v1/jobs -H \"authorization: Bearer $USER_TOKEN\" -H 'content-type: application/json' \\\n       -d '{{\"name\": \"mine\", \"tasks\": [{{\"key\": \"a\", \"runtime\": \"exec\", \"bundle\": \"{} sample-task\"}}]}}'",
+        worker_bin.display()
+    );
+    println!("  curl -s {url_http}/.well-known/jwks.json");
+
+    if !args.exit_after_sample {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    eprintln!("stopping: workers drain, then the dispatcher");
+    for w in &mut workers {
+        if let Some(pid) = w.id() {
+            // SIGTERM lets the worker drain; it was also sent SIGINT with the
+            // terminal's process group when Ctrl-C was pressed.
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    for mut w in workers {
+        if tokio::time::timeout(Duration::from_secs(35), w.wait())
+            .await
+            .is_err()
+        {
+            let _ = w.kill().await;
+        }
+    }
+    shutdown.cancel();
+    server.await??;
+    Ok(())
+}
+
+async fn sample_job(
+    store: &Store,
+    org: uuid::Uuid,
+    user: uuid::Uuid,
+    worker_bin: &Path,
+    settings: &Settings,
+) -> Result<uuid::Uuid> {
+    let bundle = format!("{} sample-task", worker_bin.display());
+    let req = serde_json::json!({"name": "sample", "tasks": [
+        {"key": "extract", "runtime": "exec", "bundle": bundle, "outputs": ["alert_events"], "inputs": {"sleep_ms": 300}},
+        {"key": "clean_a", "runtime": "exec", "bundle": bundle, "depends_on": ["extract"], "inputs": {"sleep_ms": 300}},
+        {"key": "clean_b", "runtime": "exec", "bundle": bundle, "depends_on": ["extract"],
+         "inputs": {"sleep_ms": 300, "fail_attempts": 1}},
+        {"key": "report", "runtime": "exec", "bundle": bundle, "depends_on": ["clean_a", "clean_b"]}
+    ]});
+    let job = domain::new_job(serde_json::from_value(req)?, settings)?;
+    let view = store.submit_job(org, Some(user), &job).await?;
+    println!(
+        "submitted job {} \"sample\": extract -> (clean_a, clean_b [fails once]) -> report",
+        view.job_id
+    );
+    Ok(view.job_id)
+}
+
+/// Prints each task's state changes until the job ends (or 120 s pass).
+async fn watch(store: &Store, org: uuid::Uuid, job_id: uuid::Uuid) -> Result<()> {
+    let mut seen: Vec<(TaskState, u32)> = Vec::new();
+    let started = tokio::time::Instant::now();
+    loop {
+        let view = store.get_job(org, job_id).await?;
+        if seen.is_empty() {
+            seen = vec![(TaskState::Blocked, u32::MAX); view.tasks.len()];
+        }
+        for (t, s) in view.tasks.iter().zip(seen.iter_mut()) {
+            if (t.state, t.attempt) != *s {
+                println!(
+                    "  {:<8} {:<9} attempt {}",
+                    t.key,
+                    t.state.as_str(),
+                    t.attempt
+                );
+                *s = (t.state, t.attempt);
+            }
+        }
+        if view.state != JobState::Running {
+            println!(
+                "job {} {} in {:.1} s",
+                job_id,
+                view.state.as_str(),
+                started.elapsed().as_secs_f64()
+            );
+            for t in &view.tasks {
+                println!(
+                    "  {:<8} {:<9} after {} attempt(s)",
+                    t.key,
+                    t.state.as_str(),
+                    t.attempt
+                );
+            }
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("the sample job did not finish within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,97 @@
+//! The local profile's queue, served to workers (worker credential) so they
+//! never hold database credentials.
+
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::Json;
+use dispatcher_wire as wire;
+
+use super::extract::{ApiJson, WorkerAuth};
+use super::AppState;
+use crate::error::ApiError;
+use crate::queue::{is_known_queue, QueueError};
+
+const MAX_VISIBILITY_SECS: u32 = 43_200;
+
+fn queue_name(raw: String) -> Result<String, ApiError> {
+    if is_known_queue(&raw) {
+        Ok(raw)
+    } else {
+        Err(ApiError::not_found(format!("no queue {raw:?}")))
+    }
+}
+
+fn visibility(secs: u32) -> Result<Duration, ApiError> {
+    if secs > MAX_VISIBILITY_SECS {
+        return Err(ApiError::invalid(
+            "visibility_timeout_seconds",
+            format!("must be at most {MAX_VISIBILITY_SECS}"),
+        ));
+    }
+    Ok(Duration::from_secs(u64::from(secs)))
+}
+
+impl From<QueueError> for ApiError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::BadReceipt => ApiError::invalid("receipt_handle", "is malformed"),
+            QueueError::Unavailable(m) => {
+                tracing::warn!(error = m, "queue unavailable");
+                ApiError::unavailable("queue unavailable")
+            }
+        }
+    }
+}
+
+pub async fn receive(
+    State(state): State<AppState>,
+    _worker: WorkerAuth,
+    Path(queue): Path<String>,
+    ApiJson(req): ApiJson<wire::ReceiveRequest>,
+) -> Result<Json<wire::ReceiveResponse>, ApiError> {
+    let queue = queue_name(queue)?;
+    let max = req.max_messages.unwrap_or(1);
+    if !(1..=10).contains(&max) {
+        return Err(ApiError::invalid("max_messages", "must be 1 to 10"));
+    }
+    let wait = Duration::from_secs(u64::from(req.wait_seconds.unwrap_or(0)));
+    if wait > state.settings.queue_max_wait {
+        return Err(ApiError::invalid(
+            "wait_seconds",
+            format!(
+                "must be at most {}",
+                state.settings.queue_max_wait.as_secs()
+            ),
+        ));
+    }
+    let vis = visibility(req.visibility_timeout_seconds.unwrap_or(30))?;
+    let messages = state.queue.receive(&queue, max, wait, vis).await?;
+    Ok(Json(wire::ReceiveResponse { messages }))
+}
+
+pub async fn change_visibility(
+    State(state): State<AppState>,
+    _worker: WorkerAuth,
+    Path(queue): Path<String>,
+    ApiJson(req): ApiJson<wire::VisibilityRequest>,
+) -> Result<Json<wire::ReceiptResponse>, ApiError> {
+    let queue = queue_name(queue)?;
+    let vis = visibility(req.visibility_timeout_seconds)?;
+    let ok = state
+        .queue
+        .change_visibility(&queue, &req.receipt_handle, vis)
+        .await?;
+    Ok(Json(wire::ReceiptResponse { ok }))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    _worker: WorkerAuth,
+    Path(queue): Path<String>,
+    ApiJson(req): ApiJson<wire::DeleteRequest>,
+) -> Result<Json<wire::ReceiptResponse>, ApiError> {
+    let queue = queue_name(queue)?;
+    let ok = state.queue.delete(&queue, &req.receipt_handle).await?;
+    Ok(Json(wire::ReceiptResponse { ok }))
+}

@@ -1,0 +1,288 @@
+//! The queue boundary: wake-ups (and later buffer pointers and alerts)
+//! travel through a queue with SQS semantics. The queue is a hint; Postgres
+//! is the truth (invariant 6).
+//!
+//! [`PgQueue`] is the local profile's implementation: a table with a
+//! visibility timeout, a receive count, a receipt handle per delivery, and a
+//! dead-letter queue (`<name>-dlq`) after the maximum number of receives.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// The queues the dispatcher knows, by outbox topic.
+pub const WAKEUPS: &str = "wakeups";
+pub const BUFFERS: &str = "buffers";
+pub const ALERTS: &str = "alerts";
+
+/// The queue an outbox topic is published to.
+pub fn queue_for_topic(topic: &str) -> Option<&'static str> {
+    match topic {
+        "wakeup" => Some(WAKEUPS),
+        "buffer" => Some(BUFFERS),
+        "alert" => Some(ALERTS),
+        _ => None,
+    }
+}
+
+/// The dead-letter queue of a queue.
+pub fn dlq(queue: &str) -> String {
+    format!("{queue}-dlq")
+}
+
+/// Whether `name` is a queue workers may use (a known queue or its DLQ).
+pub fn is_known_queue(name: &str) -> bool {
+    let base = name.strip_suffix("-dlq").unwrap_or(name);
+    matches!(base, WAKEUPS | BUFFERS | ALERTS)
+}
+
+/// One delivery of a message (the wire type: the HTTP queue serves it as is).
+pub use dispatcher_wire::QueueMessage as Delivery;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("receipt handle is malformed")]
+    BadReceipt,
+    #[error("queue unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<sqlx::Error> for QueueError {
+    fn from(e: sqlx::Error) -> Self {
+        QueueError::Unavailable(e.to_string())
+    }
+}
+
+/// SQS semantics: at-least-once delivery, visibility timeout, receive count,
+/// dead-letter queue after `max_receives`.
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Sends a message, invisible for `delay`.
+    async fn send(&self, queue: &str, body: &Value, delay: Duration) -> Result<String, QueueError>;
+
+    /// Receives up to `max` visible messages (1..=10), waiting up to `wait`
+    /// for one to arrive; each stays invisible for `visibility`.
+    async fn receive(
+        &self,
+        queue: &str,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>, QueueError>;
+
+    /// Makes the delivery invisible for `visibility` from now. `false` if
+    /// the receipt no longer names the current delivery.
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<bool, QueueError>;
+
+    /// Deletes the delivered message. `false` if the receipt no longer names
+    /// the current delivery (the message was delivered again since).
+    async fn delete(&self, queue: &str, receipt: &str) -> Result<bool, QueueError>;
+}
+
+/// The Postgres-backed queue of the local profile.
+#[derive(Clone)]
+pub struct PgQueue {
+    pool: PgPool,
+    max_receives: u32,
+    arrivals: Arc<Notify>,
+}
+
+fn parse_receipt(receipt: &str) -> Result<(i64, Uuid), QueueError> {
+    let (id, r) = receipt.split_once(':').ok_or(QueueError::BadReceipt)?;
+    Ok((
+        id.parse().map_err(|_| QueueError::BadReceipt)?,
+        r.parse().map_err(|_| QueueError::BadReceipt)?,
+    ))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl PgQueue {
+    /// `arrivals` is notified when messages may have arrived (see
+    /// [`PgQueue::listen`]); long polls wait on it.
+    pub fn new(pool: PgPool, max_receives: u32, arrivals: Arc<Notify>) -> Self {
+        PgQueue {
+            pool,
+            max_receives,
+            arrivals,
+        }
+    }
+
+    /// Forwards `queue_messages` insert notifications to `arrivals` until
+    /// `shutdown`. Long polls still re-check every second, so a lost
+    /// notification costs at most that.
+    pub async fn listen(
+        pool: PgPool,
+        arrivals: Arc<Notify>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "queue listener cannot connect; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            if let Err(e) = listener.listen("queue_messages").await {
+                tracing::warn!(error = %e, "queue listener cannot LISTEN; retrying");
+                continue;
+            }
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = listener.recv() => match n {
+                        Ok(_) => arrivals.notify_waiters(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "queue listener lost its connection");
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    async fn receive_now(
+        &self,
+        queue: &str,
+        max: u32,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let mut tx = self.pool.begin().await?;
+        // Messages received `max_receives` times and visible again go to the
+        // dead-letter queue instead of being delivered once more.
+        if !queue.ends_with("-dlq") {
+            sqlx::query(
+                "UPDATE queue_messages SET queue = $2, receive_count = 0, receipt = NULL, visible_at = now()
+                  WHERE id IN (SELECT id FROM queue_messages
+                                WHERE queue = $1 AND visible_at <= now() AND receive_count >= $3
+                                FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(queue)
+            .bind(dlq(queue))
+            .bind(i32::try_from(self.max_receives).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let rows: Vec<(i64, Value, Uuid, i32)> = sqlx::query_as(
+            "UPDATE queue_messages m
+                SET receive_count = m.receive_count + 1, receipt = gen_random_uuid(),
+                    visible_at = now() + $3 * interval '1 millisecond'
+               FROM (SELECT id FROM queue_messages
+                      WHERE queue = $1 AND visible_at <= now()
+                      ORDER BY visible_at, id
+                      LIMIT $2
+                      FOR UPDATE SKIP LOCKED) picked
+              WHERE m.id = picked.id
+          RETURNING m.id, m.body, m.receipt, m.receive_count",
+        )
+        .bind(queue)
+        .bind(i64::from(max))
+        .bind(millis(visibility))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, body, receipt, count)| Delivery {
+                message_id: id.to_string(),
+                receipt_handle: format!("{id}:{receipt}"),
+                body,
+                receive_count: u32::try_from(count).unwrap_or(0),
+            })
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Queue for PgQueue {
+    async fn send(&self, queue: &str, body: &Value, delay: Duration) -> Result<String, QueueError> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO queue_messages (queue, body, visible_at)
+             VALUES ($1, $2, now() + $3 * interval '1 millisecond') RETURNING id",
+        )
+        .bind(queue)
+        .bind(body)
+        .bind(millis(delay))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id.to_string())
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Register interest before looking, so an arrival between the
+            // look and the wait is not missed.
+            let arrived = self.arrivals.notified();
+            let got = self
+                .receive_now(queue, max.clamp(1, 10), visibility)
+                .await?;
+            let now = tokio::time::Instant::now();
+            if !got.is_empty() || now >= deadline {
+                return Ok(got);
+            }
+            let nap = (deadline - now).min(Duration::from_secs(1));
+            tokio::select! {
+                _ = arrived => {}
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<bool, QueueError> {
+        let (id, r) = parse_receipt(receipt)?;
+        let n = sqlx::query(
+            "UPDATE queue_messages SET visible_at = now() + $4 * interval '1 millisecond'
+              WHERE id = $1 AND queue = $2 AND receipt = $3",
+        )
+        .bind(id)
+        .bind(queue)
+        .bind(r)
+        .bind(millis(visibility))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn delete(&self, queue: &str, receipt: &str) -> Result<bool, QueueError> {
+        let (id, r) = parse_receipt(receipt)?;
+        let n =
+            sqlx::query("DELETE FROM queue_messages WHERE id = $1 AND queue = $2 AND receipt = $3")
+                .bind(id)
+                .bind(queue)
+                .bind(r)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(n == 1)
+    }
+}

@@ -1,0 +1,81 @@
+//! Lease reaper: ends expired leases by the rules of a retryable failure
+//! (retry with backoff while attempts remain, else the task and job fail; a
+//! task whose job was stopped becomes cancelled), wakes ready tasks whose
+//! wake-up went missing, and purges old sent outbox rows. Every step is
+//! fenced or `SKIP LOCKED`, so several replicas may run it.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::StoreError;
+use crate::settings::Settings;
+use crate::store::Store;
+
+pub struct Reaper {
+    store: Store,
+    settings: Arc<Settings>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReapReport {
+    pub expired: u64,
+    pub rewoken: u64,
+    pub purged: u64,
+}
+
+impl Reaper {
+    pub fn new(store: Store, settings: Arc<Settings>) -> Self {
+        Reaper { store, settings }
+    }
+
+    pub async fn reap_once(&self) -> Result<ReapReport, StoreError> {
+        let mut report = ReapReport::default();
+        for task_id in self
+            .store
+            .expired_leases(self.settings.reaper_batch)
+            .await?
+        {
+            if let Some(state) = self.store.expire_lease(task_id).await? {
+                tracing::info!(%task_id, state = state.as_str(), "expired lease reaped");
+                report.expired += 1;
+            }
+        }
+        report.rewoken = self
+            .store
+            .rewake_stale_ready(self.settings.rewake_after, self.settings.reaper_batch)
+            .await?;
+        if report.rewoken > 0 {
+            tracing::info!(
+                count = report.rewoken,
+                "woke ready tasks whose wake-up went missing"
+            );
+        }
+        report.purged = self
+            .store
+            .purge_sent_outbox(self.settings.outbox_retention)
+            .await?;
+        Ok(report)
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(
+            period_ms = self.settings.reaper_period.as_millis() as u64,
+            "lease reaper started"
+        );
+        let mut tick = tokio::time::interval(self.settings.reaper_period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.reap_once().await {
+                        tracing::warn!(error = %e, "reaper pass failed");
+                    }
+                }
+            }
+        }
+        tracing::info!("lease reaper stopped");
+    }
+}

@@ -1,0 +1,105 @@
+//! Outbox relay: publishes outbox rows to their queues (invariant 5).
+//!
+//! Takes due rows in batches with `FOR UPDATE SKIP LOCKED` (several replicas
+//! share the work), publishes each, and marks it sent in the same
+//! transaction that locked it. A crash between publish and mark-sent leaves
+//! the row pending, so it is published again: duplicates, never loss.
+//! Failed publishes are retried with exponential backoff and jitter; after
+//! `relay_max_tries` a row is marked `dead`, where operators see and requeue
+//! it (`dispatcher admin outbox`). Wakes on `LISTEN outbox` (registered
+//! before the first query) and polls every `relay_poll` as a fallback.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::queue::{queue_for_topic, Queue};
+use crate::settings::Settings;
+use crate::store::Store;
+
+pub struct Relay {
+    store: Store,
+    queue: Arc<dyn Queue>,
+    settings: Arc<Settings>,
+}
+
+impl Relay {
+    pub fn new(store: Store, queue: Arc<dyn Queue>, settings: Arc<Settings>) -> Self {
+        Relay {
+            store,
+            queue,
+            settings,
+        }
+    }
+
+    /// Publishes one batch of due rows; returns how many rows it handled.
+    pub async fn relay_once(&self) -> Result<usize, crate::error::StoreError> {
+        let batch = self.store.outbox_due(self.settings.relay_batch).await?;
+        if batch.rows.is_empty() {
+            return Ok(0);
+        }
+        let mut sent = Vec::with_capacity(batch.rows.len());
+        let mut failed = Vec::new();
+        for row in &batch.rows {
+            let tries = u32::try_from(row.tries).unwrap_or(0) + 1;
+            let result = match queue_for_topic(&row.topic) {
+                Some(queue) => self
+                    .queue
+                    .send(queue, &row.payload, Duration::ZERO)
+                    .await
+                    .map_err(|e| e.to_string()),
+                None => Err(format!("no queue for topic {:?}", row.topic)),
+            };
+            match result {
+                Ok(_) => sent.push(row.id),
+                Err(error) => {
+                    tracing::warn!(outbox_id = row.id, tries, error, "outbox publish failed");
+                    let delay = self.settings.relay_retry_delay(tries, rand::random());
+                    failed.push((row.id, error, delay));
+                }
+            }
+        }
+        self.settings.failpoint("relay_after_publish");
+        let handled = batch.rows.len();
+        batch
+            .finish(&sent, &failed, self.settings.relay_max_tries)
+            .await?;
+        Ok(handled)
+    }
+
+    /// Runs until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut listener = self.listen().await;
+        tracing::info!(notify = listener.is_some(), "outbox relay started");
+        loop {
+            match self.relay_once().await {
+                Ok(n) if n >= self.settings.relay_batch as usize => continue,
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "outbox relay pass failed"),
+            }
+            let notified = async {
+                match listener.as_mut() {
+                    Some(l) => l.recv().await.map(drop),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = notified => if r.is_err() {
+                    tracing::warn!("outbox listener lost; polling until it is back");
+                    listener = self.listen().await;
+                },
+                _ = tokio::time::sleep(self.settings.relay_poll) => {}
+            }
+        }
+        tracing::info!("outbox relay stopped");
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let mut l = PgListener::connect_with(self.store.pool()).await.ok()?;
+        l.listen("outbox").await.ok()?;
+        Some(l)
+    }
+}

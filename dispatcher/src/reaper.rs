@@ -12,6 +12,9 @@ use crate::error::StoreError;
 use crate::settings::Settings;
 use crate::store::Store;
 
+/// Lease expirations run at once by one reaper pass.
+const REAPER_CONCURRENCY: usize = 8;
+
 pub struct Reaper {
     store: Store,
     settings: Arc<Settings>,
@@ -32,14 +35,34 @@ impl Reaper {
 
     pub async fn reap_once(&self) -> Result<ReapReport, StoreError> {
         let mut report = ReapReport::default();
-        for task_id in self
+        // Expirations are independent transactions (each fenced), so they
+        // run a few at a time: recovery time should not grow with the
+        // number of leases a dead worker held.
+        let expired = self
             .store
             .expired_leases(self.settings.reaper_batch)
-            .await?
-        {
-            if let Some(state) = self.store.expire_lease(task_id).await? {
-                tracing::info!(%task_id, state = state.as_str(), "expired lease reaped");
-                report.expired += 1;
+            .await?;
+        let mut pending = expired.into_iter();
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            while running.len() < REAPER_CONCURRENCY {
+                let Some(task_id) = pending.next() else { break };
+                let store = self.store.clone();
+                running.spawn(async move { (task_id, store.expire_lease(task_id).await) });
+            }
+            let Some(done) = running.join_next().await else {
+                break;
+            };
+            match done {
+                Ok((task_id, Ok(Some(state)))) => {
+                    tracing::info!(%task_id, state = state.as_str(), "expired lease reaped");
+                    report.expired += 1;
+                }
+                Ok((_, Ok(None))) => {}
+                Ok((task_id, Err(e))) => {
+                    tracing::warn!(%task_id, error = %e, "expiring a lease failed")
+                }
+                Err(e) => tracing::warn!(error = %e, "expiry task panicked"),
             }
         }
         report.rewoken = self

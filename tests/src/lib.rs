@@ -27,6 +27,8 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+pub mod stack;
+
 /// A database of its own, migrated, dropped (with its connections) on drop.
 pub struct TestDb {
     pub pool: PgPool,
@@ -62,6 +64,22 @@ impl TestDb {
             .await
             .expect("applying migrations");
         TestDb { pool, name, admin }
+    }
+
+    /// A URL of this database, for child processes: `DATABASE_URL` with
+    /// its database name replaced.
+    pub fn url(&self) -> String {
+        let base = database_url();
+        let (head, query) = match base.split_once('?') {
+            Some((h, q)) => (h.to_owned(), format!("?{q}")),
+            None => (base.clone(), String::new()),
+        };
+        let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
+        let root = match head[scheme_end..].find('/') {
+            Some(i) => head[..scheme_end + i].to_owned(),
+            None => head.clone(),
+        };
+        format!("{root}/{}{query}", self.name)
     }
 }
 

@@ -430,15 +430,20 @@ impl Store {
     /// or `None` when the lease was not (or no longer) expired.
     pub async fn expire_lease(&self, task_id: Uuid) -> Result<Option<TaskState>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some((job_id, attempt)): Option<(Uuid, i32)> =
-            sqlx::query_as("SELECT job_id, attempt FROM tasks WHERE id = $1")
+        let Some((job_id, attempt, max_attempts)): Option<(Uuid, i32, i32)> =
+            sqlx::query_as("SELECT job_id, attempt, max_attempts FROM tasks WHERE id = $1")
                 .bind(task_id)
                 .fetch_optional(&mut *tx)
                 .await?
         else {
             return Err(StoreError::TaskNotFound(task_id));
         };
-        lock_job(&mut tx, job_id).await?;
+        // Only a final failure touches the job row (to end the job), so only
+        // then is the job lock taken, first as the lock order demands. A
+        // retry or a cancellation changes the task alone.
+        if attempt >= max_attempts {
+            lock_job(&mut tx, job_id).await?;
+        }
         let ended: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
             "UPDATE tasks
                 SET state = CASE WHEN cancel_requested THEN 'cancelled'

@@ -3,8 +3,10 @@
 
 mod completion;
 mod dag;
+mod e2e;
 mod fencing;
 mod input;
 mod model;
 mod orgs;
+mod services;
 mod tokens;

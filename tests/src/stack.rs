@@ -1,0 +1,371 @@
+//! End-to-end harness: the real `dispatcher` and `worker-wrapper` binaries
+//! as child processes against a test database. The dispatcher can be killed
+//! (SIGKILL or an armed failpoint) and restarted on the same port; workers
+//! run in their own process groups so a signal reaches their tasks too.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use dispatcher::tokens::Keyring;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::TestDb;
+
+/// `target/debug` (or wherever this test binary was built).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Options of a worker process.
+#[derive(Debug, Clone)]
+pub struct WorkerOpts {
+    pub id: String,
+    pub concurrency: usize,
+    pub lease_seconds: u32,
+    pub visibility_seconds: u32,
+}
+
+impl WorkerOpts {
+    pub fn new(id: &str) -> Self {
+        WorkerOpts {
+            id: id.into(),
+            concurrency: 8,
+            lease_seconds: 2,
+            visibility_seconds: 5,
+        }
+    }
+}
+
+pub struct Worker {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    /// Sends `signal` to the worker's whole process group (it and its tasks).
+    pub fn signal_group(&self, signal: i32) {
+        // SAFETY: kill(2) with a negative pid signals a process group; no
+        // memory is shared with the callee.
+        let rc = unsafe { libc::kill(-self.pid(), signal) };
+        assert_eq!(rc, 0, "kill(-{}, {signal}) failed", self.pid());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(-self.pid(), libc::SIGCONT);
+            libc::kill(-self.pid(), libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// End-to-end stacks run one at a time: each spawns hundreds of processes,
+/// and timing figures (recovery) should not measure another stack's load.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub struct Stack {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+    pub db: TestDb,
+    pub port: u16,
+    pub keys: Keyring,
+    pub dir: PathBuf,
+    key_file: PathBuf,
+    pub dispatcher: Option<Child>,
+    restarts: u32,
+    pub org_id: Uuid,
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.dispatcher.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+impl Stack {
+    pub async fn new() -> Stack {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let db = TestDb::new().await;
+        let dir = std::env::temp_dir().join(format!("e2e-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let (pem, _) = dispatcher::tokens::generate_key_pem();
+        let key_file = dir.join("signing.pem");
+        std::fs::write(&key_file, &pem).expect("key file");
+        let keys = Keyring::from_pem("dispatcher", &pem, &[], 5).expect("keyring");
+        let store = dispatcher::store::Store::new(db.pool.clone(), Default::default());
+        let org_id = store.ensure_org("e2e").await.expect("org");
+        Stack {
+            _turn: turn,
+            db,
+            port: free_port(),
+            keys,
+            dir,
+            key_file,
+            dispatcher: None,
+            restarts: 0,
+            org_id,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the dispatcher (all roles) with the given failpoints armed,
+    /// and waits until it answers `/healthz`.
+    pub async fn start_dispatcher(&mut self, failpoints: &str) {
+        assert!(self.dispatcher.is_none(), "dispatcher already running");
+        let log = std::fs::File::create(self.dir.join(format!("dispatcher-{}.log", self.restarts)))
+            .expect("log");
+        self.restarts += 1;
+        let child = Command::new(binary("dispatcher"))
+            .arg("serve")
+            .env("DATABASE_URL", self.db.url())
+            .env("DISPATCHER_SIGNING_KEY_FILE", &self.key_file)
+            .env("DISPATCHER_BIND", format!("127.0.0.1:{}", self.port))
+            .env("DISPATCHER_FAILPOINTS", failpoints)
+            .env("RUST_LOG", "info,sqlx=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dispatcher");
+        self.dispatcher = Some(child);
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .dispatcher
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("dispatcher exited during start: {status}");
+            }
+            if client
+                .get(format!("{}/healthz", self.url()))
+                .send()
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("dispatcher did not answer within 20 s");
+    }
+
+    /// Waits until the dispatcher process has exited (a failpoint fired);
+    /// returns false on timeout.
+    pub async fn wait_dispatcher_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(c) = self.dispatcher.as_mut() {
+                if c.try_wait().expect("try_wait").is_some() {
+                    self.dispatcher = None;
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    pub fn kill_dispatcher(&mut self) {
+        if let Some(mut c) = self.dispatcher.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_worker(&self, opts: &WorkerOpts) -> Worker {
+        use std::os::unix::process::CommandExt;
+        let log = self.dir.join(format!("{}.log", opts.id));
+        let child = Command::new(binary("worker-wrapper"))
+            .arg("run")
+            .arg("--wait-seconds")
+            .arg("1")
+            .arg("--visibility-seconds")
+            .arg(opts.visibility_seconds.to_string())
+            .env("DISPATCHER_URL", self.url())
+            .env(
+                "WORKER_CREDENTIAL",
+                self.keys
+                    .mint_worker(&opts.id, Utc::now() + chrono::Duration::hours(1)),
+            )
+            .env("WORKER_ID", &opts.id)
+            .env("WORKER_CONCURRENCY", opts.concurrency.to_string())
+            .env("WORKER_LEASE_SECONDS", opts.lease_seconds.to_string())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .process_group(0)
+            .spawn()
+            .expect("start worker");
+        Worker { child, log }
+    }
+
+    /// The `sample-task` bundle.
+    pub fn sample_bundle(&self) -> String {
+        format!("{} sample-task", binary("worker-wrapper").display())
+    }
+
+    /// Submits a job straight into the store (the jobs API is tested
+    /// elsewhere); returns its task ids in submission order.
+    pub async fn submit(&self, job: Value) -> (Uuid, Vec<Uuid>) {
+        let store = dispatcher::store::Store::new(self.db.pool.clone(), Default::default());
+        let settings = dispatcher::settings::Settings::default();
+        let job = dispatcher::domain::new_job(serde_json::from_value(job).expect("job"), &settings)
+            .expect("valid job");
+        let view = store
+            .submit_job(self.org_id, None, &job)
+            .await
+            .expect("submit");
+        (view.job_id, view.tasks.iter().map(|t| t.task_id).collect())
+    }
+
+    /// `n` independent sample tasks, each with one event and one publish.
+    pub fn flat_job(&self, n: usize, inputs: Value) -> Value {
+        let tasks: Vec<Value> = (0..n)
+            .map(|i| {
+                serde_json::json!({"key": format!("t{i}"), "runtime": "exec", "bundle": self.sample_bundle(),
+                                   "inputs": inputs, "outputs": ["alert_events"], "max_attempts": 10})
+            })
+            .collect();
+        serde_json::json!({"name": "e2e", "tasks": tasks})
+    }
+
+    /// Waits until no task of the database is unfinished; panics with the
+    /// counts on timeout.
+    pub async fn wait_all_finished(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'cancelled')")
+                .fetch_one(&self.db.pool)
+                .await
+                .expect("count");
+            if open == 0 {
+                return;
+            }
+            if Instant::now() > deadline {
+                let states: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
+                        .fetch_all(&self.db.pool)
+                        .await
+                        .unwrap();
+                panic!(
+                    "{open} tasks unfinished after {timeout:?}: {states:?}; logs in {}",
+                    self.dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The invariants every scenario ends with: every task succeeded with
+    /// exactly one committed success; no write of an attempt was accepted
+    /// after the next attempt was claimed; every outbox row was published.
+    pub async fn assert_clean(&self, expected_tasks: i64) {
+        let pool = &self.db.pool;
+        let (tasks, succeeded): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE state = 'succeeded') FROM tasks",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            (tasks, succeeded),
+            (expected_tasks, expected_tasks),
+            "every task succeeded"
+        );
+        let not_once: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM (SELECT t.id FROM tasks t LEFT JOIN attempts a
+                 ON a.task_id = t.id AND a.response->>'state' = 'succeeded'
+               GROUP BY t.id HAVING count(a.attempt) <> 1) x",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(not_once, 0, "tasks without exactly one committed success");
+        let stale: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM task_events e JOIN attempts n
+                       ON n.task_id = e.task_id AND n.attempt = e.attempt + 1 WHERE e.created_at >= n.claimed_at)
+                  + (SELECT count(*) FROM buffer_publishes b JOIN attempts n
+                       ON n.task_id = b.task_id AND n.attempt = b.attempt + 1 WHERE b.created_at >= n.claimed_at)
+                  + (SELECT count(*) FROM attempts a JOIN attempts n
+                       ON n.task_id = a.task_id AND n.attempt = a.attempt + 1
+                      WHERE a.completion IS NOT NULL AND a.finished_at >= n.claimed_at)",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            stale, 0,
+            "writes accepted from an attempt after its successor was claimed"
+        );
+        // The relay may still be publishing the last rows: wait for it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (pending, dead): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead') FROM outbox",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            assert_eq!(dead, 0, "dead outbox rows");
+            if pending == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pending} outbox rows never published"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let wakeups_per_task: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tasks t WHERE NOT EXISTS (
+                 SELECT 1 FROM outbox o WHERE o.topic = 'wakeup' AND o.payload->>'task_id' = t.id::text)",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            wakeups_per_task, 0,
+            "a task never had a wake-up in the outbox"
+        );
+    }
+}

@@ -1,0 +1,286 @@
+//! End to end, with the real binaries: the dispatcher (all roles) and
+//! worker-wrapper processes running `sample-task`, against a test database.
+//! Every scenario runs at least 200 tasks and ends with `assert_clean`:
+//! every task succeeded exactly once, no stale write was accepted, no outbox
+//! row was lost.
+
+use std::time::Duration;
+
+use dispatcher_tests::stack::{Stack, WorkerOpts};
+use serde_json::json;
+
+const TASKS: usize = 200;
+const FINISH: Duration = Duration::from_secs(180);
+
+async fn counts(stack: &Stack, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_happy_path_wakeup_claim_event_publish_complete() {
+    let mut stack = Stack::new().await;
+    stack.submit(stack.flat_job(TASKS, json!({}))).await;
+    stack.start_dispatcher("").await;
+    let _w1 = stack.start_worker(&WorkerOpts::new("w1"));
+    let _w2 = stack.start_worker(&WorkerOpts::new("w2"));
+    stack.wait_all_finished(FINISH).await;
+    stack.assert_clean(TASKS as i64).await;
+    assert_eq!(
+        counts(&stack, "SELECT count(*) FROM task_events").await,
+        TASKS as i64,
+        "one event per task"
+    );
+    assert_eq!(
+        counts(&stack, "SELECT count(*) FROM buffer_publishes").await,
+        TASKS as i64,
+        "one publish per task"
+    );
+    assert_eq!(
+        counts(
+            &stack,
+            "SELECT count(*) FROM outbox WHERE topic = 'buffer' AND state = 'sent'"
+        )
+        .await,
+        TASKS as i64,
+        "every publish handed to the buffer queue"
+    );
+}
+
+/// Arms `failpoint`, lets it kill the dispatcher `crashes` times (restarting
+/// it armed each time), then runs clean until every task is done.
+async fn crash_and_recover(failpoint: &str, crashes: usize, submit_first: bool) {
+    let mut stack = Stack::new().await;
+    if submit_first {
+        stack.submit(stack.flat_job(TASKS, json!({}))).await;
+    }
+    let mut workers = vec![];
+    for crash in 0..crashes {
+        stack.start_dispatcher(failpoint).await;
+        if workers.is_empty() {
+            workers.push(stack.start_worker(&WorkerOpts::new("w1")));
+            workers.push(stack.start_worker(&WorkerOpts::new("w2")));
+        }
+        if !submit_first && crash == 0 {
+            stack.submit(stack.flat_job(TASKS, json!({}))).await;
+        }
+        assert!(
+            stack.wait_dispatcher_exit(Duration::from_secs(60)).await,
+            "failpoint {failpoint} did not fire (crash {crash}); logs in {}",
+            stack.dir.display()
+        );
+    }
+    stack.start_dispatcher("").await;
+    stack.wait_all_finished(FINISH).await;
+    stack.assert_clean(TASKS as i64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_dispatcher_sigkilled_after_claim_commits_before_answering() {
+    crash_and_recover("claim_after_commit", 3, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_dispatcher_sigkilled_after_completion_commits_before_answering() {
+    crash_and_recover("complete_after_commit", 3, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_dispatcher_sigkilled_in_relay_between_publish_and_mark_sent() {
+    // All wake-ups are pending when the relay first runs: its first batch is
+    // published, then the process dies before marking it sent.
+    crash_and_recover("relay_after_publish", 2, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_stopped_worker_past_its_lease_is_fenced_when_resumed() {
+    let mut stack = Stack::new().await;
+    stack
+        .submit(stack.flat_job(TASKS, json!({"sleep_ms": 1500})))
+        .await;
+    stack.start_dispatcher("").await;
+    let stale = stack.start_worker(&WorkerOpts {
+        concurrency: 40,
+        ..WorkerOpts::new("stale")
+    });
+    // Wait until the soon-to-be-stale worker holds leases.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counts(&stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never held 20 leases"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stale.signal_group(libc::SIGSTOP);
+    let held: Vec<uuid::Uuid> = sqlx::query_scalar(
+        "SELECT t.id FROM tasks t JOIN attempts a ON a.task_id = t.id AND a.attempt = t.attempt
+          WHERE t.state = 'leased' AND a.worker_id = 'stale'",
+    )
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    assert!(!held.is_empty());
+
+    // Its leases expire, the reaper re-offers the tasks, a fresh worker
+    // claims them as new attempts and finishes everything.
+    let fresh = stack.start_worker(&WorkerOpts {
+        concurrency: 40,
+        ..WorkerOpts::new("fresh")
+    });
+    stack.wait_all_finished(FINISH).await;
+
+    // Resume the stale worker and its tasks: their heartbeats, events,
+    // publishes and completions must all be refused.
+    stale.signal_group(libc::SIGCONT);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = stale.log_text();
+        let refused = log.matches("abandoned").count() + log.matches("completion refused").count();
+        if refused >= held.len() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resumed worker reported {refused} refusals for {} stale leases:\n{log}",
+            held.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(fresh);
+    stack.assert_clean(TASKS as i64).await;
+    let by_first_attempt: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM attempts WHERE task_id = ANY($1) AND attempt = 1 AND completion IS NOT NULL",
+    )
+    .bind(&held)
+    .fetch_one(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        by_first_attempt, 0,
+        "a stale attempt's completion was committed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_every_wakeup_delivered_twice_and_out_of_order() {
+    let mut stack = Stack::new().await;
+    // 100 chains a -> b: the b tasks get wake-ups long before they are ready.
+    let bundle = stack.sample_bundle();
+    let tasks: Vec<_> = (0..TASKS / 2)
+        .flat_map(|i| {
+            [
+                json!({"key": format!("a{i}"), "runtime": "exec", "bundle": bundle, "outputs": ["alert_events"]}),
+                json!({"key": format!("b{i}"), "runtime": "exec", "bundle": bundle, "outputs": ["alert_events"],
+                       "depends_on": [format!("a{i}")]}),
+            ]
+        })
+        .collect();
+    let (_, ids) = stack
+        .submit(json!({"name": "chains", "tasks": tasks}))
+        .await;
+    // Two extra deliveries of every task's wake-up, newest task first.
+    for round in 0..2 {
+        for id in ids.iter().rev() {
+            sqlx::query("INSERT INTO queue_messages (queue, body) VALUES ('wakeups', $1)")
+                .bind(json!({"task_id": id}))
+                .execute(&stack.db.pool)
+                .await
+                .unwrap_or_else(|e| panic!("inject round {round}: {e}"));
+        }
+    }
+    stack.start_dispatcher("").await;
+    let _w1 = stack.start_worker(&WorkerOpts::new("w1"));
+    let _w2 = stack.start_worker(&WorkerOpts::new("w2"));
+    stack.wait_all_finished(FINISH).await;
+    stack.assert_clean(TASKS as i64).await;
+    // Every duplicate was consumed and dropped, none is left to linger.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = counts(
+            &stack,
+            "SELECT count(*) FROM queue_messages WHERE queue = 'wakeups'",
+        )
+        .await;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} wake-ups never consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Invariant 10: a dead worker's task is offered again (and claimed) within
+/// lease duration + reaper period + relay lag. Prints the figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant_10_bounded_recovery_after_a_worker_dies() {
+    const LEASE: f64 = 2.0;
+    const REAPER: f64 = 1.0;
+    let n = 20;
+    let mut stack = Stack::new().await;
+    let (_, ids) = stack
+        .submit(stack.flat_job(n, json!({"sleep_ms": 3000})))
+        .await;
+    stack.start_dispatcher("").await;
+    let doomed = stack.start_worker(&WorkerOpts {
+        concurrency: n,
+        ..WorkerOpts::new("doomed")
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counts(&stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < n as i64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every task was leased"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let a heartbeat or two pass, then kill the worker and its tasks.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    doomed.signal_group(libc::SIGKILL);
+    let killed_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    drop(doomed);
+    let _survivor = stack.start_worker(&WorkerOpts {
+        concurrency: n,
+        ..WorkerOpts::new("survivor")
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut delays: Vec<f64> = loop {
+        let d: Vec<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM claimed_at - $2)::float8 FROM attempts WHERE task_id = ANY($1) AND attempt = 2",
+        )
+        .bind(&ids)
+        .bind(killed_at)
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap();
+        if d.len() == n {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} tasks were claimed again",
+            d.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    delays.sort_by(f64::total_cmp);
+    let median = delays[n / 2];
+    let max = delays[n - 1];
+    println!(
+        "recovery after worker death ({n} tasks, lease {LEASE} s, reaper period {REAPER} s): median {median:.2} s, max {max:.2} s"
+    );
+    assert!(
+        max <= LEASE + REAPER + 1.0,
+        "recovery took {max:.2} s, over lease + reaper period + 1 s"
+    );
+    stack.wait_all_finished(FINISH).await;
+    stack.assert_clean(n as i64).await;
+}

@@ -1,0 +1,477 @@
+//! The queue (conformance suite over the `Queue` trait), the outbox relay
+//! and the lease reaper, against a real Postgres.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatcher::queue::{PgQueue, Queue};
+use dispatcher::reaper::Reaper;
+use dispatcher::relay::Relay;
+use dispatcher::settings::Settings;
+use dispatcher_tests::{TestApp, TestDb};
+use failing::FailingQueue;
+use serde_json::json;
+use tokio::sync::Notify;
+
+const Q: &str = "wakeups";
+
+// ------------------------------------------------------------- queue ---
+// One suite, written against the trait; every implementation must pass it.
+
+async fn conformance_send_receive_delete(q: &dyn Queue) {
+    q.send(Q, &json!({"n": 1}), Duration::ZERO).await.unwrap();
+    let got = q
+        .receive(Q, 10, Duration::from_secs(2), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, json!({"n": 1}));
+    assert_eq!(got[0].receive_count, 1);
+    assert!(q.delete(Q, &got[0].receipt_handle).await.unwrap());
+    assert!(q
+        .receive(Q, 10, Duration::ZERO, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn conformance_undeleted_message_reappears_after_visibility_timeout(q: &dyn Queue) {
+    q.send(Q, &json!({"n": 2}), Duration::ZERO).await.unwrap();
+    let first = q
+        .receive(Q, 1, Duration::from_secs(2), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    assert!(
+        q.receive(Q, 1, Duration::ZERO, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty(),
+        "hidden while in flight"
+    );
+    let again = q
+        .receive(Q, 1, Duration::from_secs(5), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1, "visible again after the timeout");
+    assert_eq!(again[0].message_id, first[0].message_id);
+    assert_eq!(again[0].receive_count, 2);
+    // The first delivery's receipt no longer deletes the message.
+    assert!(!q.delete(Q, &first[0].receipt_handle).await.unwrap());
+    assert!(q.delete(Q, &again[0].receipt_handle).await.unwrap());
+}
+
+async fn conformance_extending_visibility_keeps_the_message_hidden(q: &dyn Queue) {
+    q.send(Q, &json!({"n": 3}), Duration::ZERO).await.unwrap();
+    let got = q
+        .receive(Q, 1, Duration::from_secs(2), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(q
+        .change_visibility(Q, &got[0].receipt_handle, Duration::from_secs(30))
+        .await
+        .unwrap());
+    assert!(q
+        .receive(Q, 1, Duration::from_secs(2), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(q.delete(Q, &got[0].receipt_handle).await.unwrap());
+}
+
+async fn conformance_delayed_send_is_invisible_until_due(q: &dyn Queue) {
+    q.send(Q, &json!({"n": 4}), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(q
+        .receive(Q, 1, Duration::ZERO, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    let got = q
+        .receive(Q, 1, Duration::from_secs(5), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    q.delete(Q, &got[0].receipt_handle).await.unwrap();
+}
+
+/// `q` must move a message to the DLQ after `max_receives` receives.
+async fn conformance_message_goes_to_dlq_after_max_receives(q: &dyn Queue, max_receives: u32) {
+    q.send(Q, &json!({"n": 5}), Duration::ZERO).await.unwrap();
+    for i in 1..=max_receives {
+        let got = q
+            .receive(Q, 1, Duration::from_secs(2), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1, "receive {i}");
+        assert_eq!(got[0].receive_count, i);
+    }
+    assert!(
+        q.receive(Q, 1, Duration::from_secs(1), Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not delivered again"
+    );
+    let dead = q
+        .receive(
+            "wakeups-dlq",
+            1,
+            Duration::from_secs(2),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body, json!({"n": 5}));
+}
+
+async fn pg_queue(db: &TestDb, max_receives: u32) -> PgQueue {
+    let arrivals = Arc::new(Notify::new());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(PgQueue::listen(
+        db.pool.clone(),
+        arrivals.clone(),
+        shutdown.child_token(),
+    ));
+    PgQueue::new(db.pool.clone(), max_receives, arrivals)
+}
+
+#[tokio::test]
+async fn queue_conformance_pg() {
+    let db = TestDb::new().await;
+    let q = pg_queue(&db, 3).await;
+    conformance_send_receive_delete(&q).await;
+    conformance_undeleted_message_reappears_after_visibility_timeout(&q).await;
+    conformance_extending_visibility_keeps_the_message_hidden(&q).await;
+    conformance_delayed_send_is_invisible_until_due(&q).await;
+    conformance_message_goes_to_dlq_after_max_receives(&q, 3).await;
+}
+
+#[tokio::test]
+async fn queue_long_poll_wakes_on_arrival() {
+    let db = TestDb::new().await;
+    let q = Arc::new(pg_queue(&db, 3).await);
+    let receiver = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            q.receive(Q, 1, Duration::from_secs(10), Duration::from_secs(30))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = std::time::Instant::now();
+    q.send(Q, &json!({"late": true}), Duration::ZERO)
+        .await
+        .unwrap();
+    let got = receiver.await.unwrap().unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "woken by the notification, not the 1 s re-check"
+    );
+}
+
+#[tokio::test]
+async fn queue_http_endpoints_need_a_worker_credential_and_serve_the_queue() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(1).await;
+    let receive = json!({"max_messages": 10, "wait_seconds": 1});
+    let r = app
+        .post(
+            "/internal/queues/wakeups/receive",
+            &app.user_token,
+            &receive,
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::UNAUTHORIZED);
+    // The API-only test server runs no relay: publish the outbox by hand.
+    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    Relay::new(app.store.clone(), queue, app.settings.clone())
+        .relay_once()
+        .await
+        .unwrap();
+    let r = app
+        .post(
+            "/internal/queues/wakeups/receive",
+            &app.worker_token,
+            &receive,
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{}", r.body);
+    let messages = r.body["messages"].as_array().unwrap().clone();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0]["body"], json!({"task_id": task}));
+    let receipt = messages[0]["receipt_handle"].clone();
+    let r = app
+        .post(
+            "/internal/queues/wakeups/visibility",
+            &app.worker_token,
+            &json!({"receipt_handle": receipt, "visibility_timeout_seconds": 60}),
+        )
+        .await;
+    assert_eq!(r.body, json!({"ok": true}));
+    let r = app
+        .post(
+            "/internal/queues/wakeups/delete",
+            &app.worker_token,
+            &json!({"receipt_handle": receipt}),
+        )
+        .await;
+    assert_eq!(r.body, json!({"ok": true}));
+    let r = app
+        .post(
+            "/internal/queues/wakeups/delete",
+            &app.worker_token,
+            &json!({"receipt_handle": receipt}),
+        )
+        .await;
+    assert_eq!(
+        r.body,
+        json!({"ok": false}),
+        "a second delete finds nothing"
+    );
+    let r = app
+        .post("/internal/queues/nope/receive", &app.worker_token, &receive)
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::NOT_FOUND);
+    let r = app
+        .post(
+            "/internal/queues/wakeups/receive",
+            &app.worker_token,
+            &json!({"max_messages": 11}),
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::BAD_REQUEST);
+    let r = app
+        .post(
+            "/internal/queues/wakeups/delete",
+            &app.worker_token,
+            &json!({"receipt_handle": "garbage"}),
+        )
+        .await;
+    assert_eq!(r.status, reqwest::StatusCode::BAD_REQUEST);
+}
+
+// ------------------------------------------------------------- relay ---
+
+mod failing {
+    //! A queue whose sends fail: fault injection for the relay's retry path
+    //! (the real queues are exercised everywhere else).
+    use std::time::Duration;
+
+    use dispatcher::queue::{Delivery, Queue, QueueError};
+    use serde_json::Value;
+
+    pub struct FailingQueue;
+
+    #[async_trait::async_trait]
+    impl Queue for FailingQueue {
+        async fn send(&self, _: &str, _: &Value, _: Duration) -> Result<String, QueueError> {
+            Err(QueueError::Unavailable("injected failure".into()))
+        }
+        async fn receive(
+            &self,
+            _: &str,
+            _: u32,
+            _: Duration,
+            _: Duration,
+        ) -> Result<Vec<Delivery>, QueueError> {
+            Ok(vec![])
+        }
+        async fn change_visibility(
+            &self,
+            _: &str,
+            _: &str,
+            _: Duration,
+        ) -> Result<bool, QueueError> {
+            Ok(false)
+        }
+        async fn delete(&self, _: &str, _: &str) -> Result<bool, QueueError> {
+            Ok(false)
+        }
+    }
+}
+
+async fn queued(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM queue_messages")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn relay_publishes_pending_rows_and_marks_them_sent() {
+    let app = TestApp::spawn().await;
+    for _ in 0..3 {
+        app.single_task(1).await;
+    }
+    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let relay = Relay::new(app.store.clone(), queue, app.settings.clone());
+    assert_eq!(relay.relay_once().await.unwrap(), 3);
+    let counts = app.store.outbox_counts().await.unwrap();
+    assert_eq!((counts.pending, counts.sent, counts.dead), (0, 3, 0));
+    assert_eq!(queued(&app.db).await, 3);
+    assert_eq!(
+        relay.relay_once().await.unwrap(),
+        0,
+        "nothing is published twice"
+    );
+}
+
+#[tokio::test]
+async fn relay_retries_failed_publishes_with_backoff_then_dead_letters_and_operators_requeue() {
+    let app = TestApp::spawn().await;
+    app.single_task(1).await;
+    let settings = Arc::new(Settings {
+        relay_max_tries: 2,
+        ..Settings::default()
+    });
+    let failing = Relay::new(app.store.clone(), Arc::new(FailingQueue), settings.clone());
+    failing.relay_once().await.unwrap();
+    let (state, tries, backoff_ms, error): (String, i32, f64, Option<String>) = sqlx::query_as(
+        "SELECT state, tries, extract(epoch FROM available_at - now())::float8 * 1000, last_error FROM outbox",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), tries), ("pending", 1));
+    assert!(
+        backoff_ms > 400.0,
+        "retried after a backoff, not at once ({backoff_ms} ms)"
+    );
+    assert!(error.unwrap().contains("injected failure"));
+    assert_eq!(failing.relay_once().await.unwrap(), 0, "not due yet");
+    sqlx::query("UPDATE outbox SET available_at = now()")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    failing.relay_once().await.unwrap();
+    let counts = app.store.outbox_counts().await.unwrap();
+    assert_eq!(counts.dead, 1, "dead after max tries, visible to operators");
+
+    assert_eq!(app.store.outbox_requeue_dead(None).await.unwrap(), 1);
+    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    Relay::new(app.store.clone(), queue, settings)
+        .relay_once()
+        .await
+        .unwrap();
+    assert_eq!(app.store.outbox_counts().await.unwrap().sent, 1);
+    assert_eq!(queued(&app.db).await, 1);
+}
+
+#[tokio::test]
+async fn relay_crash_between_publish_and_mark_sent_duplicates_but_never_loses() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(1).await;
+    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    // A relay that publishes and dies before marking sent: its transaction
+    // (and row locks) end with it.
+    let batch = app.store.outbox_due(10).await.unwrap();
+    for row in &batch.rows {
+        queue
+            .send("wakeups", &row.payload, Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    drop(batch);
+    assert_eq!(
+        app.store.outbox_counts().await.unwrap().pending,
+        1,
+        "still pending after the crash"
+    );
+    Relay::new(app.store.clone(), queue, app.settings.clone())
+        .relay_once()
+        .await
+        .unwrap();
+    assert_eq!(app.store.outbox_counts().await.unwrap().sent, 1);
+    let copies: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM queue_messages WHERE body->>'task_id' = $1::text")
+            .bind(task)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(copies, 2, "a duplicate, which the claim makes harmless");
+}
+
+// ------------------------------------------------------------ reaper ---
+
+fn reaper(app: &TestApp) -> Reaper {
+    Reaper::new(app.store.clone(), app.settings.clone())
+}
+
+#[tokio::test]
+async fn reaper_turns_an_expired_lease_into_a_woken_retry() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    app.claim(task).await;
+    app.expire_lease(task).await;
+    let report = reaper(&app).reap_once().await.unwrap();
+    assert_eq!(report.expired, 1);
+    let (state, attempt, outcome): (String, i32, Option<String>) = sqlx::query_as(
+        "SELECT t.state, t.attempt, a.outcome FROM tasks t JOIN attempts a ON a.task_id = t.id AND a.attempt = t.attempt WHERE t.id = $1",
+    )
+    .bind(task)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), attempt, outcome.as_deref()),
+        ("ready", 1, Some("lease_expired"))
+    );
+    assert_eq!(app.wakeups(task).await, 2, "the retry is woken");
+    // A second reaper pass (another replica) finds nothing more to do.
+    assert_eq!(reaper(&app).reap_once().await.unwrap().expired, 0);
+    let next = app.claim(task).await;
+    assert_eq!(next.attempt, 2);
+}
+
+#[tokio::test]
+async fn reaper_fails_the_task_and_job_when_the_last_attempt_expires() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(1).await;
+    app.claim(task).await;
+    app.expire_lease(task).await;
+    reaper(&app).reap_once().await.unwrap();
+    let (state, job_state): (String, String) = sqlx::query_as(
+        "SELECT t.state, j.state FROM tasks t JOIN jobs j ON j.id = t.job_id WHERE t.id = $1",
+    )
+    .bind(task)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((state.as_str(), job_state.as_str()), ("failed", "failed"));
+}
+
+#[tokio::test]
+async fn reaper_wakes_a_ready_task_whose_wakeup_was_lost() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(1).await;
+    let fresh = reaper(&app).reap_once().await.unwrap();
+    assert_eq!(fresh.rewoken, 0, "a recently woken task is left alone");
+    sqlx::query("UPDATE tasks SET updated_at = now() - interval '2 hours' WHERE id = $1")
+        .bind(task)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let report = reaper(&app).reap_once().await.unwrap();
+    assert_eq!(report.rewoken, 1);
+    assert_eq!(app.wakeups(task).await, 2);
+    assert_eq!(
+        reaper(&app).reap_once().await.unwrap().rewoken,
+        0,
+        "not woken again at once"
+    );
+}
+
+#[tokio::test]
+async fn reaper_purges_sent_outbox_rows_past_retention() {
+    let app = TestApp::spawn().await;
+    app.single_task(1).await;
+    sqlx::query("UPDATE outbox SET state = 'sent', sent_at = now() - interval '2 days'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(reaper(&app).reap_once().await.unwrap().purged, 1);
+}

@@ -143,7 +143,30 @@ enum TokenCommand {
 }
 
 #[derive(Subcommand)]
+enum OutboxCommand {
+    /// Counts by state, and the dead rows with their last error.
+    Status {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Dead rows to list.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Put dead rows back to pending so the relay publishes them again.
+    Requeue {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only these rows (repeatable); all dead rows when omitted.
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
+}
+
+#[derive(Subcommand)]
 enum AdminCommand {
+    /// Inspect and requeue outbox rows the relay dead-lettered.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
     /// Create an org (or find it by name); prints its id.
     CreateOrg {
         #[command(flatten)]
@@ -335,6 +358,27 @@ fn write_private(path: &PathBuf, pem: &str) -> Result<()> {
 async fn admin(cmd: AdminCommand) -> Result<()> {
     let settings = Arc::new(Settings::default());
     match cmd {
+        AdminCommand::Outbox(OutboxCommand::Status { db, limit }) => {
+            let store = connect(&db, settings, 2).await?;
+            let c = store.outbox_counts().await?;
+            println!("pending {}  sent {}  dead {}", c.pending, c.sent, c.dead);
+            for row in store.outbox_dead(limit).await? {
+                println!(
+                    "dead #{} {} {} tries={} created={} error={}",
+                    row.id,
+                    row.topic,
+                    row.payload,
+                    row.tries,
+                    row.created_at.to_rfc3339(),
+                    row.last_error.unwrap_or_default()
+                );
+            }
+        }
+        AdminCommand::Outbox(OutboxCommand::Requeue { db, ids }) => {
+            let store = connect(&db, settings, 2).await?;
+            let only = (!ids.is_empty()).then_some(ids.as_slice());
+            println!("requeued {}", store.outbox_requeue_dead(only).await?);
+        }
         AdminCommand::CreateOrg { db, name } => {
             let name = name.trim();
             if name.is_empty() || name.len() > 200 {

@@ -70,6 +70,17 @@ impl OutboxBatch {
     }
 }
 
+/// An outbox row the relay gave up on.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeadRow {
+    pub id: i64,
+    pub topic: String,
+    pub payload: Value,
+    pub tries: i32,
+    pub last_error: Option<String>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
 /// Counts of outbox rows by state, for operators and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OutboxCounts {
@@ -107,6 +118,17 @@ impl Store {
             sent,
             dead,
         })
+    }
+
+    /// Dead rows, oldest first: id, topic, payload, tries, last error.
+    pub async fn outbox_dead(&self, limit: u32) -> Result<Vec<DeadRow>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT id, topic, payload, tries, last_error, created_at FROM outbox
+              WHERE state = 'dead' ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Puts dead outbox rows back to pending (all, or those given).

@@ -301,6 +301,16 @@ impl TestApp {
         .await
     }
 
+    /// Completes with a failure.
+    pub async fn complete_failed(&self, token: &str, message: &str, retryable: bool) -> Response {
+        self.post(
+            "/v1/task/complete",
+            token,
+            &json!({"outcome": "failed", "error": {"message": message, "retryable": retryable}}),
+        )
+        .await
+    }
+
     /// Claims and completes a task successfully.
     pub async fn run_ok(&self, task_id: Uuid) {
         let c = self.claim(task_id).await;

@@ -71,6 +71,13 @@ impl Worker {
         assert_eq!(rc, 0, "kill(-{}, {signal}) failed", self.pid());
     }
 
+    /// Sends `signal` to the wrapper process alone (not its tasks).
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on a child pid we own; no memory is shared.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -260,11 +260,7 @@ async fn retryable_failure_schedules_the_next_attempt_after_backoff() {
     let task = app.single_task(3).await;
     let c1 = app.claim(task).await;
     let r = app
-        .post(
-            "/v1/task/complete",
-            &c1.capability_token,
-            &json!({"outcome": "failed", "error": {"message": "flaky", "retryable": true}}),
-        )
+        .complete_failed(&c1.capability_token, "flaky", true)
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["state"], "ready");
@@ -309,12 +305,8 @@ async fn retry_backoff_grows_exponentially_per_attempt() {
     let mut delays = vec![];
     for _ in 0..3 {
         let c = app.claim(task).await;
-        app.post(
-            "/v1/task/complete",
-            &c.capability_token,
-            &json!({"outcome": "failed", "error": {"message": "again"}}),
-        )
-        .await;
+        app.complete_failed(&c.capability_token, "again", true)
+            .await;
         let d: f64 = sqlx::query_scalar(
             "SELECT extract(epoch FROM t.not_before - a.finished_at)::float8
                FROM tasks t JOIN attempts a ON a.task_id = t.id AND a.attempt = t.attempt WHERE t.id = $1",
@@ -351,11 +343,7 @@ async fn final_failure_fails_the_task_and_job_and_cancels_what_cannot_run() {
         let c = app.claim(id["a"]).await;
         assert_eq!(c.attempt, attempt);
         let r = app
-            .post(
-                "/v1/task/complete",
-                &c.capability_token,
-                &json!({"outcome": "failed", "error": {"message": "bad input", "retryable": true}}),
-            )
+            .complete_failed(&c.capability_token, "bad input", true)
             .await;
         let expected = if attempt == 1 { "ready" } else { "failed" };
         assert_eq!(r.body["state"], expected, "{}", r.body);
@@ -380,11 +368,7 @@ async fn non_retryable_failure_fails_at_once() {
     let task = app.single_task(5).await;
     let c = app.claim(task).await;
     let r = app
-        .post(
-            "/v1/task/complete",
-            &c.capability_token,
-            &json!({"outcome": "failed", "error": {"message": "schema mismatch", "retryable": false}}),
-        )
+        .complete_failed(&c.capability_token, "schema mismatch", false)
         .await;
     assert_eq!(r.body["state"], "failed", "{}", r.body);
 }

@@ -284,3 +284,102 @@ async fn invariant_10_bounded_recovery_after_a_worker_dies() {
     stack.wait_all_finished(FINISH).await;
     stack.assert_clean(n as i64).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_sigterm_drains_running_tasks_then_the_worker_exits() {
+    let mut stack = Stack::new().await;
+    let n = 4;
+    stack
+        .submit(stack.flat_job(n, json!({"sleep_ms": 1500})))
+        .await;
+    stack.start_dispatcher("").await;
+    let worker = stack.start_worker(&WorkerOpts {
+        concurrency: n,
+        ..WorkerOpts::new("draining")
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counts(&stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < n as i64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tasks never all leased"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGTERM to the wrapper alone: it stops receiving and lets its tasks finish.
+    worker.signal(libc::SIGTERM);
+    let mut worker = worker;
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = worker.child.wait().expect("wait");
+        (status, worker)
+    });
+    let (status, worker) = tokio::time::timeout(Duration::from_secs(30), exited)
+        .await
+        .expect("worker exits")
+        .unwrap();
+    assert!(
+        status.success(),
+        "worker exit status {status}:\n{}",
+        worker.log_text()
+    );
+    assert_eq!(
+        counts(
+            &stack,
+            "SELECT count(*) FROM tasks WHERE state = 'succeeded'"
+        )
+        .await,
+        n as i64,
+        "the running tasks finished before the worker exited"
+    );
+    assert!(worker.log_text().contains("draining"));
+    stack.assert_clean(n as i64).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_cancel_stops_the_running_task_without_completing_it() {
+    let mut stack = Stack::new().await;
+    let (job_id, ids) = stack
+        .submit(stack.flat_job(1, json!({"sleep_ms": 20000})))
+        .await;
+    stack.start_dispatcher("").await;
+    let worker = stack.start_worker(&WorkerOpts::new("w"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counts(&stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < 1 {
+        assert!(std::time::Instant::now() < deadline, "never leased");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
+    store.cancel_job(stack.org_id, job_id).await.unwrap();
+    // The next heartbeat says cancel_requested: the wrapper stops the task
+    // and does not complete; the lease runs out and the task ends cancelled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+            .bind(ids[0])
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+        if state == "cancelled" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task still {state}:\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        worker.log_text().contains("cancel requested"),
+        "{}",
+        worker.log_text()
+    );
+    let completions = counts(
+        &stack,
+        "SELECT count(*) FROM attempts WHERE completion IS NOT NULL",
+    )
+    .await;
+    assert_eq!(
+        completions, 0,
+        "a cancelled task's attempt does not complete"
+    );
+}

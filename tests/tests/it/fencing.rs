@@ -171,11 +171,7 @@ async fn invariant_3_attempts_only_grow_across_expiry_retry_and_restart() {
     let c2 = app.claim(task).await;
     seen.push(c2.attempt);
     let r = app
-        .post(
-            "/v1/task/complete",
-            &c2.capability_token,
-            &json!({"outcome": "failed", "error": {"message": "boom", "retryable": true}}),
-        )
+        .complete_failed(&c2.capability_token, "boom", true)
         .await;
     assert_eq!(r.body["state"], "ready", "{}", r.body);
     app.skip_backoff(task).await;

@@ -2,6 +2,7 @@
 //!
 //! `docs/architecture.md` is the map of this crate.
 
+pub mod dlq;
 pub mod domain;
 pub mod error;
 pub mod http;

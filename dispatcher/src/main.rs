@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use dispatcher::domain::Role;
+use dispatcher::queue::{Queue, SqsConfig, SqsQueue};
 use dispatcher::services::{self, Roles};
 use dispatcher::settings::Settings;
 use dispatcher::store::Store;
@@ -142,6 +143,74 @@ enum TokenCommand {
     },
 }
 
+/// Which queues a command works on.
+#[derive(Args)]
+struct QueueArgs {
+    /// local: the Postgres queue in DATABASE_URL; aws: SQS.
+    #[arg(long, env = "DISPATCHER_PROFILE", default_value = "local", value_parser = ["local", "aws"])]
+    profile: String,
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    aws_region: String,
+    /// An SQS-compatible endpoint instead of AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    aws_endpoint_url: Option<String>,
+    /// Prepended to every SQS queue name.
+    #[arg(
+        long,
+        env = "DISPATCHER_SQS_QUEUE_PREFIX",
+        default_value = "dispatcher-"
+    )]
+    sqs_queue_prefix: String,
+}
+
+impl QueueArgs {
+    fn sqs(&self) -> SqsConfig {
+        SqsConfig {
+            region: self.aws_region.clone(),
+            endpoint_url: self.aws_endpoint_url.clone(),
+            queue_prefix: self.sqs_queue_prefix.clone(),
+            static_credentials: None,
+        }
+    }
+
+    async fn open(&self, store: &Store, settings: &Settings) -> Result<Arc<dyn Queue>> {
+        Ok(match self.profile.as_str() {
+            "aws" => Arc::new(SqsQueue::connect(&self.sqs()).await?),
+            _ => dispatcher::services::local_queue(store, settings).0,
+        })
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Send the wake-ups of tasks that can still run from wakeups-dlq back
+    /// to wakeups; drop those of finished or unknown tasks.
+    Replay {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        queues: QueueArgs,
+        /// Only count; send and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Seconds each received message stays hidden during the run.
+        #[arg(long, default_value_t = 60)]
+        hold_seconds: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum SqsCommand {
+    /// Create every queue and its DLQ with a redrive policy (idempotent).
+    CreateQueues {
+        #[command(flatten)]
+        queues: QueueArgs,
+        /// Receives before a message moves to the DLQ.
+        #[arg(long, default_value_t = 5)]
+        max_receives: u32,
+    },
+}
+
 #[derive(Subcommand)]
 enum OutboxCommand {
     /// Counts by state, and the dead rows with their last error.
@@ -164,6 +233,12 @@ enum OutboxCommand {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Dead-letter queues.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// SQS set-up.
+    #[command(subcommand)]
+    Sqs(SqsCommand),
     /// Inspect and requeue outbox rows the relay dead-lettered.
     #[command(subcommand)]
     Outbox(OutboxCommand),
@@ -358,6 +433,35 @@ fn write_private(path: &PathBuf, pem: &str) -> Result<()> {
 async fn admin(cmd: AdminCommand) -> Result<()> {
     let settings = Arc::new(Settings::default());
     match cmd {
+        AdminCommand::Dlq(DlqCommand::Replay {
+            db,
+            queues,
+            dry_run,
+            hold_seconds,
+        }) => {
+            let store = connect(&db, settings.clone(), 4).await?;
+            let queue = queues.open(&store, &settings).await?;
+            let r = dispatcher::dlq::replay_wakeups(
+                queue.as_ref(),
+                &store,
+                dry_run,
+                std::time::Duration::from_secs(hold_seconds),
+            )
+            .await?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!(
+                "{verb} {}; skipped {} finished and {} unknown tasks; {} malformed left in the DLQ",
+                r.replayed, r.skipped_finished, r.skipped_unknown, r.malformed
+            );
+        }
+        AdminCommand::Sqs(SqsCommand::CreateQueues {
+            queues,
+            max_receives,
+        }) => {
+            SqsQueue::create_queues(&queues.sqs(), max_receives).await?;
+            SqsQueue::connect(&queues.sqs()).await?;
+            println!("queues ready (prefix {:?})", queues.sqs_queue_prefix);
+        }
         AdminCommand::Outbox(OutboxCommand::Status { db, limit }) => {
             let store = connect(&db, settings, 2).await?;
             let c = store.outbox_counts().await?;

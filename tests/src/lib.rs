@@ -27,6 +27,7 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+pub mod moto;
 pub mod stack;
 
 /// A database of its own, migrated, dropped (with its connections) on drop.

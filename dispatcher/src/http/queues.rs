@@ -36,6 +36,7 @@ impl From<QueueError> for ApiError {
     fn from(e: QueueError) -> Self {
         match e {
             QueueError::BadReceipt => ApiError::invalid("receipt_handle", "is malformed"),
+            QueueError::UnknownQueue(q) => ApiError::not_found(format!("no queue {q:?}")),
             QueueError::Unavailable(m) => {
                 tracing::warn!(error = m, "queue unavailable");
                 ApiError::unavailable("queue unavailable")

@@ -288,6 +288,15 @@ struct RefusalRow {
 }
 
 impl Store {
+    /// A task's current state, if the task exists.
+    pub async fn task_state(&self, task_id: Uuid) -> Result<Option<TaskState>, StoreError> {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+            .bind(task_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        state.as_deref().map(task_state).transpose()
+    }
+
     /// Claims a task for a new attempt. Succeeds when the task is `ready`
     /// (and past its retry backoff) or `leased` with an expired lease, while
     /// attempts remain. Commits at once; no transaction outlives the call.

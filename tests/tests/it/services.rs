@@ -4,10 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatcher::queue::{PgQueue, Queue};
+use dispatcher::dlq::replay_wakeups;
+use dispatcher::queue::{PgQueue, Queue, SqsQueue};
 use dispatcher::reaper::Reaper;
 use dispatcher::relay::Relay;
 use dispatcher::settings::Settings;
+use dispatcher_tests::moto::Moto;
 use dispatcher_tests::{TestApp, TestDb};
 use failing::FailingQueue;
 use serde_json::json;
@@ -35,7 +37,10 @@ async fn conformance_send_receive_delete(q: &dyn Queue) {
         .is_empty());
 }
 
-async fn conformance_undeleted_message_reappears_after_visibility_timeout(q: &dyn Queue) {
+async fn conformance_undeleted_message_reappears_after_visibility_timeout(
+    q: &dyn Queue,
+    caps: Caps,
+) {
     q.send(Q, &json!({"n": 2}), Duration::ZERO).await.unwrap();
     let first = q
         .receive(Q, 1, Duration::from_secs(2), Duration::from_secs(1))
@@ -56,9 +61,28 @@ async fn conformance_undeleted_message_reappears_after_visibility_timeout(q: &dy
     assert_eq!(again.len(), 1, "visible again after the timeout");
     assert_eq!(again[0].message_id, first[0].message_id);
     assert_eq!(again[0].receive_count, 2);
-    // The first delivery's receipt no longer deletes the message.
-    assert!(!q.delete(Q, &first[0].receipt_handle).await.unwrap());
-    assert!(q.delete(Q, &again[0].receipt_handle).await.unwrap());
+    if caps.stale_receipt_is_inert {
+        // A late delete with the first delivery's receipt deletes nothing:
+        // the message is still there, in flight under the second receipt.
+        q.delete(Q, &first[0].receipt_handle).await.unwrap();
+        assert!(q
+            .change_visibility(Q, &again[0].receipt_handle, Duration::ZERO)
+            .await
+            .unwrap());
+        let third = q
+            .receive(Q, 1, Duration::from_secs(5), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(
+            third.len(),
+            1,
+            "the late delete did not delete the redelivered message"
+        );
+        assert_eq!(third[0].message_id, first[0].message_id);
+        assert!(q.delete(Q, &third[0].receipt_handle).await.unwrap());
+    } else {
+        assert!(q.delete(Q, &again[0].receipt_handle).await.unwrap());
+    }
 }
 
 async fn conformance_extending_visibility_keeps_the_message_hidden(q: &dyn Queue) {
@@ -138,15 +162,150 @@ async fn pg_queue(db: &TestDb, max_receives: u32) -> PgQueue {
     PgQueue::new(db.pool.clone(), max_receives, arrivals)
 }
 
+/// What an implementation promises beyond the trait's common core.
+#[derive(Clone, Copy)]
+struct Caps {
+    /// A delete with the receipt of an earlier delivery deletes nothing.
+    /// `PgQueue` promises it; SQS documents it, but SQS-compatible servers
+    /// (moto) delete anyway, so the dispatcher never relies on it (ADR 0009).
+    stale_receipt_is_inert: bool,
+}
+
+async fn conformance(q: &dyn Queue, max_receives: u32, caps: Caps) {
+    conformance_send_receive_delete(q).await;
+    conformance_undeleted_message_reappears_after_visibility_timeout(q, caps).await;
+    conformance_extending_visibility_keeps_the_message_hidden(q).await;
+    conformance_delayed_send_is_invisible_until_due(q).await;
+    conformance_message_goes_to_dlq_after_max_receives(q, max_receives).await;
+}
+
 #[tokio::test]
 async fn queue_conformance_pg() {
     let db = TestDb::new().await;
-    let q = pg_queue(&db, 3).await;
-    conformance_send_receive_delete(&q).await;
-    conformance_undeleted_message_reappears_after_visibility_timeout(&q).await;
-    conformance_extending_visibility_keeps_the_message_hidden(&q).await;
-    conformance_delayed_send_is_invisible_until_due(&q).await;
-    conformance_message_goes_to_dlq_after_max_receives(&q, 3).await;
+    conformance(
+        &pg_queue(&db, 3).await,
+        3,
+        Caps {
+            stale_receipt_is_inert: true,
+        },
+    )
+    .await;
+}
+
+async fn sqs_queue(moto: &Moto, max_receives: u32) -> SqsQueue {
+    let cfg = moto.sqs();
+    SqsQueue::create_queues(&cfg, max_receives)
+        .await
+        .expect("create queues");
+    SqsQueue::connect(&cfg).await.expect("connect")
+}
+
+#[tokio::test]
+async fn queue_conformance_sqs() {
+    let moto = Moto::start().await;
+    conformance(
+        &sqs_queue(&moto, 3).await,
+        3,
+        Caps {
+            stale_receipt_is_inert: false,
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sqs_connect_names_every_missing_queue() {
+    let moto = Moto::start().await;
+    let err = SqsQueue::connect(&moto.sqs())
+        .await
+        .err()
+        .expect("no queues exist");
+    let text = err.to_string();
+    for q in ["wakeups", "wakeups-dlq", "buffers", "alerts-dlq"] {
+        assert!(text.contains(q), "{text}");
+    }
+}
+
+// ------------------------------------------------------------- DLQ replay ---
+
+/// Dead-letters wake-ups for a runnable task, a finished one, an unknown
+/// one and a malformed body; replays; checks that only the runnable task's
+/// wake-up goes back, exactly once. (The test server runs no relay, so the
+/// source queue holds only what the replay sends.)
+async fn conformance_dlq_replay(app: &TestApp, q: &dyn Queue) {
+    let runnable = app.single_task(1).await;
+    let finished = app.single_task(1).await;
+    app.run_ok(finished).await;
+    let unknown = uuid::Uuid::new_v4();
+    for body in [
+        json!({"task_id": runnable}),
+        json!({"task_id": finished}),
+        json!({"task_id": unknown}),
+        json!("garbage"),
+    ] {
+        q.send("wakeups-dlq", &body, Duration::ZERO).await.unwrap();
+    }
+    let hold = Duration::from_secs(1);
+
+    let dry = replay_wakeups(q, &app.store, true, hold).await.unwrap();
+    assert_eq!(
+        (
+            dry.replayed,
+            dry.skipped_finished,
+            dry.skipped_unknown,
+            dry.malformed
+        ),
+        (1, 1, 1, 1),
+        "dry run counts"
+    );
+    assert!(
+        q.receive(Q, 10, Duration::from_secs(1), Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a dry run sends nothing"
+    );
+
+    tokio::time::sleep(hold + Duration::from_millis(200)).await; // the dry run's hold ends
+    let real = replay_wakeups(q, &app.store, false, hold).await.unwrap();
+    assert_eq!(
+        (
+            real.replayed,
+            real.skipped_finished,
+            real.skipped_unknown,
+            real.malformed
+        ),
+        (1, 1, 1, 1)
+    );
+    let back = q
+        .receive(Q, 10, Duration::from_secs(2), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(back.len(), 1, "exactly one wake-up sent back");
+    assert_eq!(back[0].body, json!({"task_id": runnable}));
+
+    tokio::time::sleep(hold + Duration::from_millis(200)).await;
+    let again = replay_wakeups(q, &app.store, false, hold).await.unwrap();
+    assert_eq!(
+        (again.replayed, again.malformed),
+        (0, 1),
+        "nothing is replayed twice; the malformed body stays for a human"
+    );
+}
+
+#[tokio::test]
+async fn dlq_replay_pg() {
+    let app = TestApp::spawn().await;
+    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    conformance_dlq_replay(&app, queue.as_ref()).await;
+}
+
+#[tokio::test]
+async fn dlq_replay_sqs() {
+    let app = TestApp::spawn().await;
+    let moto = Moto::start().await;
+    let q = sqs_queue(&moto, 3).await;
+    conformance_dlq_replay(&app, &q).await;
 }
 
 #[tokio::test]

@@ -1,10 +1,4 @@
-//! The queue boundary: wake-ups (and later buffer pointers and alerts)
-//! travel through a queue with SQS semantics. The queue is a hint; Postgres
-//! is the truth (invariant 6).
-//!
-//! [`PgQueue`] is the local profile's implementation: a table with a
-//! visibility timeout, a receive count, a receipt handle per delivery, and a
-//! dead-letter queue (`<name>-dlq`) after the maximum number of receives.
+//! The local profile's queue: a Postgres table with SQS semantics.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,79 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-/// The queues the dispatcher knows, by outbox topic.
-pub const WAKEUPS: &str = "wakeups";
-pub const BUFFERS: &str = "buffers";
-pub const ALERTS: &str = "alerts";
-
-/// The queue an outbox topic is published to.
-pub fn queue_for_topic(topic: &str) -> Option<&'static str> {
-    match topic {
-        "wakeup" => Some(WAKEUPS),
-        "buffer" => Some(BUFFERS),
-        "alert" => Some(ALERTS),
-        _ => None,
-    }
-}
-
-/// The dead-letter queue of a queue.
-pub fn dlq(queue: &str) -> String {
-    format!("{queue}-dlq")
-}
-
-/// Whether `name` is a queue workers may use (a known queue or its DLQ).
-pub fn is_known_queue(name: &str) -> bool {
-    let base = name.strip_suffix("-dlq").unwrap_or(name);
-    matches!(base, WAKEUPS | BUFFERS | ALERTS)
-}
-
-/// One delivery of a message (the wire type: the HTTP queue serves it as is).
-pub use dispatcher_wire::QueueMessage as Delivery;
-
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("receipt handle is malformed")]
-    BadReceipt,
-    #[error("queue unavailable: {0}")]
-    Unavailable(String),
-}
-
-impl From<sqlx::Error> for QueueError {
-    fn from(e: sqlx::Error) -> Self {
-        QueueError::Unavailable(e.to_string())
-    }
-}
-
-/// SQS semantics: at-least-once delivery, visibility timeout, receive count,
-/// dead-letter queue after `max_receives`.
-#[async_trait]
-pub trait Queue: Send + Sync {
-    /// Sends a message, invisible for `delay`.
-    async fn send(&self, queue: &str, body: &Value, delay: Duration) -> Result<String, QueueError>;
-
-    /// Receives up to `max` visible messages (1..=10), waiting up to `wait`
-    /// for one to arrive; each stays invisible for `visibility`.
-    async fn receive(
-        &self,
-        queue: &str,
-        max: u32,
-        wait: Duration,
-        visibility: Duration,
-    ) -> Result<Vec<Delivery>, QueueError>;
-
-    /// Makes the delivery invisible for `visibility` from now. `false` if
-    /// the receipt no longer names the current delivery.
-    async fn change_visibility(
-        &self,
-        queue: &str,
-        receipt: &str,
-        visibility: Duration,
-    ) -> Result<bool, QueueError>;
-
-    /// Deletes the delivered message. `false` if the receipt no longer names
-    /// the current delivery (the message was delivered again since).
-    async fn delete(&self, queue: &str, receipt: &str) -> Result<bool, QueueError>;
-}
+use super::{dlq, Delivery, Queue, QueueError};
 
 /// The Postgres-backed queue of the local profile.
 #[derive(Clone)]

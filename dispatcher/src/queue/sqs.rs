@@ -1,0 +1,241 @@
+//! The aws profile's queue: Amazon SQS through `aws-sdk-sqs`, or any server
+//! speaking the SQS protocol (an endpoint override).
+//!
+//! Where SQS differs from [`super::PgQueue`] (ADR 0009):
+//! * `delete` with a receipt of an earlier delivery deletes nothing, but SQS
+//!   does not say so: it answers `true`;
+//! * the DLQ move is SQS's redrive policy (`maxReceiveCount`), configured on
+//!   the queue, not by this code;
+//! * a delayed send is capped at 15 minutes, a long poll at 20 s, a
+//!   visibility timeout at 12 hours (SQS's limits; larger values are
+//!   clamped).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::config::{Credentials, Region};
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::Client;
+use serde_json::Value;
+
+use super::{all_queues, Delivery, Queue, QueueError};
+
+/// Where the queues are and what they are called.
+#[derive(Debug, Clone)]
+pub struct SqsConfig {
+    pub region: String,
+    /// An SQS-compatible endpoint (e.g. a local test server); `None` for AWS.
+    pub endpoint_url: Option<String>,
+    /// Prepended to every queue name (`{prefix}wakeups`, `{prefix}wakeups-dlq`, …).
+    pub queue_prefix: String,
+    /// Static credentials; `None` uses the SDK's default chain
+    /// (environment, profile, instance or task role).
+    pub static_credentials: Option<(String, String)>,
+}
+
+pub struct SqsQueue {
+    client: Client,
+    /// Our queue name (`wakeups`) → the queue's URL.
+    urls: HashMap<String, String>,
+}
+
+fn secs_i32(d: Duration, max: u64) -> i32 {
+    i32::try_from(d.as_secs().min(max)).unwrap_or(i32::MAX)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+/// Whether an SQS error says the receipt handle is stale or unknown.
+fn stale_receipt(e: &impl std::fmt::Debug) -> bool {
+    let text = format!("{e:?}");
+    text.contains("ReceiptHandleIsInvalid")
+        || text.contains("MessageNotInflight")
+        || text.contains("InvalidParameterValue")
+}
+
+impl SqsQueue {
+    pub async fn client(cfg: &SqsConfig) -> Client {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(Region::new(cfg.region.clone()));
+        if let Some(url) = &cfg.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        if let Some((id, secret)) = &cfg.static_credentials {
+            loader =
+                loader.credentials_provider(Credentials::new(id, secret, None, None, "static"));
+        }
+        Client::new(&loader.load().await)
+    }
+
+    /// Connects and resolves every queue's URL; fails naming each queue
+    /// that does not exist.
+    pub async fn connect(cfg: &SqsConfig) -> Result<Self, QueueError> {
+        let client = Self::client(cfg).await;
+        let mut urls = HashMap::new();
+        let mut missing = Vec::new();
+        for name in all_queues() {
+            let full = format!("{}{name}", cfg.queue_prefix);
+            match client.get_queue_url().queue_name(&full).send().await {
+                Ok(out) => {
+                    let url = out.queue_url().unwrap_or_default().to_owned();
+                    urls.insert(name, url);
+                }
+                Err(e)
+                    if format!("{e:?}").contains("NonExistentQueue")
+                        || format!("{e:?}").contains("QueueDoesNotExist") =>
+                {
+                    missing.push(full)
+                }
+                Err(e) => return Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(QueueError::Unavailable(format!(
+                "SQS queues missing: {} (create them, each with a redrive policy to its -dlq: `dispatcher admin sqs create-queues`)",
+                missing.join(", ")
+            )));
+        }
+        Ok(SqsQueue { client, urls })
+    }
+
+    /// Creates every queue (DLQs first), each main queue with a redrive
+    /// policy to its DLQ after `max_receives` receives. Idempotent.
+    pub async fn create_queues(cfg: &SqsConfig, max_receives: u32) -> Result<(), QueueError> {
+        let client = Self::client(cfg).await;
+        for base in [super::WAKEUPS, super::BUFFERS, super::ALERTS] {
+            let dlq_name = format!("{}{}", cfg.queue_prefix, super::dlq(base));
+            let dlq_url = client
+                .create_queue()
+                .queue_name(&dlq_name)
+                .send()
+                .await
+                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?
+                .queue_url()
+                .unwrap_or_default()
+                .to_owned();
+            let arn = client
+                .get_queue_attributes()
+                .queue_url(&dlq_url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?
+                .attributes()
+                .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+                .ok_or_else(|| QueueError::Unavailable(format!("no ARN for {dlq_name}")))?;
+            let redrive =
+                serde_json::json!({"deadLetterTargetArn": arn, "maxReceiveCount": max_receives})
+                    .to_string();
+            client
+                .create_queue()
+                .queue_name(format!("{}{base}", cfg.queue_prefix))
+                .attributes(QueueAttributeName::RedrivePolicy, redrive)
+                .send()
+                .await
+                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+        }
+        Ok(())
+    }
+
+    fn url(&self, queue: &str) -> Result<&str, QueueError> {
+        self.urls
+            .get(queue)
+            .map(String::as_str)
+            .ok_or_else(|| QueueError::UnknownQueue(queue.to_owned()))
+    }
+}
+
+#[async_trait]
+impl Queue for SqsQueue {
+    async fn send(&self, queue: &str, body: &Value, delay: Duration) -> Result<String, QueueError> {
+        let out = self
+            .client
+            .send_message()
+            .queue_url(self.url(queue)?)
+            .message_body(body.to_string())
+            .delay_seconds(secs_i32(delay, 900))
+            .send()
+            .await
+            .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+        Ok(out.message_id().unwrap_or_default().to_owned())
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(self.url(queue)?)
+            .max_number_of_messages(i32::try_from(max.clamp(1, 10)).unwrap_or(1))
+            .wait_time_seconds(secs_i32(wait, 20))
+            .visibility_timeout(secs_i32(visibility, 43_200))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+        Ok(out
+            .messages()
+            .iter()
+            .map(|m| {
+                let raw = m.body().unwrap_or_default();
+                Delivery {
+                    message_id: m.message_id().unwrap_or_default().to_owned(),
+                    receipt_handle: m.receipt_handle().unwrap_or_default().to_owned(),
+                    // A body that is not JSON is handed on as a string, for
+                    // the consumer to reject.
+                    body: serde_json::from_str(raw)
+                        .unwrap_or_else(|_| Value::String(raw.to_owned())),
+                    receive_count: m
+                        .attributes()
+                        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(1),
+                }
+            })
+            .collect())
+    }
+
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipt: &str,
+        visibility: Duration,
+    ) -> Result<bool, QueueError> {
+        match self
+            .client
+            .change_message_visibility()
+            .queue_url(self.url(queue)?)
+            .receipt_handle(receipt)
+            .visibility_timeout(secs_i32(visibility, 43_200))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if stale_receipt(&e) => Ok(false),
+            Err(e) => Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
+        }
+    }
+
+    async fn delete(&self, queue: &str, receipt: &str) -> Result<bool, QueueError> {
+        match self
+            .client
+            .delete_message()
+            .queue_url(self.url(queue)?)
+            .receipt_handle(receipt)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if stale_receipt(&e) => Ok(false),
+            Err(e) => Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
+        }
+    }
+}

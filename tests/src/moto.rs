@@ -1,0 +1,82 @@
+//! An S3/SQS-compatible server speaking the real protocol: moto's server
+//! (PyPI `moto[server]`), started on a free loopback port for one test and
+//! killed when dropped. `.ci/run` installs it; a test that cannot start it
+//! fails, naming the fix.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dispatcher::queue::SqsConfig;
+
+pub struct Moto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+        let child = Command::new(&python)
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+        let mut moto = Moto { child, port };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = moto.child.try_wait().expect("try_wait") {
+                panic!(
+                    "moto's server exited at once ({status}): install it with `python3 -m pip install 'moto[server]'` (.ci/run does)"
+                );
+            }
+            if client
+                .get(format!("{}/moto-api/", moto.url()))
+                .send()
+                .await
+                .is_ok()
+            {
+                return moto;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "moto's server did not answer on port {} within 30 s",
+                moto.port
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SQS settings for this server, with a queue prefix of the test's own.
+    pub fn sqs(&self) -> SqsConfig {
+        SqsConfig {
+            region: "us-east-1".into(),
+            endpoint_url: Some(self.url()),
+            queue_prefix: format!("t{}-", uuid::Uuid::new_v4().simple()),
+            static_credentials: Some(("test".into(), "test".into())),
+        }
+    }
+}

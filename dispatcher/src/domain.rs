@@ -322,22 +322,10 @@ pub struct NewBufferBatch {
 
 pub fn buffer_batch(req: wire::BufferPublishRequest) -> Result<NewBufferBatch, Invalid> {
     let dataset = dataset_name("dataset", &req.dataset)?;
-    let key = &req.object_key;
-    if key.is_empty() || key.len() > 1024 {
-        return Err(Invalid::new("object_key", "must be 1 to 1024 bytes"));
-    }
-    if key.starts_with('/')
-        || key.contains('\\')
-        || key
-            .split('/')
-            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
-        || key.chars().any(|c| c.is_control())
-    {
-        return Err(Invalid::new(
-            "object_key",
-            "must be a relative key without empty, `.` or `..` segments",
-        ));
-    }
+    crate::objects::check_key(&req.object_key).map_err(|e| match e {
+        crate::objects::ObjectError::InvalidKey(_, why) => Invalid::new("object_key", why),
+        other => Invalid::new("object_key", other.to_string()),
+    })?;
     let rows = i64::try_from(req.rows).map_err(|_| Invalid::new("rows", "is too large"))?;
     if req.sha256.len() != 64 || !req.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(Invalid::new("sha256", "must be 64 hexadecimal characters"));

@@ -6,6 +6,7 @@ pub mod dlq;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod objects;
 pub mod queue;
 pub mod reaper;
 pub mod relay;

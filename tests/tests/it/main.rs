@@ -7,6 +7,7 @@ mod e2e;
 mod fencing;
 mod input;
 mod model;
+mod objects;
 mod orgs;
 mod services;
 mod tokens;

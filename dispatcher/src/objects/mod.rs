@@ -1,0 +1,83 @@
+//! The object-store boundary: dataset files and buffer batches live in an
+//! object store, addressed by key (ADR 0009).
+//!
+//! Implementations, which must all pass the conformance suite
+//! (`tests/tests/it/objects.rs`):
+//! * [`LocalDirStore`], the local profile's: a directory on disk, with
+//!   presigned URLs served by [`local::router`];
+//! * [`S3Store`], the aws profile's: Amazon S3 (or any S3-compatible store
+//!   through an endpoint override, path-style) through `aws-sdk-s3`.
+
+pub mod local;
+mod s3;
+
+pub use local::LocalDirStore;
+pub use s3::{S3Config, S3Store};
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("no object {0:?}")]
+    NotFound(String),
+    /// A create-only put found the key taken; the existing object is intact.
+    #[error("object {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("invalid object key {0:?}: {1}")]
+    InvalidKey(String, &'static str),
+    #[error("object store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Keys are relative paths of non-empty segments, without `.` or `..`, so
+/// that no key can escape a prefix (or, on disk, the root directory).
+pub fn check_key(key: &str) -> Result<(), ObjectError> {
+    let bad = |why| Err(ObjectError::InvalidKey(key.to_owned(), why));
+    if key.is_empty() || key.len() > 1024 {
+        return bad("must be 1 to 1024 bytes");
+    }
+    if key.starts_with('/') || key.contains('\\') || key.chars().any(char::is_control) {
+        return bad("must be relative, without backslashes or control characters");
+    }
+    if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return bad("must not have empty, `.` or `..` segments");
+    }
+    Ok(())
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// Writes the object, replacing any object with this key.
+    async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), ObjectError>;
+
+    /// Writes the object only if the key is free; otherwise
+    /// [`ObjectError::AlreadyExists`] and the existing object is untouched.
+    async fn put_if_absent(&self, key: &str, body: Vec<u8>) -> Result<(), ObjectError>;
+
+    async fn get(&self, key: &str) -> Result<Vec<u8>, ObjectError>;
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, ObjectError>;
+
+    /// Every object whose key starts with `prefix`, in key order.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, ObjectError>;
+
+    /// Deletes the object; deleting a missing key is not an error.
+    async fn delete(&self, key: &str) -> Result<(), ObjectError>;
+
+    /// A URL that reads this one key, valid for `expires_in`.
+    async fn presign_get(&self, key: &str, expires_in: Duration) -> Result<String, ObjectError>;
+
+    /// A URL that writes this one key with `PUT`, valid for `expires_in`.
+    async fn presign_put(&self, key: &str, expires_in: Duration) -> Result<String, ObjectError>;
+}

@@ -1,0 +1,198 @@
+//! One conformance suite for the `ObjectStore` trait, run against every
+//! implementation: a directory on disk (its presigned URLs served by
+//! `objects::local::router` on a loopback port) and S3 (moto's server).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatcher::objects::{local, LocalDirStore, ObjectError, ObjectStore, S3Config, S3Store};
+use dispatcher_tests::moto::Moto;
+use reqwest::StatusCode;
+
+async fn conformance_put_get_head_list_delete(s: &dyn ObjectStore) {
+    s.put("a/1.txt", b"one".to_vec()).await.unwrap();
+    s.put("a/2.txt", b"two!".to_vec()).await.unwrap();
+    s.put("b/3.txt", b"three".to_vec()).await.unwrap();
+    assert_eq!(s.get("a/1.txt").await.unwrap(), b"one");
+    assert_eq!(s.head("a/2.txt").await.unwrap().size, 4);
+    let keys: Vec<String> = s
+        .list("a/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(keys, vec!["a/1.txt", "a/2.txt"]);
+    s.put("a/1.txt", b"uno".to_vec()).await.unwrap();
+    assert_eq!(s.get("a/1.txt").await.unwrap(), b"uno", "put replaces");
+    s.delete("a/1.txt").await.unwrap();
+    assert!(matches!(
+        s.get("a/1.txt").await,
+        Err(ObjectError::NotFound(_))
+    ));
+    assert!(matches!(
+        s.head("a/1.txt").await,
+        Err(ObjectError::NotFound(_))
+    ));
+    s.delete("a/1.txt")
+        .await
+        .expect("deleting a missing key is not an error");
+    assert!(matches!(
+        s.put("../escape", vec![]).await,
+        Err(ObjectError::InvalidKey(..))
+    ));
+    assert!(matches!(
+        s.get("/abs").await,
+        Err(ObjectError::InvalidKey(..))
+    ));
+}
+
+async fn conformance_create_only_put_fails_on_an_existing_key_and_keeps_the_first(
+    s: &dyn ObjectStore,
+) {
+    s.put_if_absent("once/x", b"first".to_vec()).await.unwrap();
+    let second = s.put_if_absent("once/x", b"second".to_vec()).await;
+    assert!(
+        matches!(second, Err(ObjectError::AlreadyExists(_))),
+        "{second:?}"
+    );
+    assert_eq!(
+        s.get("once/x").await.unwrap(),
+        b"first",
+        "the first object is intact"
+    );
+}
+
+/// What an implementation's environment enforces beyond the common core.
+#[derive(Clone, Copy)]
+struct Caps {
+    /// The server checks presigned URL signatures and expiry. The local
+    /// store's router does; S3 does, but moto's server accepts any
+    /// signature, so against moto only the URL's form can be checked.
+    verifies_presigned_urls: bool,
+}
+
+async fn conformance_presigned_urls_work_for_exactly_one_key_and_expire(
+    s: &dyn ObjectStore,
+    caps: Caps,
+) {
+    let http = reqwest::Client::new();
+    s.put("signed/mine", b"secret".to_vec()).await.unwrap();
+    s.put("signed/other", b"not yours".to_vec()).await.unwrap();
+
+    let url = s
+        .presign_get("signed/mine", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let r = http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"secret");
+    let put = s
+        .presign_put("signed/upload", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let r = http.put(&put).body("uploaded").send().await.unwrap();
+    assert!(r.status().is_success(), "presigned PUT: {}", r.status());
+    assert_eq!(s.get("signed/upload").await.unwrap(), b"uploaded");
+    if !caps.verifies_presigned_urls {
+        // The server will not refuse a wrong signature, so check the form:
+        // signed (SigV4), bound to this key's path, with its expiry.
+        let short = s
+            .presign_get("signed/mine", Duration::from_secs(1))
+            .await
+            .unwrap();
+        let parsed = reqwest::Url::parse(&short).unwrap();
+        assert!(parsed.path().ends_with("/signed/mine"), "{short}");
+        let q: std::collections::HashMap<_, _> = parsed.query_pairs().into_owned().collect();
+        assert_eq!(
+            q.get("X-Amz-Expires").map(String::as_str),
+            Some("1"),
+            "{short}"
+        );
+        assert!(
+            q.contains_key("X-Amz-Signature") && q.contains_key("X-Amz-Credential"),
+            "{short}"
+        );
+        return;
+    }
+    let other = url.replace("signed/mine", "signed/other");
+    let r = http.get(&other).send().await.unwrap();
+    assert!(
+        r.status().is_client_error(),
+        "another key with the same signature: {}",
+        r.status()
+    );
+
+    let r = http
+        .put(put.replace("signed/upload", "signed/mine"))
+        .body("overwrite")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_client_error(),
+        "a PUT URL for another key: {}",
+        r.status()
+    );
+    assert_eq!(s.get("signed/mine").await.unwrap(), b"secret");
+
+    let short = s
+        .presign_get("signed/mine", Duration::from_secs(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = http.get(&short).send().await.unwrap();
+    assert!(
+        r.status().is_client_error(),
+        "an expired URL: {}",
+        r.status()
+    );
+}
+
+async fn conformance(s: &dyn ObjectStore, caps: Caps) {
+    conformance_put_get_head_list_delete(s).await;
+    conformance_create_only_put_fails_on_an_existing_key_and_keeps_the_first(s).await;
+    conformance_presigned_urls_work_for_exactly_one_key_and_expire(s, caps).await;
+}
+
+#[tokio::test]
+async fn object_store_conformance_local_dir() {
+    let root = std::env::temp_dir().join(format!("objects-{}", uuid::Uuid::new_v4().simple()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let store = Arc::new(LocalDirStore::new(&root, &base, b"test-secret".to_vec()));
+    let server = tokio::spawn(async move { axum::serve(listener, local::router(store)).await });
+    let client_side = LocalDirStore::new(&root, &base, b"test-secret".to_vec());
+    conformance(
+        &client_side,
+        Caps {
+            verifies_presigned_urls: true,
+        },
+    )
+    .await;
+    server.abort();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn object_store_conformance_s3() {
+    let moto = Moto::start().await;
+    let cfg = S3Config {
+        region: "us-east-1".into(),
+        endpoint_url: Some(moto.url()),
+        bucket: format!("t{}", uuid::Uuid::new_v4().simple()),
+        static_credentials: Some(("test".into(), "test".into())),
+    };
+    assert!(
+        S3Store::connect(&cfg).await.is_err(),
+        "connect names a missing bucket"
+    );
+    S3Store::create_bucket(&cfg).await.unwrap();
+    conformance(
+        &S3Store::connect(&cfg).await.unwrap(),
+        Caps {
+            verifies_presigned_urls: false,
+        },
+    )
+    .await;
+}

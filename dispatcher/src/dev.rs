@@ -42,6 +42,10 @@ pub struct DevArgs {
     /// Stop after the sample job finishes instead of serving on.
     #[arg(long)]
     exit_after_sample: bool,
+    /// `--profile aws` runs on SQS and S3 (e.g. `--aws-endpoint-url` of a
+    /// local moto server); their queues and bucket are created if missing.
+    #[command(flatten)]
+    profile: dispatcher::profile::ProfileArgs,
 }
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/dispatcher_dev";
@@ -125,6 +129,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let user_token = keys.mint_user(user, org, expires);
     let worker_token = keys.mint_worker("dev-pool", expires);
     let worker_bin = worker_binary()?;
+    if args.profile.is_aws() {
+        args.profile
+            .create_aws_resources(settings.queue_max_receives)
+            .await?;
+    }
+    let queue = args.profile.services_queue().await?;
 
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
@@ -142,9 +152,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
         keys.clone(),
         settings.clone(),
         Roles::ALL,
+        queue,
         shutdown.clone(),
     ));
-    eprintln!("dispatcher serving at {url_http} (api, relay, reaper)");
+    eprintln!(
+        "dispatcher serving at {url_http} (api, relay, reaper; {} profile)",
+        args.profile.profile
+    );
 
     let mut workers = Vec::new();
     for i in 0..args.workers {

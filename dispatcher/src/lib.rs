@@ -7,6 +7,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod objects;
+pub mod profile;
 pub mod queue;
 pub mod reaper;
 pub mod relay;

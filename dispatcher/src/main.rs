@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use dispatcher::domain::Role;
-use dispatcher::queue::{Queue, SqsConfig, SqsQueue};
+use dispatcher::queue::SqsQueue;
 use dispatcher::services::{self, Roles};
 use dispatcher::settings::Settings;
 use dispatcher::store::Store;
@@ -109,6 +109,8 @@ struct ServeArgs {
     /// Largest number of pooled database connections.
     #[arg(long, env = "DISPATCHER_DB_MAX_CONNECTIONS", default_value_t = 16)]
     max_connections: u32,
+    #[command(flatten)]
+    profile: QueueArgs,
     /// Roles to run: any of api, relay, reaper, or all.
     #[arg(long, env = "DISPATCHER_ROLES", default_value = "all", value_parser = Roles::parse)]
     roles: Roles,
@@ -143,43 +145,7 @@ enum TokenCommand {
     },
 }
 
-/// Which queues a command works on.
-#[derive(Args)]
-struct QueueArgs {
-    /// local: the Postgres queue in DATABASE_URL; aws: SQS.
-    #[arg(long, env = "DISPATCHER_PROFILE", default_value = "local", value_parser = ["local", "aws"])]
-    profile: String,
-    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
-    aws_region: String,
-    /// An SQS-compatible endpoint instead of AWS.
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    aws_endpoint_url: Option<String>,
-    /// Prepended to every SQS queue name.
-    #[arg(
-        long,
-        env = "DISPATCHER_SQS_QUEUE_PREFIX",
-        default_value = "dispatcher-"
-    )]
-    sqs_queue_prefix: String,
-}
-
-impl QueueArgs {
-    fn sqs(&self) -> SqsConfig {
-        SqsConfig {
-            region: self.aws_region.clone(),
-            endpoint_url: self.aws_endpoint_url.clone(),
-            queue_prefix: self.sqs_queue_prefix.clone(),
-            static_credentials: None,
-        }
-    }
-
-    async fn open(&self, store: &Store, settings: &Settings) -> Result<Arc<dyn Queue>> {
-        Ok(match self.profile.as_str() {
-            "aws" => Arc::new(SqsQueue::connect(&self.sqs()).await?),
-            _ => dispatcher::services::local_queue(store, settings).0,
-        })
-    }
-}
+use dispatcher::profile::ProfileArgs as QueueArgs;
 
 #[derive(Subcommand)]
 enum DlqCommand {
@@ -309,6 +275,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.migrate {
         store.migrate().await.context("applying migrations")?;
     }
+    let queue = args.profile.services_queue().await?;
+    tracing::info!(profile = args.profile.profile, "queues and objects ready");
     let listener = if args.roles.api {
         let l = tokio::net::TcpListener::bind(&args.bind)
             .await
@@ -320,7 +288,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    services::run(listener, store, keys, settings, args.roles, shutdown).await?;
+    services::run(listener, store, keys, settings, args.roles, queue, shutdown).await?;
     tracing::info!("dispatcher stopped");
     Ok(())
 }

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, AppState};
-use crate::queue::PgQueue;
+use crate::queue::{PgQueue, Queue};
 use crate::reaper::Reaper;
 use crate::relay::Relay;
 use crate::settings::Settings;
@@ -80,22 +80,32 @@ pub fn local_queue(store: &Store, settings: &Settings) -> (Arc<PgQueue>, Arc<Not
 }
 
 /// Runs the given roles until `shutdown` is cancelled, then drains them.
-/// `listener` is required when `roles.api` is set.
+/// `listener` is required when `roles.api` is set. `queue` is the profile's
+/// queue (SQS on the aws profile); `None` is the local Postgres queue. The
+/// relay publishes to it and `/internal/queues/*` serves it to workers, so
+/// workers never hold queue (or database) credentials on either profile.
 pub async fn run(
     listener: Option<TcpListener>,
     store: Store,
     keys: Arc<Keyring>,
     settings: Arc<Settings>,
     roles: Roles,
+    queue: Option<Arc<dyn Queue>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let (queue, arrivals) = local_queue(&store, &settings);
     let mut tasks = JoinSet::new();
-    tasks.spawn(PgQueue::listen(
-        store.pool().clone(),
-        arrivals,
-        shutdown.clone(),
-    ));
+    let queue = match queue {
+        Some(q) => q,
+        None => {
+            let (local, arrivals) = local_queue(&store, &settings);
+            tasks.spawn(PgQueue::listen(
+                store.pool().clone(),
+                arrivals,
+                shutdown.clone(),
+            ));
+            local
+        }
+    };
     if roles.relay {
         let relay = Relay::new(store.clone(), queue.clone(), settings.clone());
         tasks.spawn(relay.run(shutdown.clone()));

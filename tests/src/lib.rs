@@ -179,6 +179,7 @@ impl TestApp {
             keys.clone(),
             settings.clone(),
             Roles::API,
+            None,
             shutdown.clone(),
         ));
         let org_id = store.ensure_org("acme").await.expect("org");

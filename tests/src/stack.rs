@@ -108,6 +108,8 @@ pub struct Stack {
     pub dispatcher: Option<Child>,
     restarts: u32,
     pub org_id: Uuid,
+    /// Extra environment of the dispatcher process (the aws profile's).
+    pub dispatcher_env: Vec<(String, String)>,
 }
 
 impl Drop for Stack {
@@ -147,6 +149,7 @@ impl Stack {
             dispatcher: None,
             restarts: 0,
             org_id,
+            dispatcher_env: Vec::new(),
         }
     }
 
@@ -168,6 +171,7 @@ impl Stack {
             .env("DISPATCHER_BIND", format!("127.0.0.1:{}", self.port))
             .env("DISPATCHER_FAILPOINTS", failpoints)
             .env("RUST_LOG", "info,sqlx=warn")
+            .envs(self.dispatcher_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -217,6 +221,38 @@ impl Stack {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Runs the dispatcher on the aws profile against `moto`: creates the
+    /// queues (with redrive policies) and the bucket under a fresh prefix.
+    pub async fn use_aws_profile(&mut self, moto: &crate::moto::Moto) {
+        let sqs = moto.sqs();
+        dispatcher::queue::SqsQueue::create_queues(&sqs, 5)
+            .await
+            .expect("queues");
+        let bucket = format!("b{}", sqs.queue_prefix.trim_end_matches('-'));
+        let s3 = dispatcher::objects::S3Config {
+            region: sqs.region.clone(),
+            endpoint_url: sqs.endpoint_url.clone(),
+            bucket: bucket.clone(),
+            static_credentials: sqs.static_credentials.clone(),
+        };
+        dispatcher::objects::S3Store::create_bucket(&s3)
+            .await
+            .expect("bucket");
+        let (id, secret) = sqs.static_credentials.clone().expect("credentials");
+        self.dispatcher_env = vec![
+            ("DISPATCHER_PROFILE".into(), "aws".into()),
+            ("AWS_ENDPOINT_URL".into(), moto.url()),
+            ("AWS_REGION".into(), sqs.region.clone()),
+            ("AWS_ACCESS_KEY_ID".into(), id),
+            ("AWS_SECRET_ACCESS_KEY".into(), secret),
+            (
+                "DISPATCHER_SQS_QUEUE_PREFIX".into(),
+                sqs.queue_prefix.clone(),
+            ),
+            ("DISPATCHER_S3_BUCKET".into(), bucket),
+        ];
     }
 
     pub fn start_worker(&self, opts: &WorkerOpts) -> Worker {

@@ -61,18 +61,22 @@ impl S3Store {
     /// Connects and checks that the bucket exists, saying so if not.
     pub async fn connect(cfg: &S3Config) -> Result<Self, ObjectError> {
         let client = Self::client(cfg).await;
-        client
-            .head_bucket()
-            .bucket(&cfg.bucket)
-            .send()
-            .await
-            .map_err(|e| {
-                ObjectError::Unavailable(format!(
-                    "S3 bucket {:?} is missing or unreachable: {}",
+        match client.head_bucket().bucket(&cfg.bucket).send().await {
+            Ok(_) => {}
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(404) => {
+                return Err(ObjectError::Unavailable(format!(
+                    "S3 bucket {:?} does not exist",
+                    cfg.bucket
+                )));
+            }
+            Err(e) => {
+                return Err(ObjectError::Unavailable(format!(
+                    "S3 bucket {:?} is unreachable: {}",
                     cfg.bucket,
                     DisplayErrorContext(e)
-                ))
-            })?;
+                )))
+            }
+        }
         Ok(S3Store {
             client,
             bucket: cfg.bucket.clone(),

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use dispatcher_tests::moto::Moto;
 use dispatcher_tests::stack::{Stack, WorkerOpts};
 use serde_json::json;
 
@@ -21,7 +22,29 @@ async fn counts(stack: &Stack, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_happy_path_wakeup_claim_event_publish_complete() {
+    let stack = happy_path(Stack::new().await).await;
+    assert!(
+        counts(&stack, "SELECT count(*) FROM outbox WHERE state = 'sent'").await
+            >= 2 * TASKS as i64,
+        "wake-ups and buffer pointers went through the local queue"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_happy_path_on_the_aws_profile() {
+    let moto = Moto::start().await;
     let mut stack = Stack::new().await;
+    stack.use_aws_profile(&moto).await;
+    let stack = happy_path(stack).await;
+    // The wake-ups and buffer pointers travelled through SQS, not Postgres.
+    assert_eq!(
+        counts(&stack, "SELECT count(*) FROM queue_messages").await,
+        0
+    );
+}
+
+/// 200 tasks, each with one event and one buffer publish, on two workers.
+async fn happy_path(mut stack: Stack) -> Stack {
     stack.submit(stack.flat_job(TASKS, json!({}))).await;
     stack.start_dispatcher("").await;
     let _w1 = stack.start_worker(&WorkerOpts::new("w1"));
@@ -47,6 +70,7 @@ async fn e2e_happy_path_wakeup_claim_event_publish_complete() {
         TASKS as i64,
         "every publish handed to the buffer queue"
     );
+    stack
 }
 
 /// Arms `failpoint`, lets it kill the dispatcher `crashes` times (restarting

@@ -1,0 +1,104 @@
+//! The deployment profile: where queues and objects live.
+//!
+//! * `local` (default): the Postgres queue in the state database, objects in
+//!   a directory;
+//! * `aws`: SQS and S3 (or servers speaking their protocols, through an
+//!   endpoint override). At start the dispatcher checks that every queue and
+//!   the bucket exist, and names what is missing.
+
+use std::sync::Arc;
+
+use crate::objects::{S3Config, S3Store};
+use crate::queue::{Queue, SqsConfig, SqsQueue};
+use crate::settings::Settings;
+use crate::store::Store;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProfileArgs {
+    /// local: the Postgres queue in DATABASE_URL; aws: SQS and S3.
+    #[arg(long, env = "DISPATCHER_PROFILE", default_value = "local", value_parser = ["local", "aws"])]
+    pub profile: String,
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub aws_region: String,
+    /// An SQS/S3-compatible endpoint instead of AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// Prepended to every SQS queue name.
+    #[arg(
+        long,
+        env = "DISPATCHER_SQS_QUEUE_PREFIX",
+        default_value = "dispatcher-"
+    )]
+    pub sqs_queue_prefix: String,
+    /// The S3 bucket for datasets and buffer batches.
+    #[arg(
+        long,
+        env = "DISPATCHER_S3_BUCKET",
+        default_value = "dispatcher-objects"
+    )]
+    pub s3_bucket: String,
+}
+
+impl ProfileArgs {
+    pub fn is_aws(&self) -> bool {
+        self.profile == "aws"
+    }
+
+    pub fn sqs(&self) -> SqsConfig {
+        SqsConfig {
+            region: self.aws_region.clone(),
+            endpoint_url: self.aws_endpoint_url.clone(),
+            queue_prefix: self.sqs_queue_prefix.clone(),
+            static_credentials: None,
+        }
+    }
+
+    pub fn s3(&self) -> S3Config {
+        S3Config {
+            region: self.aws_region.clone(),
+            endpoint_url: self.aws_endpoint_url.clone(),
+            bucket: self.s3_bucket.clone(),
+            static_credentials: None,
+        }
+    }
+
+    /// Creates the aws profile's queues and bucket if missing (local set-ups
+    /// against a test server; production creates them with infrastructure).
+    pub async fn create_aws_resources(&self, max_receives: u32) -> anyhow::Result<()> {
+        SqsQueue::create_queues(&self.sqs(), max_receives).await?;
+        S3Store::create_bucket(&self.s3()).await?;
+        Ok(())
+    }
+
+    /// The profile's queue for `services::run`: `None` for local (the
+    /// Postgres queue), SQS for aws after checking that every queue and the
+    /// bucket exist.
+    pub async fn services_queue(&self) -> anyhow::Result<Option<Arc<dyn Queue>>> {
+        if !self.is_aws() {
+            return Ok(None);
+        }
+        let sqs = SqsQueue::connect(&self.sqs()).await;
+        let s3 = S3Store::connect(&self.s3()).await;
+        match (sqs, s3) {
+            (Ok(q), Ok(_)) => Ok(Some(Arc::new(q))),
+            (q, s) => {
+                let problems: Vec<String> = [
+                    q.err().map(|e| e.to_string()),
+                    s.err().map(|e| e.to_string()),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                anyhow::bail!("the aws profile is not ready: {}", problems.join("; "))
+            }
+        }
+    }
+
+    /// The profile's queue for one-off commands (DLQ replay).
+    pub async fn open(&self, store: &Store, settings: &Settings) -> anyhow::Result<Arc<dyn Queue>> {
+        Ok(match self.is_aws() {
+            true => Arc::new(SqsQueue::connect(&self.sqs()).await?),
+            false => crate::services::local_queue(store, settings).0,
+        })
+    }
+}

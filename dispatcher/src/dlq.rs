@@ -49,6 +49,7 @@ pub async fn replay_wakeups(
     let mut report = ReplayReport::default();
     let mut seen = HashSet::new();
     loop {
+        let mut handled = Vec::new();
         let batch = queue
             .receive(&dead, 10, Duration::from_secs(1), hold)
             .await?;
@@ -83,9 +84,12 @@ pub async fn replay_wakeups(
             if replay {
                 queue.send(source, &msg.body, Duration::ZERO).await?;
             }
-            // Delete after the send: a crash between leaves a duplicate
-            // wake-up, which the claim makes harmless.
-            queue.delete(&dead, &msg.receipt_handle).await?;
+            handled.push(msg.receipt_handle);
+        }
+        // Delete after the sends: a crash between leaves a duplicate
+        // wake-up, which the claim makes harmless.
+        if !handled.is_empty() {
+            queue.delete_batch(&dead, &handled).await?;
         }
     }
 }

@@ -105,4 +105,18 @@ pub trait Queue: Send + Sync {
     /// nothing; `PgQueue` then answers `false`, SQS may still answer `true`
     /// (it does not say), so callers must not rely on the answer for safety.
     async fn delete(&self, queue: &str, receipt: &str) -> Result<bool, QueueError>;
+
+    /// Deletes several deliveries; one answer per receipt, as `delete`.
+    /// Implementations with a batch call override it (SQS: batches of 10).
+    async fn delete_batch(
+        &self,
+        queue: &str,
+        receipts: &[String],
+    ) -> Result<Vec<bool>, QueueError> {
+        let mut out = Vec::with_capacity(receipts.len());
+        for r in receipts {
+            out.push(self.delete(queue, r).await?);
+        }
+        Ok(out)
+    }
 }

@@ -224,6 +224,41 @@ impl Queue for SqsQueue {
         }
     }
 
+    async fn delete_batch(
+        &self,
+        queue: &str,
+        receipts: &[String],
+    ) -> Result<Vec<bool>, QueueError> {
+        use aws_sdk_sqs::types::DeleteMessageBatchRequestEntry;
+        let url = self.url(queue)?;
+        let mut out = Vec::with_capacity(receipts.len());
+        for chunk in receipts.chunks(10) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .build()
+                        .map_err(unavailable)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let result = self
+                .client
+                .delete_message_batch()
+                .queue_url(url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+            let failed: std::collections::HashSet<&str> =
+                result.failed().iter().map(|f| f.id()).collect();
+            out.extend((0..chunk.len()).map(|i| !failed.contains(i.to_string().as_str())));
+        }
+        Ok(out)
+    }
+
     async fn delete(&self, queue: &str, receipt: &str) -> Result<bool, QueueError> {
         match self
             .client

@@ -85,6 +85,34 @@ async fn conformance_undeleted_message_reappears_after_visibility_timeout(
     }
 }
 
+async fn conformance_batch_delete(q: &dyn Queue) {
+    for n in 0..12 {
+        q.send(Q, &json!({"batch": n}), Duration::ZERO)
+            .await
+            .unwrap();
+    }
+    let mut receipts = Vec::new();
+    while receipts.len() < 12 {
+        let got = q
+            .receive(Q, 10, Duration::from_secs(2), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(!got.is_empty(), "only {} of 12 received", receipts.len());
+        receipts.extend(got.into_iter().map(|m| m.receipt_handle));
+    }
+    let answers = q.delete_batch(Q, &receipts).await.unwrap();
+    assert_eq!(answers, vec![true; 12]);
+    let rest = q
+        .receive(Q, 10, Duration::ZERO, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        rest.is_empty(),
+        "{} messages survived the batch delete",
+        rest.len()
+    );
+}
+
 async fn conformance_extending_visibility_keeps_the_message_hidden(q: &dyn Queue) {
     q.send(Q, &json!({"n": 3}), Duration::ZERO).await.unwrap();
     let got = q
@@ -174,6 +202,7 @@ struct Caps {
 async fn conformance(q: &dyn Queue, max_receives: u32, caps: Caps) {
     conformance_send_receive_delete(q).await;
     conformance_undeleted_message_reappears_after_visibility_timeout(q, caps).await;
+    conformance_batch_delete(q).await;
     conformance_extending_visibility_keeps_the_message_hidden(q).await;
     conformance_delayed_send_is_invisible_until_due(q).await;
     conformance_message_goes_to_dlq_after_max_receives(q, max_receives).await;

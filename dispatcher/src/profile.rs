@@ -8,10 +8,31 @@
 
 use std::sync::Arc;
 
+use aws_sdk_sqs::config::{Credentials, Region};
+
 use crate::objects::{S3Config, S3Store};
 use crate::queue::{Queue, SqsConfig, SqsQueue};
 use crate::settings::Settings;
 use crate::store::Store;
+
+/// The AWS SDK configuration shared by the SQS and S3 adapters: a region,
+/// an optional endpoint override (an SQS/S3-compatible server), and static
+/// credentials or, without them, the SDK's default chain.
+pub async fn sdk_config(
+    region: &str,
+    endpoint_url: Option<&str>,
+    static_credentials: Option<&(String, String)>,
+) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(Region::new(region.to_owned()));
+    if let Some(url) = endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    if let Some((id, secret)) = static_credentials {
+        loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "static"));
+    }
+    loader.load().await
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProfileArgs {

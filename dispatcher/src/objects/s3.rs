@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
@@ -42,16 +41,12 @@ fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<
 
 impl S3Store {
     pub async fn client(cfg: &S3Config) -> Client {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(Region::new(cfg.region.clone()));
-        if let Some(url) = &cfg.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        if let Some((id, secret)) = &cfg.static_credentials {
-            loader =
-                loader.credentials_provider(Credentials::new(id, secret, None, None, "static"));
-        }
-        let shared = loader.load().await;
+        let shared = crate::profile::sdk_config(
+            &cfg.region,
+            cfg.endpoint_url.as_deref(),
+            cfg.static_credentials.as_ref(),
+        )
+        .await;
         let conf = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(true)
             .build();

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_sqs::config::{Credentials, Region};
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use aws_sdk_sqs::Client;
 use serde_json::Value;
@@ -58,16 +57,13 @@ fn stale_receipt(e: &impl std::fmt::Debug) -> bool {
 
 impl SqsQueue {
     pub async fn client(cfg: &SqsConfig) -> Client {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(Region::new(cfg.region.clone()));
-        if let Some(url) = &cfg.endpoint_url {
-            loader = loader.endpoint_url(url);
-        }
-        if let Some((id, secret)) = &cfg.static_credentials {
-            loader =
-                loader.credentials_provider(Credentials::new(id, secret, None, None, "static"));
-        }
-        Client::new(&loader.load().await)
+        let shared = crate::profile::sdk_config(
+            &cfg.region,
+            cfg.endpoint_url.as_deref(),
+            cfg.static_credentials.as_ref(),
+        )
+        .await;
+        Client::new(&shared)
     }
 
     /// Connects and resolves every queue's URL; fails naming each queue

@@ -11,6 +11,18 @@ use dispatcher_tests::stack::{Stack, WorkerOpts};
 use serde_json::json;
 
 const TASKS: usize = 200;
+
+/// Waits until at least `n` tasks are leased (30 s at most).
+async fn wait_leased(stack: &Stack, n: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counts(stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {n} tasks were ever leased at once"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 const FINISH: Duration = Duration::from_secs(180);
 
 async fn counts(stack: &Stack, sql: &str) -> i64 {
@@ -130,14 +142,7 @@ async fn e2e_stopped_worker_past_its_lease_is_fenced_when_resumed() {
         ..WorkerOpts::new("stale")
     });
     // Wait until the soon-to-be-stale worker holds leases.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while counts(&stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < 20 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the worker never held 20 leases"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_leased(&stack, 20).await;
     stale.signal_group(libc::SIGSTOP);
     let held: Vec<uuid::Uuid> = sqlx::query_scalar(
         "SELECT t.id FROM tasks t JOIN attempts a ON a.task_id = t.id AND a.attempt = t.attempt
@@ -255,14 +260,7 @@ async fn invariant_10_bounded_recovery_after_a_worker_dies() {
         concurrency: n,
         ..WorkerOpts::new("doomed")
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while counts(&stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < n as i64 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not every task was leased"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_leased(&stack, n as i64).await;
     // Let a heartbeat or two pass, then kill the worker and its tasks.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     doomed.signal_group(libc::SIGKILL);
@@ -321,14 +319,7 @@ async fn e2e_sigterm_drains_running_tasks_then_the_worker_exits() {
         concurrency: n,
         ..WorkerOpts::new("draining")
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while counts(&stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < n as i64 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "tasks never all leased"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_leased(&stack, n as i64).await;
     // SIGTERM to the wrapper alone: it stops receiving and lets its tasks finish.
     worker.signal(libc::SIGTERM);
     let mut worker = worker;
@@ -366,11 +357,7 @@ async fn e2e_cancel_stops_the_running_task_without_completing_it() {
         .await;
     stack.start_dispatcher("").await;
     let worker = stack.start_worker(&WorkerOpts::new("w"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while counts(&stack, "SELECT count(*) FROM tasks WHERE state = 'leased'").await < 1 {
-        assert!(std::time::Instant::now() < deadline, "never leased");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_leased(&stack, 1).await;
     let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
     store.cancel_job(stack.org_id, job_id).await.unwrap();
     // The next heartbeat says cancel_requested: the wrapper stops the task

@@ -83,13 +83,9 @@ fn dev_key(dir: &Path) -> Result<String> {
     let path = dir.join("signing.pem");
     if !path.exists() {
         let (private, public) = tokens::generate_key_pem();
-        std::fs::write(&path, &private)?;
+        // Created 0600 from the start, as `dispatcher token keygen` does.
+        crate::write_private(&path, &private)?;
         std::fs::write(dir.join("signing.pem.pub"), public)?;
-        #[cfg(unix)]
-        std::os::unix::fs::PermissionsExt::set_mode(
-            &mut std::fs::metadata(&path)?.permissions(),
-            0o600,
-        );
     }
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }

@@ -38,6 +38,9 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Nothing was written, and the same call may succeed if repeated.
+    #[error("{0}")]
+    Retry(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -163,6 +166,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Conflict(_) => ApiError::conflict(message),
             StoreError::Forbidden(_) => ApiError::forbidden(message),
+            StoreError::Retry(_) => ApiError::unavailable(message),
             StoreError::Db(db) => match db {
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                     tracing::warn!(error = %db, "database unavailable");

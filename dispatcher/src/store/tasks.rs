@@ -137,7 +137,10 @@ pub(crate) async fn fence_error(conn: &mut PgConnection, fence: Fence) -> StoreE
         ("leased", None) => {
             // The fence failed but the lease looks live now: only a
             // concurrent change can do that. Nothing was written; retryable.
-            StoreError::Db(sqlx::Error::PoolTimedOut)
+            StoreError::Retry(format!(
+                "task {} changed while this call ran; nothing was written, retry",
+                fence.task_id
+            ))
         }
         (state, _) => StoreError::AttemptFinished {
             task_id: fence.task_id,

@@ -15,3 +15,8 @@ pub mod services;
 pub mod settings;
 pub mod store;
 pub mod tokens;
+
+/// A duration in whole milliseconds as Postgres `bigint`, saturating.
+pub(crate) fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{dlq, Delivery, Queue, QueueError};
+use crate::millis;
 
 /// The Postgres-backed queue of the local profile.
 #[derive(Clone)]
@@ -25,10 +26,6 @@ fn parse_receipt(receipt: &str) -> Result<(i64, Uuid), QueueError> {
         id.parse().map_err(|_| QueueError::BadReceipt)?,
         r.parse().map_err(|_| QueueError::BadReceipt)?,
     ))
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl PgQueue {

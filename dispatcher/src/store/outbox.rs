@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::Store;
 use crate::error::StoreError;
+use crate::millis;
 
 /// A pending outbox row, locked by the relay's transaction.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -24,10 +25,6 @@ pub struct OutboxRow {
 pub struct OutboxBatch {
     tx: Transaction<'static, Postgres>,
     pub rows: Vec<OutboxRow>,
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl OutboxBatch {

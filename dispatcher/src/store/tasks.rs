@@ -69,10 +69,6 @@ fn secs_i32(d: Duration) -> i32 {
     i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
 }
 
-fn millis_i64(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
 fn to_u32(n: i32) -> u32 {
     u32::try_from(n).unwrap_or(0)
 }
@@ -269,7 +265,10 @@ async fn after_transition(
 }
 
 #[derive(sqlx::FromRow)]
-struct SpecRow {
+struct ClaimRow {
+    job_id: Uuid,
+    attempt: i32,
+    lease_expires_at: DateTime<Utc>,
     key: String,
     runtime: String,
     bundle: String,
@@ -309,58 +308,54 @@ impl Store {
         worker_id: &str,
         lease: Duration,
     ) -> Result<Claimed, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let granted: Option<(Uuid, i32, DateTime<Utc>)> = sqlx::query_as(
-            "UPDATE tasks
-                SET state = 'leased', attempt = attempt + 1, lease_seconds = $2,
-                    lease_expires_at = now() + $2 * interval '1 second',
-                    not_before = NULL, updated_at = now()
-              WHERE id = $1
-                AND attempt < max_attempts
-                AND NOT cancel_requested
-                AND ((state = 'ready' AND (not_before IS NULL OR not_before <= now()))
-                  OR (state = 'leased' AND lease_expires_at <= now()))
-          RETURNING job_id, attempt, lease_expires_at",
+        // One statement, committed at once: take the lease (incrementing the
+        // attempt), end a reclaimed expired attempt, record the new one, and
+        // read what the worker needs. No transaction outlives the call.
+        let granted: Option<ClaimRow> = sqlx::query_as(
+            "WITH claimed AS (
+                 UPDATE tasks
+                    SET state = 'leased', attempt = attempt + 1, lease_seconds = $2,
+                        lease_expires_at = now() + $2 * interval '1 second',
+                        not_before = NULL, updated_at = now()
+                  WHERE id = $1
+                    AND attempt < max_attempts
+                    AND NOT cancel_requested
+                    AND ((state = 'ready' AND (not_before IS NULL OR not_before <= now()))
+                      OR (state = 'leased' AND lease_expires_at <= now()))
+              RETURNING id, job_id, attempt, lease_expires_at
+             ), ended AS (
+                 UPDATE attempts a SET finished_at = now(), outcome = 'lease_expired'
+                   FROM claimed c
+                  WHERE a.task_id = c.id AND a.attempt = c.attempt - 1 AND a.finished_at IS NULL
+             ), recorded AS (
+                 INSERT INTO attempts (task_id, attempt, worker_id)
+                 SELECT id, attempt, $3 FROM claimed
+             )
+             SELECT c.job_id, c.attempt, c.lease_expires_at,
+                    s.key, s.runtime, s.bundle, s.inputs, s.outputs, j.org_id
+               FROM claimed c
+               JOIN task_specs s ON s.task_id = c.id
+               JOIN jobs j ON j.id = c.job_id",
         )
         .bind(task_id)
         .bind(secs_i32(lease))
-        .fetch_optional(&mut *tx)
+        .bind(worker_id)
+        .fetch_optional(&self.pool)
         .await?;
-        let Some((job_id, attempt, lease_expires_at)) = granted else {
-            tx.rollback().await?;
-            return Err(self.claim_refusal(task_id).await);
-        };
-        // A reclaimed expired lease: the previous attempt ends here.
-        sqlx::query(
-            "UPDATE attempts SET finished_at = now(), outcome = 'lease_expired'
-              WHERE task_id = $1 AND attempt = $2 - 1 AND finished_at IS NULL",
-        )
-        .bind(task_id)
-        .bind(attempt)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("INSERT INTO attempts (task_id, attempt, worker_id) VALUES ($1, $2, $3)")
-            .bind(task_id)
-            .bind(attempt)
-            .bind(worker_id)
-            .execute(&mut *tx)
-            .await?;
-        let SpecRow {
+        let Some(ClaimRow {
+            job_id,
+            attempt,
+            lease_expires_at,
             key,
             runtime,
             bundle,
             inputs,
             outputs,
             org_id,
-        }: SpecRow = sqlx::query_as(
-            "SELECT s.key, s.runtime, s.bundle, s.inputs, s.outputs, j.org_id
-               FROM task_specs s JOIN jobs j ON j.id = s.job_id
-              WHERE s.task_id = $1",
-        )
-        .bind(task_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        }) = granted
+        else {
+            return Err(self.claim_refusal(task_id).await);
+        };
         self.settings.failpoint("claim_after_commit");
         let runtime = Runtime::parse(&runtime).ok_or_else(|| {
             StoreError::Db(sqlx::Error::Decode(
@@ -472,7 +467,7 @@ impl Store {
         )
         .bind(task_id)
         .bind(attempt)
-        .bind(millis_i64(self.retry_delay(attempt)))
+        .bind(crate::millis(self.retry_delay(attempt)))
         .fetch_optional(&mut *tx)
         .await?;
         let Some((state, retry_at)) = ended else {
@@ -499,32 +494,31 @@ impl Store {
         fence: Fence,
         progress: Option<&Value>,
     ) -> Result<LeaseRenewal, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // One statement: the fenced lease extension and, only if it
+        // passed, the attempt's progress.
+        let mut conn = self.pool.acquire().await?;
         let renewed: Option<(DateTime<Utc>, bool)> = sqlx::query_as(
-            "UPDATE tasks SET lease_expires_at = now() + lease_seconds * interval '1 second'
-              WHERE id = $1 AND job_id = $2 AND attempt = $3
-                AND state = 'leased' AND lease_expires_at > now()
-          RETURNING lease_expires_at, cancel_requested",
+            "WITH renewed AS (
+                 UPDATE tasks SET lease_expires_at = now() + lease_seconds * interval '1 second'
+                  WHERE id = $1 AND job_id = $2 AND attempt = $3
+                    AND state = 'leased' AND lease_expires_at > now()
+              RETURNING lease_expires_at, cancel_requested
+             ), progressed AS (
+                 UPDATE attempts SET progress = $4::jsonb
+                  WHERE $4::jsonb IS NOT NULL AND task_id = $1 AND attempt = $3
+                    AND EXISTS (SELECT 1 FROM renewed)
+             )
+             SELECT lease_expires_at, cancel_requested FROM renewed",
         )
         .bind(fence.task_id)
         .bind(fence.job_id)
         .bind(fence.attempt_i32())
-        .fetch_optional(&mut *tx)
+        .bind(progress)
+        .fetch_optional(&mut *conn)
         .await?;
         let Some((lease_expires_at, cancel_requested)) = renewed else {
-            let err = fence_error(&mut tx, fence).await;
-            tx.rollback().await?;
-            return Err(err);
+            return Err(fence_error(&mut conn, fence).await);
         };
-        if let Some(progress) = progress {
-            sqlx::query("UPDATE attempts SET progress = $3 WHERE task_id = $1 AND attempt = $2")
-                .bind(fence.task_id)
-                .bind(fence.attempt_i32())
-                .bind(progress)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
         Ok(LeaseRenewal {
             lease_expires_at,
             cancel_requested,
@@ -706,7 +700,7 @@ impl Store {
         .bind(fence.attempt_i32())
         .bind(succeeded)
         .bind(retryable)
-        .bind(millis_i64(self.retry_delay(fence.attempt_i32())))
+        .bind(crate::millis(self.retry_delay(fence.attempt_i32())))
         .fetch_optional(&mut *tx)
         .await?;
         let Some((state, retry_at)) = ended else {

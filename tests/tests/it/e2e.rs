@@ -194,7 +194,7 @@ async fn e2e_stopped_worker_past_its_lease_is_fenced_when_resumed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn e2e_every_wakeup_delivered_twice_and_out_of_order() {
+async fn invariant_6_queue_is_a_hint_every_wakeup_delivered_twice_and_out_of_order() {
     let mut stack = Stack::new().await;
     // 100 chains a -> b: the b tasks get wake-ups long before they are ready.
     let bundle = stack.sample_bundle();

@@ -509,7 +509,7 @@ async fn relay_publishes_pending_rows_and_marks_them_sent() {
 }
 
 #[tokio::test]
-async fn relay_retries_failed_publishes_with_backoff_then_dead_letters_and_operators_requeue() {
+async fn invariant_5_relay_retries_with_backoff_then_dead_letters_visibly_and_operators_requeue() {
     let app = TestApp::spawn().await;
     app.single_task(1).await;
     let settings = Arc::new(Settings {
@@ -550,7 +550,7 @@ async fn relay_retries_failed_publishes_with_backoff_then_dead_letters_and_opera
 }
 
 #[tokio::test]
-async fn relay_crash_between_publish_and_mark_sent_duplicates_but_never_loses() {
+async fn invariant_5_relay_crash_between_publish_and_mark_sent_duplicates_but_never_loses() {
     let app = TestApp::spawn().await;
     let task = app.single_task(1).await;
     let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
@@ -633,7 +633,7 @@ async fn reaper_fails_the_task_and_job_when_the_last_attempt_expires() {
 }
 
 #[tokio::test]
-async fn reaper_wakes_a_ready_task_whose_wakeup_was_lost() {
+async fn invariant_6_reaper_wakes_a_ready_task_whose_wakeup_was_lost() {
     let app = TestApp::spawn().await;
     let task = app.single_task(1).await;
     let fresh = reaper(&app).reap_once().await.unwrap();

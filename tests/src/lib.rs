@@ -28,6 +28,7 @@ pub fn database_url() -> String {
 }
 
 pub mod moto;
+pub mod s3s;
 pub mod stack;
 
 /// A database of its own, migrated, dropped (with its connections) on drop.

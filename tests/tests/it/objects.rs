@@ -1,12 +1,15 @@
 //! One conformance suite for the `ObjectStore` trait, run against every
 //! implementation: a directory on disk (its presigned URLs served by
-//! `objects::local::router` on a loopback port) and S3 (moto's server).
+//! `objects::local::router` on a loopback port) and S3, against two
+//! S3-compatible servers: moto's, and s3s-fs, which also enforces
+//! signatures, presigned URL expiry and conditional writes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use dispatcher::objects::{local, LocalDirStore, ObjectError, ObjectStore, S3Config, S3Store};
 use dispatcher_tests::moto::Moto;
+use dispatcher_tests::s3s::{self, S3sFs};
 use reqwest::StatusCode;
 
 async fn conformance_put_get_head_list_delete(s: &dyn ObjectStore) {
@@ -67,8 +70,8 @@ async fn conformance_create_only_put_fails_on_an_existing_key_and_keeps_the_firs
 #[derive(Clone, Copy)]
 struct Caps {
     /// The server checks presigned URL signatures and expiry. The local
-    /// store's router does; S3 does, but moto's server accepts any
-    /// signature, so against moto only the URL's form can be checked.
+    /// store's router does, and so do S3 and s3s-fs; moto's server accepts
+    /// any signature, so against moto only the URL's form can be checked.
     verifies_presigned_urls: bool,
 }
 
@@ -174,8 +177,20 @@ async fn object_store_conformance_local_dir() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// A fresh bucket on an S3-compatible server: `connect` first names it as
+/// missing, then succeeds once it is created.
+async fn fresh_bucket(cfg: &S3Config) -> S3Store {
+    let err = S3Store::connect(cfg)
+        .await
+        .err()
+        .expect("connect names a missing bucket");
+    assert!(err.to_string().contains(&cfg.bucket), "{err}");
+    S3Store::create_bucket(cfg).await.unwrap();
+    S3Store::connect(cfg).await.unwrap()
+}
+
 #[tokio::test]
-async fn object_store_conformance_s3() {
+async fn object_store_conformance_s3_on_moto() {
     let moto = Moto::start().await;
     let cfg = S3Config {
         region: "us-east-1".into(),
@@ -183,16 +198,33 @@ async fn object_store_conformance_s3() {
         bucket: format!("t{}", uuid::Uuid::new_v4().simple()),
         static_credentials: Some(("test".into(), "test".into())),
     };
-    assert!(
-        S3Store::connect(&cfg).await.is_err(),
-        "connect names a missing bucket"
-    );
-    S3Store::create_bucket(&cfg).await.unwrap();
     conformance(
-        &S3Store::connect(&cfg).await.unwrap(),
+        &fresh_bucket(&cfg).await,
         Caps {
             verifies_presigned_urls: false,
         },
     )
     .await;
+}
+
+/// The same suite against s3s-fs, which checks signatures: here the S3
+/// adapter's presigned URLs are shown to work for exactly one key and to
+/// expire, not only to look right.
+#[tokio::test]
+async fn object_store_conformance_s3_on_s3s_fs() {
+    let server = S3sFs::start().await;
+    let cfg = server.s3();
+    conformance(
+        &fresh_bucket(&cfg).await,
+        Caps {
+            verifies_presigned_urls: true,
+        },
+    )
+    .await;
+    // The server does check credentials: a wrong secret is refused.
+    let wrong = S3Config {
+        static_credentials: Some((s3s::ACCESS_KEY.into(), "not-the-secret".into())),
+        ..cfg
+    };
+    assert!(S3Store::connect(&wrong).await.is_err());
 }

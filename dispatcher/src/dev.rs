@@ -165,6 +165,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .env("WORKER_ID", format!("dev-worker-{i}"))
             .env("WORKER_CONCURRENCY", args.concurrency.to_string())
             .env("RUST_LOG", "warn")
+            .envs(args.profile.worker_env())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", worker_bin.display()))?;

@@ -83,6 +83,20 @@ impl ProfileArgs {
         }
     }
 
+    /// The worker wrapper's environment for this profile (its own
+    /// `--profile`: on aws it receives wake-ups from SQS directly).
+    pub fn worker_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("DISPATCHER_PROFILE", self.profile.clone()),
+            ("AWS_REGION", self.aws_region.clone()),
+            ("DISPATCHER_SQS_QUEUE_PREFIX", self.sqs_queue_prefix.clone()),
+        ];
+        if let Some(url) = &self.aws_endpoint_url {
+            env.push(("AWS_ENDPOINT_URL", url.clone()));
+        }
+        env
+    }
+
     /// Creates the aws profile's queues and bucket if missing (local set-ups
     /// against a test server; production creates them with infrastructure).
     pub async fn create_aws_resources(&self, max_receives: u32) -> anyhow::Result<()> {

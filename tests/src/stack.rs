@@ -108,8 +108,9 @@ pub struct Stack {
     pub dispatcher: Option<Child>,
     restarts: u32,
     pub org_id: Uuid,
-    /// Extra environment of the dispatcher process (the aws profile's).
-    pub dispatcher_env: Vec<(String, String)>,
+    /// Extra environment of the dispatcher and worker processes (the aws
+    /// profile's).
+    pub profile_env: Vec<(String, String)>,
 }
 
 impl Drop for Stack {
@@ -149,7 +150,7 @@ impl Stack {
             dispatcher: None,
             restarts: 0,
             org_id,
-            dispatcher_env: Vec::new(),
+            profile_env: Vec::new(),
         }
     }
 
@@ -171,7 +172,7 @@ impl Stack {
             .env("DISPATCHER_BIND", format!("127.0.0.1:{}", self.port))
             .env("DISPATCHER_FAILPOINTS", failpoints)
             .env("RUST_LOG", "info,sqlx=warn")
-            .envs(self.dispatcher_env.iter().map(|(k, v)| (k, v)))
+            .envs(self.profile_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -223,7 +224,8 @@ impl Stack {
         }
     }
 
-    /// Runs the dispatcher on the aws profile against `moto`: creates the
+    /// Runs the dispatcher and the workers on the aws profile against
+    /// `moto` (workers then receive from SQS directly): creates the
     /// queues (with redrive policies) and the bucket under a fresh prefix.
     pub async fn use_aws_profile(&mut self, moto: &crate::moto::Moto) {
         let sqs = moto.sqs();
@@ -241,7 +243,7 @@ impl Stack {
             .await
             .expect("bucket");
         let (id, secret) = sqs.static_credentials.clone().expect("credentials");
-        self.dispatcher_env = vec![
+        self.profile_env = vec![
             ("DISPATCHER_PROFILE".into(), "aws".into()),
             ("AWS_ENDPOINT_URL".into(), moto.url()),
             ("AWS_REGION".into(), sqs.region.clone()),
@@ -274,6 +276,7 @@ impl Stack {
             .env("WORKER_CONCURRENCY", opts.concurrency.to_string())
             .env("WORKER_LEASE_SECONDS", opts.lease_seconds.to_string())
             .env("RUST_LOG", "info")
+            .envs(self.profile_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
             .process_group(0)

@@ -5,6 +5,7 @@
 mod client;
 mod runner;
 mod sample;
+mod wakeups;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use client::Client;
 use runner::WorkerConfig;
+use wakeups::Wakeups;
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Consume wake-ups and run tasks until SIGTERM / Ctrl-C.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// A demonstration task (reads inputs on stdin; see `sample.rs`).
     SampleTask,
 }
@@ -65,6 +67,8 @@ struct RunArgs {
     /// On SIGTERM, how long running tasks may finish before they are killed.
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
+    #[command(flatten)]
+    profile: wakeups::ProfileArgs,
 }
 
 fn main() -> Result<()> {
@@ -80,8 +84,9 @@ fn main() -> Result<()> {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            rt.block_on(run(args))
+            rt.block_on(run(*args))
         }
         Command::SampleTask => rt.block_on(sample::main()),
     }
@@ -95,10 +100,12 @@ async fn run(args: RunArgs) -> Result<()> {
     let scratch = std::env::temp_dir().join(format!("worker-wrapper-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let client = Arc::new(Client::new(&args.dispatcher_url, &args.credential)?);
+    let wakeups = Wakeups::open(&args.profile, client.clone(), &args.queue).await?;
+    let source = wakeups.describe();
     let cfg = Arc::new(WorkerConfig {
         dispatcher_url: args.dispatcher_url.clone(),
         worker_id: worker_id.clone(),
-        queue: args.queue.clone(),
+        wakeups,
         lease_seconds: args.lease_seconds,
         scratch: scratch.clone(),
     });
@@ -110,6 +117,7 @@ async fn run(args: RunArgs) -> Result<()> {
         worker_id,
         url = args.dispatcher_url,
         concurrency = args.concurrency,
+        source,
         "worker started"
     );
 
@@ -123,7 +131,7 @@ async fn run(args: RunArgs) -> Result<()> {
         let free = (slots.available_permits() + 1).min(10) as u32;
         let received = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = client.receive(&cfg.queue, free, args.wait_seconds, args.visibility_seconds) => r,
+            r = cfg.wakeups.receive(free, args.wait_seconds, args.visibility_seconds) => r,
         };
         let messages = match received {
             Ok(m) => m,

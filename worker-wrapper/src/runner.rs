@@ -10,13 +10,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::client::{CallError, Client};
+use crate::wakeups::Wakeups;
 
 /// What the worker is configured with.
-#[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub dispatcher_url: String,
     pub worker_id: String,
-    pub queue: String,
+    /// Where wake-ups come from (and are deleted and kept hidden).
+    pub wakeups: Wakeups,
     pub lease_seconds: Option<u32>,
     /// Where task token files are written.
     pub scratch: PathBuf,
@@ -40,7 +41,7 @@ pub async fn handle(client: Arc<Client>, cfg: Arc<WorkerConfig>, msg: wire::Queu
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(message_id = msg.message_id, error = %e, "malformed wake-up; deleting it");
-            let _ = client.delete(&cfg.queue, &msg.receipt_handle).await;
+            cfg.wakeups.delete(&msg.receipt_handle).await;
             return;
         }
     };
@@ -52,7 +53,7 @@ pub async fn handle(client: Arc<Client>, cfg: Arc<WorkerConfig>, msg: wire::Queu
         Err(e) if !e.is_transient() => {
             // Duplicate, late or stale wake-up: the claim decides (invariant 6).
             tracing::debug!(task_id = %wake.task_id, error = %e, "wake-up not claimable; deleting it");
-            let _ = client.delete(&cfg.queue, &msg.receipt_handle).await;
+            cfg.wakeups.delete(&msg.receipt_handle).await;
             return;
         }
         Err(e) => {
@@ -86,7 +87,7 @@ pub async fn handle(client: Arc<Client>, cfg: Arc<WorkerConfig>, msg: wire::Queu
             complete(&client, &claim, &token, &req).await;
         }
     }
-    let _ = client.delete(&cfg.queue, &msg.receipt_handle).await;
+    cfg.wakeups.delete(&msg.receipt_handle).await;
 }
 
 /// The completion a child's exit makes: exit 0 succeeds with stdout as JSON
@@ -267,9 +268,7 @@ async fn keep_alive(
                 if hb.cancel_requested {
                     return "cancel requested".into();
                 }
-                let _ = client
-                    .change_visibility(&cfg.queue, &msg.receipt_handle, visibility)
-                    .await;
+                cfg.wakeups.extend(&msg.receipt_handle, visibility).await;
             }
             Err(CallError::Refused { code, message, .. })
                 if matches!(

@@ -69,10 +69,16 @@ impl SqsQueue {
     /// Connects and resolves every queue's URL; fails naming each queue
     /// that does not exist.
     pub async fn connect(cfg: &SqsConfig) -> Result<Self, QueueError> {
+        Self::connect_to(cfg, &all_queues()).await
+    }
+
+    /// Connects to the named queues only (a worker needs just `wakeups`,
+    /// and its IAM role may allow nothing else); fails naming each missing one.
+    pub async fn connect_to(cfg: &SqsConfig, names: &[String]) -> Result<Self, QueueError> {
         let client = Self::client(cfg).await;
         let mut urls = HashMap::new();
         let mut missing = Vec::new();
-        for name in all_queues() {
+        for name in names.iter().cloned() {
             let full = format!("{}{name}", cfg.queue_prefix);
             match client.get_queue_url().queue_name(&full).send().await {
                 Ok(out) => {

@@ -53,6 +53,15 @@ async fn e2e_happy_path_on_the_aws_profile() {
         counts(&stack, "SELECT count(*) FROM queue_messages").await,
         0
     );
+    // And the workers received them from SQS themselves (`--profile aws`),
+    // not through the dispatcher's HTTP queue.
+    for w in ["w1", "w2"] {
+        let log = std::fs::read_to_string(stack.dir.join(format!("{w}.log"))).expect("worker log");
+        assert!(
+            log.contains("source=\"SQS queue wakeups\""),
+            "{w} did not consume SQS directly:\n{log}"
+        );
+    }
 }
 
 /// 200 tasks, each with one event and one buffer publish, on two workers.

@@ -1,0 +1,142 @@
+//! Where wake-ups come from, by profile (ADR 0009):
+//!
+//! * `local`: the dispatcher's `/internal/queues/{queue}/…` endpoints, with
+//!   the worker credential (the Postgres queue behind them);
+//! * `aws`: SQS directly, through the same adapter the dispatcher uses
+//!   (`dispatcher::queue::SqsQueue`). The worker needs only receive,
+//!   change-visibility and delete on its one queue; no database, S3 or
+//!   send permission.
+//!
+//! Either way the message is only a hint: the claim decides (invariant 6).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dispatcher::queue::{Queue, SqsConfig, SqsQueue};
+use dispatcher_wire::QueueMessage;
+
+use crate::client::Client;
+
+pub enum Wakeups {
+    Dispatcher { client: Arc<Client>, queue: String },
+    Sqs { sqs: SqsQueue, queue: String },
+}
+
+/// The aws profile's settings for the worker.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProfileArgs {
+    /// local: wake-ups through the dispatcher's HTTP queue; aws: straight from SQS.
+    #[arg(long, env = "DISPATCHER_PROFILE", default_value = "local", value_parser = ["local", "aws"])]
+    pub profile: String,
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub aws_region: String,
+    /// An SQS-compatible endpoint instead of AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    pub aws_endpoint_url: Option<String>,
+    /// Prepended to the SQS queue name (as the dispatcher's).
+    #[arg(
+        long,
+        env = "DISPATCHER_SQS_QUEUE_PREFIX",
+        default_value = "dispatcher-"
+    )]
+    pub sqs_queue_prefix: String,
+}
+
+impl Wakeups {
+    /// Opens the profile's source of `queue`; on aws, fails naming the queue
+    /// if it does not exist.
+    pub async fn open(
+        profile: &ProfileArgs,
+        client: Arc<Client>,
+        queue: &str,
+    ) -> anyhow::Result<Self> {
+        if profile.profile != "aws" {
+            return Ok(Wakeups::Dispatcher {
+                client,
+                queue: queue.to_owned(),
+            });
+        }
+        let cfg = SqsConfig {
+            region: profile.aws_region.clone(),
+            endpoint_url: profile.aws_endpoint_url.clone(),
+            queue_prefix: profile.sqs_queue_prefix.clone(),
+            static_credentials: None,
+        };
+        let sqs = SqsQueue::connect_to(&cfg, &[queue.to_owned()]).await?;
+        Ok(Wakeups::Sqs {
+            sqs,
+            queue: queue.to_owned(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Wakeups::Dispatcher { queue, .. } => format!("dispatcher queue {queue}"),
+            Wakeups::Sqs { queue, .. } => format!("SQS queue {queue}"),
+        }
+    }
+
+    /// Up to `max` (≤ 10) wake-ups, long-polling up to `wait_secs`.
+    pub async fn receive(
+        &self,
+        max: u32,
+        wait_secs: u32,
+        visibility_secs: u32,
+    ) -> anyhow::Result<Vec<QueueMessage>> {
+        Ok(match self {
+            Wakeups::Dispatcher { client, queue } => client
+                .receive(queue, max, wait_secs, visibility_secs)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            Wakeups::Sqs { sqs, queue } => {
+                sqs.receive(
+                    queue,
+                    max,
+                    Duration::from_secs(wait_secs.into()),
+                    Duration::from_secs(visibility_secs.into()),
+                )
+                .await?
+            }
+        })
+    }
+
+    /// Keeps the delivery hidden for `secs` more (heartbeats call it).
+    /// Best effort: a failure only risks a duplicate wake-up.
+    pub async fn extend(&self, receipt: &str, secs: u32) {
+        let result = match self {
+            Wakeups::Dispatcher { client, queue } => client
+                .change_visibility(queue, receipt, secs)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Wakeups::Sqs { sqs, queue } => sqs
+                .change_visibility(queue, receipt, Duration::from_secs(secs.into()))
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = e, "extending the wake-up's visibility failed");
+        }
+    }
+
+    /// Deletes the delivery. Best effort: a wake-up left behind is
+    /// redelivered and refused by the claim.
+    pub async fn delete(&self, receipt: &str) {
+        let result = match self {
+            Wakeups::Dispatcher { client, queue } => client
+                .delete(queue, receipt)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            Wakeups::Sqs { sqs, queue } => sqs
+                .delete(queue, receipt)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = result {
+            tracing::debug!(error = e, "deleting the wake-up failed");
+        }
+    }
+}

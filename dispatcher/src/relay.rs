@@ -1,7 +1,8 @@
 //! Outbox relay: publishes outbox rows to their queues (invariant 5).
 //!
 //! Takes due rows in batches with `FOR UPDATE SKIP LOCKED` (several replicas
-//! share the work), publishes each, and marks it sent in the same
+//! share the work), publishes them (one batch call per queue: SQS
+//! `SendMessageBatch`, one `INSERT` locally), and marks each sent in the same
 //! transaction that locked it. A crash between publish and mark-sent leaves
 //! the row pending, so it is published again: duplicates, never loss.
 //! Failed publishes are retried with exponential backoff and jitter; after
@@ -9,8 +10,8 @@
 //! it (`dispatcher admin outbox`). Wakes on `LISTEN outbox` (registered
 //! before the first query) and polls every `relay_poll` as a fallback.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
@@ -40,21 +41,44 @@ impl Relay {
         if batch.rows.is_empty() {
             return Ok(0);
         }
+        // Publish per queue, in batches (one call per queue where the queue
+        // has a batch call), keeping each row's own outcome.
+        let mut by_queue: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        let mut outcomes: Vec<Result<(), String>> = Vec::with_capacity(batch.rows.len());
+        for (i, row) in batch.rows.iter().enumerate() {
+            match queue_for_topic(&row.topic) {
+                Some(queue) => {
+                    by_queue.entry(queue).or_default().push(i);
+                    outcomes.push(Ok(()));
+                }
+                None => outcomes.push(Err(format!("no queue for topic {:?}", row.topic))),
+            }
+        }
+        for (queue, rows) in by_queue {
+            let bodies: Vec<_> = rows
+                .iter()
+                .map(|&i| batch.rows[i].payload.clone())
+                .collect();
+            match self.queue.send_batch(queue, &bodies).await {
+                Ok(answers) => {
+                    for (&i, answer) in rows.iter().zip(answers) {
+                        outcomes[i] = answer.map(drop);
+                    }
+                }
+                Err(e) => {
+                    for &i in &rows {
+                        outcomes[i] = Err(e.to_string());
+                    }
+                }
+            }
+        }
         let mut sent = Vec::with_capacity(batch.rows.len());
         let mut failed = Vec::new();
-        for row in &batch.rows {
-            let tries = u32::try_from(row.tries).unwrap_or(0) + 1;
-            let result = match queue_for_topic(&row.topic) {
-                Some(queue) => self
-                    .queue
-                    .send(queue, &row.payload, Duration::ZERO)
-                    .await
-                    .map_err(|e| e.to_string()),
-                None => Err(format!("no queue for topic {:?}", row.topic)),
-            };
-            match result {
-                Ok(_) => sent.push(row.id),
+        for (row, outcome) in batch.rows.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => sent.push(row.id),
                 Err(error) => {
+                    let tries = u32::try_from(row.tries).unwrap_or(0) + 1;
                     tracing::warn!(outbox_id = row.id, tries, error, "outbox publish failed");
                     let delay = self.settings.relay_retry_delay(tries, rand::random());
                     failed.push((row.id, error, delay));

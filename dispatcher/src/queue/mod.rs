@@ -81,6 +81,27 @@ pub trait Queue: Send + Sync {
     /// Sends a message, invisible for `delay`.
     async fn send(&self, queue: &str, body: &Value, delay: Duration) -> Result<String, QueueError>;
 
+    /// Sends several messages at once, visible at once; one answer per
+    /// body, in order: the message id, or why that message was not sent.
+    /// `Err` means none was sent. Implementations with a batch call
+    /// override it (SQS: `SendMessageBatch`, 10 entries or 256 KiB per call;
+    /// `PgQueue`: one `INSERT`).
+    async fn send_batch(
+        &self,
+        queue: &str,
+        bodies: &[Value],
+    ) -> Result<Vec<Result<String, String>>, QueueError> {
+        let mut out = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            out.push(
+                self.send(queue, body, Duration::ZERO)
+                    .await
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        Ok(out)
+    }
+
     /// Receives up to `max` visible messages (1..=10), waiting up to `wait`
     /// for one to arrive; each stays invisible for `visibility`.
     async fn receive(

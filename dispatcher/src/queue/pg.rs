@@ -83,49 +83,73 @@ impl PgQueue {
         max: u32,
         visibility: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
-        let mut tx = self.pool.begin().await?;
-        // Messages received `max_receives` times and visible again go to the
-        // dead-letter queue instead of being delivered once more.
-        if !queue.ends_with("-dlq") {
-            sqlx::query(
-                "UPDATE queue_messages SET queue = $2, receive_count = 0, receipt = NULL, visible_at = now()
-                  WHERE id IN (SELECT id FROM queue_messages
-                                WHERE queue = $1 AND visible_at <= now() AND receive_count >= $3
-                                FOR UPDATE SKIP LOCKED)",
-            )
-            .bind(queue)
-            .bind(dlq(queue))
-            .bind(i32::try_from(self.max_receives).unwrap_or(i32::MAX))
-            .execute(&mut *tx)
-            .await?;
-        }
-        let rows: Vec<(i64, Value, Uuid, i32)> = sqlx::query_as(
-            "UPDATE queue_messages m
-                SET receive_count = m.receive_count + 1, receipt = gen_random_uuid(),
-                    visible_at = now() + $3 * interval '1 millisecond'
-               FROM (SELECT id FROM queue_messages
+        // One statement picks the head of the queue. A picked message that
+        // has already been received `max_receives` times goes to the
+        // dead-letter queue instead of being delivered once more (as SQS
+        // moves it on the receive that would exceed maxReceiveCount); the
+        // rest are delivered. Only the picked rows are looked at, so a
+        // receive costs the same however long the queue is. When every
+        // picked message was dead-lettered, look again.
+        let max_receives = i32::try_from(self.max_receives).unwrap_or(i32::MAX);
+        let dead_letter = if queue.ends_with("-dlq") {
+            None
+        } else {
+            Some(dlq(queue))
+        };
+        loop {
+            let rows: Vec<(i64, Value, Uuid, i32, bool)> = sqlx::query_as(
+                "WITH picked AS (
+                     SELECT id, $5::text IS NOT NULL AND receive_count >= $4 AS dead
+                       FROM queue_messages
                       WHERE queue = $1 AND visible_at <= now()
                       ORDER BY visible_at, id
                       LIMIT $2
-                      FOR UPDATE SKIP LOCKED) picked
-              WHERE m.id = picked.id
-          RETURNING m.id, m.body, m.receipt, m.receive_count",
-        )
-        .bind(queue)
-        .bind(i64::from(max))
-        .bind(millis(visibility))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, body, receipt, count)| Delivery {
-                message_id: id.to_string(),
-                receipt_handle: format!("{id}:{receipt}"),
-                body,
-                receive_count: u32::try_from(count).unwrap_or(0),
-            })
-            .collect())
+                      FOR UPDATE SKIP LOCKED),
+                 moved AS (
+                     UPDATE queue_messages m
+                        SET queue = $5, receive_count = 0, receipt = NULL, visible_at = now()
+                       FROM picked
+                      WHERE m.id = picked.id AND picked.dead
+                  RETURNING m.id),
+                 delivered AS (
+                     UPDATE queue_messages m
+                        SET receive_count = m.receive_count + 1, receipt = gen_random_uuid(),
+                            visible_at = now() + $3 * interval '1 millisecond'
+                       FROM picked
+                      WHERE m.id = picked.id AND NOT picked.dead
+                  RETURNING m.id, m.body, m.receipt, m.receive_count)
+                 SELECT id, body, receipt, receive_count, false FROM delivered
+                 UNION ALL
+                 SELECT id, '{}'::jsonb, gen_random_uuid(), 0, true FROM moved",
+            )
+            .bind(queue)
+            .bind(i64::from(max))
+            .bind(millis(visibility))
+            .bind(max_receives)
+            .bind(dead_letter.as_deref())
+            .fetch_all(&self.pool)
+            .await?;
+            let moved = rows.iter().filter(|r| r.4).count();
+            let rows: Vec<_> = rows.into_iter().filter(|r| !r.4).collect();
+            if moved > 0 {
+                tracing::info!(
+                    queue,
+                    moved,
+                    "messages past their maximum receive count moved to the dead-letter queue"
+                );
+            }
+            if !rows.is_empty() || moved == 0 {
+                return Ok(rows
+                    .into_iter()
+                    .map(|(id, body, receipt, count, _)| Delivery {
+                        message_id: id.to_string(),
+                        receipt_handle: format!("{id}:{receipt}"),
+                        body,
+                        receive_count: u32::try_from(count).unwrap_or(0),
+                    })
+                    .collect());
+            }
+        }
     }
 }
 
@@ -142,6 +166,27 @@ impl Queue for PgQueue {
         .fetch_one(&self.pool)
         .await?;
         Ok(id.to_string())
+    }
+
+    async fn send_batch(
+        &self,
+        queue: &str,
+        bodies: &[Value],
+    ) -> Result<Vec<Result<String, String>>, QueueError> {
+        if bodies.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO queue_messages (queue, body)
+             SELECT $1, body FROM unnest($2::jsonb[]) WITH ORDINALITY AS b(body, n)
+              ORDER BY n
+             RETURNING id",
+        )
+        .bind(queue)
+        .bind(bodies)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids.into_iter().map(|id| Ok(id.to_string())).collect())
     }
 
     async fn receive(

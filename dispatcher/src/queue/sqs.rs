@@ -165,6 +165,66 @@ impl Queue for SqsQueue {
         Ok(out.message_id().unwrap_or_default().to_owned())
     }
 
+    async fn send_batch(
+        &self,
+        queue: &str,
+        bodies: &[Value],
+    ) -> Result<Vec<Result<String, String>>, QueueError> {
+        use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+        let url = self.url(queue)?;
+        let bodies: Vec<String> = bodies.iter().map(Value::to_string).collect();
+        let mut out = Vec::with_capacity(bodies.len());
+        for chunk in send_batches(&bodies) {
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, body)| {
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(body.as_str())
+                        .build()
+                        .map_err(unavailable)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let result = self
+                .client
+                .send_message_batch()
+                .queue_url(url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+            let mut answers: Vec<Result<String, String>> =
+                vec![Err("SQS did not answer for this entry".to_owned()); chunk.len()];
+            for ok in result.successful() {
+                if let Some(slot) = ok
+                    .id()
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| answers.get_mut(i))
+                {
+                    *slot = Ok(ok.message_id().to_owned());
+                }
+            }
+            for failed in result.failed() {
+                if let Some(slot) = failed
+                    .id()
+                    .parse::<usize>()
+                    .ok()
+                    .and_then(|i| answers.get_mut(i))
+                {
+                    *slot = Err(format!(
+                        "{}: {}",
+                        failed.code(),
+                        failed.message().unwrap_or("send failed")
+                    ));
+                }
+            }
+            out.extend(answers);
+        }
+        Ok(out)
+    }
+
     async fn receive(
         &self,
         queue: &str,
@@ -274,5 +334,47 @@ impl Queue for SqsQueue {
             Err(e) if stale_receipt(&e) => Ok(false),
             Err(e) => Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
         }
+    }
+}
+
+/// Splits message bodies into `SendMessageBatch` calls: at most 10 entries
+/// and 256 KiB of bodies per call (a body over the limit goes alone, for SQS
+/// to refuse by itself).
+fn send_batches(bodies: &[String]) -> Vec<&[String]> {
+    const MAX_ENTRIES: usize = 10;
+    const MAX_BYTES: usize = 256 * 1024;
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, body) in bodies.iter().enumerate() {
+        if i > start && (i - start == MAX_ENTRIES || bytes + body.len() > MAX_BYTES) {
+            out.push(&bodies[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += body.len();
+    }
+    if start < bodies.len() {
+        out.push(&bodies[start..]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::send_batches;
+
+    #[test]
+    fn send_batches_hold_at_most_ten_entries_and_256_kib() {
+        let small: Vec<String> = (0..23).map(|i| i.to_string()).collect();
+        let sizes: Vec<usize> = send_batches(&small).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, vec![10, 10, 3]);
+
+        let big: Vec<String> = (0..5).map(|_| "x".repeat(100 * 1024)).collect();
+        let sizes: Vec<usize> = send_batches(&big).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, vec![2, 2, 1]);
+
+        let huge = vec!["x".repeat(300 * 1024), "y".into()];
+        let sizes: Vec<usize> = send_batches(&huge).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, vec![1, 1]);
+        assert!(send_batches(&[]).is_empty());
     }
 }

@@ -1,6 +1,7 @@
 //! The queue (conformance suite over the `Queue` trait), the outbox relay
 //! and the lease reaper, against a real Postgres.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use dispatcher::settings::Settings;
 use dispatcher_tests::moto::Moto;
 use dispatcher_tests::{TestApp, TestDb};
 use failing::FailingQueue;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 const Q: &str = "wakeups";
@@ -113,6 +114,37 @@ async fn conformance_batch_delete(q: &dyn Queue) {
     );
 }
 
+async fn conformance_batch_send(q: &dyn Queue) {
+    assert!(q.send_batch(Q, &[]).await.unwrap().is_empty());
+    let bodies: Vec<Value> = (0..12).map(|n| json!({"sent_in_batch": n})).collect();
+    let answers = q.send_batch(Q, &bodies).await.unwrap();
+    assert_eq!(answers.len(), 12, "one answer per body");
+    let ids: HashSet<String> = answers.into_iter().map(|a| a.unwrap()).collect();
+    assert_eq!(ids.len(), 12, "every message has its own id");
+    let mut received = Vec::new();
+    while received.len() < 12 {
+        let got = q
+            .receive(Q, 10, Duration::from_secs(2), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(!got.is_empty(), "only {} of 12 received", received.len());
+        for m in got {
+            assert!(
+                ids.contains(&m.message_id),
+                "an id send_batch did not answer"
+            );
+            assert!(q.delete(Q, &m.receipt_handle).await.unwrap());
+            received.push(m.body["sent_in_batch"].as_i64().unwrap());
+        }
+    }
+    received.sort_unstable();
+    assert_eq!(
+        received,
+        (0..12).collect::<Vec<i64>>(),
+        "each body exactly once"
+    );
+}
+
 async fn conformance_extending_visibility_keeps_the_message_hidden(q: &dyn Queue) {
     q.send(Q, &json!({"n": 3}), Duration::ZERO).await.unwrap();
     let got = q
@@ -203,6 +235,7 @@ async fn conformance(q: &dyn Queue, max_receives: u32, caps: Caps) {
     conformance_send_receive_delete(q).await;
     conformance_undeleted_message_reappears_after_visibility_timeout(q, caps).await;
     conformance_batch_delete(q).await;
+    conformance_batch_send(q).await;
     conformance_extending_visibility_keeps_the_message_hidden(q).await;
     conformance_delayed_send_is_invisible_until_due(q).await;
     conformance_message_goes_to_dlq_after_max_receives(q, max_receives).await;

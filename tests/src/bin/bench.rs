@@ -1,0 +1,296 @@
+//! The dispatcher benchmark (`scripts/bench`): the real `dispatcher serve`
+//! binary (all roles, local profile) on a database of its own, and
+//! simulated workers speaking the worker contract over HTTP as fast as they
+//! can: receive a wake-up, claim, heartbeat, emit one event, complete,
+//! delete the wake-up. No task process is spawned, so the figures are the
+//! dispatcher's and Postgres's, not `fork`/`exec`'s.
+//!
+//! Prints tasks/s, latency percentiles per call, and the dispatcher's
+//! memory (peak and final RSS), then checks the run's invariants (every
+//! task succeeded exactly once, every outbox row published).
+//!
+//! Usage: `bench [--tasks N] [--workers W]` (defaults 5000 and 32).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use dispatcher_tests::stack::Stack;
+use dispatcher_wire as wire;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::json;
+
+const CALLS: [&str; 6] = [
+    "receive",
+    "claim",
+    "heartbeat",
+    "event",
+    "complete",
+    "delete",
+];
+
+struct Args {
+    tasks: usize,
+    workers: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        tasks: 5000,
+        workers: 32,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or_else(|| panic!("{flag} needs a positive number"));
+        match flag.as_str() {
+            "--tasks" => a.tasks = value.max(1),
+            "--workers" => a.workers = value.max(1),
+            other => panic!("unknown flag {other}; usage: bench [--tasks N] [--workers W]"),
+        }
+    }
+    a
+}
+
+/// One simulated worker's HTTP client.
+struct Worker {
+    http: reqwest::Client,
+    base: String,
+    credential: String,
+    /// Latencies per call, indexed as `CALLS`.
+    samples: Vec<Vec<Duration>>,
+}
+
+impl Worker {
+    async fn call<B: Serialize, R: DeserializeOwned>(
+        &mut self,
+        which: usize,
+        path: &str,
+        token: Option<&str>,
+        body: &B,
+    ) -> R {
+        let token = token.unwrap_or(&self.credential).to_owned();
+        let started = Instant::now();
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status();
+        let bytes = resp.bytes().await.expect("body");
+        self.samples[which].push(started.elapsed());
+        assert!(
+            status.is_success(),
+            "{path}: {status} {}",
+            String::from_utf8_lossy(&bytes)
+        );
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    async fn run(mut self, id: usize, done: Arc<AtomicUsize>, total: usize) -> Vec<Vec<Duration>> {
+        let worker_id = format!("bench-{id}");
+        while done.load(Ordering::Relaxed) < total {
+            let received: wire::ReceiveResponse = self
+                .call(
+                    0,
+                    "/internal/queues/wakeups/receive",
+                    None,
+                    &wire::ReceiveRequest {
+                        max_messages: Some(1),
+                        wait_seconds: Some(1),
+                        visibility_timeout_seconds: Some(30),
+                    },
+                )
+                .await;
+            for msg in received.messages {
+                let wake: wire::WakeUp = serde_json::from_value(msg.body).expect("wake-up");
+                let claim: wire::ClaimResponse = self
+                    .call(
+                        1,
+                        "/internal/task-claim",
+                        None,
+                        &wire::ClaimRequest {
+                            task_id: wake.task_id,
+                            worker_id: worker_id.clone(),
+                            lease_seconds: None,
+                        },
+                    )
+                    .await;
+                let token = claim.capability_token;
+                let hb: wire::HeartbeatResponse = self
+                    .call(
+                        2,
+                        "/v1/task/heartbeat",
+                        Some(&token),
+                        &wire::HeartbeatRequest::default(),
+                    )
+                    .await;
+                let token = hb.capability_token;
+                let _: wire::EventsResponse = self
+                    .call(
+                        3,
+                        "/v1/task/events",
+                        Some(&token),
+                        &wire::EventsRequest {
+                            events: vec![wire::Event {
+                                seq: 1,
+                                kind: "progress".into(),
+                                payload: json!({"done": 1}),
+                            }],
+                        },
+                    )
+                    .await;
+                let _: wire::CompleteResponse = self
+                    .call(
+                        4,
+                        "/v1/task/complete",
+                        Some(&token),
+                        &wire::CompleteRequest {
+                            outcome: wire::Outcome::Succeeded,
+                            output: Some(json!({"ok": true})),
+                            error: None,
+                        },
+                    )
+                    .await;
+                let _: wire::ReceiptResponse = self
+                    .call(
+                        5,
+                        "/internal/queues/wakeups/delete",
+                        None,
+                        &wire::DeleteRequest {
+                            receipt_handle: msg.receipt_handle,
+                        },
+                    )
+                    .await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.samples
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// `VmHWM` (peak RSS) and `VmRSS` of a process, in MiB.
+fn memory(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let mut stack = Stack::new().await;
+    // Jobs hold at most 10 000 tasks: submit in chunks.
+    let mut left = args.tasks;
+    let mut chunk = 0;
+    while left > 0 {
+        let n = left.min(10_000);
+        let tasks: Vec<_> = (0..n)
+            .map(|i| json!({"key": format!("t{i}"), "runtime": "exec", "bundle": "bench"}))
+            .collect();
+        stack
+            .submit(json!({"name": format!("bench-{chunk}"), "tasks": tasks}))
+            .await;
+        left -= n;
+        chunk += 1;
+    }
+    stack.start_dispatcher("").await;
+    let pid = stack.dispatcher.as_ref().expect("dispatcher").id();
+    let (_, rss_before) = memory(pid);
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for id in 0..args.workers {
+        let worker = Worker {
+            http: reqwest::Client::new(),
+            base: stack.url(),
+            credential: stack.keys.mint_worker(
+                &format!("bench-{id}"),
+                Utc::now() + chrono::Duration::hours(1),
+            ),
+            samples: vec![Vec::new(); CALLS.len()],
+        };
+        handles.push(tokio::spawn(worker.run(id, done.clone(), args.tasks)));
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); CALLS.len()];
+    for h in handles {
+        for (all, mine) in samples.iter_mut().zip(h.await.expect("worker")) {
+            all.extend(mine);
+        }
+    }
+    let elapsed = started.elapsed();
+    let (peak, rss_after) = memory(pid);
+
+    println!(
+        "dispatcher benchmark: {} tasks, {} simulated workers, local profile, release build",
+        args.tasks, args.workers
+    );
+    println!(
+        "  throughput: {:.0} tasks/s ({} tasks in {:.2} s; each task = receive, claim, heartbeat, event, complete, delete)",
+        args.tasks as f64 / elapsed.as_secs_f64(),
+        args.tasks,
+        elapsed.as_secs_f64()
+    );
+    println!(
+        "  {:<10} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "call (ms)", "p50", "p95", "p99", "max", "count"
+    );
+    for (name, s) in CALLS.iter().zip(samples.iter_mut()) {
+        s.sort();
+        println!(
+            "  {:<10} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8}",
+            name,
+            percentile(s, 0.50),
+            percentile(s, 0.95),
+            percentile(s, 0.99),
+            percentile(s, 1.0),
+            s.len()
+        );
+    }
+    println!(
+        "  dispatcher memory: RSS {rss_before:.1} MiB at start, {rss_after:.1} MiB at end, peak {peak:.1} MiB"
+    );
+    println!(
+        "  machine: {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
+    );
+    stack.assert_clean(args.tasks as i64).await;
+    println!("  checked: every task succeeded exactly once; every outbox row published");
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}

@@ -9,7 +9,8 @@
 //! memory (peak and final RSS), then checks the run's invariants (every
 //! task succeeded exactly once, every outbox row published).
 //!
-//! Usage: `bench [--tasks N] [--workers W]` (defaults 5000 and 32).
+//! Usage: `bench [--tasks N] [--workers W] [--tasks-per-job J]` (defaults
+//! 5000, 32 and 10 000: one job, the most a job may hold).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,12 +34,14 @@ const CALLS: [&str; 6] = [
 
 struct Args {
     tasks: usize,
+    tasks_per_job: usize,
     workers: usize,
 }
 
 fn args() -> Args {
     let mut a = Args {
         tasks: 5000,
+        tasks_per_job: 10_000,
         workers: 32,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -50,8 +53,11 @@ fn args() -> Args {
             .unwrap_or_else(|| panic!("{flag} needs a positive number"));
         match flag.as_str() {
             "--tasks" => a.tasks = value.max(1),
+            "--tasks-per-job" => a.tasks_per_job = value.clamp(1, 10_000),
             "--workers" => a.workers = value.max(1),
-            other => panic!("unknown flag {other}; usage: bench [--tasks N] [--workers W]"),
+            other => panic!(
+                "unknown flag {other}; usage: bench [--tasks N] [--workers W] [--tasks-per-job J]"
+            ),
         }
     }
     a
@@ -203,11 +209,11 @@ fn memory(pid: u32) -> (f64, f64) {
 async fn main() {
     let args = args();
     let mut stack = Stack::new().await;
-    // Jobs hold at most 10 000 tasks: submit in chunks.
+    // Jobs hold at most 10 000 tasks: submit in chunks of `tasks_per_job`.
     let mut left = args.tasks;
     let mut chunk = 0;
     while left > 0 {
-        let n = left.min(10_000);
+        let n = left.min(args.tasks_per_job);
         let tasks: Vec<_> = (0..n)
             .map(|i| json!({"key": format!("t{i}"), "runtime": "exec", "bundle": "bench"}))
             .collect();
@@ -246,8 +252,8 @@ async fn main() {
     let (peak, rss_after) = memory(pid);
 
     println!(
-        "dispatcher benchmark: {} tasks, {} simulated workers, local profile, release build",
-        args.tasks, args.workers
+        "dispatcher benchmark: {} tasks in jobs of up to {}, {} simulated workers, local profile, release build",
+        args.tasks, args.tasks_per_job, args.workers
     );
     println!(
         "  throughput: {:.0} tasks/s ({} tasks in {:.2} s; each task = receive, claim, heartbeat, event, complete, delete)",

@@ -153,7 +153,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     ));
     eprintln!(
         "dispatcher serving at {url_http} (api, relay, reaper; {} profile)",
-        args.profile.profile
+        args.profile.queues.profile
     );
 
     let mut workers = Vec::new();
@@ -165,7 +165,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .env("WORKER_ID", format!("dev-worker-{i}"))
             .env("WORKER_CONCURRENCY", args.concurrency.to_string())
             .env("RUST_LOG", "warn")
-            .envs(args.profile.worker_env())
+            .envs(args.profile.queues.worker_env())
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", worker_bin.display()))?;

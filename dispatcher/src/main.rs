@@ -110,7 +110,7 @@ struct ServeArgs {
     #[arg(long, env = "DISPATCHER_DB_MAX_CONNECTIONS", default_value_t = 16)]
     max_connections: u32,
     #[command(flatten)]
-    profile: QueueArgs,
+    profile: dispatcher::profile::ProfileArgs,
     /// Roles to run: any of api, relay, reaper, or all.
     #[arg(long, env = "DISPATCHER_ROLES", default_value = "all", value_parser = Roles::parse)]
     roles: Roles,
@@ -145,7 +145,7 @@ enum TokenCommand {
     },
 }
 
-use dispatcher::profile::ProfileArgs as QueueArgs;
+use dispatcher::profile::QueueProfileArgs as QueueArgs;
 
 #[derive(Subcommand)]
 enum DlqCommand {
@@ -277,7 +277,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
         store.migrate().await.context("applying migrations")?;
     }
     let queue = args.profile.services_queue().await?;
-    tracing::info!(profile = args.profile.profile, "queues and objects ready");
+    tracing::info!(
+        profile = args.profile.queues.profile,
+        "queues and objects ready"
+    );
     let listener = if args.roles.api {
         let l = tokio::net::TcpListener::bind(&args.bind)
             .await

@@ -34,9 +34,12 @@ pub async fn sdk_config(
     loader.load().await
 }
 
+/// The profile and where its queues live: what the admin queue commands and
+/// the worker wrapper (`worker-wrapper run --profile`) need.
 #[derive(clap::Args, Debug, Clone)]
-pub struct ProfileArgs {
-    /// local: the Postgres queue in DATABASE_URL; aws: SQS and S3.
+pub struct QueueProfileArgs {
+    /// local: queues in Postgres (workers reach them through the
+    /// dispatcher); aws: SQS (and S3 for the dispatcher's objects).
     #[arg(long, env = "DISPATCHER_PROFILE", default_value = "local", value_parser = ["local", "aws"])]
     pub profile: String,
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
@@ -51,16 +54,9 @@ pub struct ProfileArgs {
         default_value = "dispatcher-"
     )]
     pub sqs_queue_prefix: String,
-    /// The S3 bucket for datasets and buffer batches.
-    #[arg(
-        long,
-        env = "DISPATCHER_S3_BUCKET",
-        default_value = "dispatcher-objects"
-    )]
-    pub s3_bucket: String,
 }
 
-impl ProfileArgs {
+impl QueueProfileArgs {
     pub fn is_aws(&self) -> bool {
         self.profile == "aws"
     }
@@ -70,15 +66,6 @@ impl ProfileArgs {
             region: self.aws_region.clone(),
             endpoint_url: self.aws_endpoint_url.clone(),
             queue_prefix: self.sqs_queue_prefix.clone(),
-            static_credentials: None,
-        }
-    }
-
-    pub fn s3(&self) -> S3Config {
-        S3Config {
-            region: self.aws_region.clone(),
-            endpoint_url: self.aws_endpoint_url.clone(),
-            bucket: self.s3_bucket.clone(),
             static_credentials: None,
         }
     }
@@ -97,10 +84,47 @@ impl ProfileArgs {
         env
     }
 
+    /// The profile's queue for one-off commands (DLQ replay).
+    pub async fn open(&self, store: &Store, settings: &Settings) -> anyhow::Result<Arc<dyn Queue>> {
+        Ok(match self.is_aws() {
+            true => Arc::new(SqsQueue::connect(&self.sqs()).await?),
+            false => crate::services::local_queue(store, settings).0,
+        })
+    }
+}
+
+/// The dispatcher's profile: its queues and, on aws, its bucket.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProfileArgs {
+    #[command(flatten)]
+    pub queues: QueueProfileArgs,
+    /// The S3 bucket for datasets and buffer batches.
+    #[arg(
+        long,
+        env = "DISPATCHER_S3_BUCKET",
+        default_value = "dispatcher-objects"
+    )]
+    pub s3_bucket: String,
+}
+
+impl ProfileArgs {
+    pub fn is_aws(&self) -> bool {
+        self.queues.is_aws()
+    }
+
+    pub fn s3(&self) -> S3Config {
+        S3Config {
+            region: self.queues.aws_region.clone(),
+            endpoint_url: self.queues.aws_endpoint_url.clone(),
+            bucket: self.s3_bucket.clone(),
+            static_credentials: None,
+        }
+    }
+
     /// Creates the aws profile's queues and bucket if missing (local set-ups
     /// against a test server; production creates them with infrastructure).
     pub async fn create_aws_resources(&self, max_receives: u32) -> anyhow::Result<()> {
-        SqsQueue::create_queues(&self.sqs(), max_receives).await?;
+        SqsQueue::create_queues(&self.queues.sqs(), max_receives).await?;
         S3Store::create_bucket(&self.s3()).await?;
         Ok(())
     }
@@ -112,7 +136,7 @@ impl ProfileArgs {
         if !self.is_aws() {
             return Ok(None);
         }
-        let sqs = SqsQueue::connect(&self.sqs()).await;
+        let sqs = SqsQueue::connect(&self.queues.sqs()).await;
         let s3 = S3Store::connect(&self.s3()).await;
         match (sqs, s3) {
             (Ok(q), Ok(_)) => Ok(Some(Arc::new(q))),
@@ -127,13 +151,5 @@ impl ProfileArgs {
                 anyhow::bail!("the aws profile is not ready: {}", problems.join("; "))
             }
         }
-    }
-
-    /// The profile's queue for one-off commands (DLQ replay).
-    pub async fn open(&self, store: &Store, settings: &Settings) -> anyhow::Result<Arc<dyn Queue>> {
-        Ok(match self.is_aws() {
-            true => Arc::new(SqsQueue::connect(&self.sqs()).await?),
-            false => crate::services::local_queue(store, settings).0,
-        })
     }
 }

@@ -31,6 +31,43 @@ pub mod moto;
 pub mod s3s;
 pub mod stack;
 
+/// A free loopback port for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Waits until `ready` answers true for a server process the harness
+/// started; panics if the process exits first (saying `if_exits`) or after
+/// `timeout`.
+pub async fn wait_ready<F, Fut>(
+    child: &mut std::process::Child,
+    name: &str,
+    if_exits: &str,
+    timeout: std::time::Duration,
+    mut ready: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            panic!("{name} exited at once ({status}){if_exits}");
+        }
+        if ready().await {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} did not answer within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A database of its own, migrated, dropped (with its connections) on drop.
 pub struct TestDb {
     pub pool: PgPool,

@@ -4,7 +4,7 @@
 //! fails, naming the fix.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dispatcher::queue::SqsConfig;
 
@@ -22,10 +22,7 @@ impl Drop for Moto {
 
 impl Moto {
     pub async fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = crate::free_port();
         let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
         let child = Command::new(&python)
             .args([
@@ -42,28 +39,16 @@ impl Moto {
             .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
         let mut moto = Moto { child, port };
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = moto.child.try_wait().expect("try_wait") {
-                panic!(
-                    "moto's server exited at once ({status}): install it with `python3 -m pip install 'moto[server]'` (.ci/run does)"
-                );
-            }
-            if client
-                .get(format!("{}/moto-api/", moto.url()))
-                .send()
-                .await
-                .is_ok()
-            {
-                return moto;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "moto's server did not answer on port {} within 30 s",
-                moto.port
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let probe = format!("{}/moto-api/", moto.url());
+        crate::wait_ready(
+            &mut moto.child,
+            "moto's server",
+            ": install it with `python3 -m pip install 'moto[server]'` (.ci/run does)",
+            Duration::from_secs(30),
+            || async { client.get(&probe).send().await.is_ok() },
+        )
+        .await;
+        moto
     }
 
     pub fn url(&self) -> String {

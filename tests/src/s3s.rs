@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dispatcher::objects::S3Config;
 
@@ -44,10 +44,7 @@ pub const SECRET_KEY: &str = "dispatcher-test-secret";
 
 impl S3sFs {
     pub async fn start() -> S3sFs {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = crate::free_port();
         let root = std::env::temp_dir().join(format!("s3s-fs-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&root).expect("data directory");
         let bin = binary();
@@ -60,23 +57,19 @@ impl S3sFs {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
         let mut server = S3sFs { child, root, port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = server.child.try_wait().expect("try_wait") {
-                panic!("s3s-fs exited at once ({status})");
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return server;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "s3s-fs did not listen on port {port} within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::wait_ready(
+            &mut server.child,
+            "s3s-fs",
+            "",
+            Duration::from_secs(20),
+            || async move {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await;
+        server
     }
 
     pub fn url(&self) -> String {

@@ -12,7 +12,7 @@ use dispatcher::tokens::Keyring;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::TestDb;
+use crate::{free_port, TestDb};
 
 /// `target/debug` (or wherever this test binary was built).
 /// The cargo profile directory (`target/debug`, `target/release`) holding the
@@ -126,11 +126,6 @@ impl Drop for Stack {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 impl Stack {

@@ -68,7 +68,7 @@ struct RunArgs {
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
     #[command(flatten)]
-    profile: wakeups::ProfileArgs,
+    profile: dispatcher::profile::QueueProfileArgs,
 }
 
 fn main() -> Result<()> {

@@ -12,7 +12,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatcher::queue::{Queue, SqsConfig, SqsQueue};
+use dispatcher::profile::QueueProfileArgs;
+use dispatcher::queue::{Queue, SqsQueue};
 use dispatcher_wire::QueueMessage;
 
 use crate::client::Client;
@@ -22,47 +23,21 @@ pub enum Wakeups {
     Sqs { sqs: SqsQueue, queue: String },
 }
 
-/// The aws profile's settings for the worker.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ProfileArgs {
-    /// local: wake-ups through the dispatcher's HTTP queue; aws: straight from SQS.
-    #[arg(long, env = "DISPATCHER_PROFILE", default_value = "local", value_parser = ["local", "aws"])]
-    pub profile: String,
-    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
-    pub aws_region: String,
-    /// An SQS-compatible endpoint instead of AWS.
-    #[arg(long, env = "AWS_ENDPOINT_URL")]
-    pub aws_endpoint_url: Option<String>,
-    /// Prepended to the SQS queue name (as the dispatcher's).
-    #[arg(
-        long,
-        env = "DISPATCHER_SQS_QUEUE_PREFIX",
-        default_value = "dispatcher-"
-    )]
-    pub sqs_queue_prefix: String,
-}
-
 impl Wakeups {
     /// Opens the profile's source of `queue`; on aws, fails naming the queue
     /// if it does not exist.
     pub async fn open(
-        profile: &ProfileArgs,
+        profile: &QueueProfileArgs,
         client: Arc<Client>,
         queue: &str,
     ) -> anyhow::Result<Self> {
-        if profile.profile != "aws" {
+        if !profile.is_aws() {
             return Ok(Wakeups::Dispatcher {
                 client,
                 queue: queue.to_owned(),
             });
         }
-        let cfg = SqsConfig {
-            region: profile.aws_region.clone(),
-            endpoint_url: profile.aws_endpoint_url.clone(),
-            queue_prefix: profile.sqs_queue_prefix.clone(),
-            static_credentials: None,
-        };
-        let sqs = SqsQueue::connect_to(&cfg, &[queue.to_owned()]).await?;
+        let sqs = SqsQueue::connect_to(&profile.sqs(), &[queue.to_owned()]).await?;
         Ok(Wakeups::Sqs {
             sqs,
             queue: queue.to_owned(),

@@ -97,7 +97,8 @@ impl PgQueue {
             Some(dlq(queue))
         };
         loop {
-            let rows: Vec<(i64, Value, Uuid, i32, bool)> = sqlx::query_as(
+            // Moved messages come back with no receipt.
+            let rows: Vec<(i64, Option<Value>, Option<Uuid>, i32)> = sqlx::query_as(
                 "WITH picked AS (
                      SELECT id, $5::text IS NOT NULL AND receive_count >= $4 AS dead
                        FROM queue_messages
@@ -118,9 +119,9 @@ impl PgQueue {
                        FROM picked
                       WHERE m.id = picked.id AND NOT picked.dead
                   RETURNING m.id, m.body, m.receipt, m.receive_count)
-                 SELECT id, body, receipt, receive_count, false FROM delivered
+                 SELECT id, body, receipt, receive_count FROM delivered
                  UNION ALL
-                 SELECT id, '{}'::jsonb, gen_random_uuid(), 0, true FROM moved",
+                 SELECT id, NULL, NULL, 0 FROM moved",
             )
             .bind(queue)
             .bind(i64::from(max))
@@ -129,8 +130,19 @@ impl PgQueue {
             .bind(dead_letter.as_deref())
             .fetch_all(&self.pool)
             .await?;
-            let moved = rows.iter().filter(|r| r.4).count();
-            let rows: Vec<_> = rows.into_iter().filter(|r| !r.4).collect();
+            let picked = rows.len();
+            let delivered: Vec<Delivery> = rows
+                .into_iter()
+                .filter_map(|(id, body, receipt, count)| {
+                    Some(Delivery {
+                        message_id: id.to_string(),
+                        receipt_handle: format!("{id}:{}", receipt?),
+                        body: body?,
+                        receive_count: u32::try_from(count).unwrap_or(0),
+                    })
+                })
+                .collect();
+            let moved = picked - delivered.len();
             if moved > 0 {
                 tracing::info!(
                     queue,
@@ -138,16 +150,8 @@ impl PgQueue {
                     "messages past their maximum receive count moved to the dead-letter queue"
                 );
             }
-            if !rows.is_empty() || moved == 0 {
-                return Ok(rows
-                    .into_iter()
-                    .map(|(id, body, receipt, count, _)| Delivery {
-                        message_id: id.to_string(),
-                        receipt_handle: format!("{id}:{receipt}"),
-                        body,
-                        receive_count: u32::try_from(count).unwrap_or(0),
-                    })
-                    .collect());
+            if !delivered.is_empty() || moved == 0 {
+                return Ok(delivered);
             }
         }
     }

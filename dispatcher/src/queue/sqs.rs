@@ -194,30 +194,20 @@ impl Queue for SqsQueue {
                 .send()
                 .await
                 .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+            // Entries answer by the id given above: their index in `chunk`.
             let mut answers: Vec<Result<String, String>> =
                 vec![Err("SQS did not answer for this entry".to_owned()); chunk.len()];
-            for ok in result.successful() {
-                if let Some(slot) = ok
-                    .id()
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|i| answers.get_mut(i))
-                {
-                    *slot = Ok(ok.message_id().to_owned());
-                }
-            }
-            for failed in result.failed() {
-                if let Some(slot) = failed
-                    .id()
-                    .parse::<usize>()
-                    .ok()
-                    .and_then(|i| answers.get_mut(i))
-                {
-                    *slot = Err(format!(
-                        "{}: {}",
-                        failed.code(),
-                        failed.message().unwrap_or("send failed")
-                    ));
+            let sent = result
+                .successful()
+                .iter()
+                .map(|ok| (ok.id(), Ok(ok.message_id().to_owned())));
+            let refused = result.failed().iter().map(|f| {
+                let why = f.message().unwrap_or("send failed");
+                (f.id(), Err(format!("{}: {why}", f.code())))
+            });
+            for (id, answer) in sent.chain(refused) {
+                if let Some(slot) = id.parse::<usize>().ok().and_then(|i| answers.get_mut(i)) {
+                    *slot = answer;
                 }
             }
             out.extend(answers);

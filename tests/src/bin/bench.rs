@@ -252,8 +252,11 @@ async fn main() {
     let (peak, rss_after) = memory(pid);
 
     println!(
-        "dispatcher benchmark: {} tasks in jobs of up to {}, {} simulated workers, local profile, release build",
-        args.tasks, args.tasks_per_job, args.workers
+        "dispatcher benchmark: {} tasks in jobs of up to {}, {} simulated workers, local profile, {} build",
+        args.tasks,
+        args.tasks_per_job,
+        args.workers,
+        if cfg!(debug_assertions) { "debug" } else { "release" }
     );
     println!(
         "  throughput: {:.0} tasks/s ({} tasks in {:.2} s; each task = receive, claim, heartbeat, event, complete, delete)",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispatcher::dlq::replay_wakeups;
-use dispatcher::queue::{PgQueue, Queue, SqsQueue};
+use dispatcher::queue::{Delivery, PgQueue, Queue, SqsQueue};
 use dispatcher::reaper::Reaper;
 use dispatcher::relay::Relay;
 use dispatcher::settings::Settings;
@@ -86,21 +86,31 @@ async fn conformance_undeleted_message_reappears_after_visibility_timeout(
     }
 }
 
+/// Receives `n` messages, in batches of up to 10.
+async fn receive_n(q: &dyn Queue, n: usize) -> Vec<Delivery> {
+    let mut all = Vec::new();
+    while all.len() < n {
+        let got = q
+            .receive(Q, 10, Duration::from_secs(2), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(!got.is_empty(), "only {} of {n} received", all.len());
+        all.extend(got);
+    }
+    all
+}
+
 async fn conformance_batch_delete(q: &dyn Queue) {
     for n in 0..12 {
         q.send(Q, &json!({"batch": n}), Duration::ZERO)
             .await
             .unwrap();
     }
-    let mut receipts = Vec::new();
-    while receipts.len() < 12 {
-        let got = q
-            .receive(Q, 10, Duration::from_secs(2), Duration::from_secs(30))
-            .await
-            .unwrap();
-        assert!(!got.is_empty(), "only {} of 12 received", receipts.len());
-        receipts.extend(got.into_iter().map(|m| m.receipt_handle));
-    }
+    let receipts: Vec<String> = receive_n(q, 12)
+        .await
+        .into_iter()
+        .map(|m| m.receipt_handle)
+        .collect();
     let answers = q.delete_batch(Q, &receipts).await.unwrap();
     assert_eq!(answers, vec![true; 12]);
     let rest = q
@@ -122,20 +132,13 @@ async fn conformance_batch_send(q: &dyn Queue) {
     let ids: HashSet<String> = answers.into_iter().map(|a| a.unwrap()).collect();
     assert_eq!(ids.len(), 12, "every message has its own id");
     let mut received = Vec::new();
-    while received.len() < 12 {
-        let got = q
-            .receive(Q, 10, Duration::from_secs(2), Duration::from_secs(30))
-            .await
-            .unwrap();
-        assert!(!got.is_empty(), "only {} of 12 received", received.len());
-        for m in got {
-            assert!(
-                ids.contains(&m.message_id),
-                "an id send_batch did not answer"
-            );
-            assert!(q.delete(Q, &m.receipt_handle).await.unwrap());
-            received.push(m.body["sent_in_batch"].as_i64().unwrap());
-        }
+    for m in receive_n(q, 12).await {
+        assert!(
+            ids.contains(&m.message_id),
+            "an id send_batch did not answer"
+        );
+        assert!(q.delete(Q, &m.receipt_handle).await.unwrap());
+        received.push(m.body["sent_in_batch"].as_i64().unwrap());
     }
     received.sort_unstable();
     assert_eq!(

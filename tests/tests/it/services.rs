@@ -12,7 +12,7 @@ use dispatcher::relay::Relay;
 use dispatcher::settings::Settings;
 use dispatcher_tests::moto::Moto;
 use dispatcher_tests::{TestApp, TestDb};
-use failing::FailingQueue;
+use failing::{FailingQueue, FirstOnlyQueue};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -516,6 +516,46 @@ mod failing {
             Ok(false)
         }
     }
+
+    /// A queue whose batch sends deliver the first message (to `inner`)
+    /// and refuse the rest, as an SQS `SendMessageBatch` may.
+    pub struct FirstOnlyQueue(pub std::sync::Arc<dyn Queue>);
+
+    #[async_trait::async_trait]
+    impl Queue for FirstOnlyQueue {
+        async fn send(&self, q: &str, body: &Value, delay: Duration) -> Result<String, QueueError> {
+            self.0.send(q, body, delay).await
+        }
+        async fn send_batch(
+            &self,
+            q: &str,
+            bodies: &[Value],
+        ) -> Result<Vec<Result<String, String>>, QueueError> {
+            let mut answers = self.0.send_batch(q, &bodies[..bodies.len().min(1)]).await?;
+            answers.resize(bodies.len(), Err("injected entry failure".into()));
+            Ok(answers)
+        }
+        async fn receive(
+            &self,
+            q: &str,
+            max: u32,
+            wait: Duration,
+            visibility: Duration,
+        ) -> Result<Vec<Delivery>, QueueError> {
+            self.0.receive(q, max, wait, visibility).await
+        }
+        async fn change_visibility(
+            &self,
+            q: &str,
+            receipt: &str,
+            visibility: Duration,
+        ) -> Result<bool, QueueError> {
+            self.0.change_visibility(q, receipt, visibility).await
+        }
+        async fn delete(&self, q: &str, receipt: &str) -> Result<bool, QueueError> {
+            self.0.delete(q, receipt).await
+        }
+    }
 }
 
 async fn queued(db: &TestDb) -> i64 {
@@ -542,6 +582,36 @@ async fn relay_publishes_pending_rows_and_marks_them_sent() {
         0,
         "nothing is published twice"
     );
+}
+
+#[tokio::test]
+async fn invariant_5_relay_batch_entry_failures_retry_only_the_refused_rows() {
+    let app = TestApp::spawn().await;
+    for _ in 0..3 {
+        app.single_task(1).await;
+    }
+    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let relay = Relay::new(
+        app.store.clone(),
+        Arc::new(FirstOnlyQueue(queue)),
+        app.settings.clone(),
+    );
+    assert_eq!(relay.relay_once().await.unwrap(), 3);
+    let counts = app.store.outbox_counts().await.unwrap();
+    assert_eq!(
+        (counts.pending, counts.sent, counts.dead),
+        (2, 1, 0),
+        "the delivered row is sent, the two refused ones wait for a retry"
+    );
+    assert_eq!(queued(&app.db).await, 1);
+    let errors: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT last_error FROM outbox WHERE state = 'pending'")
+            .fetch_all(&app.db.pool)
+            .await
+            .unwrap();
+    assert!(errors
+        .iter()
+        .all(|e| e.as_deref() == Some("injected entry failure")));
 }
 
 #[tokio::test]

@@ -90,6 +90,44 @@ fn dev_key(dir: &Path) -> Result<String> {
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// Writes the dev workers' credential to `.dev/worker.credential`, 0600
+/// (worker-wrapper refuses a credential file others can read).
+fn credential_file(dir: &Path, credential: &str) -> Result<PathBuf> {
+    let path = dir.join("worker.credential");
+    let _ = std::fs::remove_file(&path);
+    crate::write_private(&path, credential)?;
+    Ok(path)
+}
+
+/// A copy of the worker binary that any user may run, for the sample
+/// job's tasks: a root worker runs each task under a uid of its own, which
+/// may not reach a checkout in a private home directory. Removed on exit.
+struct TaskBinary {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl TaskBinary {
+    fn copy(worker_bin: &Path) -> Result<TaskBinary> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir =
+            std::env::temp_dir().join(format!("dispatcher-dev-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let path = dir.join("worker-wrapper");
+        std::fs::copy(worker_bin, &path)
+            .with_context(|| format!("copying {} to {}", worker_bin.display(), path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        Ok(TaskBinary { dir, path })
+    }
+}
+
+impl Drop for TaskBinary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn worker_binary() -> Result<PathBuf> {
     let me = std::env::current_exe()?;
     let path = me.with_file_name("worker-wrapper");
@@ -125,6 +163,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let user_token = keys.mint_user(user, org, expires);
     let worker_token = keys.mint_worker("dev-pool", expires);
     let worker_bin = worker_binary()?;
+    let task_bin = TaskBinary::copy(&worker_bin)?;
+    let credential = credential_file(&args.state_dir, &worker_token)?;
     if args.profile.is_aws() {
         args.profile
             .create_aws_resources(settings.queue_max_receives)
@@ -161,7 +201,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let child = tokio::process::Command::new(&worker_bin)
             .arg("run")
             .env("DISPATCHER_URL", &url_http)
-            .env("WORKER_CREDENTIAL", &worker_token)
+            .env("WORKER_CREDENTIAL_FILE", &credential)
             .env("WORKER_ID", format!("dev-worker-{i}"))
             .env("WORKER_CONCURRENCY", args.concurrency.to_string())
             .env("RUST_LOG", "warn")
@@ -178,7 +218,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
 
     let mut job_id = None;
     if !args.no_sample {
-        let id = sample_job(&store, org, user, &worker_bin, &settings).await?;
+        let id = sample_job(&store, org, user, &task_bin.path, &settings).await?;
         job_id = Some(id);
         watch(&store, org, id).await?;
     }
@@ -191,7 +231,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     }
     println!(
         "  curl -s -X POST {url_http}/v1/jobs -H \"authorization: Bearer $USER_TOKEN\" -H 'content-type: application/json' \\\n       -d '{{\"name\": \"mine\", \"tasks\": [{{\"key\": \"a\", \"runtime\": \"exec\", \"bundle\": \"{} sample-task\"}}]}}'",
-        worker_bin.display()
+        task_bin.path.display()
     );
     println!("  curl -s {url_http}/.well-known/jwks.json");
 

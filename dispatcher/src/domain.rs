@@ -108,6 +108,53 @@ fn task_key(field: &str, value: &str) -> Result<(), Invalid> {
     })
 }
 
+/// Postgres cannot store the NUL character (`\u0000`) in `jsonb` or
+/// `text`: a value holding one is refused here, naming where, instead of
+/// failing in the database.
+pub fn storable_json(field: &str, value: &Value) -> Result<(), Invalid> {
+    fn walk(v: &Value, path: &mut String) -> Option<String> {
+        match v {
+            Value::String(s) if s.contains('\0') => Some(path.clone()),
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+                let len = path.len();
+                path.push_str(&format!("[{i}]"));
+                let found = walk(item, path);
+                path.truncate(len);
+                found
+            }),
+            Value::Object(map) => map.iter().find_map(|(k, item)| {
+                if k.contains('\0') {
+                    return Some(path.clone());
+                }
+                let len = path.len();
+                path.push('.');
+                path.push_str(k);
+                let found = walk(item, path);
+                path.truncate(len);
+                found
+            }),
+            _ => None,
+        }
+    }
+    match walk(value, &mut field.to_owned()) {
+        Some(at) => Err(Invalid::new(
+            at,
+            "must not contain the NUL character (\\u0000)",
+        )),
+        None => Ok(()),
+    }
+}
+
+fn storable_text(field: &str, value: &str) -> Result<(), Invalid> {
+    if value.contains('\0') {
+        return Err(Invalid::new(
+            field,
+            "must not contain the NUL character (\\u0000)",
+        ));
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------------------ jobs ---
 
 /// A job that passed validation: unique keys, known dependencies, no cycle.
@@ -178,6 +225,8 @@ pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJo
                 "must be a JSON object",
             ));
         }
+        storable_json(&format!("tasks[{i}].inputs"), &inputs)?;
+        storable_text(&format!("tasks[{i}].bundle"), &t.bundle)?;
         let max_attempts = t.max_attempts.unwrap_or(settings.default_max_attempts);
         if max_attempts == 0 || max_attempts > settings.max_attempts_limit {
             return Err(Invalid::new(
@@ -302,6 +351,7 @@ pub fn events(req: wire::EventsRequest, settings: &Settings) -> Result<Vec<NewEv
             check_name(&format!("events[{i}].kind"), &e.kind, 64, |c| {
                 c.is_ascii_alphanumeric() || "-_.".contains(c)
             })?;
+            storable_json(&format!("events[{i}].payload"), &e.payload)?;
             Ok(NewEvent {
                 seq,
                 kind: e.kind,
@@ -343,8 +393,15 @@ pub fn buffer_batch(req: wire::BufferPublishRequest) -> Result<NewBufferBatch, I
 /// original by value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Completion {
-    Succeeded { output: Value },
-    Failed { message: String, retryable: bool },
+    Succeeded {
+        output: Value,
+    },
+    Failed {
+        message: String,
+        retryable: bool,
+    },
+    /// The worker stopped the task after a cancel request.
+    Cancelled,
 }
 
 impl Completion {
@@ -358,6 +415,7 @@ impl Completion {
                 "outcome": "failed",
                 "error": {"message": message, "retryable": retryable}
             }),
+            Completion::Cancelled => serde_json::json!({"outcome": "cancelled"}),
         }
     }
 }
@@ -371,9 +429,9 @@ pub fn completion(req: wire::CompleteRequest) -> Result<Completion, Invalid> {
                     "not allowed when outcome is \"succeeded\"",
                 ));
             }
-            Ok(Completion::Succeeded {
-                output: req.output.unwrap_or(Value::Null),
-            })
+            let output = req.output.unwrap_or(Value::Null);
+            storable_json("output", &output)?;
+            Ok(Completion::Succeeded { output })
         }
         wire::Outcome::Failed => {
             if req.output.is_some() {
@@ -388,10 +446,24 @@ pub fn completion(req: wire::CompleteRequest) -> Result<Completion, Invalid> {
             if err.message.len() > 64 * 1024 {
                 return Err(Invalid::new("error.message", "must be at most 65536 bytes"));
             }
+            storable_text("error.message", &err.message)?;
             Ok(Completion::Failed {
                 message: err.message,
                 retryable: err.retryable,
             })
+        }
+        wire::Outcome::Cancelled => {
+            if req.output.is_some() || req.error.is_some() {
+                return Err(Invalid::new(
+                    if req.output.is_some() {
+                        "output"
+                    } else {
+                        "error"
+                    },
+                    "not allowed when outcome is \"cancelled\"",
+                ));
+            }
+            Ok(Completion::Cancelled)
         }
     }
 }
@@ -461,6 +533,14 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(j.tasks[3].depends_on, vec![1, 2]);
+    }
+
+    #[test]
+    fn nul_characters_are_refused_with_their_place() {
+        let v = serde_json::json!({"a": [1, {"b": "x\u{0}y"}]});
+        let err = storable_json("output", &v).unwrap_err();
+        assert_eq!(err.field, "output.a[1].b");
+        assert!(storable_json("output", &serde_json::json!({"a": "ok"})).is_ok());
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct WorkerOpts {
     pub concurrency: usize,
     pub lease_seconds: u32,
     pub visibility_seconds: u32,
+    /// The credential to give it; by default a valid one for `id`.
+    pub credential: Option<String>,
+    /// Run the wrapper itself under this (unprivileged) uid and gid.
+    pub run_as: Option<u32>,
 }
 
 impl WorkerOpts {
@@ -54,8 +58,24 @@ impl WorkerOpts {
             concurrency: 8,
             lease_seconds: 2,
             visibility_seconds: 5,
+            credential: None,
+            run_as: None,
         }
     }
+}
+
+/// Writes `text` to a new file readable by its owner only (0600), as a
+/// key or credential file must be.
+pub fn write_secret(path: &std::path::Path, text: &str) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.write_all(text.as_bytes()).expect("writing a secret file");
 }
 
 pub struct Worker {
@@ -134,9 +154,19 @@ impl Stack {
         let db = TestDb::new().await;
         let dir = std::env::temp_dir().join(format!("e2e-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("tmp dir");
+        // Tasks run under uids of their own: they must reach the programs
+        // in here (whatever the umask), but not the secrets (0600).
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("chmod tmp dir");
+        for name in ["worker-wrapper", "udf-probe"] {
+            let to = dir.join(name);
+            std::fs::copy(binary(name), &to).expect("copying a task program");
+            std::fs::set_permissions(&to, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .expect("chmod task program");
+        }
         let (pem, _) = dispatcher::tokens::generate_key_pem();
         let key_file = dir.join("signing.pem");
-        std::fs::write(&key_file, &pem).expect("key file");
+        write_secret(&key_file, &pem);
         let keys = Keyring::from_pem("dispatcher", &pem, &[], 5).expect("keyring");
         let store = dispatcher::store::Store::new(db.pool.clone(), Default::default());
         let org_id = store.ensure_org("e2e").await.expect("org");
@@ -268,21 +298,38 @@ impl Stack {
         ];
     }
 
+    /// The path of a worker's credential file (0600), as `start_worker`
+    /// writes it.
+    pub fn credential_file(&self, worker_id: &str) -> PathBuf {
+        self.dir.join(format!("{worker_id}.credential"))
+    }
+
+    /// Starts a worker-wrapper with its credential in a 0600 file
+    /// (`WORKER_CREDENTIAL_FILE`), in a process group of its own.
     pub fn start_worker(&self, opts: &WorkerOpts) -> Worker {
         use std::os::unix::process::CommandExt;
         let log = self.dir.join(format!("{}.log", opts.id));
-        let child = Command::new(binary("worker-wrapper"))
+        let credential = opts.credential.clone().unwrap_or_else(|| {
+            self.keys
+                .mint_worker(&opts.id, Utc::now() + chrono::Duration::hours(1))
+        });
+        let credential_file = self.credential_file(&opts.id);
+        let _ = std::fs::remove_file(&credential_file);
+        write_secret(&credential_file, &credential);
+        let mut cmd = Command::new(binary("worker-wrapper"));
+        if let Some(uid) = opts.run_as {
+            std::os::unix::fs::chown(&credential_file, Some(uid), Some(uid))
+                .expect("chown credential");
+            cmd.uid(uid).gid(uid);
+        }
+        let child = cmd
             .arg("run")
             .arg("--wait-seconds")
             .arg("1")
             .arg("--visibility-seconds")
             .arg(opts.visibility_seconds.to_string())
             .env("DISPATCHER_URL", self.url())
-            .env(
-                "WORKER_CREDENTIAL",
-                self.keys
-                    .mint_worker(&opts.id, Utc::now() + chrono::Duration::hours(1)),
-            )
+            .env("WORKER_CREDENTIAL_FILE", &credential_file)
             .env("WORKER_ID", &opts.id)
             .env("WORKER_CONCURRENCY", opts.concurrency.to_string())
             .env("WORKER_LEASE_SECONDS", opts.lease_seconds.to_string())
@@ -296,9 +343,14 @@ impl Stack {
         Worker { child, log }
     }
 
-    /// The `sample-task` bundle.
+    /// The `sample-task` bundle (a copy of the binary that any uid may run).
     pub fn sample_bundle(&self) -> String {
-        format!("{} sample-task", binary("worker-wrapper").display())
+        format!("{} sample-task", self.dir.join("worker-wrapper").display())
+    }
+
+    /// The `udf-probe` program (a copy that any uid may run).
+    pub fn probe_bundle(&self) -> String {
+        self.dir.join("udf-probe").display().to_string()
     }
 
     /// Submits a job straight into the store (the jobs API is tested

@@ -227,6 +227,9 @@ pub struct BufferPublishResponse {
 pub enum Outcome {
     Succeeded,
     Failed,
+    /// The worker stopped the task because its heartbeat answered
+    /// `cancel_requested: true`; accepted only then.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,24 +1,26 @@
 //! The worker wrapper: receives wake-ups, claims leases, runs tasks,
 //! heartbeats, completes. Holds a worker credential; the tasks it runs see
-//! only their own capability token.
+//! only their own capability token (`sandbox`, ADR 0010).
 
 mod client;
 mod runner;
 mod sample;
+mod sandbox;
 mod wakeups;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use client::Client;
-use runner::WorkerConfig;
-use wakeups::Wakeups;
+use runner::{Handled, WorkerConfig};
+use sandbox::{Sandbox, UidRange};
+use wakeups::{ReceiveError, Wakeups};
 
 #[derive(Parser)]
 #[command(
@@ -43,9 +45,28 @@ enum Command {
 struct RunArgs {
     #[arg(long, env = "DISPATCHER_URL", default_value = "http://127.0.0.1:8080")]
     dispatcher_url: String,
-    /// Worker credential (a `dispatcher token worker` JWT).
-    #[arg(long, env = "WORKER_CREDENTIAL", hide_env_values = true)]
-    credential: String,
+    /// File holding the worker credential (a `dispatcher token worker`
+    /// JWT); it must be readable by its owner only (0600 or 0400). Without
+    /// it the credential is read from `WORKER_CREDENTIAL` (weaker: see
+    /// ADR 0010). Never on the command line, which every process can read.
+    #[arg(long, env = "WORKER_CREDENTIAL_FILE")]
+    credential_file: Option<std::path::PathBuf>,
+    /// Run as root, each running task gets a uid (and gid) of its own from
+    /// this range, which must hold no real accounts.
+    #[arg(long, env = "WORKER_UDF_UIDS", default_value = "1900000000-1900004095")]
+    udf_uids: UidRange,
+    /// Where a root wrapper locks the task uids it uses (a root-only
+    /// directory shared by every wrapper of the machine).
+    #[arg(
+        long,
+        env = "WORKER_UDF_LOCK_DIR",
+        default_value = "/run/worker-wrapper/uids"
+    )]
+    udf_lock_dir: std::path::PathBuf,
+    /// Where task scratch directories are made (default: the system's
+    /// temporary directory).
+    #[arg(long, env = "WORKER_SCRATCH_DIR")]
+    scratch_dir: Option<std::path::PathBuf>,
     /// This worker's id in claims and logs.
     #[arg(long, env = "WORKER_ID")]
     worker_id: Option<String>,
@@ -73,6 +94,16 @@ struct RunArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Before any secret is read: nothing of this process may be read
+    // through /proc by the tasks it starts. Then the credential, read (and
+    // scrubbed from the environment) before the runtime starts threads.
+    let credential = match &cli.command {
+        Command::Run(args) => {
+            sandbox::harden_self()?;
+            Some(credential(args)?)
+        }
+        Command::SampleTask => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -86,20 +117,46 @@ fn main() -> Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            rt.block_on(run(*args))
+            rt.block_on(run(*args, credential.unwrap_or_default()))
         }
         Command::SampleTask => rt.block_on(sample::main()),
     }
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+/// The worker credential: from the file if given, else from
+/// `WORKER_CREDENTIAL`, which is then removed from this process's
+/// environment.
+fn credential(args: &RunArgs) -> Result<String> {
+    if let Some(path) = &args.credential_file {
+        return sandbox::read_credential_file(path);
+    }
+    match std::env::var("WORKER_CREDENTIAL") {
+        Ok(c) if !c.trim().is_empty() => {
+            // Before the runtime starts any other thread (see `main`).
+            std::env::remove_var("WORKER_CREDENTIAL");
+            Ok(c.trim().to_owned())
+        }
+        _ => bail!(
+            "no worker credential: set WORKER_CREDENTIAL_FILE (a 0600 file) or WORKER_CREDENTIAL"
+        ),
+    }
+}
+
+async fn run(args: RunArgs, credential: String) -> Result<()> {
     let worker_id = args
         .worker_id
         .clone()
         .unwrap_or_else(|| format!("worker-{}", std::process::id()));
-    let scratch = std::env::temp_dir().join(format!("worker-wrapper-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    let client = Arc::new(Client::new(&args.dispatcher_url, &args.credential)?);
+    if args.udf_uids.len() < args.concurrency as u64 {
+        bail!(
+            "--udf-uids holds fewer uids than --concurrency {}",
+            args.concurrency
+        );
+    }
+    let parent = args.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let sandbox = Sandbox::new(&parent, args.udf_uids, &args.udf_lock_dir)?;
+    let client = Arc::new(Client::new(&args.dispatcher_url, &credential)?);
+    drop(credential);
     let wakeups = Wakeups::open(&args.profile, client.clone(), &args.queue).await?;
     let source = wakeups.describe();
     let cfg = Arc::new(WorkerConfig {
@@ -107,22 +164,35 @@ async fn run(args: RunArgs) -> Result<()> {
         worker_id: worker_id.clone(),
         wakeups,
         lease_seconds: args.lease_seconds,
-        scratch: scratch.clone(),
+        sandbox: sandbox.clone(),
     });
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let mut running = JoinSet::new();
+    let mut running: JoinSet<Handled> = JoinSet::new();
+    if !sandbox.is_isolated() {
+        tracing::warn!("not running as root: tasks run as this user and are not isolated from each other or from this user's files");
+    }
     tracing::info!(
         worker_id,
         url = args.dispatcher_url,
         concurrency = args.concurrency,
         source,
+        tasks_run_as = sandbox.describe(),
         "worker started"
     );
 
+    // Set when the dispatcher refuses the credential: stop and fail.
+    let mut refused: Option<String> = None;
     while !shutdown.is_cancelled() {
-        while running.try_join_next().is_some() {}
+        while let Some(done) = running.try_join_next() {
+            if let Ok(Handled::CredentialRefused(why)) = done {
+                refused.get_or_insert(why);
+            }
+        }
+        if refused.is_some() {
+            break;
+        }
         // Wait for a free slot before asking for work.
         let first = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -135,7 +205,11 @@ async fn run(args: RunArgs) -> Result<()> {
         };
         let messages = match received {
             Ok(m) => m,
-            Err(e) => {
+            Err(ReceiveError::CredentialRefused(why)) => {
+                refused = Some(why);
+                break;
+            }
+            Err(ReceiveError::Other(e)) => {
                 tracing::warn!(error = %e, "receive failed; backing off");
                 drop(first);
                 tokio::select! {
@@ -152,8 +226,9 @@ async fn run(args: RunArgs) -> Result<()> {
             };
             let (client, cfg) = (client.clone(), cfg.clone());
             running.spawn(async move {
-                runner::handle(client, cfg, msg).await;
+                let handled = runner::handle(client, cfg, msg).await;
                 drop(permit);
+                handled
             });
         }
     }
@@ -164,7 +239,11 @@ async fn run(args: RunArgs) -> Result<()> {
         "draining"
     );
     let drained = tokio::time::timeout(Duration::from_secs(args.drain_seconds), async {
-        while running.join_next().await.is_some() {}
+        while let Some(done) = running.join_next().await {
+            if let Ok(Handled::CredentialRefused(why)) = done {
+                refused.get_or_insert(why);
+            }
+        }
     })
     .await;
     if drained.is_err() {
@@ -174,7 +253,18 @@ async fn run(args: RunArgs) -> Result<()> {
         );
         running.shutdown().await;
     }
-    let _ = std::fs::remove_dir_all(&scratch);
+    sandbox.remove();
+    if let Some(why) = refused {
+        tracing::error!(
+            error = why,
+            "the dispatcher refused the worker credential; stopping"
+        );
+        bail!(
+            "the dispatcher refused the worker credential ({why}): it is wrong, expired or \
+             signed by a key the dispatcher does not trust; mint a new one with \
+             `dispatcher token worker` and check WORKER_CREDENTIAL_FILE"
+        );
+    }
     tracing::info!("worker stopped");
     Ok(())
 }

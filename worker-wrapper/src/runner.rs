@@ -1,15 +1,15 @@
-//! Handling one wake-up: claim, run the task, heartbeat, complete, delete.
+//! Handling one wake-up: claim, run the task in its sandbox, heartbeat,
+//! complete, delete.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dispatcher_wire as wire;
+use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 
 use crate::client::{CallError, Client};
+use crate::sandbox::{Attempt, Sandbox};
 use crate::wakeups::Wakeups;
 
 /// What the worker is configured with.
@@ -19,30 +19,81 @@ pub struct WorkerConfig {
     /// Where wake-ups come from (and are deleted and kept hidden).
     pub wakeups: Wakeups,
     pub lease_seconds: Option<u32>,
-    /// Where task token files are written.
-    pub scratch: PathBuf,
+    /// Where and as whom tasks run.
+    pub sandbox: Arc<Sandbox>,
+}
+
+/// How handling a wake-up ended, as the receive loop needs to know.
+pub enum Handled {
+    Done,
+    /// The dispatcher refused the worker credential (401/403): the worker
+    /// must stop; the wake-up was left in the queue.
+    CredentialRefused(String),
 }
 
 /// How a run ended.
 enum Ended {
     Exited(std::process::ExitStatus, Vec<u8>, Vec<u8>),
-    /// The lease is gone or a cancel was requested: the child was stopped
-    /// and the attempt must not complete.
+    /// A cancel was requested: the task was killed; the attempt completes
+    /// as `cancelled`.
+    Cancelled,
+    /// The lease is gone: the task was killed and the attempt must not
+    /// complete.
     Abandoned(String),
     SpawnFailed(String),
 }
 
+/// Why the heartbeat loop stopped.
+enum Stop {
+    Cancel,
+    Lost(String),
+}
+
 const MAX_OUTPUT: usize = 1024 * 1024;
 
+/// What a refused claim proves about its wake-up.
+enum Verdict {
+    /// The task does not exist or cannot be claimed: the message is useless.
+    Useless,
+    /// The worker's own credential was refused.
+    BadCredential,
+    /// Nothing is proven (dispatcher down, overloaded, a bad request of
+    /// ours): leave the message to reappear.
+    Unknown,
+}
+
+fn judge(e: &CallError) -> Verdict {
+    match e {
+        CallError::Refused { status, .. } if *status == StatusCode::NOT_FOUND => Verdict::Useless,
+        CallError::Refused { status, code, .. }
+            if *status == StatusCode::CONFLICT && code == "not_claimable" =>
+        {
+            Verdict::Useless
+        }
+        CallError::Refused { status, .. }
+            if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN =>
+        {
+            Verdict::BadCredential
+        }
+        _ => Verdict::Unknown,
+    }
+}
+
 /// Handles one delivered wake-up from start to end. Never panics on bad
-/// input: a malformed message is deleted.
-pub async fn handle(client: Arc<Client>, cfg: Arc<WorkerConfig>, msg: wire::QueueMessage) {
+/// input: a malformed message is deleted. A wake-up is deleted only when
+/// the claim answer proves it useless or after the attempt it started has
+/// ended; otherwise it is left to reappear.
+pub async fn handle(
+    client: Arc<Client>,
+    cfg: Arc<WorkerConfig>,
+    msg: wire::QueueMessage,
+) -> Handled {
     let wake: wire::WakeUp = match serde_json::from_value(msg.body.clone()) {
         Ok(w) => w,
         Err(e) => {
             tracing::warn!(message_id = msg.message_id, error = %e, "malformed wake-up; deleting it");
             cfg.wakeups.delete(&msg.receipt_handle).await;
-            return;
+            return Handled::Done;
         }
     };
     let claim = match client
@@ -50,44 +101,58 @@ pub async fn handle(client: Arc<Client>, cfg: Arc<WorkerConfig>, msg: wire::Queu
         .await
     {
         Ok(c) => c,
-        Err(e) if !e.is_transient() => {
-            // Duplicate, late or stale wake-up: the claim decides (invariant 6).
-            tracing::debug!(task_id = %wake.task_id, error = %e, "wake-up not claimable; deleting it");
-            cfg.wakeups.delete(&msg.receipt_handle).await;
-            return;
-        }
-        Err(e) => {
-            // Leave the message: it becomes visible again and is retried.
-            tracing::warn!(task_id = %wake.task_id, error = %e, "claim failed; the wake-up will be redelivered");
-            return;
-        }
+        Err(e) => match judge(&e) {
+            Verdict::Useless => {
+                // Duplicate, late or stale wake-up: the claim decides (invariant 6).
+                tracing::debug!(task_id = %wake.task_id, error = %e, "wake-up not claimable; deleting it");
+                cfg.wakeups.delete(&msg.receipt_handle).await;
+                return Handled::Done;
+            }
+            Verdict::BadCredential => {
+                // Let another worker have it at once (best effort; it
+                // reappears after its visibility timeout anyway).
+                cfg.wakeups.extend(&msg.receipt_handle, 0).await;
+                return Handled::CredentialRefused(e.to_string());
+            }
+            Verdict::Unknown => {
+                tracing::warn!(task_id = %wake.task_id, error = %e, "claim failed; the wake-up will be redelivered");
+                return Handled::Done;
+            }
+        },
     };
     tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, key = claim.task.key, "claimed");
     // The newest capability token: heartbeats refresh it, completion uses it.
     let token = Mutex::new(claim.capability_token.clone());
     let ended = run(&client, &cfg, &claim, &msg, &token).await;
     let token = token.into_inner().unwrap_or_else(|p| p.into_inner());
-    match ended {
+    let request = match ended {
         Ended::Abandoned(why) => {
             tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, why, "attempt abandoned without completing");
+            None
         }
-        Ended::Exited(status, stdout, stderr) => {
-            let req = outcome(status, &stdout, &stderr);
-            complete(&client, &claim, &token, &req).await;
-        }
-        Ended::SpawnFailed(why) => {
-            let req = wire::CompleteRequest {
-                outcome: wire::Outcome::Failed,
+        Ended::Cancelled => {
+            tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, "cancel requested; the task was stopped");
+            Some(wire::CompleteRequest {
+                outcome: wire::Outcome::Cancelled,
                 output: None,
-                error: Some(wire::TaskFailure {
-                    message: why,
-                    retryable: false,
-                }),
-            };
-            complete(&client, &claim, &token, &req).await;
+                error: None,
+            })
         }
+        Ended::Exited(status, stdout, stderr) => Some(outcome(status, &stdout, &stderr)),
+        Ended::SpawnFailed(why) => Some(wire::CompleteRequest {
+            outcome: wire::Outcome::Failed,
+            output: None,
+            error: Some(wire::TaskFailure {
+                message: why,
+                retryable: false,
+            }),
+        }),
+    };
+    if let Some(req) = request {
+        complete(&client, &claim, &token, &req).await;
     }
     cfg.wakeups.delete(&msg.receipt_handle).await;
+    Handled::Done
 }
 
 /// The completion a child's exit makes: exit 0 succeeds with stdout as JSON
@@ -99,7 +164,8 @@ fn outcome(
     stderr: &[u8],
 ) -> wire::CompleteRequest {
     if status.success() {
-        let text = String::from_utf8_lossy(stdout);
+        // Postgres stores no NUL character; a stray one is replaced.
+        let text = String::from_utf8_lossy(stdout).replace('\0', "\u{FFFD}");
         let trimmed = text.trim();
         let output = if trimmed.is_empty() {
             serde_json::Value::Null
@@ -112,7 +178,7 @@ fn outcome(
             error: None,
         }
     } else {
-        let err = String::from_utf8_lossy(stderr);
+        let err = String::from_utf8_lossy(stderr).replace('\0', "\u{FFFD}");
         let tail: String = err
             .chars()
             .rev()
@@ -133,16 +199,19 @@ fn outcome(
 }
 
 /// Completes, retrying transient errors (a replay is answered with the
-/// original result, so retrying is safe).
+/// original result, so retrying is safe). A completion refused as invalid
+/// (an output the dispatcher cannot store) is replaced by a failure that
+/// says why, so the attempt still ends now.
 async fn complete(
     client: &Client,
     claim: &wire::ClaimResponse,
     token: &str,
     req: &wire::CompleteRequest,
 ) {
+    let mut req = req.clone();
     let mut delay = Duration::from_millis(200);
     for _ in 0..8 {
-        match client.complete(token, req).await {
+        match client.complete(token, &req).await {
             Ok(r) => {
                 tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, state = r.state.as_str(), "completed");
                 return;
@@ -151,6 +220,19 @@ async fn complete(
                 tracing::warn!(task_id = %claim.task_id, error = %e, "completion failed; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(CallError::Refused { code, message, .. })
+                if code == "invalid_request" && req.outcome == wire::Outcome::Succeeded =>
+            {
+                tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, message, "the task's output was refused; failing the attempt");
+                req = wire::CompleteRequest {
+                    outcome: wire::Outcome::Failed,
+                    output: None,
+                    error: Some(wire::TaskFailure {
+                        message: format!("the task's output was refused: {message}"),
+                        retryable: false,
+                    }),
+                };
             }
             Err(e) => {
                 tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, error = %e, "completion refused");
@@ -177,40 +259,48 @@ async fn run(
     let Some(program) = argv.next() else {
         return Ended::SpawnFailed("empty bundle".into());
     };
-    let token_file = cfg
-        .scratch
-        .join(format!("task-{}-{}.token", claim.task_id, claim.attempt));
-    if let Err(e) = write_token(&token_file, &claim.capability_token).await {
+    let attempt = match cfg.sandbox.enter().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "cannot prepare the task's sandbox");
+            return Ended::SpawnFailed(format!("the worker could not prepare the task: {e:#}"));
+        }
+    };
+    if let Err(e) = attempt.write_token(&claim.capability_token) {
+        attempt.finish(None).await;
         return Ended::SpawnFailed(format!("cannot write the token file: {e}"));
     }
-    let prefix = prefix_of(&claim.capability_token);
-    let mut cmd = Command::new(program);
+    let vars = [
+        ("DISPATCHER_URL", cfg.dispatcher_url.clone()),
+        ("DISPATCHER_TASK_TOKEN", claim.capability_token.clone()),
+        (
+            "DISPATCHER_TASK_TOKEN_FILE",
+            attempt.token_file().display().to_string(),
+        ),
+        ("DISPATCHER_TASK_ID", claim.task_id.to_string()),
+        ("DISPATCHER_JOB_ID", claim.job_id.to_string()),
+        ("DISPATCHER_TASK_KEY", claim.task.key.clone()),
+        ("DISPATCHER_ATTEMPT", claim.attempt.to_string()),
+        (
+            "DISPATCHER_OBJECT_PREFIX",
+            prefix_of(&claim.capability_token),
+        ),
+        ("DISPATCHER_OUTPUTS", claim.task.outputs.join(",")),
+    ];
+    let mut cmd = attempt.command(program, &vars);
     cmd.args(argv)
-        // The child sees its own capability token, never the worker credential.
-        .env_clear()
-        .envs(std::env::vars().filter(|(k, _)| {
-            matches!(k.as_str(), "PATH" | "HOME" | "LANG" | "TMPDIR" | "RUST_LOG")
-        }))
-        .env("DISPATCHER_URL", &cfg.dispatcher_url)
-        .env("DISPATCHER_TASK_TOKEN", &claim.capability_token)
-        .env("DISPATCHER_TASK_TOKEN_FILE", &token_file)
-        .env("DISPATCHER_TASK_ID", claim.task_id.to_string())
-        .env("DISPATCHER_JOB_ID", claim.job_id.to_string())
-        .env("DISPATCHER_TASK_KEY", &claim.task.key)
-        .env("DISPATCHER_ATTEMPT", claim.attempt.to_string())
-        .env("DISPATCHER_OBJECT_PREFIX", prefix)
-        .env("DISPATCHER_OUTPUTS", claim.task.outputs.join(","))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let _ = tokio::fs::remove_file(&token_file).await;
+            attempt.finish(None).await;
             return Ended::SpawnFailed(format!("cannot start {program:?}: {e}"));
         }
     };
+    let pgid = child.id();
     let inputs = serde_json::to_vec(&claim.task.inputs).unwrap_or_default();
     let mut stdin = child.stdin.take();
     let mut stdout = child.stdout.take();
@@ -233,10 +323,14 @@ async fn run(
             Ok(status) => Ended::Exited(status, out, err),
             Err(e) => Ended::SpawnFailed(format!("waiting for the task failed: {e}")),
         },
-        why = keep_alive(client, cfg, claim, msg, &token_file, token) => Ended::Abandoned(why),
+        stop = keep_alive(client, cfg, claim, msg, &attempt, token) => match stop {
+            Stop::Cancel => Ended::Cancelled,
+            Stop::Lost(why) => Ended::Abandoned(why),
+        },
     };
-    // Dropping the child future kills the child (kill_on_drop).
-    let _ = tokio::fs::remove_file(&token_file).await;
+    // The task's whole process group goes (and, under a uid of its own,
+    // anything it left running elsewhere), then its scratch directory.
+    attempt.finish(pgid).await;
     ended
 }
 
@@ -248,9 +342,9 @@ async fn keep_alive(
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
     msg: &wire::QueueMessage,
-    token_file: &PathBuf,
+    attempt: &Attempt,
     current: &Mutex<String>,
-) -> String {
+) -> Stop {
     let interval = Duration::from_secs(u64::from(claim.heartbeat_interval_seconds.max(1)));
     let visibility = claim.heartbeat_interval_seconds.saturating_mul(3).max(1);
     loop {
@@ -262,11 +356,11 @@ async fn keep_alive(
                 if let Ok(mut t) = current.lock() {
                     t.clone_from(&token);
                 }
-                if let Err(e) = write_token(token_file, &token).await {
+                if let Err(e) = attempt.write_token(&token) {
                     tracing::warn!(error = %e, "cannot refresh the token file");
                 }
                 if hb.cancel_requested {
-                    return "cancel requested".into();
+                    return Stop::Cancel;
                 }
                 cfg.wakeups.extend(&msg.receipt_handle, visibility).await;
             }
@@ -280,19 +374,13 @@ async fn keep_alive(
                         | "unauthenticated"
                 ) =>
             {
-                return format!("lease lost: {code}: {message}");
+                return Stop::Lost(format!("lease lost: {code}: {message}"));
             }
             Err(e) => {
                 tracing::warn!(task_id = %claim.task_id, error = %e, "heartbeat failed; retrying")
             }
         }
     }
-}
-
-async fn write_token(path: &PathBuf, token: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    tokio::fs::write(&tmp, token).await?;
-    tokio::fs::rename(&tmp, path).await
 }
 
 async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: Option<&mut R>) -> Vec<u8> {

@@ -16,7 +16,16 @@ use dispatcher::profile::QueueProfileArgs;
 use dispatcher::queue::{Queue, SqsQueue};
 use dispatcher_wire::QueueMessage;
 
-use crate::client::Client;
+use crate::client::{CallError, Client};
+
+/// Why a receive gave nothing.
+#[derive(Debug)]
+pub enum ReceiveError {
+    /// The dispatcher refused the worker credential (401/403).
+    CredentialRefused(String),
+    /// Anything else: worth trying again later.
+    Other(String),
+}
 
 pub enum Wakeups {
     Dispatcher { client: Arc<Client>, queue: String },
@@ -57,26 +66,34 @@ impl Wakeups {
         max: u32,
         wait_secs: u32,
         visibility_secs: u32,
-    ) -> anyhow::Result<Vec<QueueMessage>> {
-        Ok(match self {
+    ) -> Result<Vec<QueueMessage>, ReceiveError> {
+        match self {
             Wakeups::Dispatcher { client, queue } => client
                 .receive(queue, max, wait_secs, visibility_secs)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?,
-            Wakeups::Sqs { sqs, queue } => {
-                sqs.receive(
+                .map_err(|e| match &e {
+                    CallError::Refused { status, .. }
+                        if status.as_u16() == 401 || status.as_u16() == 403 =>
+                    {
+                        ReceiveError::CredentialRefused(e.to_string())
+                    }
+                    _ => ReceiveError::Other(e.to_string()),
+                }),
+            Wakeups::Sqs { sqs, queue } => sqs
+                .receive(
                     queue,
                     max,
                     Duration::from_secs(wait_secs.into()),
                     Duration::from_secs(visibility_secs.into()),
                 )
-                .await?
-            }
-        })
+                .await
+                .map_err(|e| ReceiveError::Other(e.to_string())),
+        }
     }
 
-    /// Keeps the delivery hidden for `secs` more (heartbeats call it).
-    /// Best effort: a failure only risks a duplicate wake-up.
+    /// Keeps the delivery hidden for `secs` more (heartbeats call it; 0
+    /// makes it visible again at once). Best effort: a failure only risks a
+    /// duplicate or a later wake-up.
     pub async fn extend(&self, receipt: &str, secs: u32) {
         let result = match self {
             Wakeups::Dispatcher { client, queue } => client

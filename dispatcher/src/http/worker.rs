@@ -73,6 +73,9 @@ pub async fn heartbeat(
     TaskAuth(claims): TaskAuth,
     ApiJson(req): ApiJson<wire::HeartbeatRequest>,
 ) -> Result<Json<wire::HeartbeatResponse>, ApiError> {
+    if let Some(progress) = &req.progress {
+        domain::storable_json("progress", progress)?;
+    }
     let renewal = state
         .store
         .heartbeat(fence(&claims), req.progress.as_ref())

@@ -3,9 +3,12 @@
 //!
 //! Every write made on behalf of an attempt carries the fence
 //! `id = $task AND job_id = $job AND attempt = $attempt AND state = 'leased'
-//! AND lease_expires_at > now()` in the same statement as the write (ADR
+//! AND lease_expires_at > clock_timestamp()` in the same statement as the write (ADR
 //! 0001). Zero rows means the caller lost; [`fence_error`] then says how.
-//! `now()` is Postgres' clock, the only clock leases are judged by (ADR 0003).
+//! Postgres' clock is the only clock leases are judged by (ADR 0003); a
+//! fence reads it with `clock_timestamp()`, the moment of the write, not
+//! `now()`, which is the start of the transaction and may be long past
+//! after a wait on a lock.
 
 use std::time::Duration;
 
@@ -86,7 +89,7 @@ struct FenceRow {
 pub(crate) async fn fence_error(conn: &mut PgConnection, fence: Fence) -> StoreError {
     let row: Result<Option<FenceRow>, _> = sqlx::query_as(
         "SELECT t.state, t.attempt, t.job_id,
-                coalesce(t.lease_expires_at > now(), false) AS live,
+                coalesce(t.lease_expires_at > clock_timestamp(), false) AS live,
                 a.outcome
            FROM tasks t
            LEFT JOIN attempts a ON a.task_id = t.id AND a.attempt = $2
@@ -180,35 +183,35 @@ pub(crate) async fn lock_job(
 
 /// Ends a running job as `failed` or `cancelled`: unstarted tasks are
 /// cancelled at once, leased ones are asked to stop (their heartbeat answers
-/// `cancel_requested: true` and their completion ends them as cancelled).
+/// `cancel_requested: true`; the worker then completes them as cancelled,
+/// or their lease runs out and the reaper cancels them).
+///
+/// One statement: a task that leaves `leased` concurrently (a lease expiry
+/// turning it `ready` for a retry) is either seen by it as `ready` and
+/// cancelled, or sees `cancel_requested` itself and ends cancelled. With
+/// several statements a retry could slip between them and run inside an
+/// ended job.
 pub(crate) async fn end_job(
     conn: &mut PgConnection,
     job_id: Uuid,
     state: &'static str,
 ) -> Result<(), sqlx::Error> {
-    let ended = sqlx::query(
-        "UPDATE jobs SET state = $2, finished_at = now() WHERE id = $1 AND state = 'running'",
+    sqlx::query(
+        "WITH ended AS (
+             UPDATE jobs SET state = $2, finished_at = now()
+              WHERE id = $1 AND state = 'running'
+          RETURNING id
+         )
+         UPDATE tasks t
+            SET state = CASE WHEN t.state = 'leased' THEN 'leased' ELSE 'cancelled' END,
+                cancel_requested = true,
+                not_before = NULL,
+                updated_at = now()
+           FROM ended
+          WHERE t.job_id = ended.id AND t.state IN ('blocked', 'ready', 'leased')",
     )
     .bind(job_id)
     .bind(state)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if ended == 0 {
-        return Ok(());
-    }
-    sqlx::query(
-        "UPDATE tasks SET state = 'cancelled', not_before = NULL, updated_at = now()
-          WHERE job_id = $1 AND state IN ('blocked', 'ready')",
-    )
-    .bind(job_id)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE tasks SET cancel_requested = true, updated_at = now()
-          WHERE job_id = $1 AND state = 'leased'",
-    )
-    .bind(job_id)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -499,9 +502,9 @@ impl Store {
         let mut conn = self.pool.acquire().await?;
         let renewed: Option<(DateTime<Utc>, bool)> = sqlx::query_as(
             "WITH renewed AS (
-                 UPDATE tasks SET lease_expires_at = now() + lease_seconds * interval '1 second'
+                 UPDATE tasks SET lease_expires_at = clock_timestamp() + lease_seconds * interval '1 second'
                   WHERE id = $1 AND job_id = $2 AND attempt = $3
-                    AND state = 'leased' AND lease_expires_at > now()
+                    AND state = 'leased' AND lease_expires_at > clock_timestamp()
               RETURNING lease_expires_at, cancel_requested
              ), progressed AS (
                  UPDATE attempts SET progress = $4::jsonb
@@ -541,7 +544,7 @@ impl Store {
             "WITH fence AS (
                  SELECT id FROM tasks
                   WHERE id = $1 AND job_id = $2 AND attempt = $3
-                    AND state = 'leased' AND lease_expires_at > now()
+                    AND state = 'leased' AND lease_expires_at > clock_timestamp()
                     FOR SHARE
              ), ins AS (
                  INSERT INTO task_events (task_id, attempt, seq, kind, payload)
@@ -611,7 +614,7 @@ impl Store {
             "WITH fence AS (
                  SELECT id FROM tasks
                   WHERE id = $1 AND job_id = $2 AND attempt = $3
-                    AND state = 'leased' AND lease_expires_at > now()
+                    AND state = 'leased' AND lease_expires_at > clock_timestamp()
                     FOR SHARE
              ), ins AS (
                  INSERT INTO buffer_publishes (batch_id, task_id, attempt, dataset, object_key, rows, sha256)
@@ -677,10 +680,32 @@ impl Store {
         let (succeeded, retryable) = match completion {
             Completion::Succeeded { .. } => (true, false),
             Completion::Failed { retryable, .. } => (false, *retryable),
+            Completion::Cancelled => (false, false),
         };
         let canonical = completion.to_json();
         let mut tx = self.pool.begin().await?;
         lock_job(&mut tx, fence.job_id).await?;
+        if *completion == Completion::Cancelled {
+            // Only a task asked to stop may end as cancelled. The flag only
+            // ever goes from false to true, so checking first is safe.
+            let asked: Option<bool> = sqlx::query_scalar(
+                "SELECT cancel_requested FROM tasks
+                  WHERE id = $1 AND job_id = $2 AND attempt = $3 AND state = 'leased'",
+            )
+            .bind(fence.task_id)
+            .bind(fence.job_id)
+            .bind(fence.attempt_i32())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if asked == Some(false) {
+                tx.rollback().await?;
+                return Err(StoreError::Conflict(format!(
+                    "task {} was not asked to stop: outcome \"cancelled\" is only for a task \
+                     whose heartbeat answered cancel_requested",
+                    fence.task_id
+                )));
+            }
+        }
         let ended: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
             "UPDATE tasks
                 SET state = CASE WHEN cancel_requested THEN 'cancelled'
@@ -692,7 +717,7 @@ impl Store {
                                       THEN now() + $6 * interval '1 millisecond' END,
                     lease_expires_at = NULL, updated_at = now()
               WHERE id = $1 AND job_id = $2 AND attempt = $3
-                AND state = 'leased' AND lease_expires_at > now()
+                AND state = 'leased' AND lease_expires_at > clock_timestamp()
           RETURNING state, not_before",
         )
         .bind(fence.task_id)
@@ -721,7 +746,11 @@ impl Store {
         )
         .bind(fence.task_id)
         .bind(fence.attempt_i32())
-        .bind(if succeeded { "succeeded" } else { "failed" })
+        .bind(match completion {
+            Completion::Succeeded { .. } => "succeeded",
+            Completion::Failed { .. } => "failed",
+            Completion::Cancelled => "cancelled",
+        })
         .bind(&canonical)
         .bind(
             serde_json::to_value(&response)

@@ -6,6 +6,7 @@ mod dag;
 mod e2e;
 mod fencing;
 mod input;
+mod isolation;
 mod model;
 mod objects;
 mod orgs;

@@ -10,5 +10,6 @@ mod isolation;
 mod model;
 mod objects;
 mod orgs;
+mod races;
 mod services;
 mod tokens;

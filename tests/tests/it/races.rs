@@ -1,0 +1,229 @@
+//! Races the store must win, forced into their bad interleaving with row
+//! locks held by the test (no sleeps to move time: `pg_stat_activity` says
+//! when a call is waiting on a lock).
+
+use std::time::{Duration, Instant};
+
+use dispatcher_tests::TestApp;
+use reqwest::StatusCode;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use uuid::Uuid;
+
+/// Waits until `n` backends of this database wait on a lock.
+async fn wait_lock_waiters(app: &TestApp, n: i64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{waiting} of {n} calls wait on a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn connection(app: &TestApp) -> PgConnection {
+    PgConnection::connect(&app.db.url()).await.expect("connect")
+}
+
+async fn states(app: &TestApp, job_id: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT state FROM tasks WHERE job_id = $1 ORDER BY id")
+        .bind(job_id)
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+/// A job cancelled while one of its tasks' leases expires ends with no task
+/// `ready`, `leased` or `succeeded`: the lease expiry's retry commits first,
+/// while the cancellation waits on the task row; the cancellation must still
+/// end that task (ending a job is one statement).
+#[tokio::test]
+async fn rule_ending_a_job_is_one_statement_a_concurrent_lease_expiry_cannot_revive_a_task() {
+    let app = TestApp::spawn().await;
+    let job = app
+        .submit(&json!({"name": "race", "tasks": [
+            {"key": "a", "runtime": "exec", "bundle": "/bin/true", "max_attempts": 3},
+            {"key": "b", "runtime": "exec", "bundle": "/bin/true", "max_attempts": 3}
+        ]}))
+        .await;
+    let a = job.tasks[0].task_id;
+    app.claim(a).await;
+    app.expire_lease(a).await;
+
+    // Hold the task row so both calls queue behind us: the expiry first.
+    let mut holder = connection(&app).await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(a)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let store = app.store.clone();
+    let expiry = tokio::spawn(async move { store.expire_lease(a).await });
+    wait_lock_waiters(&app, 1).await;
+    let store = app.store.clone();
+    let org = app.org_id;
+    let cancel = tokio::spawn(async move { store.cancel_job(org, job.job_id).await });
+    wait_lock_waiters(&app, 2).await;
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+
+    let expired = expiry.await.unwrap().expect("expiry");
+    assert_eq!(
+        expired.map(|s| s.as_str()),
+        Some("ready"),
+        "the expiry ran first and scheduled a retry"
+    );
+    cancel.await.unwrap().expect("cancel");
+    assert_eq!(states(&app, job.job_id).await, ["cancelled", "cancelled"]);
+    let r = app.try_claim(a, "w").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "not_claimable")
+    );
+}
+
+/// The other order: the cancellation holds the task first; the expiry then
+/// sees the request and ends the task cancelled, not ready.
+#[tokio::test]
+async fn rule_a_lease_expiring_after_its_job_ended_ends_the_task_cancelled() {
+    let app = TestApp::spawn().await;
+    let job = app
+        .submit(&json!({"name": "race", "tasks": [
+            {"key": "a", "runtime": "exec", "bundle": "/bin/true", "max_attempts": 3}
+        ]}))
+        .await;
+    let a = job.tasks[0].task_id;
+    app.claim(a).await;
+    app.store.cancel_job(app.org_id, job.job_id).await.unwrap();
+    assert_eq!(states(&app, job.job_id).await, ["leased"]);
+    app.expire_lease(a).await;
+    let ended = app.store.expire_lease(a).await.unwrap();
+    assert_eq!(ended.map(|s| s.as_str()), Some("cancelled"));
+}
+
+/// Completion judges the lease at the moment of its write: a completion
+/// that waited on the job row past its lease's end is refused, even though
+/// the lease was live when its transaction began.
+#[tokio::test]
+async fn rule_completion_judges_the_lease_at_the_moment_of_its_write() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+
+    let mut holder = connection(&app).await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
+        .bind(claim.job_id)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let url = app.url("/v1/task/complete");
+    let token = claim.capability_token.clone();
+    let client = app.client.clone();
+    let completion = tokio::spawn(async move {
+        let resp = client
+            .post(url)
+            .bearer_auth(token)
+            .json(&json!({"outcome": "succeeded", "output": {"late": true}}))
+            .send()
+            .await
+            .unwrap();
+        TestApp::read(resp).await
+    });
+    wait_lock_waiters(&app, 1).await;
+    // The completion's transaction began before this point; the lease ends
+    // now, while it waits.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    sqlx::query(
+        "UPDATE tasks SET lease_expires_at = clock_timestamp() - interval '1 millisecond' WHERE id = $1",
+    )
+    .bind(task)
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let r = completion.await.unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "lease_expired"),
+        "{}",
+        r.body
+    );
+    assert_eq!(app.committed_completions(task).await, 0);
+}
+
+/// `cancelled` is an outcome only for a task whose job asked it to stop;
+/// then it ends the task now and the attempt history says `cancelled`.
+#[tokio::test]
+async fn rule_a_worker_may_complete_cancelled_only_after_a_cancel_request() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+    let before = app.snapshot(task).await;
+    let cancelled = json!({"outcome": "cancelled"});
+    let r = app
+        .post("/v1/task/complete", &claim.capability_token, &cancelled)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "conflict"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        app.snapshot(task).await,
+        before,
+        "a refused call changed nothing"
+    );
+
+    let r = app
+        .post(
+            &format!("/v1/jobs/{}/cancel", claim.job_id),
+            &app.user_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let hb = app
+        .post("/v1/task/heartbeat", &claim.capability_token, &json!({}))
+        .await;
+    assert_eq!(hb.body["cancel_requested"], true);
+    let r = app
+        .post("/v1/task/complete", &claim.capability_token, &cancelled)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["state"], "cancelled");
+    let replay = app
+        .post("/v1/task/complete", &claim.capability_token, &cancelled)
+        .await;
+    assert_eq!(replay.body, r.body, "a replay answers the original");
+    let outcome: String =
+        sqlx::query_scalar("SELECT outcome FROM attempts WHERE task_id = $1 AND attempt = 1")
+            .bind(task)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(outcome, "cancelled");
+    let r = app
+        .post(
+            "/v1/task/complete",
+            &claim.capability_token,
+            &json!({"outcome": "cancelled", "output": {}}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+}

@@ -1,10 +1,13 @@
 //! Outbox relay: publishes outbox rows to their queues (invariant 5).
 //!
-//! Takes due rows in batches with `FOR UPDATE SKIP LOCKED` (several replicas
-//! share the work), publishes them (one batch call per queue: SQS
-//! `SendMessageBatch`, one `INSERT` locally), and marks each sent in the same
-//! transaction that locked it. A crash between publish and mark-sent leaves
-//! the row pending, so it is published again: duplicates, never loss.
+//! Takes due rows in batches (one committed statement, `SKIP LOCKED`, so
+//! several replicas share the work; taken rows are hidden from other relays
+//! for `relay_hold`), publishes them with no transaction open (one batch
+//! call per queue: SQS `SendMessageBatch`, one `INSERT` locally), then marks
+//! each row by the queue's own answer for it: sent only on an explicit
+//! success; a row the queue did not answer is a failure. A crash between
+//! publish and mark-sent leaves the rows pending, due again when their hold
+//! ends, so they are published again: duplicates, never loss.
 //! Failed publishes are retried with exponential backoff and jitter; after
 //! `relay_max_tries` a row is marked `dead`, where operators see and requeue
 //! it (`dispatcher admin outbox`). Wakes on `LISTEN outbox` (registered
@@ -37,44 +40,47 @@ impl Relay {
 
     /// Publishes one batch of due rows; returns how many rows it handled.
     pub async fn relay_once(&self) -> Result<usize, crate::error::StoreError> {
-        let batch = self.store.outbox_due(self.settings.relay_batch).await?;
-        if batch.rows.is_empty() {
+        let rows = self
+            .store
+            .outbox_take(self.settings.relay_batch, self.settings.relay_hold)
+            .await?;
+        if rows.is_empty() {
             return Ok(0);
         }
         // Publish per queue, in batches (one call per queue where the queue
-        // has a batch call), keeping each row's own outcome.
+        // has a batch call), keeping each row's own outcome. A row counts
+        // as sent only when the queue answered success for it.
         let mut by_queue: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        let mut outcomes: Vec<Result<(), String>> = Vec::with_capacity(batch.rows.len());
-        for (i, row) in batch.rows.iter().enumerate() {
+        let mut outcomes: Vec<Result<(), String>> = Vec::with_capacity(rows.len());
+        for (i, row) in rows.iter().enumerate() {
             match queue_for_topic(&row.topic) {
                 Some(queue) => {
                     by_queue.entry(queue).or_default().push(i);
-                    outcomes.push(Ok(()));
+                    outcomes.push(Err("the queue gave no answer for this message".into()));
                 }
                 None => outcomes.push(Err(format!("no queue for topic {:?}", row.topic))),
             }
         }
-        for (queue, rows) in by_queue {
-            let bodies: Vec<_> = rows
-                .iter()
-                .map(|&i| batch.rows[i].payload.clone())
-                .collect();
+        for (queue, members) in by_queue {
+            let bodies: Vec<_> = members.iter().map(|&i| rows[i].payload.clone()).collect();
             match self.queue.send_batch(queue, &bodies).await {
                 Ok(answers) => {
-                    for (&i, answer) in rows.iter().zip(answers) {
+                    // `zip` stops at the shorter list: entries the queue did
+                    // not answer keep their "no answer" failure.
+                    for (&i, answer) in members.iter().zip(answers) {
                         outcomes[i] = answer.map(drop);
                     }
                 }
                 Err(e) => {
-                    for &i in &rows {
+                    for &i in &members {
                         outcomes[i] = Err(e.to_string());
                     }
                 }
             }
         }
-        let mut sent = Vec::with_capacity(batch.rows.len());
+        let mut sent = Vec::with_capacity(rows.len());
         let mut failed = Vec::new();
-        for (row, outcome) in batch.rows.iter().zip(outcomes) {
+        for (row, outcome) in rows.iter().zip(outcomes) {
             match outcome {
                 Ok(()) => sent.push(row.id),
                 Err(error) => {
@@ -86,11 +92,10 @@ impl Relay {
             }
         }
         self.settings.failpoint("relay_after_publish");
-        let handled = batch.rows.len();
-        batch
-            .finish(&sent, &failed, self.settings.relay_max_tries)
+        self.store
+            .outbox_finish(&sent, &failed, self.settings.relay_max_tries)
             .await?;
-        Ok(handled)
+        Ok(rows.len())
     }
 
     /// Runs until `shutdown`.

@@ -40,6 +40,10 @@ pub struct Settings {
     /// How often the relay looks for due rows when no notification came
     /// (rows whose `available_at` is in the future, lost notifications).
     pub relay_poll: Duration,
+    /// Rows a relay has taken are hidden from other relays this long while
+    /// it publishes them; a relay that dies before marking them is replaced
+    /// after it (a duplicate publish, never a loss).
+    pub relay_hold: Duration,
     /// Publish tries before an outbox row is marked `dead`.
     pub relay_max_tries: u32,
     /// First delay after a failed publish; doubles per try, with jitter.
@@ -81,6 +85,7 @@ impl Default for Settings {
             max_attempts_limit: 100,
             relay_batch: 100,
             relay_poll: Duration::from_millis(500),
+            relay_hold: Duration::from_secs(10),
             relay_max_tries: 10,
             relay_retry_base: Duration::from_secs(1),
             relay_retry_cap: Duration::from_secs(300),

@@ -11,7 +11,7 @@ mod orgs;
 mod outbox;
 mod tasks;
 
-pub use outbox::{DeadRow, OutboxBatch, OutboxCounts, OutboxRow};
+pub use outbox::{DeadRow, OutboxCounts, OutboxRow};
 
 pub use tasks::*;
 

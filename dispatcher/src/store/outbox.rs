@@ -4,67 +4,20 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use super::Store;
 use crate::error::StoreError;
 use crate::millis;
 
-/// A pending outbox row, locked by the relay's transaction.
+/// A pending outbox row a relay has taken (hidden from other relays until
+/// its hold ends).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
     pub id: i64,
     pub topic: String,
     pub payload: Value,
     pub tries: i32,
-}
-
-/// Due outbox rows, locked (`FOR UPDATE SKIP LOCKED`) so that several relays
-/// share the work; the locks last until [`OutboxBatch::finish`].
-pub struct OutboxBatch {
-    tx: Transaction<'static, Postgres>,
-    pub rows: Vec<OutboxRow>,
-}
-
-impl OutboxBatch {
-    /// Marks `sent` as published and records failures: each failed row is
-    /// retried after its delay, or marked `dead` once it has used `max_tries`.
-    /// Commits; a crash before this leaves every row pending (a duplicate
-    /// publish later, never a loss).
-    pub async fn finish(
-        mut self,
-        sent: &[i64],
-        failed: &[(i64, String, Duration)],
-        max_tries: u32,
-    ) -> Result<(), StoreError> {
-        if !sent.is_empty() {
-            sqlx::query(
-                "UPDATE outbox SET state = 'sent', sent_at = now(), tries = tries + 1, last_error = NULL
-                  WHERE id = ANY($1)",
-            )
-            .bind(sent)
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        for (id, error, delay) in failed {
-            sqlx::query(
-                "UPDATE outbox
-                    SET tries = tries + 1, last_error = $2,
-                        state = CASE WHEN tries + 1 >= $3 THEN 'dead' ELSE 'pending' END,
-                        available_at = now() + $4 * interval '1 millisecond'
-                  WHERE id = $1",
-            )
-            .bind(id)
-            .bind(error)
-            .bind(i32::try_from(max_tries).unwrap_or(i32::MAX))
-            .bind(millis(*delay))
-            .execute(&mut *self.tx)
-            .await?;
-        }
-        self.tx.commit().await?;
-        Ok(())
-    }
 }
 
 /// An outbox row the relay gave up on.
@@ -87,19 +40,72 @@ pub struct OutboxCounts {
 }
 
 impl Store {
-    /// Locks up to `limit` due pending rows, oldest first.
-    pub async fn outbox_due(&self, limit: u32) -> Result<OutboxBatch, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query_as(
-            "SELECT id, topic, payload, tries FROM outbox
-              WHERE state = 'pending' AND available_at <= now()
-              ORDER BY id LIMIT $1
-              FOR UPDATE SKIP LOCKED",
+    /// Takes up to `limit` due pending rows, oldest first, and hides them
+    /// from other relays for `hold`: one statement, committed at once, so no
+    /// transaction stays open while the rows are published. A relay that
+    /// dies before [`Store::outbox_finish`] leaves them pending; they are
+    /// due again when the hold ends (a duplicate publish, never a loss).
+    pub async fn outbox_take(
+        &self,
+        limit: u32,
+        hold: Duration,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut rows: Vec<OutboxRow> = sqlx::query_as(
+            "UPDATE outbox SET available_at = now() + $2 * interval '1 millisecond'
+              WHERE id IN (SELECT id FROM outbox
+                            WHERE state = 'pending' AND available_at <= now()
+                            ORDER BY id LIMIT $1
+                              FOR UPDATE SKIP LOCKED)
+          RETURNING id, topic, payload, tries",
         )
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .bind(millis(hold))
+        .fetch_all(&self.pool)
         .await?;
-        Ok(OutboxBatch { tx, rows })
+        rows.sort_by_key(|r| r.id);
+        Ok(rows)
+    }
+
+    /// Records what became of taken rows: `sent` are marked sent; each of
+    /// `failed` is retried after its delay, or marked `dead` once it has
+    /// used `max_tries`. One short transaction.
+    pub async fn outbox_finish(
+        &self,
+        sent: &[i64],
+        failed: &[(i64, String, Duration)],
+        max_tries: u32,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if !sent.is_empty() {
+            sqlx::query(
+                "UPDATE outbox SET state = 'sent', sent_at = now(), tries = tries + 1, last_error = NULL
+                  WHERE id = ANY($1) AND state = 'pending'",
+            )
+            .bind(sent)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !failed.is_empty() {
+            let ids: Vec<i64> = failed.iter().map(|f| f.0).collect();
+            let errors: Vec<&str> = failed.iter().map(|f| f.1.as_str()).collect();
+            let delays: Vec<i64> = failed.iter().map(|f| millis(f.2)).collect();
+            sqlx::query(
+                "UPDATE outbox o
+                    SET tries = o.tries + 1, last_error = f.error,
+                        state = CASE WHEN o.tries + 1 >= $4 THEN 'dead' ELSE 'pending' END,
+                        available_at = now() + f.delay_ms * interval '1 millisecond'
+                   FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms)
+                  WHERE o.id = f.id AND o.state = 'pending'",
+            )
+            .bind(&ids)
+            .bind(&errors)
+            .bind(&delays)
+            .bind(i32::try_from(max_tries).unwrap_or(i32::MAX))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     pub async fn outbox_counts(&self) -> Result<OutboxCounts, StoreError> {

@@ -12,7 +12,7 @@ use dispatcher::relay::Relay;
 use dispatcher::settings::Settings;
 use dispatcher_tests::moto::Moto;
 use dispatcher_tests::{TestApp, TestDb};
-use failing::{FailingQueue, FirstOnlyQueue};
+use failing::{FailingQueue, Fault, FaultyQueue};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
@@ -517,12 +517,24 @@ mod failing {
         }
     }
 
-    /// A queue whose batch sends deliver the first message (to `inner`)
-    /// and refuse the rest, as an SQS `SendMessageBatch` may.
-    pub struct FirstOnlyQueue(pub std::sync::Arc<dyn Queue>);
+    /// What a [`FaultyQueue`] does to batch sends.
+    pub enum Fault {
+        /// Deliver the first message and refuse the rest, as an SQS
+        /// `SendMessageBatch` may.
+        RefuseAllButFirst,
+        /// Deliver every message but answer only for the first: a queue
+        /// that answers fewer entries than it was given.
+        AnswerOnlyFirst,
+        /// Deliver normally, first counting the backends of `pool`'s
+        /// database that sit idle inside a transaction (into `seen`).
+        WatchTransactions(sqlx::PgPool, std::sync::Arc<std::sync::Mutex<Vec<i64>>>),
+    }
+
+    /// The real queue `inner` with a fault injected into batch sends.
+    pub struct FaultyQueue(pub std::sync::Arc<dyn Queue>, pub Fault);
 
     #[async_trait::async_trait]
-    impl Queue for FirstOnlyQueue {
+    impl Queue for FaultyQueue {
         async fn send(&self, q: &str, body: &Value, delay: Duration) -> Result<String, QueueError> {
             self.0.send(q, body, delay).await
         }
@@ -531,9 +543,30 @@ mod failing {
             q: &str,
             bodies: &[Value],
         ) -> Result<Vec<Result<String, String>>, QueueError> {
-            let mut answers = self.0.send_batch(q, &bodies[..bodies.len().min(1)]).await?;
-            answers.resize(bodies.len(), Err("injected entry failure".into()));
-            Ok(answers)
+            match &self.1 {
+                Fault::RefuseAllButFirst => {
+                    let mut answers = self.0.send_batch(q, &bodies[..bodies.len().min(1)]).await?;
+                    answers.resize(bodies.len(), Err("injected entry failure".into()));
+                    Ok(answers)
+                }
+                Fault::AnswerOnlyFirst => {
+                    let mut answers = self.0.send_batch(q, bodies).await?;
+                    answers.truncate(1);
+                    Ok(answers)
+                }
+                Fault::WatchTransactions(pool, seen) => {
+                    let idle: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity
+                          WHERE datname = current_database()
+                            AND state LIKE 'idle in transaction%'",
+                    )
+                    .fetch_one(pool)
+                    .await
+                    .expect("pg_stat_activity");
+                    seen.lock().unwrap().push(idle);
+                    self.0.send_batch(q, bodies).await
+                }
+            }
         }
         async fn receive(
             &self,
@@ -593,7 +626,7 @@ async fn invariant_5_relay_batch_entry_failures_retry_only_the_refused_rows() {
     let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
     let relay = Relay::new(
         app.store.clone(),
-        Arc::new(FirstOnlyQueue(queue)),
+        Arc::new(FaultyQueue(queue, Fault::RefuseAllButFirst)),
         app.settings.clone(),
     );
     assert_eq!(relay.relay_once().await.unwrap(), 3);
@@ -655,30 +688,47 @@ async fn invariant_5_relay_retries_with_backoff_then_dead_letters_visibly_and_op
     assert_eq!(queued(&app.db).await, 1);
 }
 
+/// Makes every pending outbox row due now (moves the clock in the
+/// database, the only clock the relay obeys).
+async fn make_outbox_due(app: &TestApp) {
+    sqlx::query("UPDATE outbox SET available_at = now() WHERE state = 'pending'")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn invariant_5_relay_crash_between_publish_and_mark_sent_duplicates_but_never_loses() {
     let app = TestApp::spawn().await;
     let task = app.single_task(1).await;
     let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
-    // A relay that publishes and dies before marking sent: its transaction
-    // (and row locks) end with it.
-    let batch = app.store.outbox_due(10).await.unwrap();
-    for row in &batch.rows {
+    // A relay that takes the rows, publishes them and dies before marking
+    // them: they stay pending, hidden until their hold ends.
+    let rows = app
+        .store
+        .outbox_take(10, app.settings.relay_hold)
+        .await
+        .unwrap();
+    for row in &rows {
         queue
             .send("wakeups", &row.payload, Duration::ZERO)
             .await
             .unwrap();
     }
-    drop(batch);
+    drop(rows);
     assert_eq!(
         app.store.outbox_counts().await.unwrap().pending,
         1,
         "still pending after the crash"
     );
-    Relay::new(app.store.clone(), queue, app.settings.clone())
-        .relay_once()
-        .await
-        .unwrap();
+    let relay = Relay::new(app.store.clone(), queue, app.settings.clone());
+    assert_eq!(
+        relay.relay_once().await.unwrap(),
+        0,
+        "held by the dead relay"
+    );
+    make_outbox_due(&app).await;
+    relay.relay_once().await.unwrap();
     assert_eq!(app.store.outbox_counts().await.unwrap().sent, 1);
     let copies: i64 =
         sqlx::query_scalar("SELECT count(*) FROM queue_messages WHERE body->>'task_id' = $1::text")
@@ -687,6 +737,61 @@ async fn invariant_5_relay_crash_between_publish_and_mark_sent_duplicates_but_ne
             .await
             .unwrap();
     assert_eq!(copies, 2, "a duplicate, which the claim makes harmless");
+}
+
+/// The relay marks a row sent only on an explicit success answer for that
+/// row: a queue that answers fewer entries than it was given leaves the
+/// unanswered rows pending, and they are published later.
+#[tokio::test]
+async fn rule_relay_marks_sent_only_rows_the_queue_answered_success_for() {
+    let app = TestApp::spawn().await;
+    for _ in 0..3 {
+        app.single_task(1).await;
+    }
+    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let short = Relay::new(
+        app.store.clone(),
+        Arc::new(FaultyQueue(queue.clone(), Fault::AnswerOnlyFirst)),
+        app.settings.clone(),
+    );
+    assert_eq!(short.relay_once().await.unwrap(), 3);
+    let counts = app.store.outbox_counts().await.unwrap();
+    assert_eq!(
+        (counts.pending, counts.sent, counts.dead),
+        (2, 1, 0),
+        "only the answered row is sent"
+    );
+    make_outbox_due(&app).await;
+    Relay::new(app.store.clone(), queue, app.settings.clone())
+        .relay_once()
+        .await
+        .unwrap();
+    let counts = app.store.outbox_counts().await.unwrap();
+    assert_eq!((counts.pending, counts.sent, counts.dead), (0, 3, 0));
+}
+
+/// The relay holds no transaction open while it publishes: a slow or hung
+/// queue must not pin row locks and a connection.
+#[tokio::test]
+async fn rule_relay_holds_no_transaction_open_across_a_publish() {
+    let app = TestApp::spawn().await;
+    for _ in 0..3 {
+        app.single_task(1).await;
+    }
+    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let relay = Relay::new(
+        app.store.clone(),
+        Arc::new(FaultyQueue(
+            queue,
+            Fault::WatchTransactions(app.db.pool.clone(), seen.clone()),
+        )),
+        app.settings.clone(),
+    );
+    assert_eq!(relay.relay_once().await.unwrap(), 3);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, vec![0], "transactions open during the publish");
+    assert_eq!(app.store.outbox_counts().await.unwrap().sent, 3);
 }
 
 // ------------------------------------------------------------ reaper ---

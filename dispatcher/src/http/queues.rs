@@ -1,5 +1,7 @@
-//! The local profile's queue, served to workers (worker credential) so they
-//! never hold database credentials.
+//! The local profile's wake-up queue, served to workers (worker credential)
+//! so they never hold database credentials. A worker credential reaches the
+//! wake-up queue only: never the buffer or alert queues, nor any DLQ (those
+//! are the dispatcher's and its operators').
 
 use std::time::Duration;
 
@@ -10,13 +12,18 @@ use dispatcher_wire as wire;
 use super::extract::{ApiJson, WorkerAuth};
 use super::AppState;
 use crate::error::ApiError;
-use crate::queue::{is_known_queue, QueueError};
+use crate::queue::{is_known_queue, QueueError, WAKEUPS};
 
 const MAX_VISIBILITY_SECS: u32 = 43_200;
 
+/// The queue a worker may use: the wake-up queue alone.
 fn queue_name(raw: String) -> Result<String, ApiError> {
-    if is_known_queue(&raw) {
+    if raw == WAKEUPS {
         Ok(raw)
+    } else if is_known_queue(&raw) {
+        Err(ApiError::forbidden(format!(
+            "a worker credential reaches the {WAKEUPS:?} queue only, not {raw:?}"
+        )))
     } else {
         Err(ApiError::not_found(format!("no queue {raw:?}")))
     }

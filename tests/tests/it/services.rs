@@ -460,6 +460,54 @@ async fn queue_http_endpoints_need_a_worker_credential_and_serve_the_queue() {
         .post("/internal/queues/nope/receive", &app.worker_token, &receive)
         .await;
     assert_eq!(r.status, reqwest::StatusCode::NOT_FOUND);
+}
+
+/// Least privilege: a worker credential reaches the wake-up queue only.
+#[tokio::test]
+async fn rule_worker_credentials_reach_the_wakeup_queue_only() {
+    let app = TestApp::spawn().await;
+    let queue = dispatcher::services::local_queue(&app.store, &app.settings).0;
+    for q in [
+        "buffers",
+        "alerts",
+        "wakeups-dlq",
+        "buffers-dlq",
+        "alerts-dlq",
+    ] {
+        queue
+            .send(q, &json!({"secret": q}), Duration::ZERO)
+            .await
+            .unwrap();
+        for op in ["receive", "visibility", "delete"] {
+            let body = match op {
+                "receive" => json!({"max_messages": 10}),
+                "visibility" => {
+                    json!({"receipt_handle": uuid::Uuid::nil().to_string(), "visibility_timeout_seconds": 0})
+                }
+                _ => json!({"receipt_handle": uuid::Uuid::nil().to_string()}),
+            };
+            let r = app
+                .post(
+                    &format!("/internal/queues/{q}/{op}"),
+                    &app.worker_token,
+                    &body,
+                )
+                .await;
+            assert_eq!(
+                (r.status, r.code()),
+                (reqwest::StatusCode::FORBIDDEN, "forbidden"),
+                "{op} on {q}: {}",
+                r.body
+            );
+        }
+    }
+    // Nothing was taken from them.
+    assert_eq!(queued(&app.db).await, 5);
+}
+
+#[tokio::test]
+async fn queue_http_endpoints_refuse_bad_requests() {
+    let app = TestApp::spawn().await;
     let r = app
         .post(
             "/internal/queues/wakeups/receive",

@@ -291,7 +291,9 @@ async fn watch(store: &Store, org: uuid::Uuid, job_id: uuid::Uuid) -> Result<()>
     let mut seen: Vec<(TaskState, u32)> = Vec::new();
     let started = tokio::time::Instant::now();
     loop {
-        let view = store.get_job(org, job_id).await?;
+        let view = store
+            .get_job(org, job_id, dispatcher::store::TaskPage::FIRST)
+            .await?;
         if seen.is_empty() {
             seen = vec![(TaskState::Blocked, u32::MAX); view.tasks.len()];
         }

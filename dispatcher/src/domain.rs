@@ -238,13 +238,24 @@ pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJo
         for (j, o) in t.outputs.iter().enumerate() {
             outputs.push(dataset_name(&format!("tasks[{i}].outputs[{j}]"), o)?);
         }
+        if t.depends_on.len() > settings.max_deps_per_task {
+            return Err(Invalid::new(
+                format!("tasks[{i}].depends_on"),
+                format!(
+                    "a task may depend on at most {} tasks",
+                    settings.max_deps_per_task
+                ),
+            ));
+        }
+        // Linear in the number of edges: a set per task, not a scan.
         let mut depends_on = Vec::with_capacity(t.depends_on.len());
+        let mut seen = std::collections::HashSet::with_capacity(t.depends_on.len());
         for (j, dep) in t.depends_on.iter().enumerate() {
             let field = format!("tasks[{i}].depends_on[{j}]");
             let Some(&d) = index.get(dep.as_str()) else {
                 return Err(Invalid::new(field, format!("unknown task key {dep:?}")));
             };
-            if depends_on.contains(&d) {
+            if !seen.insert(d) {
                 return Err(Invalid::new(field, format!("{dep:?} is listed twice")));
             }
             depends_on.push(d);

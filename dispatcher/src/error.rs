@@ -41,6 +41,10 @@ pub enum StoreError {
     /// Nothing was written, and the same call may succeed if repeated.
     #[error("{0}")]
     Retry(String),
+    /// A bound on what one attempt (or job) may store was reached; nothing
+    /// of the call was written.
+    #[error("{0}")]
+    Limit(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }
@@ -110,6 +114,24 @@ impl ApiError {
         )
     }
 
+    /// `413 payload_too_large` for a limit other than the body size.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
+    /// `429` (`rate_limited` or `overloaded`) with `Retry-After` (whole
+    /// seconds, at least 1).
+    pub fn rate_limited(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, code, message);
+        e.retryable = true;
+        e.retry_after_secs = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+        e
+    }
+
     pub fn method_not_allowed() -> Self {
         Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -167,6 +189,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(_) => ApiError::conflict(message),
             StoreError::Forbidden(_) => ApiError::forbidden(message),
             StoreError::Retry(_) => ApiError::unavailable(message),
+            StoreError::Limit(_) => ApiError::too_large(message),
             StoreError::Db(db) => match db {
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                     tracing::warn!(error = %db, "database unavailable");

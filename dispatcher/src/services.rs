@@ -116,12 +116,7 @@ pub async fn run(
     }
     let served = match (roles.api, listener) {
         (true, Some(listener)) => {
-            let state = AppState {
-                store,
-                keys,
-                settings,
-                queue,
-            };
+            let state = AppState::new(store, keys, settings, queue);
             http::serve(listener, state, shutdown.clone()).await
         }
         (true, None) => Err(std::io::Error::other("the api role needs a listener")),

@@ -4,6 +4,14 @@
 
 use std::time::Duration;
 
+/// A request rate: a sustained number per second and the burst allowed
+/// above it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
 /// Runtime settings, read once at start and passed down (no globals).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -31,6 +39,29 @@ pub struct Settings {
     pub max_tasks_per_job: usize,
     /// Largest number of events in one `/v1/task/events` call.
     pub max_events_per_call: usize,
+    /// Largest number of events one attempt may store, in all its calls.
+    pub max_events_per_attempt: u32,
+    /// Largest total size (bytes of JSON payload) of one attempt's events.
+    pub max_event_bytes_per_attempt: u64,
+    /// Largest number of dependencies of one task.
+    pub max_deps_per_task: usize,
+    /// Tasks per page of `GET /v1/jobs/{id}` (default and largest).
+    pub job_page_size: u32,
+    /// Requests per worker credential (a pool of workers shares one).
+    pub rate_per_worker: Rate,
+    /// Requests per capability token's task (all its attempts).
+    pub rate_per_task: Rate,
+    /// Requests per user.
+    pub rate_per_user: Rate,
+    /// Requests per org: its users' and its tasks' together.
+    pub rate_per_org: Rate,
+    /// Requests served at once; past it new ones get `429 overloaded`.
+    pub max_concurrent_requests: usize,
+    /// Queue long-polls (`wait_seconds` > 0) held at once; past it `429
+    /// overloaded`.
+    pub max_concurrent_long_polls: usize,
+    /// A request that has not answered after this gets `503 unavailable`.
+    pub request_timeout: Duration,
     /// `max_attempts` of a task that names none.
     pub default_max_attempts: u32,
     /// Largest `max_attempts` a task may ask for.
@@ -81,6 +112,29 @@ impl Default for Settings {
             max_body_bytes: 1024 * 1024,
             max_tasks_per_job: 10_000,
             max_events_per_call: 1_000,
+            max_events_per_attempt: 10_000,
+            max_event_bytes_per_attempt: 16 * 1024 * 1024,
+            max_deps_per_task: 1_000,
+            job_page_size: 1_000,
+            rate_per_worker: Rate {
+                per_second: 5_000,
+                burst: 10_000,
+            },
+            rate_per_task: Rate {
+                per_second: 100,
+                burst: 200,
+            },
+            rate_per_user: Rate {
+                per_second: 50,
+                burst: 100,
+            },
+            rate_per_org: Rate {
+                per_second: 3_000,
+                burst: 6_000,
+            },
+            max_concurrent_requests: 1_024,
+            max_concurrent_long_polls: 512,
+            request_timeout: Duration::from_secs(30),
             default_max_attempts: 3,
             max_attempts_limit: 100,
             relay_batch: 100,

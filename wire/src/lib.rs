@@ -302,6 +302,11 @@ pub struct JobView {
     #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
     pub tasks: Vec<TaskView>,
+    /// `GET /v1/jobs/{id}` answers a page of tasks; pass this as `after`
+    /// for the next one. `null` on the last page (and on submission, which
+    /// answers every task).
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

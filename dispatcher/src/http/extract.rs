@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
 use super::AppState;
+use crate::domain::Role;
 use crate::error::ApiError;
 use crate::tokens::{TaskClaims, TokenKind, UserClaims, WorkerClaims};
 
@@ -87,22 +88,81 @@ pub struct WorkerAuth(pub WorkerClaims);
 /// against Postgres.
 pub struct UserAuth(pub UserClaims);
 
-macro_rules! token_extractor {
-    ($ty:ident, $kind:expr) => {
-        impl FromRequestParts<AppState> for $ty {
-            type Rejection = ApiError;
+// Each token extractor verifies the token, then admits the request under
+// its rate limits. Extractors of the request parts run before the body is
+// read, so a caller is authenticated (and limited) before its body is
+// validated.
 
-            async fn from_request_parts(
-                parts: &mut Parts,
-                state: &AppState,
-            ) -> Result<Self, Self::Rejection> {
-                let token = bearer(parts)?;
-                Ok($ty(state.keys.verify(token, $kind)?))
-            }
-        }
-    };
+impl FromRequestParts<AppState> for TaskAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let claims: TaskClaims = state.keys.verify(bearer(parts)?, TokenKind::Task)?;
+        state.limits.admit_task(claims.sub, claims.org)?;
+        Ok(TaskAuth(claims))
+    }
 }
 
-token_extractor!(TaskAuth, TokenKind::Task);
-token_extractor!(WorkerAuth, TokenKind::Worker);
-token_extractor!(UserAuth, TokenKind::User);
+impl FromRequestParts<AppState> for WorkerAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let claims: WorkerClaims = state.keys.verify(bearer(parts)?, TokenKind::Worker)?;
+        state.limits.admit_worker(&claims.sub)?;
+        Ok(WorkerAuth(claims))
+    }
+}
+
+impl FromRequestParts<AppState> for UserAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let claims: UserClaims = state.keys.verify(bearer(parts)?, TokenKind::User)?;
+        state.limits.admit_user(claims.sub, claims.org)?;
+        Ok(UserAuth(claims))
+    }
+}
+
+/// A user who is a member of the org the token names, with the role
+/// Postgres gives them (never the token).
+pub struct Member {
+    pub user: UserClaims,
+    pub role: Role,
+}
+
+impl FromRequestParts<AppState> for Member {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let UserAuth(user) = UserAuth::from_request_parts(parts, state).await?;
+        let role = state
+            .store
+            .member_role(user.org, user.sub)
+            .await?
+            .ok_or_else(|| {
+                ApiError::forbidden(format!(
+                    "user {} is not a member of org {}",
+                    user.sub, user.org
+                ))
+            })?;
+        Ok(Member { user, role })
+    }
+}
+
+/// A member whose role may submit and cancel jobs.
+pub struct JobWriter(pub UserClaims);
+
+impl FromRequestParts<AppState> for JobWriter {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Member { user, role } = Member::from_request_parts(parts, state).await?;
+        if !role.can_write_jobs() {
+            return Err(ApiError::forbidden(format!(
+                "role {} may read jobs but not submit or cancel them",
+                role.as_str()
+            )));
+        }
+        Ok(JobWriter(user))
+    }
+}

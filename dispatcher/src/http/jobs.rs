@@ -1,54 +1,60 @@
 //! The minimal jobs API. Every call checks the caller's membership and role
-//! in Postgres; another org's job answers 404, never its contents.
+//! in Postgres (in the extractors, before the body is read); another org's
+//! job answers 404, never its contents.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use dispatcher_wire as wire;
+use serde::Deserialize;
 use uuid::Uuid;
 
-use super::extract::{ApiJson, UserAuth};
+use super::extract::{ApiJson, JobWriter, Member};
 use super::AppState;
-use crate::domain::{self, Role};
+use crate::domain;
 use crate::error::ApiError;
-use crate::tokens::UserClaims;
-
-async fn role(state: &AppState, user: &UserClaims) -> Result<Role, ApiError> {
-    state
-        .store
-        .member_role(user.org, user.sub)
-        .await?
-        .ok_or_else(|| {
-            ApiError::forbidden(format!(
-                "user {} is not a member of org {}",
-                user.sub, user.org
-            ))
-        })
-}
-
-async fn writer(state: &AppState, user: &UserClaims) -> Result<(), ApiError> {
-    let role = role(state, user).await?;
-    if role.can_write_jobs() {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden(format!(
-            "role {} may read jobs but not submit or cancel them",
-            role.as_str()
-        )))
-    }
-}
+use crate::store::TaskPage;
 
 fn job_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|e| ApiError::invalid("job_id", e))
 }
 
+/// Paging of a job's tasks: `?limit=N&after=<next_cursor>`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+fn page(state: &AppState, q: Option<PageQuery>) -> Result<TaskPage, ApiError> {
+    let q = q.unwrap_or(PageQuery {
+        limit: None,
+        after: None,
+    });
+    let max = state.settings.job_page_size;
+    let limit = q.limit.unwrap_or(max);
+    if limit == 0 || limit > max {
+        return Err(ApiError::invalid("limit", format!("must be 1 to {max}")));
+    }
+    let after = match q.after {
+        None => None,
+        Some(c) => Some(
+            c.parse::<i32>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| ApiError::invalid("after", "is not a cursor this API gave"))?,
+        ),
+    };
+    Ok(TaskPage { after, limit })
+}
+
 pub async fn submit(
     State(state): State<AppState>,
-    UserAuth(user): UserAuth,
+    JobWriter(user): JobWriter,
     ApiJson(req): ApiJson<wire::SubmitJobRequest>,
 ) -> Result<(StatusCode, Json<wire::JobView>), ApiError> {
     let job = domain::new_job(req, &state.settings)?;
-    writer(&state, &user).await?;
     let view = state
         .store
         .submit_job(user.org, Some(user.sub), &job)
@@ -59,22 +65,26 @@ pub async fn submit(
 
 pub async fn get(
     State(state): State<AppState>,
-    UserAuth(user): UserAuth,
+    Member { user, .. }: Member,
     Path(raw): Path<String>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<wire::JobView>, ApiError> {
     let id = job_id(&raw)?;
-    role(&state, &user).await?;
-    Ok(Json(state.store.get_job(user.org, id).await?))
+    let query = query.map_err(|e| ApiError::invalid("query", e.body_text()))?;
+    let page = page(&state, Some(query.0))?;
+    Ok(Json(state.store.get_job(user.org, id, page).await?))
 }
 
 pub async fn cancel(
     State(state): State<AppState>,
-    UserAuth(user): UserAuth,
+    JobWriter(user): JobWriter,
     Path(raw): Path<String>,
 ) -> Result<Json<wire::JobView>, ApiError> {
     let id = job_id(&raw)?;
-    writer(&state, &user).await?;
-    let view = state.store.cancel_job(user.org, id).await?;
+    let view = state
+        .store
+        .cancel_job(user.org, id, page(&state, None)?)
+        .await?;
     tracing::info!(job_id = %id, org = %user.org, "job cancelled");
     Ok(Json(view))
 }

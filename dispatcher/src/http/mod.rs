@@ -2,6 +2,7 @@
 
 mod extract;
 mod jobs;
+pub mod limits;
 mod queues;
 mod worker;
 
@@ -28,13 +29,31 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// The queue served at `/internal/queues/*` (the local profile's).
     pub queue: Arc<dyn Queue>,
+    /// Request rates, concurrency and timeouts.
+    pub limits: Arc<limits::Limits>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Store,
+        keys: Arc<Keyring>,
+        settings: Arc<Settings>,
+        queue: Arc<dyn Queue>,
+    ) -> Self {
+        let limits = Arc::new(limits::Limits::new(&settings));
+        AppState {
+            store,
+            keys,
+            settings,
+            queue,
+            limits,
+        }
+    }
 }
 
 pub fn router(state: AppState) -> Router {
     let limit = state.settings.max_body_bytes;
     Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/internal/task-claim", post(worker::claim))
         .route("/v1/task/heartbeat", post(worker::heartbeat))
@@ -52,6 +71,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::bound,
+        ))
+        // Health answers even when every request slot is taken.
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -88,6 +114,17 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let limits = state.limits.clone();
+    let pruning = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = pruning.cancelled() => break,
+                _ = tick.tick() => limits.prune(),
+            }
+        }
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -74,6 +74,13 @@ pub async fn receive(
         ));
     }
     let vis = visibility(req.visibility_timeout_seconds.unwrap_or(30))?;
+    // A long-poll holds a slot while it waits; a receive that does not wait
+    // needs none.
+    let _slot = if wait.is_zero() {
+        None
+    } else {
+        Some(state.limits.long_poll()?)
+    };
     let messages = state.queue.receive(&queue, max, wait, vis).await?;
     Ok(Json(wire::ReceiveResponse { messages }))
 }

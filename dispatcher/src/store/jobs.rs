@@ -27,6 +27,22 @@ struct JobRow {
     finished_at: Option<DateTime<Utc>>,
 }
 
+/// One page of a job's tasks, in submission order: those after the
+/// cursor `after` (a task's position), at most `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskPage {
+    pub after: Option<i32>,
+    pub limit: u32,
+}
+
+impl TaskPage {
+    /// The first page of the default size.
+    pub const FIRST: TaskPage = TaskPage {
+        after: None,
+        limit: 1_000,
+    };
+}
+
 impl Store {
     /// Inserts the job, its tasks, specs and dependency edges, and the
     /// wake-ups of its root tasks, in one transaction.
@@ -161,11 +177,18 @@ impl Store {
                     max_attempts: t.max_attempts,
                 })
                 .collect(),
+            next_cursor: None,
         })
     }
 
-    /// The job with every task's state and attempt, if it belongs to `org_id`.
-    pub async fn get_job(&self, org_id: Uuid, job_id: Uuid) -> Result<JobView, StoreError> {
+    /// The job with one page of its tasks' states and attempts, if it
+    /// belongs to `org_id`; `next_cursor` names the next page.
+    pub async fn get_job(
+        &self,
+        org_id: Uuid,
+        job_id: Uuid,
+        page: TaskPage,
+    ) -> Result<JobView, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let job: Option<JobRow> = sqlx::query_as(
             "SELECT name, state, created_at, finished_at FROM jobs WHERE id = $1 AND org_id = $2",
@@ -183,18 +206,27 @@ impl Store {
         else {
             return Err(StoreError::JobNotFound(job_id));
         };
-        let rows: Vec<(String, Uuid, String, i32, i32)> = sqlx::query_as(
-            "SELECT s.key, t.id, t.state, t.attempt, t.max_attempts
-               FROM tasks t JOIN task_specs s ON s.task_id = t.id
-              WHERE t.job_id = $1
-              ORDER BY s.ord",
+        let mut rows: Vec<(String, Uuid, String, i32, i32, i32)> = sqlx::query_as(
+            "SELECT s.key, t.id, t.state, t.attempt, t.max_attempts, s.ord
+               FROM task_specs s JOIN tasks t ON t.id = s.task_id
+              WHERE s.job_id = $1 AND s.ord > $2
+              ORDER BY s.ord
+              LIMIT $3",
         )
         .bind(job_id)
+        .bind(page.after.unwrap_or(-1))
+        .bind(i64::from(page.limit) + 1)
         .fetch_all(&mut *conn)
         .await?;
+        let next_cursor = if rows.len() > page.limit as usize {
+            rows.truncate(page.limit as usize);
+            rows.last().map(|r| r.5.to_string())
+        } else {
+            None
+        };
         let tasks = rows
             .into_iter()
-            .map(|(key, task_id, state, attempt, max_attempts)| {
+            .map(|(key, task_id, state, attempt, max_attempts, _)| {
                 Ok(TaskView {
                     key,
                     task_id,
@@ -211,13 +243,19 @@ impl Store {
             created_at,
             finished_at,
             tasks,
+            next_cursor,
         })
     }
 
     /// Cancels a running job: unstarted tasks end as cancelled at once,
     /// leased tasks are asked to stop. Cancelling a cancelled job is a no-op;
     /// a job that already succeeded or failed is a conflict.
-    pub async fn cancel_job(&self, org_id: Uuid, job_id: Uuid) -> Result<JobView, StoreError> {
+    pub async fn cancel_job(
+        &self,
+        org_id: Uuid,
+        job_id: Uuid,
+        page: TaskPage,
+    ) -> Result<JobView, StoreError> {
         let mut tx = self.pool.begin().await?;
         let owner: Option<Uuid> = sqlx::query_scalar("SELECT org_id FROM jobs WHERE id = $1")
             .bind(job_id)
@@ -239,6 +277,6 @@ impl Store {
             }
         }
         tx.commit().await?;
-        self.get_job(org_id, job_id).await
+        self.get_job(org_id, job_id, page).await
     }
 }

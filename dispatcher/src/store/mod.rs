@@ -11,6 +11,7 @@ mod orgs;
 mod outbox;
 mod tasks;
 
+pub use jobs::TaskPage;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};
 
 pub use tasks::*;

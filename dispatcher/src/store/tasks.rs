@@ -540,8 +540,11 @@ impl Store {
         let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         let payloads: Vec<&Value> = events.iter().map(|e| &e.payload).collect();
         let mut tx = self.pool.begin().await?;
-        let (live, inserted): (bool, i64) = sqlx::query_as(
-            "WITH fence AS (
+        // The fenced insert and, in the same statement, the attempt's running
+        // totals (the attempt row serialises concurrent calls).
+        let (live, inserted, events_total, bytes_total): (bool, i64, Option<i32>, Option<i64>) =
+            sqlx::query_as(
+                "WITH fence AS (
                  SELECT id FROM tasks
                   WHERE id = $1 AND job_id = $2 AND attempt = $3
                     AND state = 'leased' AND lease_expires_at > clock_timestamp()
@@ -552,22 +555,41 @@ impl Store {
                    FROM unnest($4::bigint[], $5::text[], $6::jsonb[]) AS e(seq, kind, payload)
                   WHERE EXISTS (SELECT 1 FROM fence)
                      ON CONFLICT (task_id, attempt, seq) DO NOTHING
-                 RETURNING seq
+                 RETURNING octet_length(payload::text) AS bytes
+             ), totals AS (
+                 UPDATE attempts
+                    SET events = events + (SELECT count(*) FROM ins),
+                        event_bytes = event_bytes + (SELECT coalesce(sum(bytes), 0) FROM ins)
+                  WHERE task_id = $1 AND attempt = $3 AND EXISTS (SELECT 1 FROM ins)
+              RETURNING events, event_bytes
              )
-             SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM ins)",
-        )
-        .bind(fence.task_id)
-        .bind(fence.job_id)
-        .bind(fence.attempt_i32())
-        .bind(&seqs)
-        .bind(&kinds)
-        .bind(&payloads)
-        .fetch_one(&mut *tx)
-        .await?;
+             SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM ins),
+                    (SELECT events FROM totals), (SELECT event_bytes FROM totals)",
+            )
+            .bind(fence.task_id)
+            .bind(fence.job_id)
+            .bind(fence.attempt_i32())
+            .bind(&seqs)
+            .bind(&kinds)
+            .bind(&payloads)
+            .fetch_one(&mut *tx)
+            .await?;
         if !live {
             let err = fence_error(&mut tx, fence).await;
             tx.rollback().await?;
             return Err(err);
+        }
+        let max_events = self.settings.max_events_per_attempt;
+        let max_bytes = self.settings.max_event_bytes_per_attempt;
+        if events_total.is_some_and(|n| u32::try_from(n).unwrap_or(u32::MAX) > max_events)
+            || bytes_total.is_some_and(|b| u64::try_from(b).unwrap_or(u64::MAX) > max_bytes)
+        {
+            tx.rollback().await?;
+            return Err(StoreError::Limit(format!(
+                "attempt {} of task {} may store at most {max_events} events and {max_bytes} \
+                 bytes of event payloads; this call would pass that, and nothing of it was stored",
+                fence.attempt, fence.task_id
+            )));
         }
         let inserted = u32::try_from(inserted).unwrap_or(0);
         let total = u32::try_from(events.len()).unwrap_or(u32::MAX);

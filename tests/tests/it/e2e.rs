@@ -375,7 +375,10 @@ async fn rule_a_cancelled_running_task_ends_cancelled_within_a_heartbeat_interva
     });
     wait_leased(&stack, 1).await;
     let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
-    store.cancel_job(stack.org_id, job_id).await.unwrap();
+    store
+        .cancel_job(stack.org_id, job_id, dispatcher::store::TaskPage::FIRST)
+        .await
+        .unwrap();
     let cancelled_at = std::time::Instant::now();
     let deadline = cancelled_at + Duration::from_secs(30);
     loop {

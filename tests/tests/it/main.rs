@@ -7,6 +7,7 @@ mod e2e;
 mod fencing;
 mod input;
 mod isolation;
+mod limits;
 mod model;
 mod objects;
 mod orgs;

@@ -74,7 +74,11 @@ async fn rule_ending_a_job_is_one_statement_a_concurrent_lease_expiry_cannot_rev
     wait_lock_waiters(&app, 1).await;
     let store = app.store.clone();
     let org = app.org_id;
-    let cancel = tokio::spawn(async move { store.cancel_job(org, job.job_id).await });
+    let cancel = tokio::spawn(async move {
+        store
+            .cancel_job(org, job.job_id, dispatcher::store::TaskPage::FIRST)
+            .await
+    });
     wait_lock_waiters(&app, 2).await;
     sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
 
@@ -105,7 +109,10 @@ async fn rule_a_lease_expiring_after_its_job_ended_ends_the_task_cancelled() {
         .await;
     let a = job.tasks[0].task_id;
     app.claim(a).await;
-    app.store.cancel_job(app.org_id, job.job_id).await.unwrap();
+    app.store
+        .cancel_job(app.org_id, job.job_id, dispatcher::store::TaskPage::FIRST)
+        .await
+        .unwrap();
     assert_eq!(states(&app, job.job_id).await, ["leased"]);
     app.expire_lease(a).await;
     let ended = app.store.expire_lease(a).await.unwrap();

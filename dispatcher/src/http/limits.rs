@@ -1,0 +1,131 @@
+//! Resource limits of the API (OWASP API4, invariant 12): request rates per
+//! credential and per org (`governor`'s GCRA limiters, keyed), a bound on
+//! requests served at once and on queue long-polls held at once, and a
+//! timeout on every request. Past a limit the caller gets the contract's
+//! error with `Retry-After`; nothing is written.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
+
+use super::AppState;
+use crate::error::ApiError;
+use crate::settings::{Rate, Settings};
+
+pub struct Limits {
+    worker: DefaultKeyedRateLimiter<String>,
+    task: DefaultKeyedRateLimiter<Uuid>,
+    user: DefaultKeyedRateLimiter<Uuid>,
+    org: DefaultKeyedRateLimiter<Uuid>,
+    clock: DefaultClock,
+    requests: Arc<Semaphore>,
+    long_polls: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+fn quota(rate: Rate) -> Quota {
+    let per_second = NonZeroU32::new(rate.per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(rate.burst.max(rate.per_second)).unwrap_or(per_second);
+    Quota::per_second(per_second).allow_burst(burst)
+}
+
+impl Limits {
+    pub fn new(settings: &Settings) -> Self {
+        Limits {
+            worker: RateLimiter::keyed(quota(settings.rate_per_worker)),
+            task: RateLimiter::keyed(quota(settings.rate_per_task)),
+            user: RateLimiter::keyed(quota(settings.rate_per_user)),
+            org: RateLimiter::keyed(quota(settings.rate_per_org)),
+            clock: DefaultClock::default(),
+            requests: Arc::new(Semaphore::new(settings.max_concurrent_requests.max(1))),
+            long_polls: Arc::new(Semaphore::new(settings.max_concurrent_long_polls.max(1))),
+            timeout: settings.request_timeout,
+        }
+    }
+
+    fn check<K: std::hash::Hash + Eq + Clone>(
+        &self,
+        limiter: &DefaultKeyedRateLimiter<K>,
+        key: &K,
+        what: &str,
+    ) -> Result<(), ApiError> {
+        limiter.check_key(key).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.clock.now());
+            ApiError::rate_limited(
+                "rate_limited",
+                format!("too many requests for this {what}; retry later"),
+                wait,
+            )
+        })
+    }
+
+    /// Admits a request made with a worker credential.
+    pub fn admit_worker(&self, worker: &str) -> Result<(), ApiError> {
+        self.check(&self.worker, &worker.to_owned(), "worker credential")
+    }
+
+    /// Admits a request made with a capability token of `task` in `org`.
+    pub fn admit_task(&self, task: Uuid, org: Uuid) -> Result<(), ApiError> {
+        self.check(&self.task, &task, "task")?;
+        self.check(&self.org, &org, "org")
+    }
+
+    /// Admits a request made with a user token acting in `org`.
+    pub fn admit_user(&self, user: Uuid, org: Uuid) -> Result<(), ApiError> {
+        self.check(&self.user, &user, "user")?;
+        self.check(&self.org, &org, "org")
+    }
+
+    /// A slot for one queue long-poll, or `429 overloaded`.
+    pub fn long_poll(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.long_polls.clone().try_acquire_owned().map_err(|_| {
+            ApiError::rate_limited(
+                "overloaded",
+                "too many long-polls are waiting; retry later",
+                Duration::from_secs(1),
+            )
+        })
+    }
+
+    /// Forgets keys that have not been limited lately (their state is
+    /// back to full), so the maps do not grow with every task ever seen.
+    pub fn prune(&self) {
+        for l in [&self.task, &self.user, &self.org] {
+            l.retain_recent();
+            l.shrink_to_fit();
+        }
+        self.worker.retain_recent();
+        self.worker.shrink_to_fit();
+    }
+}
+
+/// Middleware on every route but health: a bound on requests served at
+/// once (`429 overloaded` past it) and a timeout (`503 unavailable`).
+pub async fn bound(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limits = &state.limits;
+    let Ok(_permit) = limits.requests.clone().try_acquire_owned() else {
+        return ApiError::rate_limited(
+            "overloaded",
+            "the dispatcher is serving as many requests as it may; retry later",
+            Duration::from_secs(1),
+        )
+        .into_response();
+    };
+    match tokio::time::timeout(limits.timeout, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::unavailable(format!(
+            "the request did not finish within {} s; it may or may not have taken effect \
+             (worker calls are safe to replay)",
+            limits.timeout.as_secs()
+        ))
+        .into_response(),
+    }
+}

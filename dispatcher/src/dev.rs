@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 pub struct DevArgs {
     /// Postgres URL; by default the local server's `dispatcher_dev` database,
     /// created if missing.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
     #[arg(long, env = "DISPATCHER_BIND", default_value = "127.0.0.1:8080")]
     bind: String,
@@ -59,7 +59,12 @@ async fn ensure_database(url: &str) -> Result<()> {
         .database("postgres")
         .connect()
         .await
-        .with_context(|| format!("connecting to Postgres at {url} (is it running? scripts/ensure-postgres starts one)"))?;
+        .with_context(|| {
+            format!(
+                "connecting to Postgres at {} (is it running? scripts/ensure-postgres starts one)",
+                dispatcher::redact_url(url)
+            )
+        })?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
             .bind(&name)

@@ -15,6 +15,12 @@ use crate::queue::{Queue, SqsConfig, SqsQueue};
 use crate::settings::Settings;
 use crate::store::Store;
 
+/// Static AWS credentials as `Debug` may show them: the key id, never the
+/// secret.
+pub fn redacted_credentials(c: &Option<(String, String)>) -> Option<(String, &'static str)> {
+    c.as_ref().map(|(id, _)| (id.clone(), "[redacted]"))
+}
+
 /// The AWS SDK configuration shared by the SQS and S3 adapters: a region,
 /// an optional endpoint override (an SQS/S3-compatible server), and static
 /// credentials or, without them, the SDK's default chain.

@@ -4,8 +4,9 @@
 //! (atomic replace), `put_if_absent` hard-links it to the key, which fails
 //! if the key exists (atomic create-only). Presigned URLs are
 //! `{base_url}/objects/{key}?method=GET&expires={unix}&sig={hex}`, where
-//! `sig` is HMAC-SHA256 over method, key and expiry with the store's secret;
-//! [`router`] serves them.
+//! `sig` is HMAC-SHA256 over method, key and expiry with the store's secret
+//! (at least [`MIN_SECRET_BYTES`] bytes), and each segment of the key is
+//! percent-encoded; [`router`] serves them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,6 +24,18 @@ use sha2::Sha256;
 use super::{check_key, ObjectError, ObjectMeta, ObjectStore};
 use crate::error::ApiError;
 
+/// The shortest secret a local store accepts: 256 bits, HMAC-SHA256's
+/// strength.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Everything but unreserved characters (RFC 3986) is escaped in a key's
+/// segments; `/` separates them.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 pub struct LocalDirStore {
     root: PathBuf,
     /// Where [`router`] is served, e.g. `http://127.0.0.1:8080`.
@@ -34,13 +47,36 @@ fn io(e: std::io::Error) -> ObjectError {
     ObjectError::Unavailable(e.to_string())
 }
 
+impl std::fmt::Debug for LocalDirStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalDirStore")
+            .field("root", &self.root)
+            .field("base_url", &self.base_url)
+            .field("secret", &"[redacted]")
+            .finish()
+    }
+}
+
 impl LocalDirStore {
-    pub fn new(root: impl Into<PathBuf>, base_url: &str, secret: Vec<u8>) -> Self {
-        LocalDirStore {
+    /// A store under `root` whose URLs are served at `base_url`, signed
+    /// with `secret`; refused if the secret is shorter than
+    /// [`MIN_SECRET_BYTES`].
+    pub fn new(
+        root: impl Into<PathBuf>,
+        base_url: &str,
+        secret: Vec<u8>,
+    ) -> Result<Self, ObjectError> {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(ObjectError::Unavailable(format!(
+                "the presigned-URL secret must be at least {MIN_SECRET_BYTES} bytes, not {}",
+                secret.len()
+            )));
+        }
+        Ok(LocalDirStore {
             root: root.into(),
             base_url: base_url.trim_end_matches('/').to_owned(),
             secret,
-        }
+        })
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, ObjectError> {
@@ -73,9 +109,14 @@ impl LocalDirStore {
         let expires = chrono::Utc::now().timestamp()
             + i64::try_from(expires_in.as_secs()).unwrap_or(i64::MAX / 2);
         let sig = hex::encode(self.signature(method, key, expires).finalize().into_bytes());
+        let path: Vec<String> = key
+            .split('/')
+            .map(|s| percent_encoding::utf8_percent_encode(s, SEGMENT).to_string())
+            .collect();
         Ok(format!(
-            "{}/objects/{key}?method={method}&expires={expires}&sig={sig}",
-            self.base_url
+            "{}/objects/{}?method={method}&expires={expires}&sig={sig}",
+            self.base_url,
+            path.join("/")
         ))
     }
 

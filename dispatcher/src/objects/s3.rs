@@ -12,13 +12,28 @@ use aws_sdk_s3::Client;
 
 use super::{check_key, ObjectError, ObjectMeta, ObjectStore};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct S3Config {
     pub region: String,
     pub endpoint_url: Option<String>,
     pub bucket: String,
     /// Static credentials; `None` uses the SDK's default chain.
     pub static_credentials: Option<(String, String)>,
+}
+
+/// Never prints the secret key.
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("region", &self.region)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("bucket", &self.bucket)
+            .field(
+                "static_credentials",
+                &crate::profile::redacted_credentials(&self.static_credentials),
+            )
+            .finish()
+    }
 }
 
 pub struct S3Store {

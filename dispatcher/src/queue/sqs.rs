@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::{all_queues, Delivery, Queue, QueueError};
 
 /// Where the queues are and what they are called.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SqsConfig {
     pub region: String,
     /// An SQS-compatible endpoint (e.g. a local test server); `None` for AWS.
@@ -31,6 +31,21 @@ pub struct SqsConfig {
     /// Static credentials; `None` uses the SDK's default chain
     /// (environment, profile, instance or task role).
     pub static_credentials: Option<(String, String)>,
+}
+
+/// Never prints the secret key.
+impl std::fmt::Debug for SqsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsConfig")
+            .field("region", &self.region)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("queue_prefix", &self.queue_prefix)
+            .field(
+                "static_credentials",
+                &crate::profile::redacted_credentials(&self.static_credentials),
+            )
+            .finish()
+    }
 }
 
 pub struct SqsQueue {

@@ -12,5 +12,6 @@ mod model;
 mod objects;
 mod orgs;
 mod races;
+mod secrets;
 mod services;
 mod tokens;

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use dispatcher::domain::Role;
 use dispatcher::queue::SqsQueue;
 use dispatcher::services::{self, Roles};
-use dispatcher::settings::Settings;
+use dispatcher::settings::{Rate, Settings};
 use dispatcher::store::Store;
 use dispatcher::tokens::{self, Keyring};
 use tokio_util::sync::CancellationToken;
@@ -115,6 +115,61 @@ struct ServeArgs {
     /// Roles to run: any of api, relay, reaper, or all.
     #[arg(long, env = "DISPATCHER_ROLES", default_value = "all", value_parser = Roles::parse)]
     roles: Roles,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Overrides of the API's limits (defaults and reasons:
+/// docs/standards/operations.md). Rates are `PER_SECOND[,BURST]`.
+#[derive(Args)]
+struct LimitArgs {
+    /// Requests per org (its users' and tasks' together).
+    #[arg(long, env = "DISPATCHER_RATE_PER_ORG")]
+    rate_per_org: Option<Rate>,
+    /// Requests per user.
+    #[arg(long, env = "DISPATCHER_RATE_PER_USER")]
+    rate_per_user: Option<Rate>,
+    /// Requests per task (capability tokens of all its attempts).
+    #[arg(long, env = "DISPATCHER_RATE_PER_TASK")]
+    rate_per_task: Option<Rate>,
+    /// Requests per worker credential.
+    #[arg(long, env = "DISPATCHER_RATE_PER_WORKER")]
+    rate_per_worker: Option<Rate>,
+    /// Requests served at once.
+    #[arg(long, env = "DISPATCHER_MAX_CONCURRENT_REQUESTS")]
+    max_concurrent_requests: Option<usize>,
+    /// Queue long-polls held at once.
+    #[arg(long, env = "DISPATCHER_MAX_CONCURRENT_LONG_POLLS")]
+    max_concurrent_long_polls: Option<usize>,
+    /// Seconds before a request that has not answered gets 503.
+    #[arg(long, env = "DISPATCHER_REQUEST_TIMEOUT_SECONDS")]
+    request_timeout_seconds: Option<u64>,
+}
+
+impl LimitArgs {
+    fn apply(&self, s: &mut Settings) {
+        if let Some(r) = self.rate_per_org {
+            s.rate_per_org = r;
+        }
+        if let Some(r) = self.rate_per_user {
+            s.rate_per_user = r;
+        }
+        if let Some(r) = self.rate_per_task {
+            s.rate_per_task = r;
+        }
+        if let Some(r) = self.rate_per_worker {
+            s.rate_per_worker = r;
+        }
+        if let Some(n) = self.max_concurrent_requests {
+            s.max_concurrent_requests = n;
+        }
+        if let Some(n) = self.max_concurrent_long_polls {
+            s.max_concurrent_long_polls = n;
+        }
+        if let Some(t) = self.request_timeout_seconds {
+            s.request_timeout = std::time::Duration::from_secs(t);
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -267,11 +322,19 @@ async fn main() -> Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    let settings = Arc::new(Settings {
+    let mut settings = Settings {
         issuer: args.keys.issuer.clone(),
         failpoints: failpoints_from_env(),
         ..Settings::default()
-    });
+    };
+    args.limits.apply(&mut settings);
+    if settings.request_timeout <= settings.queue_max_wait {
+        bail!(
+            "--request-timeout-seconds must be longer than the longest queue long-poll ({} s)",
+            settings.queue_max_wait.as_secs()
+        );
+    }
+    let settings = Arc::new(settings);
     let keys = Arc::new(args.keys.keyring(settings.token_leeway.as_secs())?);
     let store = connect(&args.db, settings.clone(), args.max_connections).await?;
     if args.migrate {

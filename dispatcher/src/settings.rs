@@ -12,6 +12,33 @@ pub struct Rate {
     pub burst: u32,
 }
 
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    /// `PER_SECOND` or `PER_SECOND,BURST` (the burst defaults to twice the
+    /// rate).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (rate, burst) = match s.split_once(',') {
+            Some((r, b)) => (r, Some(b)),
+            None => (s, None),
+        };
+        let per_second: u32 = rate
+            .trim()
+            .parse()
+            .map_err(|e| format!("{rate:?}: {e} (expected PER_SECOND[,BURST])"))?;
+        let burst = match burst {
+            Some(b) => b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?,
+            None => per_second.saturating_mul(2),
+        };
+        if per_second == 0 || burst < per_second {
+            return Err(format!(
+                "{s:?}: the rate must be at least 1 and the burst at least the rate"
+            ));
+        }
+        Ok(Rate { per_second, burst })
+    }
+}
+
 /// Runtime settings, read once at start and passed down (no globals).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -232,6 +259,27 @@ mod tests {
         assert_eq!(s.retry_delay(3, 1.0), Duration::from_secs(8));
         assert_eq!(s.retry_delay(3, 0.0), Duration::from_secs(4));
         assert_eq!(s.retry_delay(40, 1.0), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn rates_parse_with_and_without_a_burst() {
+        assert_eq!(
+            "10".parse::<Rate>(),
+            Ok(Rate {
+                per_second: 10,
+                burst: 20
+            })
+        );
+        assert_eq!(
+            "10,15".parse::<Rate>(),
+            Ok(Rate {
+                per_second: 10,
+                burst: 15
+            })
+        );
+        for bad in ["0", "10,5", "x", "1,y"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
     }
 
     #[test]

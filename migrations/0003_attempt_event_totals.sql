@@ -6,3 +6,9 @@
 ALTER TABLE attempts
     ADD COLUMN events integer NOT NULL DEFAULT 0,
     ADD COLUMN event_bytes bigint NOT NULL DEFAULT 0;
+
+-- A correction to 0001's header (applied migrations cannot be edited): the
+-- hot path's updates of `tasks` are not HOT today. Claims, heartbeats and
+-- completions each change an indexed column (`lease_expires_at`, or
+-- `state`, read by the partial indexes' predicates), so fillfactor 80 buys
+-- little until those indexes change.

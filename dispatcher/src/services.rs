@@ -82,8 +82,10 @@ pub fn local_queue(store: &Store, settings: &Settings) -> (Arc<PgQueue>, Arc<Not
 /// Runs the given roles until `shutdown` is cancelled, then drains them.
 /// `listener` is required when `roles.api` is set. `queue` is the profile's
 /// queue (SQS on the aws profile); `None` is the local Postgres queue. The
-/// relay publishes to it and `/internal/queues/*` serves it to workers, so
-/// workers never hold queue (or database) credentials on either profile.
+/// relay publishes to it and `/internal/queues/wakeups/*` serves its wake-up
+/// queue to workers, so local workers hold no queue or database
+/// credentials; aws workers receive from SQS with credentials for the
+/// wake-up queue alone (ADR 0009).
 pub async fn run(
     listener: Option<TcpListener>,
     store: Store,

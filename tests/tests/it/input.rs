@@ -304,3 +304,55 @@ async fn unknown_routes_and_methods_answer_the_error_body() {
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(r.code(), "invalid_request");
 }
+
+/// Postgres stores no NUL character: an output, error message, event
+/// payload, progress or input holding one is a `400` naming the place (it
+/// was a `500` on every retry before), and changes nothing.
+#[tokio::test]
+async fn rule_a_nul_character_is_a_400_naming_its_place_not_a_500() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+    let token = claim.capability_token.as_str();
+    let nul = "a\u{0}b";
+    for (path, body, field) in [
+        (
+            "/v1/task/complete",
+            json!({"outcome": "succeeded", "output": {"x": [nul]}}),
+            "output.x[0]",
+        ),
+        (
+            "/v1/task/complete",
+            json!({"outcome": "failed", "error": {"message": nul}}),
+            "error.message",
+        ),
+        (
+            "/v1/task/events",
+            json!({"events": [{"seq": 0, "kind": "log", "payload": {"m": nul}}]}),
+            "events[0].payload.m",
+        ),
+        (
+            "/v1/task/heartbeat",
+            json!({"progress": {"p": nul}}),
+            "progress.p",
+        ),
+    ] {
+        assert_rejected(&app, path, token, body, field).await;
+    }
+    let r = app
+        .post(
+            "/v1/jobs",
+            &app.user_token,
+            &json!({"name": "j", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x", "inputs": {"k": nul}}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("tasks[0].inputs.k"),
+        "{}",
+        r.body
+    );
+}

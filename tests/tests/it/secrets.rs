@@ -104,7 +104,7 @@ fn rule_help_and_errors_never_show_the_database_password() {
 #[test]
 fn rule_the_worker_never_logs_its_credential() {
     let credential = format!("eyJ.{PASSWORD}.sig");
-    let mut child = Command::new(binary("worker-wrapper"))
+    let child = Command::new(binary("worker-wrapper"))
         .args(["run", "--wait-seconds", "1"])
         .env("WORKER_CREDENTIAL", &credential)
         .env(

@@ -173,6 +173,7 @@ pub struct NewTask {
     pub bundle: String,
     pub inputs: Value,
     pub outputs: Vec<String>,
+    pub reads: Vec<String>,
     pub max_attempts: u32,
     /// Indexes into `NewJob::tasks`.
     pub depends_on: Vec<usize>,
@@ -238,6 +239,10 @@ pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJo
         for (j, o) in t.outputs.iter().enumerate() {
             outputs.push(dataset_name(&format!("tasks[{i}].outputs[{j}]"), o)?);
         }
+        let mut reads = Vec::with_capacity(t.reads.len());
+        for (j, r) in t.reads.iter().enumerate() {
+            reads.push(dataset_name(&format!("tasks[{i}].reads[{j}]"), r)?);
+        }
         if t.depends_on.len() > settings.max_deps_per_task {
             return Err(Invalid::new(
                 format!("tasks[{i}].depends_on"),
@@ -267,6 +272,7 @@ pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJo
             bundle: t.bundle.clone(),
             inputs,
             outputs,
+            reads,
             max_attempts,
             depends_on,
         });
@@ -325,6 +331,44 @@ fn find_cycle(tasks: &[NewTask]) -> Option<Vec<usize>> {
         }
     }
     None
+}
+
+// ------------------------------------------------------------- datasets ---
+
+/// Largest number of columns of a dataset.
+pub const MAX_COLUMNS: usize = 256;
+
+/// A dataset that passed validation.
+#[derive(Debug, Clone)]
+pub struct NewDataset {
+    pub name: String,
+    pub mode: wire::DatasetMode,
+    pub columns: Vec<wire::Column>,
+}
+
+pub fn new_dataset(req: wire::CreateDatasetRequest) -> Result<NewDataset, Invalid> {
+    let name = dataset_name("name", &req.name)?;
+    if req.columns.is_empty() || req.columns.len() > MAX_COLUMNS {
+        return Err(Invalid::new(
+            "columns",
+            format!("a dataset has 1 to {MAX_COLUMNS} columns"),
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(req.columns.len());
+    for (i, c) in req.columns.iter().enumerate() {
+        dataset_name(&format!("columns[{i}].name"), &c.name)?;
+        if !seen.insert(c.name.as_str()) {
+            return Err(Invalid::new(
+                format!("columns[{i}].name"),
+                format!("{:?} is used twice", c.name),
+            ));
+        }
+    }
+    Ok(NewDataset {
+        name,
+        mode: req.mode,
+        columns: req.columns,
+    })
 }
 
 // --------------------------------------------------------- worker calls ---
@@ -492,6 +536,7 @@ mod tests {
             depends_on: deps.iter().map(|d| d.to_string()).collect(),
             max_attempts: None,
             outputs: vec![],
+            reads: vec![],
         }
     }
 

@@ -18,6 +18,9 @@ pub enum StoreError {
     TaskNotFound(Uuid),
     #[error("no job {0}")]
     JobNotFound(Uuid),
+    /// Something else the caller cannot see (a dataset, a version).
+    #[error("{0}")]
+    NotFound(String),
     #[error("attempt {attempt} of task {task_id} was superseded by attempt {current}")]
     StaleAttempt {
         task_id: Uuid,
@@ -174,7 +177,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let message = e.to_string();
         match e {
-            StoreError::TaskNotFound(_) | StoreError::JobNotFound(_) => {
+            StoreError::TaskNotFound(_) | StoreError::JobNotFound(_) | StoreError::NotFound(_) => {
                 ApiError::not_found(message)
             }
             StoreError::StaleAttempt { .. } | StoreError::AttemptFinished { .. } => {

@@ -85,8 +85,11 @@ pub struct TaskClaims {
     pub org: Uuid,
     /// The attempt this token speaks for.
     pub att: u32,
-    /// Datasets the attempt may publish to.
+    /// Datasets the attempt may publish to and stage (its task's `outputs`).
     pub datasets: Vec<String>,
+    /// Datasets the attempt may read (its task's `reads`).
+    #[serde(default)]
+    pub reads: Vec<String>,
     /// Object-store prefixes the attempt may write under.
     pub prefixes: Vec<String>,
     pub iat: i64,
@@ -128,6 +131,7 @@ pub struct TaskScope {
     pub org_id: Uuid,
     pub attempt: u32,
     pub datasets: Vec<String>,
+    pub reads: Vec<String>,
 }
 
 impl TaskScope {
@@ -295,6 +299,7 @@ impl Keyring {
             org: scope.org_id,
             att: scope.attempt,
             datasets: scope.datasets.clone(),
+            reads: scope.reads.clone(),
             prefixes: vec![scope.attempt_prefix()],
             iat: Utc::now().timestamp(),
             exp: expires_at.timestamp(),
@@ -378,6 +383,7 @@ mod tests {
             org_id: Uuid::new_v4(),
             attempt: 2,
             datasets: vec!["alert_events".into()],
+            reads: vec!["clicks".into()],
         }
     }
 

@@ -160,6 +160,8 @@ pub struct TaskSpec {
     pub bundle: String,
     pub inputs: Value,
     pub outputs: Vec<String>,
+    #[serde(default)]
+    pub reads: Vec<String>,
 }
 
 // ------------------------------------------------------------ heartbeat ---
@@ -291,6 +293,9 @@ pub struct TaskSubmission {
     /// Datasets the task may write (its capability token's dataset scope).
     #[serde(default)]
     pub outputs: Vec<String>,
+    /// Datasets the task may read (its capability token's read scope).
+    #[serde(default)]
+    pub reads: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -316,6 +321,130 @@ pub struct TaskView {
     pub state: TaskState,
     pub attempt: u32,
     pub max_attempts: u32,
+}
+
+// ------------------------------------------------------------- datasets ---
+
+/// Column types of a dataset's schema.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    String,
+    Int64,
+    Float64,
+    Bool,
+    Timestamp,
+    Json,
+}
+
+impl ColumnType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColumnType::String => "string",
+            ColumnType::Int64 => "int64",
+            ColumnType::Float64 => "float64",
+            ColumnType::Bool => "bool",
+            ColumnType::Timestamp => "timestamp",
+            ColumnType::Json => "json",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Column {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ColumnType,
+    #[serde(default = "yes")]
+    pub nullable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How versions of a dataset are made.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetMode {
+    /// Each version is exactly the parts its task staged.
+    Replace,
+    /// Each version is its parent's parts plus the newly staged ones.
+    Append,
+    /// Rows arrive only through buffered sinks; no versions.
+    Stream,
+}
+
+impl DatasetMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetMode::Replace => "replace",
+            DatasetMode::Append => "append",
+            DatasetMode::Stream => "stream",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "replace" => DatasetMode::Replace,
+            "append" => DatasetMode::Append,
+            "stream" => DatasetMode::Stream,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDatasetRequest {
+    pub name: String,
+    pub mode: DatasetMode,
+    pub columns: Vec<Column>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VersionView {
+    pub version: u32,
+    pub parent: Option<u32>,
+    pub task_id: Uuid,
+    pub attempt: u32,
+    pub rows: u64,
+    pub committed_at: DateTime<Utc>,
+}
+
+/// `GET /v1/datasets/{name}` (and the answer to its creation).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DatasetView {
+    pub name: String,
+    pub mode: DatasetMode,
+    pub columns: Vec<Column>,
+    pub current_version: Option<u32>,
+    /// Newest first (at most the 1 000 newest).
+    pub versions: Vec<VersionView>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetList {
+    pub datasets: Vec<DatasetView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PartView {
+    pub key: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// `GET /v1/datasets/{name}/versions/{n}`: a version's manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestView {
+    pub version: u32,
+    pub parent: Option<u32>,
+    pub rows: u64,
+    pub parts: Vec<PartView>,
 }
 
 // -------------------------------------------------------------- wake-up ---

@@ -149,20 +149,20 @@ impl FromRequestParts<AppState> for Member {
     }
 }
 
-/// A member whose role may submit and cancel jobs.
-pub struct JobWriter(pub UserClaims);
+/// A member whose role may write: submit and cancel jobs, create datasets.
+pub struct Writer(pub UserClaims);
 
-impl FromRequestParts<AppState> for JobWriter {
+impl FromRequestParts<AppState> for Writer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Member { user, role } = Member::from_request_parts(parts, state).await?;
         if !role.can_write_jobs() {
             return Err(ApiError::forbidden(format!(
-                "role {} may read jobs but not submit or cancel them",
+                "role {} may read but not write (submit or cancel jobs, create datasets)",
                 role.as_str()
             )));
         }
-        Ok(JobWriter(user))
+        Ok(Writer(user))
     }
 }

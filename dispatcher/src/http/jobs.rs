@@ -9,7 +9,7 @@ use dispatcher_wire as wire;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::extract::{ApiJson, JobWriter, Member};
+use super::extract::{ApiJson, Member, Writer};
 use super::AppState;
 use crate::domain;
 use crate::error::ApiError;
@@ -51,7 +51,7 @@ fn page(state: &AppState, q: Option<PageQuery>) -> Result<TaskPage, ApiError> {
 
 pub async fn submit(
     State(state): State<AppState>,
-    JobWriter(user): JobWriter,
+    Writer(user): Writer,
     ApiJson(req): ApiJson<wire::SubmitJobRequest>,
 ) -> Result<(StatusCode, Json<wire::JobView>), ApiError> {
     let job = domain::new_job(req, &state.settings)?;
@@ -77,7 +77,7 @@ pub async fn get(
 
 pub async fn cancel(
     State(state): State<AppState>,
-    JobWriter(user): JobWriter,
+    Writer(user): Writer,
     Path(raw): Path<String>,
 ) -> Result<Json<wire::JobView>, ApiError> {
     let id = job_id(&raw)?;

@@ -1,5 +1,6 @@
 //! The HTTP API: routes, shared state, and serving with graceful shutdown.
 
+mod datasets;
 mod extract;
 mod jobs;
 pub mod limits;
@@ -66,6 +67,12 @@ pub fn router(state: AppState) -> Router {
             post(queues::change_visibility),
         )
         .route("/internal/queues/{queue}/delete", post(queues::delete))
+        .route("/v1/datasets", post(datasets::create).get(datasets::list))
+        .route("/v1/datasets/{name}", get(datasets::get))
+        .route(
+            "/v1/datasets/{name}/versions/{version}",
+            get(datasets::manifest),
+        )
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{job_id}", get(jobs::get))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))

@@ -43,6 +43,7 @@ pub async fn claim(
         org_id: claimed.org_id,
         attempt: claimed.attempt,
         datasets: claimed.spec.outputs.clone(),
+        reads: claimed.spec.reads.clone(),
     };
     let token_expires_at = token_expiry(&state, claimed.lease_expires_at);
     let capability_token = state.keys.mint_task(&scope, token_expires_at);
@@ -87,6 +88,7 @@ pub async fn heartbeat(
         org_id: claims.org,
         attempt: claims.att,
         datasets: claims.datasets,
+        reads: claims.reads,
     };
     Ok(Json(wire::HeartbeatResponse {
         lease_expires_at: renewal.lease_expires_at,

@@ -89,6 +89,11 @@ impl Store {
             .iter()
             .map(|t| Value::from(t.outputs.clone()))
             .collect();
+        let reads: Vec<Value> = job
+            .tasks
+            .iter()
+            .map(|t| Value::from(t.reads.clone()))
+            .collect();
         let (dep_from, dep_on): (Vec<Uuid>, Vec<Uuid>) = job
             .tasks
             .iter()
@@ -128,12 +133,13 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO task_specs (task_id, job_id, ord, key, runtime, bundle, inputs, outputs)
+            "INSERT INTO task_specs (task_id, job_id, ord, key, runtime, bundle, inputs, outputs, reads)
              SELECT id, $1, ord, key, runtime, bundle, inputs,
-                    ARRAY(SELECT jsonb_array_elements_text(outputs))
+                    ARRAY(SELECT jsonb_array_elements_text(outputs)),
+                    ARRAY(SELECT jsonb_array_elements_text(reads))
                FROM unnest($2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-                           $7::jsonb[], $8::jsonb[])
-                    AS s(id, ord, key, runtime, bundle, inputs, outputs)",
+                           $7::jsonb[], $8::jsonb[], $9::jsonb[])
+                    AS s(id, ord, key, runtime, bundle, inputs, outputs, reads)",
         )
         .bind(job_id)
         .bind(&ids)
@@ -143,6 +149,7 @@ impl Store {
         .bind(&bundles)
         .bind(&inputs)
         .bind(&outputs)
+        .bind(&reads)
         .execute(&mut *tx)
         .await?;
         if !dep_from.is_empty() {

@@ -6,6 +6,7 @@
 //! Operations on a single task (claim, heartbeat, events, publishes) take no
 //! job lock.
 
+mod datasets;
 mod jobs;
 mod orgs;
 mod outbox;

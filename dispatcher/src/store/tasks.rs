@@ -277,6 +277,7 @@ struct ClaimRow {
     bundle: String,
     inputs: Value,
     outputs: Vec<String>,
+    reads: Vec<String>,
     org_id: Uuid,
 }
 
@@ -335,7 +336,7 @@ impl Store {
                  SELECT id, attempt, $3 FROM claimed
              )
              SELECT c.job_id, c.attempt, c.lease_expires_at,
-                    s.key, s.runtime, s.bundle, s.inputs, s.outputs, j.org_id
+                    s.key, s.runtime, s.bundle, s.inputs, s.outputs, s.reads, j.org_id
                FROM claimed c
                JOIN task_specs s ON s.task_id = c.id
                JOIN jobs j ON j.id = c.job_id",
@@ -354,6 +355,7 @@ impl Store {
             bundle,
             inputs,
             outputs,
+            reads,
             org_id,
         }) = granted
         else {
@@ -378,6 +380,7 @@ impl Store {
                 bundle,
                 inputs,
                 outputs,
+                reads,
             },
         })
     }

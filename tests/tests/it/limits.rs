@@ -30,6 +30,11 @@ async fn get_with_headers(app: &TestApp, path: &str, token: &str) -> (Response, 
         .send()
         .await
         .unwrap();
+    read_with_retry_after(resp).await
+}
+
+/// The answer and its `Retry-After` (seconds), if any.
+async fn read_with_retry_after(resp: reqwest::Response) -> (Response, Option<u64>) {
     let retry_after = resp
         .headers()
         .get("retry-after")
@@ -184,11 +189,7 @@ async fn invariant_12_long_polls_at_once_are_bounded_and_slow_requests_time_out(
                 .send()
                 .await
                 .unwrap();
-            let retry_after = resp
-                .headers()
-                .get("retry-after")
-                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
-            (TestApp::read(resp).await, retry_after)
+            read_with_retry_after(resp).await
         }
     };
     // One long-poll waits on the empty queue (and times out after the 1 s

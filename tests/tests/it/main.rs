@@ -3,6 +3,7 @@
 
 mod completion;
 mod dag;
+mod datasets;
 mod e2e;
 mod fencing;
 mod input;

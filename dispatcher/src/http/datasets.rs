@@ -1,0 +1,63 @@
+//! The dataset registry API (contract: "Datasets"). Every call checks the
+//! caller's membership (and, to create, its role) in Postgres before the
+//! body is read; another org's dataset answers 404, never its existence.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use dispatcher_wire as wire;
+
+use super::extract::{ApiJson, Member, Writer};
+use super::AppState;
+use crate::domain;
+use crate::error::ApiError;
+
+fn name(raw: &str) -> Result<String, ApiError> {
+    Ok(domain::dataset_name("name", raw)?)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Writer(user): Writer,
+    ApiJson(req): ApiJson<wire::CreateDatasetRequest>,
+) -> Result<(StatusCode, Json<wire::DatasetView>), ApiError> {
+    let ds = domain::new_dataset(req)?;
+    let view = state.store.create_dataset(user.org, user.sub, &ds).await?;
+    tracing::info!(org = %user.org, dataset = ds.name, mode = ds.mode.as_str(), "dataset created");
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+) -> Result<Json<wire::DatasetList>, ApiError> {
+    Ok(Json(wire::DatasetList {
+        datasets: state.store.list_datasets(user.org).await?,
+    }))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+    Path(raw): Path<String>,
+) -> Result<Json<wire::DatasetView>, ApiError> {
+    Ok(Json(state.store.get_dataset(user.org, &name(&raw)?).await?))
+}
+
+pub async fn manifest(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+    Path((raw, version)): Path<(String, String)>,
+) -> Result<Json<wire::ManifestView>, ApiError> {
+    let version: u32 = version
+        .parse()
+        .ok()
+        .filter(|v| *v >= 1)
+        .ok_or_else(|| ApiError::invalid("version", "must be a version number (1 or more)"))?;
+    Ok(Json(
+        state
+            .store
+            .manifest(user.org, &name(&raw)?, version)
+            .await?,
+    ))
+}

@@ -176,6 +176,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .await?;
     }
     let queue = args.profile.services_queue().await?;
+    let objects = match args.profile.is_aws() {
+        true => args.profile.objects().await?,
+        false => dispatcher::profile::Objects::LocalDir {
+            dir: args.state_dir.join("objects"),
+            public_url: None,
+        },
+    };
 
     let listener = tokio::net::TcpListener::bind(&args.bind)
         .await
@@ -194,6 +201,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         settings.clone(),
         Roles::ALL,
         queue,
+        objects,
         shutdown.clone(),
     ));
     eprintln!(

@@ -341,6 +341,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         store.migrate().await.context("applying migrations")?;
     }
     let queue = args.profile.services_queue().await?;
+    let objects = args.profile.objects().await?;
     tracing::info!(
         profile = args.profile.queues.profile,
         "queues and objects ready"
@@ -356,7 +357,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    services::run(listener, store, keys, settings, args.roles, queue, shutdown).await?;
+    services::run(
+        listener, store, keys, settings, args.roles, queue, objects, shutdown,
+    )
+    .await?;
     tracing::info!("dispatcher stopped");
     Ok(())
 }

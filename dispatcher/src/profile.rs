@@ -99,6 +99,18 @@ impl QueueProfileArgs {
     }
 }
 
+/// Where the dispatcher's objects live, as `services::run` takes it.
+pub enum Objects {
+    /// The local profile: a directory; its presigned URLs are served by
+    /// the API at `public_url` (default: the API's own address).
+    LocalDir {
+        dir: std::path::PathBuf,
+        public_url: Option<String>,
+    },
+    /// Any other store (S3 on the aws profile).
+    Store(Arc<dyn crate::objects::ObjectStore>),
+}
+
 /// The dispatcher's profile: its queues and, on aws, its bucket.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProfileArgs {
@@ -111,6 +123,18 @@ pub struct ProfileArgs {
         default_value = "dispatcher-objects"
     )]
     pub s3_bucket: String,
+    /// local: the directory that holds datasets and buffer batches.
+    #[arg(
+        long,
+        env = "DISPATCHER_OBJECTS_DIR",
+        default_value = "dispatcher-objects"
+    )]
+    pub objects_dir: std::path::PathBuf,
+    /// local: the URL workers reach this dispatcher at, for presigned URLs
+    /// (default: the address it listens on; set it when listening on
+    /// 0.0.0.0 or behind a proxy).
+    #[arg(long, env = "DISPATCHER_PUBLIC_URL")]
+    pub public_url: Option<String>,
 }
 
 impl ProfileArgs {
@@ -125,6 +149,19 @@ impl ProfileArgs {
             bucket: self.s3_bucket.clone(),
             static_credentials: None,
         }
+    }
+
+    /// The profile's object store: the directory (local) or the bucket,
+    /// which must exist (aws).
+    pub async fn objects(&self) -> anyhow::Result<Objects> {
+        if self.is_aws() {
+            let s3 = S3Store::connect(&self.s3()).await?;
+            return Ok(Objects::Store(Arc::new(s3)));
+        }
+        Ok(Objects::LocalDir {
+            dir: self.objects_dir.clone(),
+            public_url: self.public_url.clone(),
+        })
     }
 
     /// Creates the aws profile's queues and bucket if missing (local set-ups

@@ -11,6 +11,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::http::{self, AppState};
+use crate::objects::LocalDirStore;
+use crate::profile::Objects;
 use crate::queue::{PgQueue, Queue};
 use crate::reaper::Reaper;
 use crate::relay::Relay;
@@ -93,6 +95,7 @@ pub async fn run(
     settings: Arc<Settings>,
     roles: Roles,
     queue: Option<Arc<dyn Queue>>,
+    objects: Objects,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut tasks = JoinSet::new();
@@ -118,7 +121,24 @@ pub async fn run(
     }
     let served = match (roles.api, listener) {
         (true, Some(listener)) => {
-            let state = AppState::new(store, keys, settings, queue);
+            let (objects, local) = match objects {
+                Objects::Store(s) => (s, None),
+                Objects::LocalDir { dir, public_url } => {
+                    let base = match public_url {
+                        Some(url) => url,
+                        None => format!("http://{}", listener.local_addr()?),
+                    };
+                    let local = Arc::new(
+                        LocalDirStore::new(dir, &base, keys.presign_secret())
+                            .map_err(std::io::Error::other)?,
+                    );
+                    (
+                        local.clone() as Arc<dyn crate::objects::ObjectStore>,
+                        Some(local),
+                    )
+                }
+            };
+            let state = AppState::new(store, keys, settings, queue, objects, local);
             http::serve(listener, state, shutdown.clone()).await
         }
         (true, None) => Err(std::io::Error::other("the api role needs a listener")),

@@ -89,6 +89,12 @@ pub struct Settings {
     pub max_concurrent_long_polls: usize,
     /// A request that has not answered after this gets `503 unavailable`.
     pub request_timeout: Duration,
+    /// Keys per `POST /v1/task/objects` call.
+    pub max_object_keys_per_call: usize,
+    /// Presigned URLs live this long (never past the token's expiry).
+    pub object_url_ttl: Duration,
+    /// Largest object `PUT` through the local store's presigned URLs.
+    pub max_object_bytes: usize,
     /// `max_attempts` of a task that names none.
     pub default_max_attempts: u32,
     /// Largest `max_attempts` a task may ask for.
@@ -162,6 +168,9 @@ impl Default for Settings {
             max_concurrent_requests: 1_024,
             max_concurrent_long_polls: 512,
             request_timeout: Duration::from_secs(30),
+            max_object_keys_per_call: 100,
+            object_url_ttl: Duration::from_secs(15 * 60),
+            max_object_bytes: 256 * 1024 * 1024,
             default_max_attempts: 3,
             max_attempts_limit: 100,
             relay_batch: 100,

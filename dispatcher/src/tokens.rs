@@ -159,6 +159,9 @@ pub struct Keyring {
     signing_kid: String,
     signing: EncodingKey,
     verifying: BTreeMap<String, VerifyingEntry>,
+    /// HMAC key of the local object store's presigned URLs, derived from
+    /// the signing key (so every replica with that key has it).
+    presign_secret: [u8; 32],
 }
 
 impl std::fmt::Debug for Keyring {
@@ -234,6 +237,13 @@ impl Keyring {
             signing_kid: key_id(&public),
             signing: EncodingKey::from_ed_der(der.as_bytes()),
             verifying: BTreeMap::new(),
+            presign_secret: {
+                use hmac::{Hmac, Mac};
+                let mut mac = Hmac::<Sha256>::new_from_slice(&signing.to_bytes())
+                    .expect("HMAC takes any key length");
+                mac.update(b"dispatcher/local-presigned-urls/v1");
+                mac.finalize().into_bytes().into()
+            },
         };
         ring.add_verifying_key(public);
         Ok(ring)
@@ -251,6 +261,12 @@ impl Keyring {
 
     pub fn issuer(&self) -> &str {
         &self.issuer
+    }
+
+    /// The 32-byte secret that signs the local object store's presigned
+    /// URLs, derived from the signing key (never the key itself).
+    pub fn presign_secret(&self) -> Vec<u8> {
+        self.presign_secret.to_vec()
     }
 
     pub fn signing_kid(&self) -> &str {

@@ -163,6 +163,8 @@ pub struct TestApp {
     pub user_id: Uuid,
     pub user_token: String,
     pub worker_token: String,
+    /// The local object store's directory (removed on drop).
+    pub objects_dir: std::path::PathBuf,
     shutdown: CancellationToken,
     // Last: dropped after the server is told to stop.
     pub db: TestDb,
@@ -171,6 +173,7 @@ pub struct TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&self.objects_dir);
     }
 }
 
@@ -192,6 +195,15 @@ impl TestApp {
     }
 
     pub async fn spawn_with(settings: Settings) -> TestApp {
+        Self::spawn_with_objects(settings, None).await
+    }
+
+    /// A dispatcher whose objects live in `objects` (default: a local
+    /// directory of its own, served by the API).
+    pub async fn spawn_with_objects(
+        settings: Settings,
+        objects: Option<Arc<dyn dispatcher::objects::ObjectStore>>,
+    ) -> TestApp {
         let db = TestDb::new().await;
         let settings = Arc::new(settings);
         let (signing_pem, _) = dispatcher::tokens::generate_key_pem();
@@ -210,6 +222,7 @@ impl TestApp {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
+        let objects_dir = std::env::temp_dir().join(format!("objects-{}", Uuid::new_v4().simple()));
         // The API only: tests of the relay and reaper drive those by hand.
         tokio::spawn(services::run(
             Some(listener),
@@ -218,6 +231,13 @@ impl TestApp {
             settings.clone(),
             Roles::API,
             None,
+            match objects {
+                Some(store) => dispatcher::profile::Objects::Store(store),
+                None => dispatcher::profile::Objects::LocalDir {
+                    dir: objects_dir.clone(),
+                    public_url: None,
+                },
+            },
             shutdown.clone(),
         ));
         let org_id = store.ensure_org("acme").await.expect("org");
@@ -240,6 +260,7 @@ impl TestApp {
             user_id,
             user_token,
             worker_token,
+            objects_dir,
             shutdown,
             db,
         }

@@ -201,6 +201,7 @@ impl Stack {
             .env("DISPATCHER_SIGNING_KEY_FILE", &self.key_file)
             .env("DISPATCHER_BIND", format!("127.0.0.1:{}", self.port))
             .env("DISPATCHER_FAILPOINTS", failpoints)
+            .env("DISPATCHER_OBJECTS_DIR", self.dir.join("objects"))
             .env("RUST_LOG", "info,sqlx=warn")
             .envs(self.profile_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())

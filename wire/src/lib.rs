@@ -151,6 +151,9 @@ pub struct ClaimResponse {
     pub capability_token: String,
     pub token_expires_at: DateTime<Utc>,
     pub task: TaskSpec,
+    /// The object-store prefix of this attempt alone (also in the token).
+    #[serde(default)]
+    pub object_prefix: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -321,6 +324,38 @@ pub struct TaskView {
     pub state: TaskState,
     pub attempt: u32,
     pub max_attempts: u32,
+}
+
+// -------------------------------------------------------------- objects ---
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ObjectMethod {
+    #[serde(rename = "GET")]
+    Get,
+    #[serde(rename = "PUT")]
+    Put,
+}
+
+/// `POST /v1/task/objects`: presigned URLs. `PUT` keys are relative to the
+/// attempt's `object_prefix`; `GET` keys are absolute.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectsRequest {
+    pub method: ObjectMethod,
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ObjectUrl {
+    /// The absolute key.
+    pub key: String,
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ObjectsResponse {
+    pub urls: Vec<ObjectUrl>,
 }
 
 // ------------------------------------------------------------- datasets ---

@@ -281,10 +281,7 @@ async fn run(
         ("DISPATCHER_JOB_ID", claim.job_id.to_string()),
         ("DISPATCHER_TASK_KEY", claim.task.key.clone()),
         ("DISPATCHER_ATTEMPT", claim.attempt.to_string()),
-        (
-            "DISPATCHER_OBJECT_PREFIX",
-            prefix_of(&claim.capability_token),
-        ),
+        ("DISPATCHER_OBJECT_PREFIX", claim.object_prefix.clone()),
         ("DISPATCHER_OUTPUTS", claim.task.outputs.join(",")),
     ];
     let mut cmd = attempt.command(program, &vars);
@@ -399,18 +396,4 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: Option<&mut R>) -> Vec<
         }
     }
     out
-}
-
-/// The attempt's object prefix, read from the token's claims (the worker
-/// does not verify the token; the dispatcher does on every call).
-fn prefix_of(token: &str) -> String {
-    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    use base64::Engine as _;
-    token
-        .split('.')
-        .nth(1)
-        .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .and_then(|c| c["prefixes"][0].as_str().map(str::to_owned))
-        .unwrap_or_default()
 }

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ApiError;
+use crate::objects::{LocalDirStore, ObjectStore};
 use crate::queue::Queue;
 use crate::settings::Settings;
 use crate::store::Store;
@@ -32,6 +33,10 @@ pub struct AppState {
     pub queue: Arc<dyn Queue>,
     /// Request rates, concurrency and timeouts.
     pub limits: Arc<limits::Limits>,
+    /// Where datasets and batches live (presigned URLs, staging checks).
+    pub objects: Arc<dyn ObjectStore>,
+    /// The local profile's store, whose presigned URLs this API serves.
+    pub local_objects: Option<Arc<LocalDirStore>>,
 }
 
 impl AppState {
@@ -40,6 +45,8 @@ impl AppState {
         keys: Arc<Keyring>,
         settings: Arc<Settings>,
         queue: Arc<dyn Queue>,
+        objects: Arc<dyn ObjectStore>,
+        local_objects: Option<Arc<LocalDirStore>>,
     ) -> Self {
         let limits = Arc::new(limits::Limits::new(&settings));
         AppState {
@@ -48,19 +55,26 @@ impl AppState {
             settings,
             queue,
             limits,
+            objects,
+            local_objects,
         }
     }
 }
 
 pub fn router(state: AppState) -> Router {
     let limit = state.settings.max_body_bytes;
-    Router::new()
+    let local_objects = state
+        .local_objects
+        .clone()
+        .map(|s| crate::objects::local::router_with_limit(s, state.settings.max_object_bytes));
+    let api = Router::new()
         .route("/.well-known/jwks.json", get(jwks))
         .route("/internal/task-claim", post(worker::claim))
         .route("/v1/task/heartbeat", post(worker::heartbeat))
         .route("/v1/task/events", post(worker::events))
         .route("/v1/task/buffer-publish", post(worker::buffer_publish))
         .route("/v1/task/complete", post(worker::complete))
+        .route("/v1/task/objects", post(worker::objects))
         .route("/internal/queues/{queue}/receive", post(queues::receive))
         .route(
             "/internal/queues/{queue}/visibility",
@@ -86,7 +100,12 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(state);
+    // Presigned URLs carry their own authority (a signature), not a token.
+    match local_objects {
+        Some(objects) => api.merge(objects),
+        None => api,
+    }
 }
 
 async fn healthz() -> Json<serde_json::Value> {

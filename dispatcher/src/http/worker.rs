@@ -66,6 +66,7 @@ pub async fn claim(
         capability_token,
         token_expires_at,
         task: claimed.spec,
+        object_prefix: scope.attempt_prefix(),
     }))
 }
 
@@ -152,4 +153,87 @@ pub async fn complete(
     let answer = state.store.complete(fence(&claims), &completion).await?;
     tracing::info!(task_id = %claims.sub, attempt = claims.att, state = answer.state.as_str(), "task completed");
     Ok(Json(answer))
+}
+
+/// Presigned URLs (contract: "Objects a task may touch"): `PUT` under the
+/// attempt's own prefix only; `GET` of parts of committed versions of the
+/// datasets the task may read, or under its own prefix. One key out of
+/// scope refuses the whole call (`403`) and mints nothing. Fenced like every
+/// task call.
+pub async fn objects(
+    State(state): State<AppState>,
+    TaskAuth(claims): TaskAuth,
+    ApiJson(req): ApiJson<wire::ObjectsRequest>,
+) -> Result<Json<wire::ObjectsResponse>, ApiError> {
+    let max = state.settings.max_object_keys_per_call;
+    if req.keys.is_empty() || req.keys.len() > max {
+        return Err(ApiError::invalid("keys", format!("give 1 to {max} keys")));
+    }
+    let prefix = claims
+        .prefixes
+        .first()
+        .cloned()
+        .ok_or_else(|| ApiError::forbidden("the token names no object prefix"))?;
+    let mut keys = Vec::with_capacity(req.keys.len());
+    for (i, key) in req.keys.iter().enumerate() {
+        let absolute = match req.method {
+            wire::ObjectMethod::Put => {
+                crate::objects::check_key(key).map_err(|e| object_key_error(i, e))?;
+                format!("{prefix}{key}")
+            }
+            wire::ObjectMethod::Get => key.clone(),
+        };
+        crate::objects::check_key(&absolute).map_err(|e| object_key_error(i, e))?;
+        keys.push(absolute);
+    }
+    state.store.check_fence(fence(&claims)).await?;
+    if req.method == wire::ObjectMethod::Get {
+        let others: Vec<String> = keys
+            .iter()
+            .filter(|k| !k.starts_with(&prefix))
+            .cloned()
+            .collect();
+        let readable = state
+            .store
+            .readable_parts(claims.org, &claims.reads, &others)
+            .await?;
+        if let Some(k) = others.iter().find(|k| !readable.contains(*k)) {
+            return Err(ApiError::forbidden(format!(
+                "key {k:?} is neither under this attempt's prefix nor a part of a committed \
+                 version of a dataset the task may read; no URL was minted"
+            )));
+        }
+    }
+    let now = chrono::Utc::now();
+    let token_left = chrono::DateTime::from_timestamp(claims.exp, 0)
+        .map(|exp| (exp - now).to_std().unwrap_or_default())
+        .unwrap_or_default();
+    let ttl = state.settings.object_url_ttl.min(token_left);
+    let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or_default();
+    let mut urls = Vec::with_capacity(keys.len());
+    for key in keys {
+        let url = match req.method {
+            wire::ObjectMethod::Put => state.objects.presign_put(&key, ttl).await,
+            wire::ObjectMethod::Get => state.objects.presign_get(&key, ttl).await,
+        }
+        .map_err(|e| {
+            tracing::warn!(error = %e, "presigning failed");
+            ApiError::unavailable("the object store could not presign a URL")
+        })?;
+        urls.push(wire::ObjectUrl {
+            key,
+            url,
+            expires_at,
+        });
+    }
+    Ok(Json(wire::ObjectsResponse { urls }))
+}
+
+fn object_key_error(i: usize, e: crate::objects::ObjectError) -> ApiError {
+    match e {
+        crate::objects::ObjectError::InvalidKey(_, why) => {
+            ApiError::invalid(&format!("keys[{i}]"), why)
+        }
+        other => ApiError::invalid(&format!("keys[{i}]"), other),
+    }
 }

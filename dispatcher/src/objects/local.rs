@@ -243,8 +243,14 @@ struct Signed {
 /// URL works for its one key and method until it expires; anything else is
 /// `403 forbidden`.
 pub fn router(store: Arc<LocalDirStore>) -> Router {
+    router_with_limit(store, 256 * 1024 * 1024)
+}
+
+/// [`router`] with a bound on the size of a `PUT` (`413` past it).
+pub fn router_with_limit(store: Arc<LocalDirStore>, max_bytes: usize) -> Router {
     Router::new()
         .route("/objects/{*key}", get(serve).put(serve))
+        .layer(axum::extract::DefaultBodyLimit::max(max_bytes))
         .with_state(store)
 }
 

@@ -142,6 +142,30 @@ impl Store {
         row.view(versions)
     }
 
+    /// Which of `keys` are parts of a committed version of one of the
+    /// org's datasets named in `datasets`.
+    pub async fn readable_parts(
+        &self,
+        org_id: Uuid,
+        datasets: &[String],
+        keys: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        if keys.is_empty() || datasets.is_empty() {
+            return Ok(Default::default());
+        }
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT p.key FROM dataset_parts p
+               JOIN datasets d ON d.id = p.dataset_id
+              WHERE d.org_id = $1 AND d.name = ANY($2) AND p.key = ANY($3)",
+        )
+        .bind(org_id)
+        .bind(datasets)
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(found.into_iter().collect())
+    }
+
     /// The manifest of a committed version: an `append` version's parts are
     /// those added by it and every earlier version; a `replace` version's
     /// only its own.

@@ -494,6 +494,27 @@ impl Store {
         Ok(Some(state))
     }
 
+    /// Whether the fence holds now (the current attempt, its lease live):
+    /// for calls that write nothing here but act for the attempt (minting
+    /// presigned URLs).
+    pub async fn check_fence(&self, fence: Fence) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let live: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM tasks
+              WHERE id = $1 AND job_id = $2 AND attempt = $3
+                AND state = 'leased' AND lease_expires_at > clock_timestamp()",
+        )
+        .bind(fence.task_id)
+        .bind(fence.job_id)
+        .bind(fence.attempt_i32())
+        .fetch_optional(&mut *conn)
+        .await?;
+        match live {
+            Some(_) => Ok(()),
+            None => Err(fence_error(&mut conn, fence).await),
+        }
+    }
+
     /// Extends the lease of the current attempt by its lease duration.
     pub async fn heartbeat(
         &self,

@@ -15,4 +15,5 @@ mod orgs;
 mod races;
 mod secrets;
 mod services;
+mod task_objects;
 mod tokens;

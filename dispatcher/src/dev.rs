@@ -200,8 +200,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         keys.clone(),
         settings.clone(),
         Roles::ALL,
-        queue,
-        objects,
+        services::Adapters { queue, objects },
         shutdown.clone(),
     ));
     eprintln!(

@@ -358,7 +358,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     services::run(
-        listener, store, keys, settings, args.roles, queue, objects, shutdown,
+        listener,
+        store,
+        keys,
+        settings,
+        args.roles,
+        services::Adapters { queue, objects },
+        shutdown,
     )
     .await?;
     tracing::info!("dispatcher stopped");

@@ -81,6 +81,13 @@ pub fn local_queue(store: &Store, settings: &Settings) -> (Arc<PgQueue>, Arc<Not
     (queue, arrivals)
 }
 
+/// The profile's queue and object store.
+pub struct Adapters {
+    /// SQS on the aws profile; `None` is the local Postgres queue.
+    pub queue: Option<Arc<dyn Queue>>,
+    pub objects: Objects,
+}
+
 /// Runs the given roles until `shutdown` is cancelled, then drains them.
 /// `listener` is required when `roles.api` is set. `queue` is the profile's
 /// queue (SQS on the aws profile); `None` is the local Postgres queue. The
@@ -94,10 +101,10 @@ pub async fn run(
     keys: Arc<Keyring>,
     settings: Arc<Settings>,
     roles: Roles,
-    queue: Option<Arc<dyn Queue>>,
-    objects: Objects,
+    adapters: Adapters,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let Adapters { queue, objects } = adapters;
     let mut tasks = JoinSet::new();
     let queue = match queue {
         Some(q) => q,

@@ -230,12 +230,14 @@ impl TestApp {
             keys.clone(),
             settings.clone(),
             Roles::API,
-            None,
-            match objects {
-                Some(store) => dispatcher::profile::Objects::Store(store),
-                None => dispatcher::profile::Objects::LocalDir {
-                    dir: objects_dir.clone(),
-                    public_url: None,
+            services::Adapters {
+                queue: None,
+                objects: match objects {
+                    Some(store) => dispatcher::profile::Objects::Store(store),
+                    None => dispatcher::profile::Objects::LocalDir {
+                        dir: objects_dir.clone(),
+                        public_url: None,
+                    },
                 },
             },
             shutdown.clone(),

@@ -95,6 +95,12 @@ pub struct Settings {
     pub object_url_ttl: Duration,
     /// Largest object `PUT` through the local store's presigned URLs.
     pub max_object_bytes: usize,
+    /// Parts per `POST /v1/task/dataset-stage` call.
+    pub max_parts_per_stage: usize,
+    /// Largest part staging reads and checks (bytes).
+    pub max_part_bytes: u64,
+    /// Largest row of a part or batch (bytes of its line).
+    pub max_row_bytes: usize,
     /// `max_attempts` of a task that names none.
     pub default_max_attempts: u32,
     /// Largest `max_attempts` a task may ask for.
@@ -171,6 +177,9 @@ impl Default for Settings {
             max_object_keys_per_call: 100,
             object_url_ttl: Duration::from_secs(15 * 60),
             max_object_bytes: 256 * 1024 * 1024,
+            max_parts_per_stage: 100,
+            max_part_bytes: 256 * 1024 * 1024,
+            max_row_bytes: 1024 * 1024,
             default_max_attempts: 3,
             max_attempts_limit: 100,
             relay_batch: 100,

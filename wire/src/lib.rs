@@ -465,6 +465,31 @@ pub struct DatasetList {
     pub datasets: Vec<DatasetView>,
 }
 
+/// `POST /v1/task/dataset-stage`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageRequest {
+    pub dataset: String,
+    pub parts: Vec<StagedPart>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StagedPart {
+    /// Absolute key, under the attempt's `object_prefix`.
+    pub key: String,
+    pub rows: u64,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StageResponse {
+    pub dataset: String,
+    /// Parts this attempt has staged for the dataset, this call's included.
+    pub staged_parts: u32,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PartView {
     pub key: String,

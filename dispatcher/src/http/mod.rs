@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/task/buffer-publish", post(worker::buffer_publish))
         .route("/v1/task/complete", post(worker::complete))
         .route("/v1/task/objects", post(worker::objects))
+        .route("/v1/task/dataset-stage", post(worker::dataset_stage))
         .route("/internal/queues/{queue}/receive", post(queues::receive))
         .route(
             "/internal/queues/{queue}/visibility",

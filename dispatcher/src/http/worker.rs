@@ -237,3 +237,157 @@ fn object_key_error(i: usize, e: crate::objects::ObjectError) -> ApiError {
         other => ApiError::invalid(&format!("keys[{i}]"), other),
     }
 }
+
+/// Stages parts of a dataset the task may write (contract: "Staging and
+/// commit"): each part must lie under the attempt's prefix, exist with the
+/// given size and sha256, and parse line by line against the schema with
+/// the given row count (the buffer sink's parser). Any mismatch is `400`
+/// naming the part and the first bad line, and nothing is staged. Fenced.
+pub async fn dataset_stage(
+    State(state): State<AppState>,
+    TaskAuth(claims): TaskAuth,
+    ApiJson(req): ApiJson<wire::StageRequest>,
+) -> Result<Json<wire::StageResponse>, ApiError> {
+    let settings = &state.settings;
+    let name = domain::dataset_name("dataset", &req.dataset)?;
+    let max = settings.max_parts_per_stage;
+    if req.parts.is_empty() || req.parts.len() > max {
+        return Err(ApiError::invalid("parts", format!("give 1 to {max} parts")));
+    }
+    for (i, p) in req.parts.iter().enumerate() {
+        crate::objects::check_key(&p.key).map_err(|e| match e {
+            crate::objects::ObjectError::InvalidKey(_, why) => {
+                ApiError::invalid(&format!("parts[{i}].key"), why)
+            }
+            other => ApiError::invalid(&format!("parts[{i}].key"), other),
+        })?;
+        if p.sha256.len() != 64 || !p.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ApiError::invalid(
+                &format!("parts[{i}].sha256"),
+                "must be 64 hexadecimal characters",
+            ));
+        }
+        if p.bytes > settings.max_part_bytes {
+            return Err(ApiError::invalid(
+                &format!("parts[{i}].bytes"),
+                format!("a part may have at most {} bytes", settings.max_part_bytes),
+            ));
+        }
+    }
+    if !claims.datasets.contains(&name) {
+        return Err(ApiError::forbidden(format!(
+            "dataset {name:?} is not among the task's outputs"
+        )));
+    }
+    let prefix = claims.prefixes.first().map(String::as_str).unwrap_or("");
+    if let Some((i, p)) = req
+        .parts
+        .iter()
+        .enumerate()
+        .find(|(_, p)| prefix.is_empty() || !p.key.starts_with(prefix))
+    {
+        return Err(ApiError::forbidden(format!(
+            "parts[{i}].key {:?} is not under the attempt's prefix {prefix:?}",
+            p.key
+        )));
+    }
+    let (dataset_id, mode, columns) = state.store.dataset_schema(claims.org, &name).await?;
+    if mode == wire::DatasetMode::Stream {
+        return Err(ApiError::invalid(
+            "dataset",
+            format!("{name:?} is a stream dataset: its rows arrive through buffer-publish"),
+        ));
+    }
+    // A fenced attempt learns it before any part is read.
+    state.store.check_fence(fence(&claims)).await?;
+    let mut parts = Vec::with_capacity(req.parts.len());
+    for (i, p) in req.parts.iter().enumerate() {
+        let field = format!("parts[{i}]");
+        verify_part(&state, &columns, p)
+            .await
+            .map_err(|e| match e {
+                PartError::Refused(e) => {
+                    ApiError::invalid(&field, format!("{e} (object {:?})", p.key))
+                }
+                PartError::Store(e) => {
+                    tracing::warn!(error = %e, "reading a staged part failed");
+                    ApiError::unavailable("the object store is unavailable; nothing was staged")
+                }
+            })?;
+        parts.push(crate::store::NewPart {
+            key: p.key.clone(),
+            rows: i64::try_from(p.rows).unwrap_or(i64::MAX),
+            bytes: i64::try_from(p.bytes).unwrap_or(i64::MAX),
+            sha256: p.sha256.to_ascii_lowercase(),
+        });
+    }
+    let staged = state
+        .store
+        .stage_parts(fence(&claims), dataset_id, &parts)
+        .await?;
+    Ok(Json(wire::StageResponse {
+        dataset: name,
+        staged_parts: staged,
+    }))
+}
+
+enum PartError {
+    Refused(crate::rows::RowError),
+    Store(crate::objects::ObjectError),
+}
+
+fn refused(code: crate::rows::ReasonCode, message: String) -> PartError {
+    PartError::Refused(crate::rows::RowError {
+        code,
+        line: None,
+        message,
+    })
+}
+
+/// Checks one part against what the task says of it and the schema.
+async fn verify_part(
+    state: &AppState,
+    columns: &[wire::Column],
+    part: &wire::StagedPart,
+) -> Result<(), PartError> {
+    use crate::objects::ObjectError;
+    use crate::rows::ReasonCode;
+    let missing = |_| {
+        refused(
+            ReasonCode::ObjectMissing,
+            "no object at this key (upload it first through a PUT URL)".into(),
+        )
+    };
+    let meta = match state.objects.head(&part.key).await {
+        Ok(m) => m,
+        Err(ObjectError::NotFound(k)) => return Err(missing(k)),
+        Err(e) => return Err(PartError::Store(e)),
+    };
+    if meta.size != part.bytes {
+        return Err(refused(
+            ReasonCode::ChecksumMismatch,
+            format!("the object has {} bytes, not {}", meta.size, part.bytes),
+        ));
+    }
+    let body = match state.objects.get(&part.key).await {
+        Ok(b) => b,
+        Err(ObjectError::NotFound(k)) => return Err(missing(k)),
+        Err(e) => return Err(PartError::Store(e)),
+    };
+    let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body));
+    if !sum.eq_ignore_ascii_case(&part.sha256) {
+        return Err(refused(
+            ReasonCode::ChecksumMismatch,
+            format!("the object's sha256 is {sum}, not {}", part.sha256),
+        ));
+    }
+    let rows = crate::rows::parse_rows(&body, columns, state.settings.max_row_bytes, |_| {})
+        .map_err(PartError::Refused)?;
+    if rows != part.rows {
+        return Err(refused(
+            ReasonCode::RowCountMismatch,
+            format!("the object has {rows} rows, not {}", part.rows),
+        ));
+    }
+    Ok(())
+}

@@ -58,7 +58,101 @@ fn u64_of(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+/// A part an attempt stages, verified by the caller.
+#[derive(Debug, Clone)]
+pub struct NewPart {
+    pub key: String,
+    pub rows: i64,
+    pub bytes: i64,
+    pub sha256: String,
+}
+
 impl Store {
+    /// A dataset's id, mode and columns, if the org has it.
+    pub async fn dataset_schema(
+        &self,
+        org_id: Uuid,
+        name: &str,
+    ) -> Result<(Uuid, DatasetMode, Vec<Column>), StoreError> {
+        let row = self.dataset_row(org_id, name).await?;
+        let id = row.id;
+        let view = row.view(Vec::new())?;
+        Ok((id, view.mode, view.columns))
+    }
+
+    /// Records parts staged by the fenced attempt for a dataset, in one
+    /// statement with the fence. Staging a part again with the same size,
+    /// rows and checksum changes nothing; with others it is a conflict and
+    /// nothing of the call is staged. Returns how many parts the attempt
+    /// has staged for the dataset.
+    pub async fn stage_parts(
+        &self,
+        fence: super::Fence,
+        dataset_id: Uuid,
+        parts: &[NewPart],
+    ) -> Result<u32, StoreError> {
+        let keys: Vec<&str> = parts.iter().map(|p| p.key.as_str()).collect();
+        let rows: Vec<i64> = parts.iter().map(|p| p.rows).collect();
+        let bytes: Vec<i64> = parts.iter().map(|p| p.bytes).collect();
+        let sums: Vec<&str> = parts.iter().map(|p| p.sha256.as_str()).collect();
+        let attempt = i32::try_from(fence.attempt).unwrap_or(i32::MAX);
+        let mut tx = self.pool.begin().await?;
+        let (live, differing): (bool, Option<String>) = sqlx::query_as(
+            "WITH fence AS (
+                 SELECT id FROM tasks
+                  WHERE id = $1 AND job_id = $2 AND attempt = $3
+                    AND state = 'leased' AND lease_expires_at > clock_timestamp()
+                    FOR SHARE
+             ), given AS (
+                 SELECT * FROM unnest($5::text[], $6::bigint[], $7::bigint[], $8::text[])
+                          AS p(key, rows, bytes, sha256)
+             ), ins AS (
+                 INSERT INTO staged_parts (task_id, attempt, dataset_id, key, rows, bytes, sha256)
+                 SELECT $1, $3, $4, g.key, g.rows, g.bytes, g.sha256 FROM given g
+                  WHERE EXISTS (SELECT 1 FROM fence)
+                     ON CONFLICT (task_id, attempt, dataset_id, key) DO NOTHING
+                 RETURNING key
+             )
+             SELECT EXISTS (SELECT 1 FROM fence),
+                    (SELECT s.key FROM staged_parts s JOIN given g ON g.key = s.key
+                      WHERE s.task_id = $1 AND s.attempt = $3 AND s.dataset_id = $4
+                        AND (s.rows, s.bytes, s.sha256) IS DISTINCT FROM (g.rows, g.bytes, g.sha256)
+                      LIMIT 1)",
+        )
+        .bind(fence.task_id)
+        .bind(fence.job_id)
+        .bind(attempt)
+        .bind(dataset_id)
+        .bind(&keys)
+        .bind(&rows)
+        .bind(&bytes)
+        .bind(&sums)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !live {
+            let err = super::tasks::fence_error(&mut tx, fence).await;
+            tx.rollback().await?;
+            return Err(err);
+        }
+        if let Some(key) = differing {
+            tx.rollback().await?;
+            return Err(StoreError::Conflict(format!(
+                "part {key:?} was already staged by this attempt with another size, row count \
+                 or checksum; nothing of this call was staged"
+            )));
+        }
+        let total: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM staged_parts WHERE task_id = $1 AND attempt = $2 AND dataset_id = $3",
+        )
+        .bind(fence.task_id)
+        .bind(attempt)
+        .bind(dataset_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(u32::try_from(total).unwrap_or(u32::MAX))
+    }
+
     /// Creates a dataset in `org_id`; a name already used there is a
     /// conflict.
     pub async fn create_dataset(

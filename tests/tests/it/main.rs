@@ -15,5 +15,6 @@ mod orgs;
 mod races;
 mod secrets;
 mod services;
+mod staging;
 mod task_objects;
 mod tokens;

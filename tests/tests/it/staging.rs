@@ -1,0 +1,278 @@
+//! `POST /v1/task/dataset-stage` (contract: "Staging and commit"): parts
+//! are verified (size, sha256, every row against the schema, row count)
+//! before anything is recorded; staging is fenced, scoped and idempotent.
+
+use std::sync::Arc;
+
+use dispatcher_tests::{Response, TestApp};
+use dispatcher_wire::ClaimResponse;
+use reqwest::StatusCode;
+use serde_json::json;
+use sha2::Digest;
+use uuid::Uuid;
+
+const ROWS: &str = "{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": \"a\", \"value\": 1.5}\n\
+                    {\"ts\": \"2026-01-01T00:01:00Z\", \"user_id\": \"b\", \"value\": null}\n";
+
+async fn create_datasets(app: &TestApp) {
+    let columns = json!([
+        {"name": "ts", "type": "timestamp", "nullable": false},
+        {"name": "user_id", "type": "string", "nullable": false},
+        {"name": "value", "type": "float64", "nullable": true}]);
+    for (name, mode) in [
+        ("clicks", "append"),
+        ("events", "stream"),
+        ("other", "replace"),
+    ] {
+        let r = app
+            .post(
+                "/v1/datasets",
+                &app.user_token,
+                &json!({"name": name, "mode": mode, "columns": columns}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+}
+
+/// A claimed task that may write `clicks` and `events`.
+async fn writer(app: &TestApp) -> ClaimResponse {
+    let job = app
+        .submit(&json!({"name": "j", "tasks": [
+            {"key": "w", "runtime": "exec", "bundle": "x", "outputs": ["clicks", "events"], "max_attempts": 3}]}))
+        .await;
+    app.claim(job.tasks[0].task_id).await
+}
+
+/// Uploads `body` as the task would (a presigned PUT); the absolute key.
+async fn upload(app: &TestApp, claim: &ClaimResponse, name: &str, body: &[u8]) -> String {
+    let r = app
+        .post(
+            "/v1/task/objects",
+            &claim.capability_token,
+            &json!({"method": "PUT", "keys": [name]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let url = r.body["urls"][0]["url"].as_str().unwrap().to_owned();
+    let put = reqwest::Client::new()
+        .put(url)
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    r.body["urls"][0]["key"].as_str().unwrap().to_owned()
+}
+
+fn part(key: &str, body: &[u8], rows: u64) -> serde_json::Value {
+    json!({"key": key, "rows": rows, "bytes": body.len(), "sha256": hex::encode(sha2::Sha256::digest(body))})
+}
+
+async fn stage(
+    app: &TestApp,
+    claim: &ClaimResponse,
+    dataset: &str,
+    parts: Vec<serde_json::Value>,
+) -> Response {
+    app.post(
+        "/v1/task/dataset-stage",
+        &claim.capability_token,
+        &json!({"dataset": dataset, "parts": parts}),
+    )
+    .await
+}
+
+async fn staged(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM staged_parts")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+async fn good_part_stages_once(app: &TestApp) {
+    create_datasets(app).await;
+    let claim = writer(app).await;
+    let key = upload(app, &claim, "part-0.jsonl", ROWS.as_bytes()).await;
+    let r = stage(app, &claim, "clicks", vec![part(&key, ROWS.as_bytes(), 2)]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, json!({"dataset": "clicks", "staged_parts": 1}));
+    let again = stage(app, &claim, "clicks", vec![part(&key, ROWS.as_bytes(), 2)]).await;
+    assert_eq!(again.body, r.body, "staging a part again is idempotent");
+    assert_eq!(staged(app).await, 1);
+}
+
+#[tokio::test]
+async fn a_verified_part_is_staged_once_on_the_local_store() {
+    good_part_stages_once(&TestApp::spawn().await).await;
+}
+
+#[tokio::test]
+async fn a_verified_part_is_staged_once_on_s3() {
+    use dispatcher::objects::{S3Config, S3Store};
+    let moto = dispatcher_tests::moto::Moto::start().await;
+    let cfg = S3Config {
+        region: "us-east-1".into(),
+        endpoint_url: Some(moto.url()),
+        bucket: format!("t{}", Uuid::new_v4().simple()),
+        static_credentials: Some(("test".into(), "test".into())),
+    };
+    S3Store::create_bucket(&cfg).await.unwrap();
+    let s3 = Arc::new(S3Store::connect(&cfg).await.unwrap());
+    good_part_stages_once(&TestApp::spawn_with_objects(Default::default(), Some(s3)).await).await;
+}
+
+#[tokio::test]
+async fn every_bad_part_is_refused_naming_the_part_and_line_and_nothing_is_staged() {
+    let app = TestApp::spawn().await;
+    create_datasets(&app).await;
+    let claim = writer(&app).await;
+    let good = upload(&app, &claim, "good.jsonl", ROWS.as_bytes()).await;
+    let cases: Vec<(&str, &[u8], u64, &str)> = vec![
+        (
+            "bad-json.jsonl",
+            b"{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": \"a\"}\n{oops\n",
+            2,
+            "invalid_json at line 2",
+        ),
+        (
+            "unknown.jsonl",
+            b"{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": \"a\", \"who\": 1}\n",
+            1,
+            "unknown_column at line 1",
+        ),
+        (
+            "missing.jsonl",
+            b"{\"ts\": \"2026-01-01T00:00:00Z\"}\n",
+            1,
+            "missing_column at line 1",
+        ),
+        (
+            "type.jsonl",
+            b"{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": 5}\n",
+            1,
+            "wrong_type at line 1",
+        ),
+        (
+            "utf8.jsonl",
+            b"{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": \"\xff\"}\n",
+            1,
+            "invalid_json at line 1",
+        ),
+        ("count.jsonl", ROWS.as_bytes(), 3, "row_count_mismatch"),
+    ];
+    for (name, body, rows, expect) in cases {
+        let key = upload(&app, &claim, name, body).await;
+        // The good part first: a bad second part refuses the whole call.
+        let r = stage(
+            &app,
+            &claim,
+            "clicks",
+            vec![part(&good, ROWS.as_bytes(), 2), part(&key, body, rows)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{name}: {}", r.body);
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("parts[1]: ") && message.contains(expect),
+            "{name}: {message}"
+        );
+        assert!(
+            message.contains(&key),
+            "{name}: the part is named: {message}"
+        );
+    }
+    // A checksum or size that does not match the object, and no object.
+    let mut wrong_sum = part(&good, ROWS.as_bytes(), 2);
+    wrong_sum["sha256"] = json!("0".repeat(64));
+    let mut wrong_size = part(&good, ROWS.as_bytes(), 2);
+    wrong_size["bytes"] = json!(3);
+    let absent = part(&format!("{}absent.jsonl", claim.object_prefix), b"", 0);
+    for (p, expect) in [
+        (wrong_sum, "checksum_mismatch"),
+        (wrong_size, "checksum_mismatch"),
+        (absent, "object_missing"),
+    ] {
+        let r = stage(&app, &claim, "clicks", vec![p]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(expect),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(staged(&app).await, 0, "nothing was staged");
+}
+
+#[tokio::test]
+async fn staging_is_scoped_and_fenced() {
+    let app = TestApp::spawn().await;
+    create_datasets(&app).await;
+    let claim = writer(&app).await;
+    let key = upload(&app, &claim, "p.jsonl", ROWS.as_bytes()).await;
+    let p = || vec![part(&key, ROWS.as_bytes(), 2)];
+    // Not among the task's outputs; not a dataset of the org; a stream.
+    let r = stage(&app, &claim, "other", p()).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let job = app
+        .submit(&json!({"name": "j", "tasks": [{"key": "x", "runtime": "exec", "bundle": "x", "outputs": ["nope"]}]}))
+        .await;
+    let other = app.claim(job.tasks[0].task_id).await;
+    let k2 = upload(&app, &other, "p.jsonl", ROWS.as_bytes()).await;
+    let r = stage(&app, &other, "nope", vec![part(&k2, ROWS.as_bytes(), 2)]).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "{}",
+        r.body
+    );
+    let r = stage(&app, &claim, "events", p()).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    // Another attempt's object cannot be staged as one's own.
+    let r = stage(&app, &other, "nope", vec![part(&key, ROWS.as_bytes(), 2)]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+
+    // Same key, other metadata: conflict, nothing staged.
+    assert_eq!(
+        stage(&app, &claim, "clicks", p()).await.status,
+        StatusCode::OK
+    );
+    let longer = format!("{ROWS}{{\"ts\": \"2026-01-01T00:02:00Z\", \"user_id\": \"c\"}}\n");
+    upload(&app, &claim, "p.jsonl", longer.as_bytes()).await;
+    let r = stage(
+        &app,
+        &claim,
+        "clicks",
+        vec![part(&key, longer.as_bytes(), 3)],
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "conflict"),
+        "{}",
+        r.body
+    );
+
+    // A fenced attempt stages nothing: expired, then superseded.
+    let task = claim.task_id;
+    app.expire_lease(task).await;
+    let r = stage(&app, &claim, "clicks", p()).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "lease_expired"),
+        "{}",
+        r.body
+    );
+    let _next = app.claim(task).await;
+    let r = stage(&app, &claim, "clicks", p()).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "stale_attempt"),
+        "{}",
+        r.body
+    );
+    assert_eq!(staged(&app).await, 1, "only the first, live staging");
+}

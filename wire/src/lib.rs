@@ -270,6 +270,16 @@ pub struct CompleteResponse {
     /// When the retry becomes claimable, if one was scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_at: Option<DateTime<Utc>>,
+    /// The dataset versions this completion committed (a `succeeded`
+    /// attempt that staged parts); a replay answers the same.
+    #[serde(default)]
+    pub versions: Vec<CommittedVersion>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommittedVersion {
+    pub dataset: String,
+    pub version: u32,
 }
 
 // ----------------------------------------------------------------- jobs ---

@@ -150,9 +150,65 @@ pub async fn complete(
     ApiJson(req): ApiJson<wire::CompleteRequest>,
 ) -> Result<Json<wire::CompleteResponse>, ApiError> {
     let completion = domain::completion(req)?;
-    let answer = state.store.complete(fence(&claims), &completion).await?;
+    let manifests = match completion {
+        domain::Completion::Succeeded { .. } => write_manifests(&state, &claims).await?,
+        _ => Vec::new(),
+    };
+    state.settings.failpoint("complete_after_manifest");
+    let answer = state
+        .store
+        .complete(fence(&claims), &completion, &manifests)
+        .await?;
     tracing::info!(task_id = %claims.sub, attempt = claims.att, state = answer.state.as_str(), "task completed");
     Ok(Json(answer))
+}
+
+/// Writes, create-only, the manifest of every dataset the attempt staged
+/// parts for, at an immutable key named by its content: a retried or
+/// replayed completion finds its own manifest there (same content, same
+/// key) and goes on; nothing is ever overwritten or deleted here. A manifest
+/// whose transaction does not commit is an orphan, never a version
+/// (retention removes it).
+async fn write_manifests(
+    state: &AppState,
+    claims: &TaskClaims,
+) -> Result<Vec<crate::store::WrittenManifest>, ApiError> {
+    use crate::objects::ObjectError;
+    let staged = state.store.staged_datasets(claims.sub, claims.att).await?;
+    let mut written = Vec::with_capacity(staged.len());
+    for ds in staged {
+        let body = serde_json::to_vec(&ds).map_err(|e| {
+            tracing::error!(error = %e, "encoding a manifest");
+            ApiError::internal()
+        })?;
+        let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body));
+        let key = format!(
+            "orgs/{}/datasets/{}/manifests/{}-{}-{sum}.json",
+            claims.org, ds.dataset, claims.sub, claims.att
+        );
+        let unavailable = |e: ObjectError| {
+            tracing::warn!(error = %e, key, "writing a manifest failed");
+            ApiError::unavailable("the object store is unavailable; nothing was committed")
+        };
+        match state.objects.put_if_absent(&key, body.clone()).await {
+            Ok(()) => {}
+            // Our own earlier write (a lost answer, a retry): the key names
+            // the content, so re-read to be sure, never delete.
+            Err(ObjectError::AlreadyExists(_)) => {
+                let existing = state.objects.get(&key).await.map_err(unavailable)?;
+                if existing != body {
+                    tracing::error!(key, "a manifest key holds other content");
+                    return Err(ApiError::internal());
+                }
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        written.push(crate::store::WrittenManifest {
+            dataset_id: ds.dataset_id,
+            key,
+        });
+    }
+    Ok(written)
 }
 
 /// Presigned URLs (contract: "Objects a task may touch"): `PUT` under the

@@ -67,7 +67,64 @@ pub struct NewPart {
     pub sha256: String,
 }
 
+/// What an attempt staged for one dataset: the manifest's content.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct StagedDataset {
+    pub dataset_id: Uuid,
+    pub dataset: String,
+    pub task_id: Uuid,
+    pub attempt: u32,
+    pub parts: Vec<PartView>,
+}
+
+/// A manifest written (create-only) before the completion's transaction.
+#[derive(Debug, Clone)]
+pub struct WrittenManifest {
+    pub dataset_id: Uuid,
+    pub key: String,
+}
+
 impl Store {
+    /// The datasets the attempt staged parts for, with those parts, by
+    /// dataset id.
+    pub async fn staged_datasets(
+        &self,
+        task_id: Uuid,
+        attempt: u32,
+    ) -> Result<Vec<StagedDataset>, StoreError> {
+        let rows: Vec<(Uuid, String, String, i64, i64, String)> = sqlx::query_as(
+            "SELECT s.dataset_id, d.name, s.key, s.rows, s.bytes, s.sha256
+               FROM staged_parts s JOIN datasets d ON d.id = s.dataset_id
+              WHERE s.task_id = $1 AND s.attempt = $2
+              ORDER BY s.dataset_id, s.key",
+        )
+        .bind(task_id)
+        .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<StagedDataset> = Vec::new();
+        for (dataset_id, name, key, rows, bytes, sha256) in rows {
+            if out.last().map(|d| d.dataset_id) != Some(dataset_id) {
+                out.push(StagedDataset {
+                    dataset_id,
+                    dataset: name,
+                    task_id,
+                    attempt,
+                    parts: Vec::new(),
+                });
+            }
+            if let Some(last) = out.last_mut() {
+                last.parts.push(PartView {
+                    key,
+                    rows: u64_of(rows),
+                    bytes: u64_of(bytes),
+                    sha256,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// A dataset's id, mode and columns, if the org has it.
     pub async fn dataset_schema(
         &self,

@@ -12,7 +12,7 @@ mod orgs;
 mod outbox;
 mod tasks;
 
-pub use datasets::NewPart;
+pub use datasets::{NewPart, StagedDataset, WrittenManifest};
 pub use jobs::TaskPage;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};
 

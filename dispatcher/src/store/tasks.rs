@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use dispatcher_wire::{CompleteResponse, Runtime, TaskSpec, TaskState};
+use dispatcher_wire::{CommittedVersion, CompleteResponse, Runtime, TaskSpec, TaskState};
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -265,6 +265,85 @@ async fn after_transition(
         TaskState::Cancelled | TaskState::Blocked | TaskState::Leased => {}
     }
     Ok(())
+}
+
+/// Commits one new version of each dataset the attempt staged parts for,
+/// inside the completion's transaction (after its fenced task update).
+/// Dataset rows are locked in id order (`FOR UPDATE`), which serialises
+/// concurrent commits to one dataset: no appender loses parts, and version
+/// numbers have no gaps. A staged dataset without a written manifest (parts
+/// staged while the completion ran) aborts the whole completion, retryably.
+async fn commit_versions(
+    conn: &mut PgConnection,
+    fence: Fence,
+    manifests: &[super::datasets::WrittenManifest],
+) -> Result<Vec<CommittedVersion>, StoreError> {
+    let attempt = fence.attempt_i32();
+    let staged: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT DISTINCT s.dataset_id, d.name, d.mode
+           FROM staged_parts s JOIN datasets d ON d.id = s.dataset_id
+          WHERE s.task_id = $1 AND s.attempt = $2
+          ORDER BY s.dataset_id",
+    )
+    .bind(fence.task_id)
+    .bind(attempt)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut committed = Vec::with_capacity(staged.len());
+    for (dataset_id, name, mode) in staged {
+        let Some(manifest) = manifests.iter().find(|m| m.dataset_id == dataset_id) else {
+            return Err(StoreError::Retry(format!(
+                "parts of dataset {name:?} were staged while the completion ran; nothing was \
+                 committed, retry"
+            )));
+        };
+        let current: Option<i32> =
+            sqlx::query_scalar("SELECT current_version FROM datasets WHERE id = $1 FOR UPDATE")
+                .bind(dataset_id)
+                .fetch_one(&mut *conn)
+                .await?;
+        let version = current.unwrap_or(0) + 1;
+        sqlx::query(
+            "INSERT INTO dataset_versions (dataset_id, version, parent, task_id, attempt, rows, manifest_key)
+             SELECT $1, $2, $3, $4, $5,
+                    coalesce((SELECT rows FROM dataset_versions
+                               WHERE $6 = 'append' AND dataset_id = $1 AND version = $3), 0)
+                    + coalesce(sum(s.rows), 0),
+                    $7
+               FROM staged_parts s
+              WHERE s.task_id = $4 AND s.attempt = $5 AND s.dataset_id = $1",
+        )
+        .bind(dataset_id)
+        .bind(version)
+        .bind(current)
+        .bind(fence.task_id)
+        .bind(attempt)
+        .bind(&mode)
+        .bind(&manifest.key)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO dataset_parts (dataset_id, version, key, rows, bytes, sha256)
+             SELECT $1, $2, key, rows, bytes, sha256 FROM staged_parts
+              WHERE task_id = $3 AND attempt = $4 AND dataset_id = $1",
+        )
+        .bind(dataset_id)
+        .bind(version)
+        .bind(fence.task_id)
+        .bind(attempt)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE datasets SET current_version = $2 WHERE id = $1")
+            .bind(dataset_id)
+            .bind(version)
+            .execute(&mut *conn)
+            .await?;
+        committed.push(CommittedVersion {
+            dataset: name,
+            version: u32::try_from(version).unwrap_or(0),
+        });
+    }
+    Ok(committed)
 }
 
 #[derive(sqlx::FromRow)]
@@ -718,10 +797,14 @@ impl Store {
     /// Completes the current attempt. Exactly one completion per attempt is
     /// committed; a replay of it returns the original answer, a different
     /// completion for the same attempt is a conflict.
+    /// A `succeeded` completion commits, in its own transaction, one new
+    /// version of every dataset the attempt staged parts for; `manifests`
+    /// names the manifest written (create-only) for each before the call.
     pub async fn complete(
         &self,
         fence: Fence,
         completion: &Completion,
+        manifests: &[super::datasets::WrittenManifest],
     ) -> Result<CompleteResponse, StoreError> {
         let (succeeded, retryable) = match completion {
             Completion::Succeeded { .. } => (true, false),
@@ -779,11 +862,17 @@ impl Store {
             return self.completion_replay(fence, &canonical).await;
         };
         let state = task_state(&state)?;
+        let versions = if state == TaskState::Succeeded {
+            commit_versions(&mut tx, fence, manifests).await?
+        } else {
+            Vec::new()
+        };
         let response = CompleteResponse {
             task_id: fence.task_id,
             attempt: fence.attempt,
             state,
             retry_at,
+            versions,
         };
         sqlx::query(
             "UPDATE attempts

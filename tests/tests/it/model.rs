@@ -195,6 +195,7 @@ async fn run_case(
                             &Completion::Succeeded {
                                 output: json!({"by": fence.attempt}),
                             },
+                            &[],
                         )
                         .await
                         .map(drop),
@@ -205,6 +206,7 @@ async fn run_case(
                                 message: "x".into(),
                                 retryable,
                             },
+                            &[],
                         )
                         .await
                         .map(drop),

@@ -11,10 +11,10 @@ use serde_json::json;
 use sha2::Digest;
 use uuid::Uuid;
 
-const ROWS: &str = "{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": \"a\", \"value\": 1.5}\n\
+pub const ROWS: &str = "{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": \"a\", \"value\": 1.5}\n\
                     {\"ts\": \"2026-01-01T00:01:00Z\", \"user_id\": \"b\", \"value\": null}\n";
 
-async fn create_datasets(app: &TestApp) {
+pub async fn create_datasets(app: &TestApp) {
     let columns = json!([
         {"name": "ts", "type": "timestamp", "nullable": false},
         {"name": "user_id", "type": "string", "nullable": false},
@@ -36,7 +36,7 @@ async fn create_datasets(app: &TestApp) {
 }
 
 /// A claimed task that may write `clicks` and `events`.
-async fn writer(app: &TestApp) -> ClaimResponse {
+pub async fn writer(app: &TestApp) -> ClaimResponse {
     let job = app
         .submit(&json!({"name": "j", "tasks": [
             {"key": "w", "runtime": "exec", "bundle": "x", "outputs": ["clicks", "events"], "max_attempts": 3}]}))
@@ -45,7 +45,7 @@ async fn writer(app: &TestApp) -> ClaimResponse {
 }
 
 /// Uploads `body` as the task would (a presigned PUT); the absolute key.
-async fn upload(app: &TestApp, claim: &ClaimResponse, name: &str, body: &[u8]) -> String {
+pub async fn upload(app: &TestApp, claim: &ClaimResponse, name: &str, body: &[u8]) -> String {
     let r = app
         .post(
             "/v1/task/objects",
@@ -65,11 +65,11 @@ async fn upload(app: &TestApp, claim: &ClaimResponse, name: &str, body: &[u8]) -
     r.body["urls"][0]["key"].as_str().unwrap().to_owned()
 }
 
-fn part(key: &str, body: &[u8], rows: u64) -> serde_json::Value {
+pub fn part(key: &str, body: &[u8], rows: u64) -> serde_json::Value {
     json!({"key": key, "rows": rows, "bytes": body.len(), "sha256": hex::encode(sha2::Sha256::digest(body))})
 }
 
-async fn stage(
+pub async fn stage(
     app: &TestApp,
     claim: &ClaimResponse,
     dataset: &str,

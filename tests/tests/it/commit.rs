@@ -1,0 +1,225 @@
+//! The dataset commit protocol (invariant 7): a `succeeded` completion
+//! commits one version per staged dataset in its own transaction; failed,
+//! fenced or cancelled attempts' parts are never referenced.
+
+use std::sync::Arc;
+
+use dispatcher_tests::TestApp;
+use dispatcher_wire::ClaimResponse;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::staging::{create_datasets, part, stage, upload, writer, ROWS};
+
+/// Uploads and stages one part named `name` for `dataset`; its key.
+async fn stage_one(app: &TestApp, claim: &ClaimResponse, dataset: &str, name: &str) -> String {
+    let key = upload(app, claim, name, ROWS.as_bytes()).await;
+    let r = stage(app, claim, dataset, vec![part(&key, ROWS.as_bytes(), 2)]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    key
+}
+
+async fn manifest(app: &TestApp, dataset: &str, version: u32) -> Value {
+    let r = app
+        .get(
+            &format!("/v1/datasets/{dataset}/versions/{version}"),
+            &app.user_token,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    r.body
+}
+
+fn keys(m: &Value) -> Vec<String> {
+    m["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn versions(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM dataset_versions")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn invariant_7_a_failed_attempts_parts_never_appear_and_its_retry_commits_one_version() {
+    let app = TestApp::spawn().await;
+    create_datasets(&app).await;
+    let first = writer(&app).await;
+    let failed_key = stage_one(&app, &first, "clicks", "a.jsonl").await;
+    let r = app
+        .complete_failed(&first.capability_token, "boom", true)
+        .await;
+    assert_eq!(r.body["state"], "ready", "{}", r.body);
+    assert_eq!(r.body["versions"], json!([]));
+    assert_eq!(versions(&app).await, 0, "a failed attempt commits nothing");
+
+    app.skip_backoff(first.task_id).await;
+    let retry = app.claim(first.task_id).await;
+    let kept = stage_one(&app, &retry, "clicks", "b.jsonl").await;
+    let r = app.complete_ok(&retry.capability_token, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        r.body["versions"],
+        json!([{"dataset": "clicks", "version": 1}])
+    );
+    let m = manifest(&app, "clicks", 1).await;
+    assert_eq!(keys(&m), [kept.clone()]);
+    assert!(!keys(&m).contains(&failed_key));
+    assert_eq!(m["rows"], 2);
+    let ds = app.get("/v1/datasets/clicks", &app.user_token).await;
+    assert_eq!(ds.body["current_version"], 1);
+    assert_eq!(ds.body["versions"][0]["attempt"], 2);
+}
+
+#[tokio::test]
+async fn invariant_7_a_fenced_attempt_cannot_commit_and_its_parts_are_never_referenced() {
+    let app = TestApp::spawn().await;
+    create_datasets(&app).await;
+    let stale = writer(&app).await;
+    let stale_key = stage_one(&app, &stale, "clicks", "stale.jsonl").await;
+    app.expire_lease(stale.task_id).await;
+    let fresh = app.claim(stale.task_id).await;
+    let fresh_key = stage_one(&app, &fresh, "clicks", "fresh.jsonl").await;
+    let r = app.complete_ok(&fresh.capability_token, json!({})).await;
+    assert_eq!(
+        r.body["versions"],
+        json!([{"dataset": "clicks", "version": 1}])
+    );
+    let r = app.complete_ok(&stale.capability_token, json!({})).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "stale_attempt"),
+        "{}",
+        r.body
+    );
+    assert_eq!(versions(&app).await, 1);
+    let referenced: i64 = sqlx::query_scalar("SELECT count(*) FROM dataset_parts WHERE key = $1")
+        .bind(&stale_key)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(referenced, 0);
+    assert_eq!(keys(&manifest(&app, "clicks", 1).await), [fresh_key]);
+}
+
+#[tokio::test]
+async fn invariant_7_twenty_concurrent_appenders_make_twenty_versions_and_lose_no_part() {
+    const N: usize = 20;
+    let app = Arc::new(TestApp::spawn().await);
+    create_datasets(&app).await;
+    let mut claims = vec![];
+    let mut all_keys = vec![];
+    for i in 0..N {
+        let c = writer(&app).await;
+        all_keys.push(stage_one(&app, &c, "clicks", &format!("p{i}.jsonl")).await);
+        claims.push(c);
+    }
+    let barrier = Arc::new(tokio::sync::Barrier::new(N));
+    let mut running = tokio::task::JoinSet::new();
+    for c in claims {
+        let (app, barrier) = (app.clone(), barrier.clone());
+        running.spawn(async move {
+            barrier.wait().await;
+            app.complete_ok(&c.capability_token, json!({})).await
+        });
+    }
+    let mut numbers = vec![];
+    while let Some(r) = running.join_next().await {
+        let r = r.unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        numbers.push(r.body["versions"][0]["version"].as_u64().unwrap());
+    }
+    numbers.sort();
+    assert_eq!(
+        numbers,
+        (1..=N as u64).collect::<Vec<_>>(),
+        "one version each, no gaps"
+    );
+    let last = manifest(&app, "clicks", N as u32).await;
+    let mut got = keys(&last);
+    got.sort();
+    all_keys.sort();
+    assert_eq!(got, all_keys, "the last version holds every appended part");
+    assert_eq!(last["rows"], 2 * N as u64);
+}
+
+#[tokio::test]
+async fn invariant_7_a_replayed_completion_answers_the_same_version_and_deletes_nothing() {
+    let app = TestApp::spawn().await;
+    create_datasets(&app).await;
+    let claim = writer(&app).await;
+    stage_one(&app, &claim, "clicks", "a.jsonl").await;
+    let first = app
+        .complete_ok(&claim.capability_token, json!({"n": 1}))
+        .await;
+    // The answer was lost; the worker replays the same completion.
+    let replay = app
+        .complete_ok(&claim.capability_token, json!({"n": 1}))
+        .await;
+    assert_eq!(replay.status, StatusCode::OK, "{}", replay.body);
+    assert_eq!(replay.body, first.body);
+    assert_eq!(versions(&app).await, 1);
+    let manifest_key: String = sqlx::query_scalar("SELECT manifest_key FROM dataset_versions")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let on_disk = app.objects_dir.join(&manifest_key);
+    let body: Value =
+        serde_json::from_slice(&std::fs::read(&on_disk).expect("the manifest is kept")).unwrap();
+    assert_eq!(body["parts"].as_array().unwrap().len(), 1);
+    assert_eq!(body["task_id"], json!(claim.task_id));
+    let manifests = std::fs::read_dir(on_disk.parent().unwrap())
+        .unwrap()
+        .count();
+    assert_eq!(manifests, 1, "the replay wrote no second manifest");
+}
+
+#[tokio::test]
+async fn invariant_7_a_replace_version_holds_only_its_own_parts_and_a_cancelled_task_commits_nothing(
+) {
+    let app = TestApp::spawn().await;
+    create_datasets(&app).await;
+    let submit = || async {
+        let job = app
+            .submit(&json!({"name": "j", "tasks": [
+                {"key": "w", "runtime": "exec", "bundle": "x", "outputs": ["other"]}]}))
+            .await;
+        app.claim(job.tasks[0].task_id).await
+    };
+    let one = submit().await;
+    stage_one(&app, &one, "other", "v1.jsonl").await;
+    app.complete_ok(&one.capability_token, json!({})).await;
+    let two = submit().await;
+    let second = stage_one(&app, &two, "other", "v2.jsonl").await;
+    let r = app.complete_ok(&two.capability_token, json!({})).await;
+    assert_eq!(
+        r.body["versions"],
+        json!([{"dataset": "other", "version": 2}])
+    );
+    let m = manifest(&app, "other", 2).await;
+    assert_eq!(
+        (keys(&m), m["rows"].clone(), m["parent"].clone()),
+        (vec![second], json!(2), json!(1))
+    );
+
+    let three = submit().await;
+    stage_one(&app, &three, "other", "v3.jsonl").await;
+    let r = app
+        .post(
+            &format!("/v1/jobs/{}/cancel", three.job_id),
+            &app.user_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app.complete_ok(&three.capability_token, json!({})).await;
+    assert_eq!(r.body["state"], "cancelled", "{}", r.body);
+    assert_eq!(r.body["versions"], json!([]));
+    assert_eq!(versions(&app).await, 2);
+}

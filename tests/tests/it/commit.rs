@@ -69,7 +69,7 @@ async fn invariant_7_a_failed_attempts_parts_never_appear_and_its_retry_commits_
         json!([{"dataset": "clicks", "version": 1}])
     );
     let m = manifest(&app, "clicks", 1).await;
-    assert_eq!(keys(&m), [kept.clone()]);
+    assert_eq!(keys(&m), std::slice::from_ref(&kept));
     assert!(!keys(&m).contains(&failed_key));
     assert_eq!(m["rows"], 2);
     let ds = app.get("/v1/datasets/clicks", &app.user_token).await;

@@ -11,6 +11,7 @@ pub mod profile;
 pub mod queue;
 pub mod reaper;
 pub mod relay;
+pub mod retention;
 pub mod rows;
 pub mod services;
 pub mod settings;

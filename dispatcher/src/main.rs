@@ -254,7 +254,30 @@ enum OutboxCommand {
 }
 
 #[derive(Subcommand)]
+enum RetentionCommand {
+    /// Delete dataset objects no version can reference: staged parts and
+    /// uploads of attempts that ended without committing, and orphan
+    /// manifests, once their attempt ended longer ago than the cutoff.
+    Run {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        profile: dispatcher::profile::ProfileArgs,
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// The cutoff: attempts that ended longer ago than this. Refused
+        /// below the floor (longest lease + token grace + 1 h).
+        #[arg(long, default_value_t = 24)]
+        older_than_hours: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum AdminCommand {
+    /// Dataset object retention.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
     /// Dead-letter queues.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -507,6 +530,43 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
             SqsQueue::create_queues(&queues.sqs(), max_receives).await?;
             SqsQueue::connect(&queues.sqs()).await?;
             println!("queues ready (prefix {:?})", queues.sqs_queue_prefix);
+        }
+        AdminCommand::Retention(RetentionCommand::Run {
+            db,
+            profile,
+            dry_run,
+            older_than_hours,
+        }) => {
+            let store = connect(&db, settings, 2).await?;
+            let objects: Arc<dyn dispatcher::objects::ObjectStore> = match profile.objects().await?
+            {
+                dispatcher::profile::Objects::Store(s) => s,
+                dispatcher::profile::Objects::LocalDir { dir, .. } => Arc::new(
+                    // Listing and deleting need no URL secret; a random one.
+                    dispatcher::objects::LocalDirStore::new(
+                        dir,
+                        "http://127.0.0.1",
+                        rand::random::<[u8; 32]>().to_vec(),
+                    )?,
+                ),
+            };
+            let cutoff = std::time::Duration::from_secs(older_than_hours.saturating_mul(3600));
+            let report =
+                dispatcher::retention::run(&store, objects.as_ref(), cutoff, dry_run, |line| {
+                    eprintln!("{line}")
+                })
+                .await?;
+            for key in &report.deleted {
+                println!("{} {key}", if dry_run { "would delete" } else { "deleted" });
+            }
+            eprintln!(
+                "{} {} of {} objects ({} bytes); {} scanned",
+                if dry_run { "would delete" } else { "deleted" },
+                report.deleted.len(),
+                report.candidates,
+                report.deleted_bytes,
+                report.scanned
+            );
         }
         AdminCommand::Outbox(OutboxCommand::Status { db, limit }) => {
             let store = connect(&db, settings, 2).await?;

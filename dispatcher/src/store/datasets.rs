@@ -125,6 +125,55 @@ impl Store {
         Ok(out)
     }
 
+    /// Which of `keys` something must keep: a part of a committed version,
+    /// a committed version's manifest, or a buffer batch.
+    pub async fn referenced_objects(
+        &self,
+        keys: &[String],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let found: Vec<String> = sqlx::query_scalar(
+            "SELECT key FROM dataset_parts WHERE key = ANY($1)
+             UNION SELECT manifest_key FROM dataset_versions WHERE manifest_key = ANY($1)
+             UNION SELECT object_key FROM buffer_publishes WHERE object_key = ANY($1)",
+        )
+        .bind(keys)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(found.into_iter().collect())
+    }
+
+    /// For each attempt, whether it ended longer than `ago` ago (by
+    /// Postgres' clock). Attempts still running, or unknown, are absent or
+    /// false.
+    pub async fn attempts_ended_before(
+        &self,
+        attempts: &[(Uuid, u32)],
+        ago: std::time::Duration,
+    ) -> Result<std::collections::HashMap<(Uuid, u32), bool>, StoreError> {
+        let tasks: Vec<Uuid> = attempts.iter().map(|a| a.0).collect();
+        let numbers: Vec<i32> = attempts
+            .iter()
+            .map(|a| i32::try_from(a.1).unwrap_or(i32::MAX))
+            .collect();
+        let rows: Vec<(Uuid, i32, bool)> = sqlx::query_as(
+            "SELECT a.task_id, a.attempt,
+                    a.finished_at IS NOT NULL
+                    AND a.finished_at < now() - $3 * interval '1 millisecond'
+               FROM attempts a
+               JOIN unnest($1::uuid[], $2::int[]) AS w(task_id, attempt)
+                 ON w.task_id = a.task_id AND w.attempt = a.attempt",
+        )
+        .bind(&tasks)
+        .bind(&numbers)
+        .bind(crate::millis(ago))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, n, ended)| ((t, u32::try_from(n).unwrap_or(0)), ended))
+            .collect())
+    }
+
     /// A dataset's id, mode and columns, if the org has it.
     pub async fn dataset_schema(
         &self,

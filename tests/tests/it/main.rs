@@ -14,6 +14,7 @@ mod model;
 mod objects;
 mod orgs;
 mod races;
+mod retention;
 mod secrets;
 mod services;
 mod staging;

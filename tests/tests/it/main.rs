@@ -6,6 +6,7 @@ mod completion;
 mod dag;
 mod datasets;
 mod e2e;
+mod e2e_datasets;
 mod fencing;
 mod input;
 mod isolation;

@@ -64,4 +64,20 @@ impl Moto {
             static_credentials: Some(("test".into(), "test".into())),
         }
     }
+
+    /// An S3 store on this server, in a fresh bucket of the test's own.
+    pub async fn s3_store(&self) -> dispatcher::objects::S3Store {
+        let cfg = dispatcher::objects::S3Config {
+            region: "us-east-1".into(),
+            endpoint_url: Some(self.url()),
+            bucket: format!("t{}", uuid::Uuid::new_v4().simple()),
+            static_credentials: Some(("test".into(), "test".into())),
+        };
+        dispatcher::objects::S3Store::create_bucket(&cfg)
+            .await
+            .expect("bucket");
+        dispatcher::objects::S3Store::connect(&cfg)
+            .await
+            .expect("connect")
+    }
 }

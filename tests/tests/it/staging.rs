@@ -9,7 +9,6 @@ use dispatcher_wire::ClaimResponse;
 use reqwest::StatusCode;
 use serde_json::json;
 use sha2::Digest;
-use uuid::Uuid;
 
 pub const ROWS: &str = "{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": \"a\", \"value\": 1.5}\n\
                     {\"ts\": \"2026-01-01T00:01:00Z\", \"user_id\": \"b\", \"value\": null}\n";
@@ -109,16 +108,8 @@ async fn a_verified_part_is_staged_once_on_the_local_store() {
 
 #[tokio::test]
 async fn a_verified_part_is_staged_once_on_s3() {
-    use dispatcher::objects::{S3Config, S3Store};
     let moto = dispatcher_tests::moto::Moto::start().await;
-    let cfg = S3Config {
-        region: "us-east-1".into(),
-        endpoint_url: Some(moto.url()),
-        bucket: format!("t{}", Uuid::new_v4().simple()),
-        static_credentials: Some(("test".into(), "test".into())),
-    };
-    S3Store::create_bucket(&cfg).await.unwrap();
-    let s3 = Arc::new(S3Store::connect(&cfg).await.unwrap());
+    let s3 = Arc::new(moto.s3_store().await);
     good_part_stages_once(&TestApp::spawn_with_objects(Default::default(), Some(s3)).await).await;
 }
 

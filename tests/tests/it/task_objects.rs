@@ -206,16 +206,9 @@ async fn commit_part_in(app: &TestApp, org: Uuid, dataset: &str, key: &str) {
 /// object into the bucket, and only that key.
 #[tokio::test]
 async fn on_s3_a_task_puts_through_a_presigned_url() {
-    use dispatcher::objects::{ObjectStore, S3Config, S3Store};
+    use dispatcher::objects::ObjectStore;
     let moto = dispatcher_tests::moto::Moto::start().await;
-    let cfg = S3Config {
-        region: "us-east-1".into(),
-        endpoint_url: Some(moto.url()),
-        bucket: format!("t{}", Uuid::new_v4().simple()),
-        static_credentials: Some(("test".into(), "test".into())),
-    };
-    S3Store::create_bucket(&cfg).await.unwrap();
-    let s3 = std::sync::Arc::new(S3Store::connect(&cfg).await.unwrap());
+    let s3 = std::sync::Arc::new(moto.s3_store().await);
     let app = TestApp::spawn_with_objects(Default::default(), Some(s3.clone())).await;
     let task = app.single_task(3).await;
     let claim = app.claim(task).await;

@@ -2,6 +2,7 @@
 //! Each test gets its own Postgres database and its own server.
 
 mod commit;
+mod commit_model;
 mod completion;
 mod dag;
 mod datasets;

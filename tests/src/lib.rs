@@ -31,6 +31,18 @@ pub mod moto;
 pub mod s3s;
 pub mod stack;
 
+/// The property tests' runner settings: `PROPTEST_CASES` cases (default 64).
+pub fn proptest_config() -> proptest::test_runner::Config {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64);
+    proptest::test_runner::Config {
+        cases,
+        ..Default::default()
+    }
+}
+
 /// A free loopback port for a server a test starts.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use dispatcher_tests::TestApp;
 use dispatcher_wire::ClaimResponse;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 use reqwest::StatusCode;
 use serde_json::json;
 use sha2::Digest;
@@ -235,14 +235,7 @@ fn invariant_7_random_interleavings_commit_exactly_the_committed_attempts_parts(
         .build()
         .unwrap();
     let app = rt.block_on(TestApp::spawn());
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(dispatcher_tests::proptest_config());
     let strategy = (any::<bool>(), proptest::collection::vec(op(), 1..40));
     let result = runner.run(&strategy, |(append, ops)| {
         rt.block_on(run_case(&app, append, ops))

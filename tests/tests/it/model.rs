@@ -21,7 +21,7 @@ use dispatcher::settings::Settings;
 use dispatcher::store::{Fence, Store};
 use dispatcher_tests::TestDb;
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 use serde_json::json;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -293,14 +293,7 @@ fn model_random_interleavings_never_accept_a_stale_write_or_change_a_terminal_st
     let db = rt.block_on(TestDb::new());
     let store = Store::new(db.pool.clone(), Arc::new(Settings::default()));
     let org = rt.block_on(store.ensure_org("model")).unwrap();
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
-    let mut runner = TestRunner::new(Config {
-        cases,
-        ..Config::default()
-    });
+    let mut runner = TestRunner::new(dispatcher_tests::proptest_config());
     let strategy = (1u32..=4, proptest::collection::vec(op(), 1..48));
     let result = runner.run(&strategy, |(max_attempts, ops)| {
         rt.block_on(run_case(&store, org, max_attempts, ops))

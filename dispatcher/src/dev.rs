@@ -154,6 +154,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let settings = Arc::new(Settings::default());
     let store = Store::connect(&url, 16, settings.clone()).await?;
     store.migrate().await.context("applying migrations")?;
+    let server: sqlx::postgres::PgConnectOptions = url.parse()?;
+    let data_options = dispatcher::datadb::options(&url, None)?;
+    dispatcher::datadb::ensure(&server, &data_options)
+        .await
+        .context("creating the data database")?;
+    let data = dispatcher::datadb::lazy_pool(data_options, 8);
     let pem = dev_key(&args.state_dir)?;
     let keys = Arc::new(Keyring::from_pem(
         &settings.issuer,
@@ -200,11 +206,15 @@ pub async fn run(args: DevArgs) -> Result<()> {
         keys.clone(),
         settings.clone(),
         Roles::ALL,
-        services::Adapters { queue, objects },
+        services::Adapters {
+            queue,
+            objects,
+            data: Some(data.clone()),
+        },
         shutdown.clone(),
     ));
     eprintln!(
-        "dispatcher serving at {url_http} (api, relay, reaper; {} profile)",
+        "dispatcher serving at {url_http} (api, relay, reaper, sink; {} profile)",
         args.profile.queues.profile
     );
 
@@ -233,6 +243,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         let id = sample_job(&store, org, user, &task_bin.path, &settings).await?;
         job_id = Some(id);
         watch(&store, org, id).await?;
+        show_sample_data(&store, &data, org, id).await?;
     }
 
     println!();
@@ -281,9 +292,28 @@ async fn sample_job(
     worker_bin: &Path,
     settings: &Settings,
 ) -> Result<uuid::Uuid> {
+    // The sample's datasets (kept across runs of `dev`): a `replace`
+    // dataset the first task stages a part into, and the `stream` it
+    // publishes a buffer batch to.
+    for (name, mode) in [
+        (SAMPLE_DATASET, dispatcher_wire::DatasetMode::Replace),
+        (SAMPLE_STREAM, dispatcher_wire::DatasetMode::Stream),
+    ] {
+        let ds = domain::new_dataset(dispatcher_wire::CreateDatasetRequest {
+            name: name.into(),
+            mode,
+            columns: dispatcher_wire::sample_columns(),
+        })?;
+        match store.create_dataset(org, user, &ds).await {
+            Ok(_) | Err(dispatcher::error::StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let bundle = format!("{} sample-task", worker_bin.display());
     let req = serde_json::json!({"name": "sample", "tasks": [
-        {"key": "extract", "runtime": "exec", "bundle": bundle, "outputs": ["alert_events"], "inputs": {"sleep_ms": 300}},
+        {"key": "extract", "runtime": "exec", "bundle": bundle,
+         "outputs": [SAMPLE_STREAM, SAMPLE_DATASET],
+         "inputs": {"sleep_ms": 300, "stage": [SAMPLE_DATASET], "rows": 5}},
         {"key": "clean_a", "runtime": "exec", "bundle": bundle, "depends_on": ["extract"], "inputs": {"sleep_ms": 300}},
         {"key": "clean_b", "runtime": "exec", "bundle": bundle, "depends_on": ["extract"],
          "inputs": {"sleep_ms": 300, "fail_attempts": 1}},
@@ -292,10 +322,72 @@ async fn sample_job(
     let job = domain::new_job(serde_json::from_value(req)?, settings)?;
     let view = store.submit_job(org, Some(user), &job).await?;
     println!(
-        "submitted job {} \"sample\": extract -> (clean_a, clean_b [fails once]) -> report",
+        "submitted job {} \"sample\": extract (stages {SAMPLE_DATASET}, publishes to {SAMPLE_STREAM}) -> (clean_a, clean_b [fails once]) -> report",
         view.job_id
     );
     Ok(view.job_id)
+}
+
+const SAMPLE_DATASET: &str = "sample_rows";
+const SAMPLE_STREAM: &str = "alert_events";
+
+/// Prints the version the sample job committed and, once the sink has
+/// ingested the job's buffer batches, the rows that reached the data
+/// database.
+async fn show_sample_data(
+    store: &Store,
+    data: &sqlx::PgPool,
+    org: uuid::Uuid,
+    job_id: uuid::Uuid,
+) -> Result<()> {
+    let ds = store.get_dataset(org, SAMPLE_DATASET).await?;
+    match ds.versions.first() {
+        Some(v) => println!(
+            "dataset {SAMPLE_DATASET}: version {} committed by task {} attempt {} ({} rows)",
+            v.version, v.task_id, v.attempt, v.rows
+        ),
+        None => bail!("the sample job committed no version of {SAMPLE_DATASET}"),
+    }
+    let started = tokio::time::Instant::now();
+    let batches: Vec<(uuid::Uuid, String)> = loop {
+        let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+            "SELECT b.batch_id, b.state FROM buffer_publishes b JOIN tasks t ON t.id = b.task_id
+              WHERE t.job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_all(store.pool())
+        .await?;
+        if rows.iter().all(|(_, s)| s != "pending") {
+            break rows;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the sink did not ingest the sample's buffer batches within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if let Some((id, state)) = batches.iter().find(|(_, s)| s != "ingested") {
+        bail!("sample buffer batch {id} is {state}");
+    }
+    let stream = sqlx::query_scalar::<_, uuid::Uuid>(
+        "SELECT id FROM datasets WHERE org_id = $1 AND name = $2",
+    )
+    .bind(org)
+    .bind(SAMPLE_STREAM)
+    .fetch_one(store.pool())
+    .await?;
+    let ids: Vec<uuid::Uuid> = batches.iter().map(|(id, _)| *id).collect();
+    let ingested: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE _batch_id = ANY($1)",
+        dispatcher::sink::Sink::table_name(stream)
+    ))
+    .bind(&ids)
+    .fetch_one(data)
+    .await?;
+    println!(
+        "stream {SAMPLE_STREAM}: {} batch(es) ingested, {ingested} rows in the data database",
+        batches.len()
+    );
+    Ok(())
 }
 
 /// Prints each task's state changes until the job ends (or 120 s pass).

@@ -41,6 +41,10 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The request names something that exists but does not fit (a
+    /// dataset of the wrong mode); `400 invalid_request`.
+    #[error("{}: {}", .0.field, .0.message)]
+    Invalid(Invalid),
     /// Nothing was written, and the same call may succeed if repeated.
     #[error("{0}")]
     Retry(String),
@@ -191,6 +195,7 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Conflict(_) => ApiError::conflict(message),
             StoreError::Forbidden(_) => ApiError::forbidden(message),
+            StoreError::Invalid(e) => e.into(),
             StoreError::Retry(_) => ApiError::unavailable(message),
             StoreError::Limit(_) => ApiError::too_large(message),
             StoreError::Db(db) => match db {

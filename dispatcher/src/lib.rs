@@ -2,6 +2,7 @@
 //!
 //! `docs/architecture.md` is the map of this crate.
 
+pub mod datadb;
 pub mod dlq;
 pub mod domain;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod retention;
 pub mod rows;
 pub mod services;
 pub mod settings;
+pub mod sink;
 pub mod store;
 pub mod tokens;
 

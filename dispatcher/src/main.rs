@@ -55,6 +55,31 @@ struct DbArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     database_url: String,
+    /// The data database, where the buffer sink ingests stream rows.
+    /// Default: the state database's name with `_data` appended, on the
+    /// same server (created by `migrate`).
+    #[arg(long, env = "DATA_DATABASE_URL", hide_env_values = true)]
+    data_database_url: Option<String>,
+}
+
+impl DbArgs {
+    fn data_options(&self) -> Result<sqlx::postgres::PgConnectOptions> {
+        dispatcher::datadb::options(&self.database_url, self.data_database_url.as_deref())
+            .context("DATA_DATABASE_URL is not a Postgres URL")
+    }
+
+    /// Applies the state migrations through `store`, then creates the data
+    /// database if needed and applies its migrations.
+    async fn migrate(&self, store: &Store) -> Result<()> {
+        store.migrate().await.context("applying migrations")?;
+        let server: sqlx::postgres::PgConnectOptions = self
+            .database_url
+            .parse()
+            .context("DATABASE_URL is not a Postgres URL")?;
+        dispatcher::datadb::ensure(&server, &self.data_options()?)
+            .await
+            .context("creating or migrating the data database")
+    }
 }
 
 #[derive(Args)]
@@ -112,11 +137,38 @@ struct ServeArgs {
     max_connections: u32,
     #[command(flatten)]
     profile: dispatcher::profile::ProfileArgs,
-    /// Roles to run: any of api, relay, reaper, or all.
+    /// Roles to run: any of api, relay, reaper, sink, or all.
     #[arg(long, env = "DISPATCHER_ROLES", default_value = "all", value_parser = Roles::parse)]
     roles: Roles,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    sink: SinkArgs,
+}
+
+/// The buffer sink's knobs (defaults: docs/standards/operations.md).
+#[derive(Args)]
+struct SinkArgs {
+    /// Batches one sink ingests at once (1 to 10).
+    #[arg(long, env = "DISPATCHER_SINK_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=10))]
+    sink_concurrency: Option<u16>,
+    /// Seconds a received buffer pointer stays hidden from other sinks.
+    #[arg(long, env = "DISPATCHER_SINK_VISIBILITY_SECONDS", value_parser = clap::value_parser!(u64).range(1..=43_200))]
+    sink_visibility_seconds: Option<u64>,
+    /// Data-database connections of the sink.
+    #[arg(long, env = "DISPATCHER_DATA_DB_MAX_CONNECTIONS", default_value_t = 8)]
+    data_max_connections: u32,
+}
+
+impl SinkArgs {
+    fn apply(&self, s: &mut Settings) {
+        if let Some(n) = self.sink_concurrency {
+            s.sink_concurrency = usize::from(n);
+        }
+        if let Some(t) = self.sink_visibility_seconds {
+            s.sink_visibility = std::time::Duration::from_secs(t);
+        }
+    }
 }
 
 /// Overrides of the API's limits (defaults and reasons:
@@ -273,8 +325,101 @@ enum RetentionCommand {
     },
 }
 
+/// Which dead batches a command acts on; every flag narrows.
+#[derive(Args)]
+struct DeadFilterArgs {
+    /// Only this org's batches.
+    #[arg(long)]
+    org_id: Option<Uuid>,
+    /// Only this dataset's batches.
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Only these batches (repeatable).
+    #[arg(long = "batch")]
+    batch_ids: Vec<Uuid>,
+}
+
+impl DeadFilterArgs {
+    fn filter(&self) -> dispatcher::store::DeadFilter {
+        dispatcher::store::DeadFilter {
+            org_id: self.org_id,
+            dataset: self.dataset.clone(),
+            batch_ids: self.batch_ids.clone(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.org_id.is_none() && self.dataset.is_none() && self.batch_ids.is_empty()
+    }
+}
+
+#[derive(Subcommand)]
+enum SinkCommand {
+    /// Buffer batches the sink refused (malformed): list, replay, purge.
+    #[command(subcommand)]
+    Dead(Box<DeadCommand>),
+    /// Batches still pending a while after their publish, with the
+    /// transient failures the sink met (is the sink running? behind?).
+    Pending {
+        #[command(flatten)]
+        db: DbArgs,
+        /// Only batches published longer ago than this.
+        #[arg(long, default_value_t = 5)]
+        older_than_minutes: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// Dead batches with their reason code, line and message.
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        filter: DeadFilterArgs,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Send dead batches back to the sink, which checks them again and
+    /// ingests each at most once.
+    Replay {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        profile: dispatcher::profile::ProfileArgs,
+        #[command(flatten)]
+        filter: DeadFilterArgs,
+        /// Take the object's current checksum and row count (after you
+        /// fixed its content) instead of the published ones.
+        #[arg(long)]
+        accept_current_object: bool,
+        /// Only list what would be replayed.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete the records of dead batches: they are never ingested, and
+    /// retention later removes their objects. Needs a filter or --all.
+    Purge {
+        #[command(flatten)]
+        db: DbArgs,
+        #[command(flatten)]
+        filter: DeadFilterArgs,
+        /// Every dead batch of every org.
+        #[arg(long)]
+        all: bool,
+        /// Only list what would be purged.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// The buffer sink's dead batches.
+    #[command(subcommand)]
+    Sink(SinkCommand),
     /// Dataset object retention.
     #[command(subcommand)]
     Retention(RetentionCommand),
@@ -335,8 +480,8 @@ async fn main() -> Result<()> {
         Command::Dev(args) => dev::run(args).await,
         Command::Migrate(db) => {
             let store = connect(&db, Arc::new(Settings::default()), 2).await?;
-            store.migrate().await.context("applying migrations")?;
-            eprintln!("migrations applied");
+            db.migrate(&store).await?;
+            eprintln!("migrations applied (state and data databases)");
             Ok(())
         }
         Command::Token(cmd) => token(cmd),
@@ -351,6 +496,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ..Settings::default()
     };
     args.limits.apply(&mut settings);
+    args.sink.apply(&mut settings);
     if settings.request_timeout <= settings.queue_max_wait {
         bail!(
             "--request-timeout-seconds must be longer than the longest queue long-poll ({} s)",
@@ -361,8 +507,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let keys = Arc::new(args.keys.keyring(settings.token_leeway.as_secs())?);
     let store = connect(&args.db, settings.clone(), args.max_connections).await?;
     if args.migrate {
-        store.migrate().await.context("applying migrations")?;
+        args.db.migrate(&store).await?;
     }
+    let data = args.roles.sink.then(|| {
+        args.db
+            .data_options()
+            .map(|o| dispatcher::datadb::lazy_pool(o, args.sink.data_max_connections))
+    });
+    let data = data.transpose()?;
     let queue = args.profile.services_queue().await?;
     let objects = args.profile.objects().await?;
     tracing::info!(
@@ -386,7 +538,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
         keys,
         settings,
         args.roles,
-        services::Adapters { queue, objects },
+        services::Adapters {
+            queue,
+            objects,
+            data,
+        },
         shutdown,
     )
     .await?;
@@ -418,6 +574,117 @@ fn failpoints_from_env() -> Vec<String> {
         }
     }
     armed
+}
+
+/// The profile's object store for operator commands, which read, list and
+/// delete but never presign.
+async fn operator_objects(
+    profile: &dispatcher::profile::ProfileArgs,
+) -> Result<Arc<dyn dispatcher::objects::ObjectStore>> {
+    Ok(match profile.objects().await? {
+        dispatcher::profile::Objects::Store(s) => s,
+        dispatcher::profile::Objects::LocalDir { dir, .. } => Arc::new(
+            // No URL is presigned here, so any secret does; a random one.
+            dispatcher::objects::LocalDirStore::new(
+                dir,
+                "http://127.0.0.1",
+                rand::random::<[u8; 32]>().to_vec(),
+            )?,
+        ),
+    })
+}
+
+fn print_dead(b: &dispatcher::store::DeadBatch) {
+    println!(
+        "{}  org {}  dataset {}  task {} attempt {}  {} rows  {}{}: {}  (object {}, replays {})",
+        b.batch_id,
+        b.org_id,
+        b.dataset,
+        b.task_id,
+        b.attempt,
+        b.rows,
+        b.reason_code,
+        b.reason_line
+            .map(|l| format!(" at line {l}"))
+            .unwrap_or_default(),
+        b.reason_message.as_deref().unwrap_or(""),
+        b.object_key,
+        b.replays
+    );
+}
+
+async fn sink_dead(cmd: DeadCommand, settings: Arc<Settings>) -> Result<()> {
+    match cmd {
+        DeadCommand::List { db, filter, limit } => {
+            let store = connect(&db, settings, 2).await?;
+            let dead = store.dead_batches(&filter.filter(), limit).await?;
+            for b in &dead {
+                print_dead(b);
+            }
+            eprintln!("{} dead batch(es) shown (at most {limit})", dead.len());
+        }
+        DeadCommand::Replay {
+            db,
+            profile,
+            filter,
+            accept_current_object,
+            dry_run,
+        } => {
+            let store = connect(&db, settings, 2).await?;
+            let objects = operator_objects(&profile).await?;
+            let done = dispatcher::sink::replay_dead(
+                &store,
+                objects.as_ref(),
+                &filter.filter(),
+                accept_current_object,
+                dry_run,
+            )
+            .await?;
+            for r in &done {
+                let accepted = match &r.accepted {
+                    Some((sha, rows)) => format!(" (accepting sha256 {sha}, {rows} rows)"),
+                    None => String::new(),
+                };
+                let verb = match (dry_run, r.replayed) {
+                    (true, _) => "would replay",
+                    (false, true) => "replayed",
+                    (false, false) => "not dead any more",
+                };
+                println!("{verb} {}{accepted}", r.batch.batch_id);
+            }
+            let n = done.iter().filter(|r| r.replayed || dry_run).count();
+            eprintln!(
+                "{} {n} dead batch(es); the sink ingests each at most once",
+                if dry_run { "would replay" } else { "replayed" }
+            );
+        }
+        DeadCommand::Purge {
+            db,
+            filter,
+            all,
+            dry_run,
+        } => {
+            if filter.is_empty() && !all {
+                bail!("name the batches to purge (--org-id, --dataset, --batch) or pass --all");
+            }
+            let store = connect(&db, settings, 2).await?;
+            let f = filter.filter();
+            if dry_run {
+                let dead = store
+                    .dead_batches(&f, dispatcher::sink::ADMIN_BATCH_LIMIT)
+                    .await?;
+                for b in &dead {
+                    print!("would purge ");
+                    print_dead(b);
+                }
+                eprintln!("would purge {} dead batch(es)", dead.len());
+            } else {
+                let n = store.purge_dead_batches(&f).await?;
+                eprintln!("purged {n} dead batch(es); retention removes their objects later");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM.
@@ -531,6 +798,35 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
             SqsQueue::connect(&queues.sqs()).await?;
             println!("queues ready (prefix {:?})", queues.sqs_queue_prefix);
         }
+        AdminCommand::Sink(SinkCommand::Dead(cmd)) => sink_dead(*cmd, settings).await?,
+        AdminCommand::Sink(SinkCommand::Pending {
+            db,
+            older_than_minutes,
+            limit,
+        }) => {
+            let store = connect(&db, settings, 2).await?;
+            let older = std::time::Duration::from_secs(older_than_minutes.saturating_mul(60));
+            let pending = store.pending_batches(older, limit).await?;
+            for b in &pending {
+                println!(
+                    "{}  org {}  dataset {}  published {}  last pointer {}  transient failures {}{}",
+                    b.batch_id,
+                    b.org_id,
+                    b.dataset,
+                    b.created_at.to_rfc3339(),
+                    b.pointer_at.to_rfc3339(),
+                    b.transient_failures,
+                    b.last_error
+                        .as_deref()
+                        .map(|e| format!("  last error: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            eprintln!(
+                "{} batch(es) pending for more than {older_than_minutes} min (at most {limit} shown)",
+                pending.len()
+            );
+        }
         AdminCommand::Retention(RetentionCommand::Run {
             db,
             profile,
@@ -538,18 +834,7 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
             older_than_hours,
         }) => {
             let store = connect(&db, settings, 2).await?;
-            let objects: Arc<dyn dispatcher::objects::ObjectStore> = match profile.objects().await?
-            {
-                dispatcher::profile::Objects::Store(s) => s,
-                dispatcher::profile::Objects::LocalDir { dir, .. } => Arc::new(
-                    // Listing and deleting need no URL secret; a random one.
-                    dispatcher::objects::LocalDirStore::new(
-                        dir,
-                        "http://127.0.0.1",
-                        rand::random::<[u8; 32]>().to_vec(),
-                    )?,
-                ),
-            };
+            let objects = operator_objects(&profile).await?;
             let cutoff = std::time::Duration::from_secs(older_than_hours.saturating_mul(3600));
             let report =
                 dispatcher::retention::run(&store, objects.as_ref(), cutoff, dry_run, |line| {

@@ -1,7 +1,8 @@
 //! Lease reaper: ends expired leases by the rules of a retryable failure
 //! (retry with backoff while attempts remain, else the task and job fail; a
 //! task whose job was stopped becomes cancelled), wakes ready tasks whose
-//! wake-up went missing, and purges old sent outbox rows. Every step is
+//! wake-up went missing, sends a new pointer for buffer batches left pending
+//! long after their last one, and purges old sent outbox rows. Every step is
 //! fenced or `SKIP LOCKED`, so several replicas may run it.
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub struct Reaper {
 pub struct ReapReport {
     pub expired: u64,
     pub rewoken: u64,
+    pub repointed: u64,
     pub purged: u64,
 }
 
@@ -73,6 +75,19 @@ impl Reaper {
             tracing::info!(
                 count = report.rewoken,
                 "woke ready tasks whose wake-up went missing"
+            );
+        }
+        report.repointed = self
+            .store
+            .repoint_stale_batches(
+                self.settings.batch_repoint_after,
+                self.settings.reaper_batch,
+            )
+            .await?;
+        if report.repointed > 0 {
+            tracing::info!(
+                count = report.repointed,
+                "sent new pointers for buffer batches still pending"
             );
         }
         report.purged = self

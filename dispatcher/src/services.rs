@@ -1,5 +1,6 @@
 //! Runs the dispatcher's roles — the HTTP API, the outbox relay, the lease
-//! reaper — over one store and one local queue, with one shutdown token.
+//! reaper, the buffer sink — over one store, one queue and one object
+//! store, with one shutdown token.
 //! Every role drains on shutdown; nothing is global, so several dispatchers
 //! can run in one process (tests do).
 
@@ -17,6 +18,7 @@ use crate::queue::{PgQueue, Queue};
 use crate::reaper::Reaper;
 use crate::relay::Relay;
 use crate::settings::Settings;
+use crate::sink::Sink;
 use crate::store::Store;
 use crate::tokens::Keyring;
 
@@ -26,43 +28,45 @@ pub struct Roles {
     pub api: bool,
     pub relay: bool,
     pub reaper: bool,
+    pub sink: bool,
 }
 
 impl Roles {
+    pub const NONE: Roles = Roles {
+        api: false,
+        relay: false,
+        reaper: false,
+        sink: false,
+    };
     pub const ALL: Roles = Roles {
         api: true,
         relay: true,
         reaper: true,
+        sink: true,
     };
     pub const API: Roles = Roles {
         api: true,
-        relay: false,
-        reaper: false,
+        ..Roles::NONE
     };
 
-    /// Parses `api,relay,reaper` (any subset, or `all`).
+    /// Parses `api,relay,reaper,sink` (any subset, or `all`).
     pub fn parse(s: &str) -> Result<Roles, String> {
-        let mut roles = Roles {
-            api: false,
-            relay: false,
-            reaper: false,
-        };
+        let mut roles = Roles::NONE;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part {
                 "all" => roles = Roles::ALL,
                 "api" => roles.api = true,
                 "relay" => roles.relay = true,
                 "reaper" => roles.reaper = true,
-                other => return Err(format!("unknown role {other:?} (api, relay, reaper, all)")),
+                "sink" => roles.sink = true,
+                other => {
+                    return Err(format!(
+                        "unknown role {other:?} (api, relay, reaper, sink, all)"
+                    ))
+                }
             }
         }
-        if roles
-            == (Roles {
-                api: false,
-                relay: false,
-                reaper: false,
-            })
-        {
+        if roles == Roles::NONE {
             return Err("no role given".into());
         }
         Ok(roles)
@@ -81,11 +85,13 @@ pub fn local_queue(store: &Store, settings: &Settings) -> (Arc<PgQueue>, Arc<Not
     (queue, arrivals)
 }
 
-/// The profile's queue and object store.
+/// The profile's queue and object store, and the data database.
 pub struct Adapters {
     /// SQS on the aws profile; `None` is the local Postgres queue.
     pub queue: Option<Arc<dyn Queue>>,
     pub objects: Objects,
+    /// The data database (`crate::datadb`); the sink role needs it.
+    pub data: Option<sqlx::PgPool>,
 }
 
 /// Runs the given roles until `shutdown` is cancelled, then drains them.
@@ -104,7 +110,11 @@ pub async fn run(
     adapters: Adapters,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let Adapters { queue, objects } = adapters;
+    let Adapters {
+        queue,
+        objects,
+        data,
+    } = adapters;
     let mut tasks = JoinSet::new();
     let queue = match queue {
         Some(q) => q,
@@ -118,6 +128,26 @@ pub async fn run(
             local
         }
     };
+    let (objects, local) = match objects {
+        Objects::Store(s) => (s, None),
+        Objects::LocalDir { dir, public_url } => {
+            // The base URL only matters to presigned URLs, which the API
+            // serves; a process without the API never hands one out.
+            let base = match (public_url, &listener) {
+                (Some(url), _) => url,
+                (None, Some(l)) => format!("http://{}", l.local_addr()?),
+                (None, None) => "http://127.0.0.1".to_owned(),
+            };
+            let local = Arc::new(
+                LocalDirStore::new(dir, &base, keys.presign_secret())
+                    .map_err(std::io::Error::other)?,
+            );
+            (
+                local.clone() as Arc<dyn crate::objects::ObjectStore>,
+                Some(local),
+            )
+        }
+    };
     if roles.relay {
         let relay = Relay::new(store.clone(), queue.clone(), settings.clone());
         tasks.spawn(relay.run(shutdown.clone()));
@@ -126,25 +156,21 @@ pub async fn run(
         let reaper = Reaper::new(store.clone(), settings.clone());
         tasks.spawn(reaper.run(shutdown.clone()));
     }
+    if roles.sink {
+        let data = data.ok_or_else(|| {
+            std::io::Error::other("the sink role needs the data database (DATA_DATABASE_URL)")
+        })?;
+        let sink = Sink::new(
+            store.clone(),
+            data,
+            queue.clone(),
+            objects.clone(),
+            settings.clone(),
+        );
+        tasks.spawn(sink.run(shutdown.clone()));
+    }
     let served = match (roles.api, listener) {
         (true, Some(listener)) => {
-            let (objects, local) = match objects {
-                Objects::Store(s) => (s, None),
-                Objects::LocalDir { dir, public_url } => {
-                    let base = match public_url {
-                        Some(url) => url,
-                        None => format!("http://{}", listener.local_addr()?),
-                    };
-                    let local = Arc::new(
-                        LocalDirStore::new(dir, &base, keys.presign_secret())
-                            .map_err(std::io::Error::other)?,
-                    );
-                    (
-                        local.clone() as Arc<dyn crate::objects::ObjectStore>,
-                        Some(local),
-                    )
-                }
-            };
             let state = AppState::new(store, keys, settings, queue, objects, local);
             http::serve(listener, state, shutdown.clone()).await
         }

@@ -133,6 +133,19 @@ pub struct Settings {
     pub queue_max_receives: u32,
     /// Longest queue long-poll a worker may ask for (SQS: 20 s).
     pub queue_max_wait: Duration,
+    /// A buffer pointer the sink received stays hidden from other sinks
+    /// this long (a sink that dies mid-batch is replaced after it).
+    pub sink_visibility: Duration,
+    /// Batches one sink ingests at once.
+    pub sink_concurrency: usize,
+    /// First delay before a batch is tried again after a transient failure
+    /// (store or data database down); doubles per failure, with jitter.
+    pub sink_retry_base: Duration,
+    /// Upper bound of that delay (SQS allows at most 15 minutes).
+    pub sink_retry_cap: Duration,
+    /// A batch still pending this long after its latest pointer gets a new
+    /// one from the reaper (the pointer was lost or dead-lettered).
+    pub batch_repoint_after: Duration,
     /// Named crash points (debug builds only; see `failpoint`).
     pub failpoints: Vec<String>,
 }
@@ -194,6 +207,11 @@ impl Default for Settings {
             outbox_retention: Duration::from_secs(24 * 3600),
             queue_max_receives: 5,
             queue_max_wait: Duration::from_secs(20),
+            sink_visibility: Duration::from_secs(300),
+            sink_concurrency: 4,
+            sink_retry_base: Duration::from_secs(1),
+            sink_retry_cap: Duration::from_secs(300),
+            batch_repoint_after: Duration::from_secs(15 * 60),
             failpoints: Vec::new(),
         }
     }
@@ -240,6 +258,12 @@ impl Settings {
             tries,
             unit_random,
         )
+    }
+
+    /// Delay before a batch is tried again after its `n`th transient
+    /// failure.
+    pub fn sink_retry_delay(&self, n: u32, unit_random: f64) -> Duration {
+        backoff(self.sink_retry_base, self.sink_retry_cap, n, unit_random)
     }
 
     /// Crashes the process (`abort`, like SIGKILL: no cleanup, no answer)

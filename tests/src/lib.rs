@@ -80,6 +80,23 @@ pub async fn wait_ready<F, Fut>(
     }
 }
 
+/// Default settings without request rates worth the name, for tests that
+/// drive many calls through one user or task (the rate limits have tests
+/// of their own).
+pub fn unthrottled() -> Settings {
+    let high = dispatcher::settings::Rate {
+        per_second: 1_000_000,
+        burst: 1_000_000,
+    };
+    Settings {
+        rate_per_org: high,
+        rate_per_user: high,
+        rate_per_task: high,
+        rate_per_worker: high,
+        ..Settings::default()
+    }
+}
+
 /// A database of its own, migrated, dropped (with its connections) on drop.
 pub struct TestDb {
     pub pool: PgPool,
@@ -117,6 +134,26 @@ impl TestDb {
         TestDb { pool, name, admin }
     }
 
+    /// This test's data database (`<name>_data`, as `migrate` names it),
+    /// created and migrated on first use, dropped with the test database.
+    pub async fn data(&self) -> PgPool {
+        let data = self.admin.clone().database(&format!("{}_data", self.name));
+        dispatcher::datadb::ensure(&self.admin, &data)
+            .await
+            .expect("creating the data database");
+        PgPoolOptions::new()
+            .max_connections(20)
+            .connect_with(data)
+            .await
+            .expect("connecting to the data database")
+    }
+
+    /// The data database's URL, for child processes.
+    pub fn data_url(&self) -> String {
+        self.url()
+            .replacen(&self.name, &format!("{}_data", self.name), 1)
+    }
+
     /// A URL of this database, for child processes: `DATABASE_URL` with
     /// its database name replaced.
     pub fn url(&self) -> String {
@@ -148,9 +185,11 @@ impl Drop for TestDb {
                 .expect("runtime");
             rt.block_on(async move {
                 let mut conn = admin.connect().await?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&mut conn)
-                    .await?;
+                for db in [format!("{name}_data"), name] {
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await?;
+                }
                 Ok::<_, sqlx::Error>(())
             })
         })
@@ -177,6 +216,9 @@ pub struct TestApp {
     pub worker_token: String,
     /// The local object store's directory (removed on drop).
     pub objects_dir: std::path::PathBuf,
+    /// The object store the API uses (the local directory's, or the one
+    /// passed to `spawn_with_objects`).
+    pub objects: Arc<dyn dispatcher::objects::ObjectStore>,
     shutdown: CancellationToken,
     // Last: dropped after the server is told to stop.
     pub db: TestDb,
@@ -235,7 +277,19 @@ impl TestApp {
         let addr = listener.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
         let objects_dir = std::env::temp_dir().join(format!("objects-{}", Uuid::new_v4().simple()));
-        // The API only: tests of the relay and reaper drive those by hand.
+        let handle: Arc<dyn dispatcher::objects::ObjectStore> = match &objects {
+            Some(s) => s.clone(),
+            None => Arc::new(
+                dispatcher::objects::LocalDirStore::new(
+                    objects_dir.clone(),
+                    "http://127.0.0.1",
+                    keys.presign_secret(),
+                )
+                .expect("local object store"),
+            ),
+        };
+        // The API only: tests of the relay, reaper and sink drive those by
+        // hand.
         tokio::spawn(services::run(
             Some(listener),
             store.clone(),
@@ -244,6 +298,7 @@ impl TestApp {
             Roles::API,
             services::Adapters {
                 queue: None,
+                data: None,
                 objects: match objects {
                     Some(store) => dispatcher::profile::Objects::Store(store),
                     None => dispatcher::profile::Objects::LocalDir {
@@ -275,6 +330,7 @@ impl TestApp {
             user_token,
             worker_token,
             objects_dir,
+            objects: handle,
             shutdown,
             db,
         }
@@ -332,8 +388,43 @@ impl TestApp {
         serde_json::from_value(r.body).expect("job view")
     }
 
-    /// A one-task job; returns the task id.
+    /// Creates a `stream` dataset (if it does not exist yet) with columns
+    /// `ts timestamp`, `user_id string`, `value float64 null`.
+    pub async fn ensure_stream(&self, name: &str) {
+        let r = self
+            .post(
+                "/v1/datasets",
+                &self.user_token,
+                &json!({"name": name, "mode": "stream", "columns": [
+                    {"name": "ts", "type": "timestamp", "nullable": false},
+                    {"name": "user_id", "type": "string", "nullable": false},
+                    {"name": "value", "type": "float64", "nullable": true}]}),
+            )
+            .await;
+        assert!(
+            r.status == StatusCode::CREATED || r.code() == "conflict",
+            "{}",
+            r.body
+        );
+    }
+
+    /// A buffer sink over this app's store, queue and objects, and the
+    /// test's data database; tests drive it with `poll` or `ingest`.
+    pub async fn sink(&self) -> Arc<dispatcher::sink::Sink> {
+        let (queue, _) = services::local_queue(&self.store, &self.settings);
+        dispatcher::sink::Sink::new(
+            self.store.clone(),
+            self.db.data().await,
+            queue,
+            self.objects.clone(),
+            self.settings.clone(),
+        )
+    }
+
+    /// A one-task job whose task may publish to the `alert_events` stream;
+    /// returns the task id.
     pub async fn single_task(&self, max_attempts: u32) -> Uuid {
+        self.ensure_stream("alert_events").await;
         let job = self
             .submit(&json!({"name": "single", "tasks": [
                 {"key": "only", "runtime": "exec", "bundle": "/bin/true",

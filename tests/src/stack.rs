@@ -170,6 +170,20 @@ impl Stack {
         let keys = Keyring::from_pem("dispatcher", &pem, &[], 5).expect("keyring");
         let store = dispatcher::store::Store::new(db.pool.clone(), Default::default());
         let org_id = store.ensure_org("e2e").await.expect("org");
+        // The sample task publishes to `alert_events`; the dispatcher's
+        // sink ingests into the data database `migrate` would create.
+        let user = store.ensure_user("e2e@test").await.expect("user");
+        let stream = dispatcher::domain::new_dataset(dispatcher_wire::CreateDatasetRequest {
+            name: "alert_events".into(),
+            mode: dispatcher_wire::DatasetMode::Stream,
+            columns: dispatcher_wire::sample_columns(),
+        })
+        .expect("dataset");
+        store
+            .create_dataset(org_id, user, &stream)
+            .await
+            .expect("alert_events");
+        db.data().await.close().await;
         Stack {
             _turn: turn,
             db,
@@ -466,6 +480,26 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Every published batch reaches the data database, once.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (pending, dead): (i64, i64) = sqlx::query_as(
+                "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead')
+                   FROM buffer_publishes",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            assert_eq!(dead, 0, "dead buffer batches");
+            if pending == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{pending} buffer batches never ingested"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let wakeups_per_task: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM tasks t WHERE NOT EXISTS (
                  SELECT 1 FROM outbox o WHERE o.topic = 'wakeup' AND o.payload->>'task_id' = t.id::text)",
@@ -477,5 +511,77 @@ impl Stack {
             wakeups_per_task, 0,
             "a task never had a wake-up in the outbox"
         );
+    }
+}
+
+/// Calls a `Stack`'s dispatcher over HTTP as a worker and its tasks would,
+/// tolerating a dispatcher that is down (crash tests).
+pub struct Caller {
+    pub http: reqwest::Client,
+    pub base: String,
+}
+
+impl Caller {
+    pub fn new(stack: &Stack) -> Caller {
+        Caller {
+            http: reqwest::Client::new(),
+            base: stack.url(),
+        }
+    }
+
+    /// A POST; the status and JSON body, or the transport error.
+    pub async fn post(
+        &self,
+        path: &str,
+        token: &str,
+        body: Value,
+    ) -> Result<(u16, Value), reqwest::Error> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Claims (retrying while the task is not claimable yet); the claim.
+    pub async fn claim(&self, worker: &str, task: Uuid, lease_seconds: u32) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let body = serde_json::json!({"task_id": task, "worker_id": "e2e",
+                                          "lease_seconds": lease_seconds});
+            if let Ok((200, claim)) = self.post("/internal/task-claim", worker, body).await {
+                return claim;
+            }
+            assert!(Instant::now() < deadline, "the task never became claimable");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Uploads `body` at `name` under the claim's prefix through a
+    /// presigned URL; the absolute key.
+    pub async fn upload(&self, claim: &Value, name: &str, body: &[u8]) -> String {
+        let token = claim["capability_token"].as_str().expect("token");
+        let (status, urls) = self
+            .post(
+                "/v1/task/objects",
+                token,
+                serde_json::json!({"method": "PUT", "keys": [name]}),
+            )
+            .await
+            .expect("objects");
+        assert_eq!(status, 200, "{urls}");
+        let put = self
+            .http
+            .put(urls["urls"][0]["url"].as_str().expect("url"))
+            .body(body.to_vec())
+            .send()
+            .await
+            .expect("PUT");
+        assert!(put.status().is_success(), "{}", put.status());
+        urls["urls"][0]["key"].as_str().expect("key").to_owned()
     }
 }

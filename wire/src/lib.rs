@@ -225,6 +225,25 @@ pub struct BufferPublishResponse {
     pub status: String,
 }
 
+/// `GET /v1/datasets/{name}/batches/{batch_id}`: where a buffer batch is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchView {
+    pub batch_id: Uuid,
+    /// `pending`, `ingested` or `dead`.
+    pub status: String,
+    pub rows: u64,
+    pub reason: Option<BatchReason>,
+}
+
+/// Why a batch is dead: a contract reason code, the first bad line
+/// (1-based) when a line is at fault, and a message for people.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchReason {
+    pub code: String,
+    pub line: Option<u64>,
+    pub message: String,
+}
+
 // ------------------------------------------------------------- complete ---
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -403,6 +422,25 @@ pub struct Column {
     pub kind: ColumnType,
     #[serde(default = "yes")]
     pub nullable: bool,
+}
+
+/// The row shape `worker-wrapper sample-task` writes to every dataset it
+/// stages or publishes (`{"ts", "task", "attempt", "n"}`); the local stack
+/// and the tests create the sample's datasets with these columns.
+pub fn sample_columns() -> Vec<Column> {
+    [
+        ("ts", ColumnType::Timestamp),
+        ("task", ColumnType::String),
+        ("attempt", ColumnType::Int64),
+        ("n", ColumnType::Int64),
+    ]
+    .into_iter()
+    .map(|(name, kind)| Column {
+        name: name.into(),
+        kind,
+        nullable: false,
+    })
+    .collect()
 }
 
 fn yes() -> bool {

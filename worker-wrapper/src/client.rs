@@ -199,6 +199,41 @@ impl Client {
         self.post("/v1/task/events", token, req).await
     }
 
+    pub async fn objects(
+        &self,
+        token: &str,
+        req: &wire::ObjectsRequest,
+    ) -> Result<wire::ObjectsResponse, CallError> {
+        self.post("/v1/task/objects", token, req).await
+    }
+
+    pub async fn dataset_stage(
+        &self,
+        token: &str,
+        req: &wire::StageRequest,
+    ) -> Result<wire::StageResponse, CallError> {
+        self.post("/v1/task/dataset-stage", token, req).await
+    }
+
+    /// Uploads `body` to a presigned `PUT` URL.
+    pub async fn put_url(&self, url: &str, body: Vec<u8>) -> Result<(), CallError> {
+        let resp = self
+            .http
+            .put(url)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| CallError::Transport(e.to_string()))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(CallError::Transport(format!(
+                "PUT to a presigned URL answered {}",
+                resp.status()
+            )))
+        }
+    }
+
     pub async fn buffer_publish(
         &self,
         token: &str,

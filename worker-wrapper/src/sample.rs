@@ -7,8 +7,16 @@
 //! * `fail_attempts` (n): fail (exit 1) while `DISPATCHER_ATTEMPT` <= n;
 //! * `sleep_ms`: work this long before finishing;
 //! * `events` (bool, default true): report one `log` event;
-//! * `publish` (bool, default true): publish one buffer batch to the first
-//!   declared output, if any.
+//! * `stage` (list of dataset names): stage one part of `rows` rows into
+//!   each (they must be among the task's outputs), committed as a version
+//!   when the task succeeds;
+//! * `publish` (bool, default true): publish one buffer batch of `rows`
+//!   rows to every other declared output (stream datasets);
+//! * `rows` (default 3): rows per part and per batch.
+//!
+//! Rows have the shape of `dispatcher_wire::sample_columns`. Objects are
+//! uploaded through presigned URLs (`POST /v1/task/objects`), as any task
+//! would.
 
 use std::time::Duration;
 
@@ -58,30 +66,87 @@ pub async fn main() -> Result<()> {
         eprintln!("{key}: failing attempt {attempt} on purpose");
         std::process::exit(1);
     }
-    let outputs = env("DISPATCHER_OUTPUTS").unwrap_or_default();
-    let dataset = outputs.split(',').find(|s| !s.is_empty());
-    let mut published = None;
-    if let (Some(dataset), true) = (dataset, inputs["publish"].as_bool().unwrap_or(true)) {
-        let batch_id = uuid::Uuid::new_v4();
-        let req = wire::BufferPublishRequest {
-            batch_id,
-            dataset: dataset.to_owned(),
-            object_key: format!(
-                "{}buffers/{batch_id}.jsonl",
-                env("DISPATCHER_OBJECT_PREFIX")?
-            ),
-            rows: 1,
-            sha256: "0".repeat(64),
+    let outputs: Vec<String> = env("DISPATCHER_OUTPUTS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let stage: Vec<String> = serde_json::from_value(inputs["stage"].clone()).unwrap_or_default();
+    let rows = inputs["rows"].as_u64().unwrap_or(3);
+    let body: String = (0..rows)
+        .map(|n| {
+            serde_json::json!({"ts": chrono::Utc::now().to_rfc3339(), "task": key,
+                               "attempt": attempt, "n": n})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let part = |name: String| wire::StagedPart {
+        key: name,
+        rows,
+        sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes())),
+        bytes: body.len() as u64,
+    };
+    let mut staged = Vec::new();
+    for dataset in &stage {
+        let key = upload(&client, &token, &format!("{dataset}/part-0.jsonl"), &body).await?;
+        let req = wire::StageRequest {
+            dataset: dataset.clone(),
+            parts: vec![part(key)],
         };
         client
-            .buffer_publish(&token, &req)
+            .dataset_stage(&token, &req)
             .await
-            .map_err(|e| anyhow::anyhow!("buffer-publish: {e}"))?;
-        published = Some(batch_id);
+            .map_err(|e| anyhow::anyhow!("dataset-stage {dataset}: {e}"))?;
+        staged.push(dataset.clone());
+    }
+    let mut published = Vec::new();
+    if inputs["publish"].as_bool().unwrap_or(true) {
+        for dataset in outputs.iter().filter(|o| !stage.contains(o)) {
+            let batch_id = uuid::Uuid::new_v4();
+            let key = upload(&client, &token, &format!("buffers/{batch_id}.jsonl"), &body).await?;
+            let p = part(key);
+            let req = wire::BufferPublishRequest {
+                batch_id,
+                dataset: dataset.clone(),
+                object_key: p.key,
+                rows,
+                sha256: p.sha256,
+            };
+            client
+                .buffer_publish(&token, &req)
+                .await
+                .map_err(|e| anyhow::anyhow!("buffer-publish {dataset}: {e}"))?;
+            published.push(batch_id);
+        }
     }
     println!(
         "{}",
-        serde_json::json!({"task": key, "attempt": attempt, "published": published})
+        serde_json::json!({"task": key, "attempt": attempt, "staged": staged, "published": published})
     );
     Ok(())
+}
+
+/// Uploads `body` at `name` under the attempt's prefix through a presigned
+/// URL; the absolute key.
+async fn upload(client: &Client, token: &str, name: &str, body: &str) -> Result<String> {
+    let req = wire::ObjectsRequest {
+        method: wire::ObjectMethod::Put,
+        keys: vec![name.to_owned()],
+    };
+    let urls = client
+        .objects(token, &req)
+        .await
+        .map_err(|e| anyhow::anyhow!("objects: {e}"))?;
+    let url = urls
+        .urls
+        .into_iter()
+        .next()
+        .context("objects answered no URL")?;
+    client
+        .put_url(&url.url, body.as_bytes().to_vec())
+        .await
+        .map_err(|e| anyhow::anyhow!("upload of {name}: {e}"))?;
+    Ok(url.key)
 }

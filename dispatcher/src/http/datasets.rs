@@ -61,3 +61,21 @@ pub async fn manifest(
             .await?,
     ))
 }
+
+/// `GET /v1/datasets/{name}/batches/{batch_id}`: a buffer batch's status
+/// (`pending`, `ingested`, or `dead` with its reason).
+pub async fn batch(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+    Path((raw, batch)): Path<(String, String)>,
+) -> Result<Json<wire::BatchView>, ApiError> {
+    let batch_id: uuid::Uuid = batch
+        .parse()
+        .map_err(|_| ApiError::invalid("batch_id", "must be a UUID"))?;
+    Ok(Json(
+        state
+            .store
+            .batch_view(user.org, &name(&raw)?, batch_id)
+            .await?,
+    ))
+}

@@ -88,6 +88,10 @@ pub fn router(state: AppState) -> Router {
             "/v1/datasets/{name}/versions/{version}",
             get(datasets::manifest),
         )
+        .route(
+            "/v1/datasets/{name}/batches/{batch_id}",
+            get(datasets::batch),
+        )
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{job_id}", get(jobs::get))
         .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))

@@ -6,12 +6,14 @@
 //! Operations on a single task (claim, heartbeat, events, publishes) take no
 //! job lock.
 
+mod batches;
 mod datasets;
 mod jobs;
 mod orgs;
 mod outbox;
 mod tasks;
 
+pub use batches::{DeadBatch, DeadFilter, PendingBatch, SinkBatch};
 pub use datasets::{NewPart, StagedDataset, WrittenManifest};
 pub use jobs::TaskPage;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};

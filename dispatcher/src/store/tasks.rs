@@ -727,30 +727,42 @@ impl Store {
         })
     }
 
-    /// Records a buffer batch once per batch id and, in the same statement,
-    /// the outbox row that hands it to the buffer sink.
+    /// Records a buffer batch once per (org, batch id) and, in the same
+    /// statement, the outbox row that hands it to the buffer sink. The
+    /// dataset must be one of the org's `stream` datasets.
+    ///
+    /// A batch is identified by its content: a later publish of the same
+    /// batch id by any attempt of the same task, for the same dataset, row
+    /// count and checksum, changes nothing (each attempt writes under its
+    /// own prefix, so the object key may differ); anything else is a
+    /// conflict.
     pub async fn publish_buffer(
         &self,
         fence: Fence,
         batch: &NewBufferBatch,
     ) -> Result<PublishOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (live, inserted): (bool, bool) = sqlx::query_as(
+        let (live, mode, inserted): (bool, Option<String>, bool) = sqlx::query_as(
             "WITH fence AS (
-                 SELECT id FROM tasks
-                  WHERE id = $1 AND job_id = $2 AND attempt = $3
-                    AND state = 'leased' AND lease_expires_at > clock_timestamp()
-                    FOR SHARE
+                 SELECT t.id, j.org_id FROM tasks t JOIN jobs j ON j.id = t.job_id
+                  WHERE t.id = $1 AND t.job_id = $2 AND t.attempt = $3
+                    AND t.state = 'leased' AND t.lease_expires_at > clock_timestamp()
+                    FOR SHARE OF t
+             ), ds AS (
+                 SELECT d.mode FROM datasets d JOIN fence ON d.org_id = fence.org_id
+                  WHERE d.name = $5
              ), ins AS (
-                 INSERT INTO buffer_publishes (batch_id, task_id, attempt, dataset, object_key, rows, sha256)
-                 SELECT $4, $1, $3, $5, $6, $7, $8 FROM fence
-                     ON CONFLICT (batch_id) DO NOTHING
-                 RETURNING batch_id
+                 INSERT INTO buffer_publishes
+                        (org_id, batch_id, task_id, attempt, dataset, object_key, rows, sha256)
+                 SELECT fence.org_id, $4, $1, $3, $5, $6, $7, $8 FROM fence, ds
+                  WHERE ds.mode = 'stream'
+                     ON CONFLICT (org_id, batch_id) DO NOTHING
+                 RETURNING org_id, batch_id
              ), wake AS (
                  INSERT INTO outbox (topic, payload)
-                 SELECT 'buffer', jsonb_build_object('batch_id', batch_id) FROM ins
+                 SELECT 'buffer', jsonb_build_object('org_id', org_id, 'batch_id', batch_id) FROM ins
              )
-             SELECT EXISTS (SELECT 1 FROM fence), EXISTS (SELECT 1 FROM ins)",
+             SELECT EXISTS (SELECT 1 FROM fence), (SELECT mode FROM ds), EXISTS (SELECT 1 FROM ins)",
         )
         .bind(fence.task_id)
         .bind(fence.job_id)
@@ -767,18 +779,39 @@ impl Store {
             tx.rollback().await?;
             return Err(err);
         }
+        match mode.as_deref() {
+            None => {
+                return Err(StoreError::NotFound(format!(
+                    "no dataset {:?} (create it with POST /v1/datasets, mode stream)",
+                    batch.dataset
+                )))
+            }
+            Some("stream") => {}
+            Some(other) => {
+                return Err(StoreError::Invalid(crate::domain::Invalid::new(
+                    "dataset",
+                    format!(
+                        "{:?} is a {other} dataset; buffer batches go to stream datasets \
+                         (stage parts of {other} datasets with /v1/task/dataset-stage)",
+                        batch.dataset
+                    ),
+                )))
+            }
+        }
         if inserted {
             tx.commit().await?;
             return Ok(PublishOutcome::Accepted);
         }
         let same: bool = sqlx::query_scalar(
-            "SELECT task_id = $2 AND dataset = $3 AND object_key = $4 AND rows = $5 AND sha256 = $6
-               FROM buffer_publishes WHERE batch_id = $1",
+            "SELECT coalesce(b.task_id = $2 AND b.dataset = $3
+                    AND ((b.sha256 = $5 AND b.rows = $4)
+                         OR (b.replaced_sha256 = $5 AND b.replaced_rows = $4)), false)
+               FROM buffer_publishes b JOIN tasks t ON t.id = $2 JOIN jobs j ON j.id = t.job_id
+              WHERE b.org_id = j.org_id AND b.batch_id = $1",
         )
         .bind(batch.batch_id)
         .bind(fence.task_id)
         .bind(&batch.dataset)
-        .bind(&batch.object_key)
         .bind(batch.rows)
         .bind(&batch.sha256)
         .fetch_one(&mut *tx)

@@ -234,7 +234,7 @@ fn invariant_7_random_interleavings_commit_exactly_the_committed_attempts_parts(
         .enable_all()
         .build()
         .unwrap();
-    let app = rt.block_on(TestApp::spawn());
+    let app = rt.block_on(TestApp::spawn_with(dispatcher_tests::unthrottled()));
     let mut runner = TestRunner::new(dispatcher_tests::proptest_config());
     let strategy = (any::<bool>(), proptest::collection::vec(op(), 1..40));
     let result = runner.run(&strategy, |(append, ops)| {

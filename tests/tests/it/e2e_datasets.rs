@@ -3,86 +3,32 @@
 //! completion's transaction: no version is visible, the task's retry
 //! commits exactly once, and retention removes the orphan manifest.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use dispatcher::objects::{LocalDirStore, ObjectStore};
-use dispatcher_tests::stack::Stack;
+use dispatcher_tests::stack::{Caller, Stack};
 use serde_json::{json, Value};
 use sha2::Digest;
 
 const ROWS: &str = "{\"a\": 1}\n{\"a\": 2}\n";
 
-struct Caller {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Caller {
-    async fn post(
-        &self,
-        path: &str,
-        token: &str,
-        body: Value,
-    ) -> Result<(u16, Value), reqwest::Error> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(token)
-            .json(&body)
-            .send()
-            .await?;
-        let status = resp.status().as_u16();
-        Ok((status, resp.json().await.unwrap_or(Value::Null)))
-    }
-
-    /// Claims (retrying while the task is not claimable yet); the claim.
-    async fn claim(&self, worker: &str, task: uuid::Uuid) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let body = json!({"task_id": task, "worker_id": "e2e", "lease_seconds": 2});
-            if let Ok((200, claim)) = self.post("/internal/task-claim", worker, body).await {
-                return claim;
-            }
-            assert!(Instant::now() < deadline, "the task never became claimable");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Uploads and stages one part of `clicks`; its key.
-    async fn stage(&self, claim: &Value, name: &str) -> String {
-        let token = claim["capability_token"].as_str().unwrap();
-        let (status, urls) = self
-            .post(
-                "/v1/task/objects",
-                token,
-                json!({"method": "PUT", "keys": [name]}),
-            )
-            .await
-            .unwrap();
-        assert_eq!(status, 200, "{urls}");
-        let put = self
-            .http
-            .put(urls["urls"][0]["url"].as_str().unwrap())
-            .body(ROWS)
-            .send()
-            .await
-            .unwrap();
-        assert!(put.status().is_success());
-        let key = urls["urls"][0]["key"].as_str().unwrap().to_owned();
-        let part = json!({"key": key, "rows": 2, "bytes": ROWS.len(),
-                          "sha256": hex::encode(sha2::Sha256::digest(ROWS.as_bytes()))});
-        let (status, body) = self
-            .post(
-                "/v1/task/dataset-stage",
-                token,
-                json!({"dataset": "clicks", "parts": [part]}),
-            )
-            .await
-            .unwrap();
-        assert_eq!(status, 200, "{body}");
-        key
-    }
+/// Uploads and stages one part of `clicks`; its key.
+async fn stage(caller: &Caller, claim: &Value, name: &str) -> String {
+    let token = claim["capability_token"].as_str().unwrap();
+    let key = caller.upload(claim, name, ROWS.as_bytes()).await;
+    let part = json!({"key": key, "rows": 2, "bytes": ROWS.len(),
+                      "sha256": hex::encode(sha2::Sha256::digest(ROWS.as_bytes()))});
+    let (status, body) = caller
+        .post(
+            "/v1/task/dataset-stage",
+            token,
+            json!({"dataset": "clicks", "parts": [part]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    key
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,14 +54,11 @@ async fn invariant_7_a_crash_between_manifest_and_commit_leaves_no_version_and_t
     let worker = stack
         .keys
         .mint_worker("e2e", Utc::now() + chrono::Duration::hours(1));
-    let caller = Caller {
-        http: reqwest::Client::new(),
-        base: stack.url(),
-    };
+    let caller = Caller::new(&stack);
 
     stack.start_dispatcher("complete_after_manifest").await;
-    let first = caller.claim(&worker, task).await;
-    let lost = caller.stage(&first, "first.jsonl").await;
+    let first = caller.claim(&worker, task, 2).await;
+    let lost = stage(&caller, &first, "first.jsonl").await;
     let crashed = caller
         .post(
             "/v1/task/complete",
@@ -150,9 +93,9 @@ async fn invariant_7_a_crash_between_manifest_and_commit_leaves_no_version_and_t
 
     // The lease runs out; the retry (a new attempt) stages and commits once.
     stack.start_dispatcher("").await;
-    let second = caller.claim(&worker, task).await;
+    let second = caller.claim(&worker, task, 2).await;
     assert_eq!(second["attempt"], 2);
-    let kept = caller.stage(&second, "second.jsonl").await;
+    let kept = stage(&caller, &second, "second.jsonl").await;
     let token = second["capability_token"].as_str().unwrap();
     let done = json!({"outcome": "succeeded", "output": {}});
     let (status, answer) = caller

@@ -293,6 +293,16 @@ fn model_random_interleavings_never_accept_a_stale_write_or_change_a_terminal_st
     let db = rt.block_on(TestDb::new());
     let store = Store::new(db.pool.clone(), Arc::new(Settings::default()));
     let org = rt.block_on(store.ensure_org("model")).unwrap();
+    // The stream dataset the model's task publishes to.
+    let user = rt.block_on(store.ensure_user("model@test")).unwrap();
+    let stream = dispatcher::domain::new_dataset(
+        serde_json::from_value(serde_json::json!({
+            "name": "ds", "mode": "stream", "columns": [{"name": "a", "type": "string"}]}))
+        .unwrap(),
+    )
+    .unwrap();
+    rt.block_on(store.create_dataset(org, user, &stream))
+        .unwrap();
     let mut runner = TestRunner::new(dispatcher_tests::proptest_config());
     let strategy = (1u32..=4, proptest::collection::vec(op(), 1..48));
     let result = runner.run(&strategy, |(max_attempts, ops)| {

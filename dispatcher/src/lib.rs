@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod objects;
 pub mod profile;
+pub mod query;
 pub mod queue;
 pub mod reaper;
 pub mod relay;

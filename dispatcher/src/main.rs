@@ -509,7 +509,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.migrate {
         args.db.migrate(&store).await?;
     }
-    let data = args.roles.sink.then(|| {
+    let data = (args.roles.sink || args.roles.api).then(|| {
         args.db
             .data_options()
             .map(|o| dispatcher::datadb::lazy_pool(o, args.sink.data_max_connections))

@@ -90,7 +90,8 @@ pub struct Adapters {
     /// SQS on the aws profile; `None` is the local Postgres queue.
     pub queue: Option<Arc<dyn Queue>>,
     pub objects: Objects,
-    /// The data database (`crate::datadb`); the sink role needs it.
+    /// The data database (`crate::datadb`); the sink role needs it, and
+    /// the API reads stream datasets from it.
     pub data: Option<sqlx::PgPool>,
 }
 
@@ -157,12 +158,12 @@ pub async fn run(
         tasks.spawn(reaper.run(shutdown.clone()));
     }
     if roles.sink {
-        let data = data.ok_or_else(|| {
+        let data = data.as_ref().ok_or_else(|| {
             std::io::Error::other("the sink role needs the data database (DATA_DATABASE_URL)")
         })?;
         let sink = Sink::new(
             store.clone(),
-            data,
+            data.clone(),
             queue.clone(),
             objects.clone(),
             settings.clone(),
@@ -171,7 +172,7 @@ pub async fn run(
     }
     let served = match (roles.api, listener) {
         (true, Some(listener)) => {
-            let state = AppState::new(store, keys, settings, queue, objects, local);
+            let state = AppState::new(store, keys, settings, queue, objects, local).with_data(data);
             http::serve(listener, state, shutdown.clone()).await
         }
         (true, None) => Err(std::io::Error::other("the api role needs a listener")),

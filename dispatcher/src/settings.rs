@@ -146,6 +146,19 @@ pub struct Settings {
     /// A batch still pending this long after its latest pointer gets a new
     /// one from the reaper (the pointer was lost or dead-lettered).
     pub batch_repoint_after: Duration,
+    /// Rows a query answers when it names no `limit`.
+    pub query_default_rows: u32,
+    /// Largest `limit` of a query.
+    pub query_max_rows: u32,
+    /// Values of one `in` list of a query's `where`.
+    pub query_max_in: usize,
+    /// Bytes of JSON one answer may hold; past it, `truncated: true`.
+    pub query_max_answer_bytes: usize,
+    /// Sum of a version's part sizes one query may read; past it `413`.
+    pub query_max_scan_bytes: u64,
+    /// Longest a query may run (a statement timeout on streams); past it
+    /// `503`.
+    pub query_timeout: Duration,
     /// Named crash points (debug builds only; see `failpoint`).
     pub failpoints: Vec<String>,
 }
@@ -212,6 +225,12 @@ impl Default for Settings {
             sink_retry_base: Duration::from_secs(1),
             sink_retry_cap: Duration::from_secs(300),
             batch_repoint_after: Duration::from_secs(15 * 60),
+            query_default_rows: 100,
+            query_max_rows: 10_000,
+            query_max_in: 1_000,
+            query_max_answer_bytes: 8 * 1024 * 1024,
+            query_max_scan_bytes: 1024 * 1024 * 1024,
+            query_timeout: Duration::from_secs(10),
             failpoints: Vec::new(),
         }
     }
@@ -258,6 +277,23 @@ impl Settings {
             tries,
             unit_random,
         )
+    }
+
+    pub fn query_limits(&self) -> crate::query::QueryLimits {
+        crate::query::QueryLimits {
+            default_rows: self.query_default_rows,
+            max_rows: self.query_max_rows,
+            max_in: self.query_max_in,
+        }
+    }
+
+    pub fn read_limits(&self) -> crate::query::ReadLimits {
+        crate::query::ReadLimits {
+            max_scan_bytes: self.query_max_scan_bytes,
+            max_answer_bytes: self.query_max_answer_bytes,
+            max_row_bytes: self.max_row_bytes,
+            timeout: self.query_timeout,
+        }
     }
 
     /// Delay before a batch is tried again after its `n`th transient

@@ -131,12 +131,17 @@ impl Sink {
         );
         let mut failures = 0u32;
         loop {
-            let polled = tokio::select! {
+            // Only the wait for pointers is cut short by a shutdown; the
+            // batches received are handled to the end.
+            let received = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.poll(self.settings.queue_max_wait) => r,
+                r = self.receive(self.settings.queue_max_wait) => r,
             };
-            match polled {
-                Ok(_) => failures = 0,
+            match received {
+                Ok(got) => {
+                    failures = 0;
+                    self.handle_all(got).await;
+                }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     let pause = self.settings.sink_retry_delay(failures, rand::random());
@@ -154,19 +159,26 @@ impl Sink {
     /// Receives one round of pointers (waiting up to `wait` for one) and
     /// handles them, `sink_concurrency` at a time. The number handled.
     pub async fn poll(self: &Arc<Self>, wait: Duration) -> Result<usize, QueueError> {
-        let max = u32::try_from(self.settings.sink_concurrency.clamp(1, 10)).unwrap_or(10);
-        let got = self
-            .queue
-            .receive(BUFFERS, max, wait, self.settings.sink_visibility)
-            .await?;
+        let got = self.receive(wait).await?;
         let n = got.len();
+        self.handle_all(got).await;
+        Ok(n)
+    }
+
+    async fn receive(&self, wait: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let max = u32::try_from(self.settings.sink_concurrency.clamp(1, 10)).unwrap_or(10);
+        self.queue
+            .receive(BUFFERS, max, wait, self.settings.sink_visibility)
+            .await
+    }
+
+    async fn handle_all(self: &Arc<Self>, got: Vec<Delivery>) {
         let mut running = JoinSet::new();
         for d in got {
             let me = self.clone();
             running.spawn(async move { me.handle(d).await });
         }
         while running.join_next().await.is_some() {}
-        Ok(n)
     }
 
     /// Handles one delivery: ingests its batch and deletes it, or on a

@@ -97,6 +97,25 @@ pub fn unthrottled() -> Settings {
     }
 }
 
+/// The benchmarks' command line: `--name N` pairs of positive numbers,
+/// each setting the flag of that name; anything else panics with `usage`.
+pub fn numeric_flags(usage: &str, flags: &mut [(&str, &mut usize)]) {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|v| *v > 0)
+            .unwrap_or_else(|| panic!("{flag} needs a positive number"));
+        let slot = flags
+            .iter_mut()
+            .find(|(name, _)| flag.strip_prefix("--") == Some(*name))
+            .unwrap_or_else(|| panic!("unknown flag {flag}; usage: {usage}"));
+        *slot.1 = value;
+    }
+}
+
 /// A database of its own, migrated, dropped (with its connections) on drop.
 pub struct TestDb {
     pub pool: PgPool,
@@ -134,10 +153,15 @@ impl TestDb {
         TestDb { pool, name, admin }
     }
 
+    /// The connection options of this test's data database.
+    pub fn data_options(&self) -> PgConnectOptions {
+        self.admin.clone().database(&format!("{}_data", self.name))
+    }
+
     /// This test's data database (`<name>_data`, as `migrate` names it),
     /// created and migrated on first use, dropped with the test database.
     pub async fn data(&self) -> PgPool {
-        let data = self.admin.clone().database(&format!("{}_data", self.name));
+        let data = self.data_options();
         dispatcher::datadb::ensure(&self.admin, &data)
             .await
             .expect("creating the data database");
@@ -298,7 +322,8 @@ impl TestApp {
             Roles::API,
             services::Adapters {
                 queue: None,
-                data: None,
+                // Lazy: only tests that read streams create it (`db.data()`).
+                data: Some(dispatcher::datadb::lazy_pool(db.data_options(), 4)),
                 objects: match objects {
                     Some(store) => dispatcher::profile::Objects::Store(store),
                     None => dispatcher::profile::Objects::LocalDir {

@@ -555,6 +555,48 @@ pub struct ManifestView {
     pub parts: Vec<PartView>,
 }
 
+// ---------------------------------------------------------------- query ---
+
+/// `POST /v1/query` (contract: "Query"). `where` is a structured map, never
+/// SQL text; it is kept as JSON here and parsed against the dataset's
+/// schema by the dispatcher.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRequest {
+    pub dataset: String,
+    /// Default: the current version (ignored for `stream` datasets).
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// Default: every column, in schema order.
+    #[serde(default)]
+    pub select: Option<Vec<String>>,
+    #[serde(default, rename = "where")]
+    pub filter: Option<serde_json::Value>,
+    #[serde(default)]
+    pub order_by: Vec<OrderBy>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OrderBy {
+    pub column: String,
+    #[serde(default)]
+    pub desc: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QueryResponse {
+    pub dataset: String,
+    /// The version read; `null` for a `stream` dataset.
+    pub version: Option<u32>,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<serde_json::Value>>,
+    /// More rows matched than were returned.
+    pub truncated: bool,
+}
+
 // -------------------------------------------------------------- wake-up ---
 
 /// The queue message body. Nothing else in a message is to be trusted.

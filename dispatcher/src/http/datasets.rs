@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use dispatcher_wire as wire;
 
-use super::extract::{ApiJson, Member, Writer};
+use super::extract::{ApiJson, Member, Reader, Writer};
 use super::AppState;
 use crate::domain;
 use crate::error::ApiError;
@@ -78,4 +78,81 @@ pub async fn batch(
             .batch_view(user.org, &name(&raw)?, batch_id)
             .await?,
     ))
+}
+
+/// `POST /v1/query` (contract: "Query"; ADR 0007): one committed version
+/// (default: the current one) or a stream's ingested rows, filtered by a
+/// structured `where`. A user reads any dataset of its org; a task only
+/// those in its `reads`, while its attempt is live.
+pub async fn query(
+    State(state): State<AppState>,
+    reader: Reader,
+    ApiJson(req): ApiJson<wire::QueryRequest>,
+) -> Result<Json<wire::QueryResponse>, ApiError> {
+    let name = domain::dataset_name("dataset", &req.dataset)?;
+    let org = match &reader {
+        Reader::User(m) => m.user.org,
+        Reader::Task(claims) => {
+            if !claims.reads.contains(&name) {
+                return Err(ApiError::forbidden(format!(
+                    "dataset {name:?} is not among the task's reads"
+                )));
+            }
+            state
+                .store
+                .check_fence(crate::store::Fence {
+                    task_id: claims.sub,
+                    job_id: claims.job,
+                    attempt: claims.att,
+                })
+                .await?;
+            claims.org
+        }
+    };
+    let (id, mode, columns, current) = state.store.dataset_for_query(org, &name).await?;
+    let plan = crate::query::plan(&req, &columns, &state.settings.query_limits())?;
+    let limits = state.settings.read_limits();
+    let (version, answer) = if mode == wire::DatasetMode::Stream {
+        let data = state
+            .data
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable("this dispatcher has no data database"))?;
+        let table = crate::sink::Sink::table_name(id);
+        (
+            None,
+            crate::query::read_stream(data, &table, &plan, &limits).await,
+        )
+    } else {
+        let version = req.version.or(current).ok_or_else(|| {
+            ApiError::not_found(format!("dataset {name:?} has no committed version yet"))
+        })?;
+        let manifest = state.store.manifest(org, &name, version).await?;
+        (
+            Some(version),
+            crate::query::read_version(state.objects.as_ref(), &manifest.parts, &plan, &limits)
+                .await,
+        )
+    };
+    let answer = answer.map_err(|e| {
+        use crate::query::QueryError;
+        match e {
+            QueryError::TooLarge(m) => ApiError::too_large(m),
+            QueryError::Timeout(_) => ApiError::unavailable(e.to_string()),
+            QueryError::Objects(_) | QueryError::Data(_) => {
+                tracing::warn!(error = %e, "query failed");
+                ApiError::unavailable("the object store or the data database did not answer")
+            }
+            QueryError::Corrupt { .. } => {
+                tracing::error!(error = %e, "a committed part does not parse");
+                ApiError::internal()
+            }
+        }
+    })?;
+    Ok(Json(wire::QueryResponse {
+        dataset: name,
+        version,
+        columns: plan.column_names(),
+        rows: answer.rows,
+        truncated: answer.truncated,
+    }))
 }

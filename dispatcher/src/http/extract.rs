@@ -150,6 +150,35 @@ impl FromRequestParts<AppState> for Member {
 }
 
 /// A member whose role may write: submit and cancel jobs, create datasets.
+/// A caller that may read datasets: a member of the org (user token), or
+/// a task (capability token), whose reach is its `reads`.
+pub enum Reader {
+    User(Member),
+    Task(TaskClaims),
+}
+
+impl FromRequestParts<AppState> for Reader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // The unverified header only picks which verification to run; that
+        // verification checks signature, audience and `typ` in full.
+        let says_task = jsonwebtoken::decode_header(bearer(parts)?)
+            .ok()
+            .and_then(|h| h.typ)
+            .as_deref()
+            == Some(TokenKind::Task.typ());
+        if says_task {
+            let TaskAuth(claims) = TaskAuth::from_request_parts(parts, state).await?;
+            Ok(Reader::Task(claims))
+        } else {
+            Ok(Reader::User(
+                Member::from_request_parts(parts, state).await?,
+            ))
+        }
+    }
+}
+
 pub struct Writer(pub UserClaims);
 
 impl FromRequestParts<AppState> for Writer {

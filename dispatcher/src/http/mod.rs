@@ -37,6 +37,8 @@ pub struct AppState {
     pub objects: Arc<dyn ObjectStore>,
     /// The local profile's store, whose presigned URLs this API serves.
     pub local_objects: Option<Arc<LocalDirStore>>,
+    /// The data database, where `POST /v1/query` reads stream datasets.
+    pub data: Option<sqlx::PgPool>,
 }
 
 impl AppState {
@@ -57,7 +59,14 @@ impl AppState {
             limits,
             objects,
             local_objects,
+            data: None,
         }
+    }
+
+    /// The data database stream queries read.
+    pub fn with_data(mut self, data: Option<sqlx::PgPool>) -> Self {
+        self.data = data;
+        self
     }
 }
 
@@ -83,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/internal/queues/{queue}/delete", post(queues::delete))
         .route("/v1/datasets", post(datasets::create).get(datasets::list))
+        .route("/v1/query", post(datasets::query))
         .route("/v1/datasets/{name}", get(datasets::get))
         .route(
             "/v1/datasets/{name}/versions/{version}",

@@ -186,6 +186,20 @@ impl Store {
         Ok((id, view.mode, view.columns))
     }
 
+    /// What a query needs of a dataset: id, mode, columns and the current
+    /// version (`None` before the first commit).
+    pub async fn dataset_for_query(
+        &self,
+        org_id: Uuid,
+        name: &str,
+    ) -> Result<(Uuid, DatasetMode, Vec<Column>, Option<u32>), StoreError> {
+        let row = self.dataset_row(org_id, name).await?;
+        let id = row.id;
+        let current = row.current_version.and_then(|v| u32::try_from(v).ok());
+        let view = row.view(Vec::new())?;
+        Ok((id, view.mode, view.columns, current))
+    }
+
     /// Records parts staged by the fenced attempt for a dataset, in one
     /// statement with the fence. Staging a part again with the same size,
     /// rows and checksum changes nothing; with others it is a conflict and

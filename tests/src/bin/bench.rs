@@ -44,22 +44,15 @@ fn args() -> Args {
         tasks_per_job: 10_000,
         workers: 32,
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or_else(|| panic!("{flag} needs a positive number"));
-        match flag.as_str() {
-            "--tasks" => a.tasks = value.max(1),
-            "--tasks-per-job" => a.tasks_per_job = value.clamp(1, 10_000),
-            "--workers" => a.workers = value.max(1),
-            other => panic!(
-                "unknown flag {other}; usage: bench [--tasks N] [--workers W] [--tasks-per-job J]"
-            ),
-        }
-    }
+    dispatcher_tests::numeric_flags(
+        "bench [--tasks N] [--workers W] [--tasks-per-job J]",
+        &mut [
+            ("tasks", &mut a.tasks),
+            ("tasks-per-job", &mut a.tasks_per_job),
+            ("workers", &mut a.workers),
+        ],
+    );
+    a.tasks_per_job = a.tasks_per_job.min(10_000);
     a
 }
 

@@ -11,9 +11,12 @@
 //!    with the sink stopped; then a dispatcher with the sink role starts
 //!    and the time until every batch is ingested gives batches/s and
 //!    rows/s.
+//! 3. **Query.** A version of `--query-rows` rows (10 parts) is committed;
+//!    `--queries` filtered reads of it, and of the stream the sink filled,
+//!    give p50/p99 latency.
 //!
-//! Usage: `datasets-bench [--tasks N] [--workers W] [--rows R] [--batches B]`
-//! (defaults 200, 8, 100, 2000).
+//! Usage: `datasets-bench [--tasks N] [--workers W] [--rows R] [--batches B]
+//! [--query-rows Q] [--queries K]` (defaults 200, 8, 100, 2000, 100 000, 50).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +32,8 @@ struct Args {
     workers: usize,
     rows: usize,
     batches: usize,
+    query_rows: usize,
+    queries: usize,
 }
 
 fn args() -> Args {
@@ -37,25 +42,20 @@ fn args() -> Args {
         workers: 8,
         rows: 100,
         batches: 2000,
+        query_rows: 100_000,
+        queries: 50,
     };
-    let argv: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = argv.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|v| *v > 0)
-            .unwrap_or_else(|| panic!("{flag} needs a positive number"));
-        match flag.as_str() {
-            "--tasks" => a.tasks = value,
-            "--workers" => a.workers = value,
-            "--rows" => a.rows = value,
-            "--batches" => a.batches = value,
-            other => panic!(
-                "unknown flag {other}; usage: datasets-bench [--tasks N] [--workers W] [--rows R] [--batches B]"
-            ),
-        }
-    }
+    dispatcher_tests::numeric_flags(
+        "datasets-bench [--tasks N] [--workers W] [--rows R] [--batches B] [--query-rows Q] [--queries K]",
+        &mut [
+            ("tasks", &mut a.tasks),
+            ("workers", &mut a.workers),
+            ("rows", &mut a.rows),
+            ("batches", &mut a.batches),
+            ("query-rows", &mut a.query_rows),
+            ("queries", &mut a.queries),
+        ],
+    );
     a
 }
 
@@ -270,5 +270,80 @@ async fn main() {
         args.batches as f64 / window,
         (args.batches * args.rows) as f64 / window
     );
+
+    // 3. Query latency: a filtered, ordered read of a committed version and
+    // of the stream.
+    let ds = dispatcher::domain::new_dataset(dispatcher_wire::CreateDatasetRequest {
+        name: "bench_query".into(),
+        mode: dispatcher_wire::DatasetMode::Replace,
+        columns: dispatcher_wire::sample_columns(),
+    })
+    .expect("dataset");
+    store
+        .create_dataset(stack.org_id, user, &ds)
+        .await
+        .expect("bench_query");
+    let (_, ids) = stack
+        .submit(json!({"name": "q", "tasks": [{"key": "q", "runtime": "exec", "bundle": "x", "outputs": ["bench_query"]}]}))
+        .await;
+    let claim = caller.claim(&worker, ids[0], 3600).await;
+    let token = claim["capability_token"].as_str().unwrap().to_owned();
+    let per_part = args.query_rows.div_ceil(10);
+    let mut parts = Vec::new();
+    for p in 0..10 {
+        let part = body(per_part, p);
+        let key = caller
+            .upload(&claim, &format!("q-{p}.jsonl"), part.as_bytes())
+            .await;
+        parts.push(json!({"key": key, "rows": per_part, "bytes": part.len(),
+                          "sha256": hex::encode(sha2::Sha256::digest(part.as_bytes()))}));
+    }
+    post(
+        &caller,
+        "/v1/task/dataset-stage",
+        &token,
+        json!({"dataset": "bench_query", "parts": parts}),
+    )
+    .await;
+    post(
+        &caller,
+        "/v1/task/complete",
+        &token,
+        json!({"outcome": "succeeded", "output": {}}),
+    )
+    .await;
+    store
+        .set_membership(stack.org_id, user, dispatcher::domain::Role::Member)
+        .await
+        .expect("membership");
+    let reader = stack
+        .keys
+        .mint_user(user, stack.org_id, Utc::now() + chrono::Duration::hours(1));
+    for dataset in ["bench_query", "alert_events"] {
+        let q = json!({"dataset": dataset,
+            "where": {"and": [{"n": {"gte": 10}}, {"task": {"in": ["t1", "t3", "t5"]}},
+                              {"not": {"attempt": {"ne": 1}}}]},
+            "order_by": [{"column": "n", "desc": true}], "limit": 100});
+        let mut took = Vec::with_capacity(args.queries);
+        for _ in 0..args.queries {
+            let (t, answer) = post(&caller, "/v1/query", &reader, q.clone()).await;
+            assert!(answer["rows"].is_array(), "{answer}");
+            took.push(t);
+        }
+        let rows = if dataset == "bench_query" {
+            10 * per_part
+        } else {
+            args.batches * args.rows
+        };
+        println!(
+            "query: filtered, ordered read (limit 100) of {} ({rows} rows)",
+            if dataset == "bench_query" {
+                "a committed version, 10 parts"
+            } else {
+                "the stream"
+            }
+        );
+        percentiles("query", took);
+    }
     stack.kill_dispatcher();
 }

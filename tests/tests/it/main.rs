@@ -16,6 +16,7 @@ mod limits;
 mod model;
 mod objects;
 mod orgs;
+mod query;
 mod races;
 mod retention;
 mod secrets;

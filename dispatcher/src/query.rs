@@ -706,15 +706,15 @@ fn add_bind(args: &mut sqlx::postgres::PgArguments, b: Bind) -> Result<(), sqlx:
     r.map_err(sqlx::Error::Encode)
 }
 
-/// Runs `plan` as one parameterised, read-only statement over a stream
-/// dataset's table in the data database, under a statement timeout.
-pub async fn read_stream(
-    data: &sqlx::PgPool,
-    table: &str,
-    plan: &Plan,
-    limits: &ReadLimits,
-) -> Result<Answer, QueryError> {
-    use sqlx::Row;
+/// The statement a stream query runs and its number of bind parameters
+/// (for tests and the fuzz target: user input reaches the text only as
+/// `$n` placeholders and schema identifiers).
+pub fn stream_sql(plan: &Plan, table: &str) -> (String, usize) {
+    let (sql, binds) = build_sql(plan, table);
+    (sql, binds.len())
+}
+
+fn build_sql(plan: &Plan, table: &str) -> (String, Vec<Bind>) {
     let columns = &plan.columns;
     let mut binds = Vec::new();
     let select: Vec<String> = plan
@@ -739,11 +739,7 @@ pub async fn read_stream(
                 format!(
                     "{} {}",
                     col_sql(&columns[c]),
-                    if desc {
-                        "DESC NULLS FIRST"
-                    } else {
-                        "ASC NULLS LAST"
-                    }
+                    if desc { "DESC NULLS FIRST" } else { "ASC NULLS LAST" }
                 )
             })
             .collect();
@@ -751,6 +747,20 @@ pub async fn read_stream(
         sql.push_str(&keys.join(", "));
     }
     sql.push_str(&format!(" LIMIT {}", plan.limit + 1));
+    (sql, binds)
+}
+
+/// Runs `plan` as one parameterised, read-only statement over a stream
+/// dataset's table in the data database, under a statement timeout.
+pub async fn read_stream(
+    data: &sqlx::PgPool,
+    table: &str,
+    plan: &Plan,
+    limits: &ReadLimits,
+) -> Result<Answer, QueryError> {
+    use sqlx::Row;
+    let columns = &plan.columns;
+    let (sql, binds) = build_sql(plan, table);
     let mut args = sqlx::postgres::PgArguments::default();
     for b in binds {
         add_bind(&mut args, b).map_err(QueryError::Data)?;

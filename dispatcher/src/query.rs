@@ -739,7 +739,11 @@ fn build_sql(plan: &Plan, table: &str) -> (String, Vec<Bind>) {
                 format!(
                     "{} {}",
                     col_sql(&columns[c]),
-                    if desc { "DESC NULLS FIRST" } else { "ASC NULLS LAST" }
+                    if desc {
+                        "DESC NULLS FIRST"
+                    } else {
+                        "ASC NULLS LAST"
+                    }
                 )
             })
             .collect();

@@ -413,6 +413,18 @@ impl TestApp {
         serde_json::from_value(r.body).expect("job view")
     }
 
+    /// Creates a dataset through the API (`201` asserted).
+    pub async fn create_dataset(&self, name: &str, mode: &str, columns: Value) {
+        let r = self
+            .post(
+                "/v1/datasets",
+                &self.user_token,
+                &json!({"name": name, "mode": mode, "columns": columns}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    }
+
     /// Creates a `stream` dataset (if it does not exist yet) with columns
     /// `ts timestamp`, `user_id string`, `value float64 null`.
     pub async fn ensure_stream(&self, name: &str) {

@@ -258,14 +258,7 @@ async fn load(app: &TestApp, sink: &Arc<dispatcher::sink::Sink>, n: usize, case:
         .map(|(i, c)| json!({"name": format!("c{i}"), "type": c.kind.name(), "nullable": c.nullable}))
         .collect();
     for (name, mode) in [(format!("v{n}"), "replace"), (format!("s{n}"), "stream")] {
-        let r = app
-            .post(
-                "/v1/datasets",
-                &app.user_token,
-                &json!({"name": name, "mode": mode, "columns": columns}),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        app.create_dataset(&name, mode, json!(columns)).await;
     }
     let job = app
         .submit(&json!({"name": "load", "tasks": [{"key": "w", "runtime": "exec", "bundle": "x",
@@ -427,17 +420,14 @@ fn query_random_filters_over_versions_and_streams_match_an_in_memory_evaluator()
 // ------------------------------------------------- abuse and scope tests ---
 
 async fn small_version(app: &TestApp) {
-    let r = app
-        .post(
-            "/v1/datasets",
-            &app.user_token,
-            &json!({"name": "clicks", "mode": "append", "columns": [
-                {"name": "user_id", "type": "string", "nullable": false},
-                {"name": "value", "type": "float64"},
-                {"name": "meta", "type": "json"}]}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    app.create_dataset(
+        "clicks",
+        "append",
+        json!([{"name": "user_id", "type": "string", "nullable": false},
+               {"name": "value", "type": "float64"},
+               {"name": "meta", "type": "json"}]),
+    )
+    .await;
     let job = app
         .submit(&json!({"name": "w", "tasks": [{"key": "w", "runtime": "exec", "bundle": "x", "outputs": ["clicks"]}]}))
         .await;
@@ -582,14 +572,12 @@ async fn injection_and_abuse_are_400_naming_the_place_and_execute_nothing() {
 async fn a_task_queries_only_its_reads_and_only_while_its_attempt_is_live() {
     let app = TestApp::spawn_with(unthrottled()).await;
     small_version(&app).await;
-    let r = app
-        .post(
-            "/v1/datasets",
-            &app.user_token,
-            &json!({"name": "secret", "mode": "replace", "columns": [{"name": "x", "type": "string"}]}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED);
+    app.create_dataset(
+        "secret",
+        "replace",
+        json!([{"name": "x", "type": "string"}]),
+    )
+    .await;
     let job = app
         .submit(
             &json!({"name": "r", "tasks": [{"key": "r", "runtime": "exec", "bundle": "x",

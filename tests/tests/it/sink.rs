@@ -36,18 +36,15 @@ pub fn sha(body: &[u8]) -> String {
 /// An app with a stream dataset `events` (ts, user_id, value, n int64) and
 /// a claimed task that may publish to it.
 pub async fn fixture(app: TestApp) -> Fixture {
-    let r = app
-        .post(
-            "/v1/datasets",
-            &app.user_token,
-            &json!({"name": "events", "mode": "stream", "columns": [
-                {"name": "ts", "type": "timestamp", "nullable": false},
-                {"name": "user_id", "type": "string", "nullable": false},
-                {"name": "value", "type": "float64", "nullable": true},
-                {"name": "n", "type": "int64", "nullable": true}]}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    app.create_dataset(
+        "events",
+        "stream",
+        json!([{"name": "ts", "type": "timestamp", "nullable": false},
+               {"name": "user_id", "type": "string", "nullable": false},
+               {"name": "value", "type": "float64", "nullable": true},
+               {"name": "n", "type": "int64", "nullable": true}]),
+    )
+    .await;
     let job = app
         .submit(&json!({"name": "j", "tasks": [
             {"key": "w", "runtime": "exec", "bundle": "x", "outputs": ["events"], "max_attempts": 3}]}))
@@ -628,15 +625,9 @@ async fn buffer_publish_needs_a_stream_dataset_of_the_org() {
         .submit(&json!({"name": "j", "tasks": [
             {"key": "w", "runtime": "exec", "bundle": "x", "outputs": ["clicks", "nowhere"]}]}))
         .await;
-    let r = f
-        .app
-        .post(
-            "/v1/datasets",
-            &f.app.user_token,
-            &json!({"name": "clicks", "mode": "append", "columns": [{"name": "a", "type": "string"}]}),
-        )
+    f.app
+        .create_dataset("clicks", "append", json!([{"name": "a", "type": "string"}]))
         .await;
-    assert_eq!(r.status, StatusCode::CREATED);
     let claim = f.app.claim(job.tasks[0].task_id).await;
     for (dataset, status, code) in [
         ("clicks", StatusCode::BAD_REQUEST, "invalid_request"),

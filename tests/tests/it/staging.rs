@@ -23,14 +23,7 @@ pub async fn create_datasets(app: &TestApp) {
         ("events", "stream"),
         ("other", "replace"),
     ] {
-        let r = app
-            .post(
-                "/v1/datasets",
-                &app.user_token,
-                &json!({"name": name, "mode": mode, "columns": columns}),
-            )
-            .await;
-        assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+        app.create_dataset(name, mode, columns.clone()).await;
     }
 }
 

@@ -210,6 +210,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             queue,
             objects,
             data: Some(data.clone()),
+            idp: None,
         },
         shutdown.clone(),
     ));

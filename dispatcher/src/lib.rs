@@ -7,6 +7,7 @@ pub mod dlq;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod idp;
 pub mod objects;
 pub mod profile;
 pub mod query;

@@ -31,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API (worker contract, jobs API, JWKS, health).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// The whole local stack with zero configuration: database, key, all
     /// roles, workers, and a sample job.
     Dev(dev::DevArgs),
@@ -144,6 +144,73 @@ struct ServeArgs {
     limits: LimitArgs,
     #[command(flatten)]
     sink: SinkArgs,
+    #[command(flatten)]
+    idp: IdpArgs,
+}
+
+/// Users from an identity provider (ADR 0012): its tokens are accepted on
+/// user endpoints beside the dispatcher's own user tokens.
+#[derive(Args)]
+struct IdpArgs {
+    /// The IdP's `iss`; enables IdP tokens (with an audience and keys).
+    #[arg(long, env = "DISPATCHER_IDP_ISSUER", requires = "idp_audience")]
+    idp_issuer: Option<String>,
+    /// The `aud` IdP tokens must carry.
+    #[arg(long, env = "DISPATCHER_IDP_AUDIENCE")]
+    idp_audience: Option<String>,
+    /// The IdP's public keys as a JWKS file (each key's algorithm from its
+    /// `alg`, or its key type: RSA → RS256, EC P-256 → ES256, OKP → EdDSA).
+    #[arg(
+        long,
+        env = "DISPATCHER_IDP_JWKS_FILE",
+        conflicts_with = "idp_key_file"
+    )]
+    idp_jwks_file: Option<PathBuf>,
+    /// Or one public key in PEM ...
+    #[arg(long, env = "DISPATCHER_IDP_KEY_FILE")]
+    idp_key_file: Option<PathBuf>,
+    /// ... pinned to this algorithm: RS256, ES256 or EdDSA ...
+    #[arg(long, env = "DISPATCHER_IDP_KEY_ALG", default_value = "RS256")]
+    idp_key_alg: String,
+    /// ... with this `kid` (optional).
+    #[arg(long, env = "DISPATCHER_IDP_KEY_ID")]
+    idp_key_id: Option<String>,
+    /// The claim that names the user.
+    #[arg(long, env = "DISPATCHER_IDP_SUBJECT_CLAIM", default_value = "sub")]
+    idp_subject_claim: String,
+}
+
+impl IdpArgs {
+    fn idp(&self, leeway_secs: u64) -> Result<Option<Arc<dispatcher::idp::Idp>>> {
+        let Some(issuer) = &self.idp_issuer else {
+            return Ok(None);
+        };
+        let audience = self.idp_audience.as_deref().unwrap_or_default();
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let idp = match (&self.idp_jwks_file, &self.idp_key_file) {
+            (Some(jwks), None) => dispatcher::idp::Idp::from_jwks(
+                issuer,
+                audience,
+                &self.idp_subject_claim,
+                &read(jwks)?,
+                leeway_secs,
+            ),
+            (None, Some(pem)) => dispatcher::idp::Idp::from_pem(
+                issuer,
+                audience,
+                &self.idp_subject_claim,
+                &read(pem)?,
+                dispatcher::idp::parse_alg(&self.idp_key_alg).map_err(anyhow::Error::msg)?,
+                self.idp_key_id.clone(),
+                leeway_secs,
+            ),
+            _ => bail!("--idp-issuer needs --idp-jwks-file or --idp-key-file"),
+        }
+        .map_err(anyhow::Error::msg)?;
+        Ok(Some(Arc::new(idp)))
+    }
 }
 
 /// The buffer sink's knobs (defaults: docs/standards/operations.md).
@@ -447,9 +514,33 @@ enum AdminCommand {
         org_id: Uuid,
         #[arg(long)]
         email: String,
-        /// owner, admin, member or viewer.
+        /// owner, admin, member or viewer. Changing an existing member's
+        /// role keeps at least one admin in the org.
         #[arg(long, default_value = "member")]
         role: String,
+        /// Link the user to its identity at the identity provider: the
+        /// provider's issuer (`--idp-issuer` of `serve`) ...
+        #[arg(long, requires = "idp_subject")]
+        idp_issuer: Option<String>,
+        /// ... and the user's subject there.
+        #[arg(long, requires = "idp_issuer")]
+        idp_subject: Option<String>,
+    },
+    /// Remove a member (never the org's last admin).
+    RemoveMember {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        org_id: Uuid,
+        #[arg(long)]
+        email: String,
+    },
+    /// List an org's members and their roles.
+    ListMembers {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        org_id: Uuid,
     },
 }
 
@@ -476,7 +567,7 @@ async fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Migrate(db) => {
             let store = connect(&db, Arc::new(Settings::default()), 2).await?;
@@ -505,6 +596,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let settings = Arc::new(settings);
     let keys = Arc::new(args.keys.keyring(settings.token_leeway.as_secs())?);
+    let idp = args.idp.idp(settings.token_leeway.as_secs())?;
     let store = connect(&args.db, settings.clone(), args.max_connections).await?;
     if args.migrate {
         args.db.migrate(&store).await?;
@@ -542,6 +634,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             queue,
             objects,
             data,
+            idp,
         },
         shutdown,
     )
@@ -887,6 +980,8 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
             org_id,
             email,
             role,
+            idp_issuer,
+            idp_subject,
         } => {
             let Some(role) = Role::parse(&role) else {
                 bail!("--role must be owner, admin, member or viewer");
@@ -896,8 +991,33 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
             }
             let store = connect(&db, settings, 2).await?;
             let user = store.ensure_user(&email).await?;
-            store.set_membership(org_id, user, role).await?;
+            if let (Some(issuer), Some(subject)) = (&idp_issuer, &idp_subject) {
+                store.set_user_subject(user, issuer, subject).await?;
+            }
+            if !store.change_membership(org_id, user, Some(role)).await? {
+                store.set_membership(org_id, user, role).await?;
+            }
             println!("{user}");
+        }
+        AdminCommand::RemoveMember { db, org_id, email } => {
+            let store = connect(&db, settings, 2).await?;
+            let user = store.ensure_user(&email).await?;
+            if store.remove_membership(org_id, user).await? {
+                eprintln!("removed {email} from org {org_id}");
+            } else {
+                bail!("{email} is not a member of org {org_id}");
+            }
+        }
+        AdminCommand::ListMembers { db, org_id } => {
+            let store = connect(&db, settings, 2).await?;
+            for (id, email, subject, role) in store.list_members(org_id).await? {
+                println!(
+                    "{id}  {role:<7} {email}{}",
+                    subject
+                        .map(|s| format!("  (idp subject {s})"))
+                        .unwrap_or_default()
+                );
+            }
         }
     }
     Ok(())

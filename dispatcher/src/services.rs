@@ -93,6 +93,8 @@ pub struct Adapters {
     /// The data database (`crate::datadb`); the sink role needs it, and
     /// the API reads stream datasets from it.
     pub data: Option<sqlx::PgPool>,
+    /// The identity provider whose user tokens the API accepts (ADR 0012).
+    pub idp: Option<Arc<crate::idp::Idp>>,
 }
 
 /// Runs the given roles until `shutdown` is cancelled, then drains them.
@@ -115,6 +117,7 @@ pub async fn run(
         queue,
         objects,
         data,
+        idp,
     } = adapters;
     let mut tasks = JoinSet::new();
     let queue = match queue {
@@ -172,7 +175,9 @@ pub async fn run(
     }
     let served = match (roles.api, listener) {
         (true, Some(listener)) => {
-            let state = AppState::new(store, keys, settings, queue, objects, local).with_data(data);
+            let state = AppState::new(store, keys, settings, queue, objects, local)
+                .with_data(data)
+                .with_idp(idp);
             http::serve(listener, state, shutdown.clone()).await
         }
         (true, None) => Err(std::io::Error::other("the api role needs a listener")),

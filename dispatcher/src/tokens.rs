@@ -351,6 +351,11 @@ impl Keyring {
 
     /// Verifies signature (with the key named by `kid`, algorithm pinned),
     /// issuer, audience, expiry and `typ` for the expected kind.
+    /// Whether `kid` names one of this dispatcher's own keys.
+    pub fn knows_kid(&self, kid: &str) -> bool {
+        self.verifying.contains_key(kid)
+    }
+
     pub fn verify<C: DeserializeOwned>(
         &self,
         token: &str,

@@ -282,6 +282,19 @@ impl TestApp {
         settings: Settings,
         objects: Option<Arc<dyn dispatcher::objects::ObjectStore>>,
     ) -> TestApp {
+        Self::spawn_full(settings, objects, None).await
+    }
+
+    /// A dispatcher that also accepts user tokens of `idp`.
+    pub async fn spawn_with_idp(idp: dispatcher::idp::Idp) -> TestApp {
+        Self::spawn_full(Settings::default(), None, Some(idp)).await
+    }
+
+    async fn spawn_full(
+        settings: Settings,
+        objects: Option<Arc<dyn dispatcher::objects::ObjectStore>>,
+        idp: Option<dispatcher::idp::Idp>,
+    ) -> TestApp {
         let db = TestDb::new().await;
         let settings = Arc::new(settings);
         let (signing_pem, _) = dispatcher::tokens::generate_key_pem();
@@ -324,6 +337,7 @@ impl TestApp {
                 queue: None,
                 // Lazy: only tests that read streams create it (`db.data()`).
                 data: Some(dispatcher::datadb::lazy_pool(db.data_options(), 4)),
+                idp: idp.map(Arc::new),
                 objects: match objects {
                     Some(store) => dispatcher::profile::Objects::Store(store),
                     None => dispatcher::profile::Objects::LocalDir {

@@ -555,6 +555,46 @@ pub struct ManifestView {
     pub parts: Vec<PartView>,
 }
 
+// ----------------------------------------------------------------- orgs ---
+
+/// `POST /v1/orgs`: a new org; its creator becomes its admin.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrgRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OrgView {
+    pub org_id: Uuid,
+    pub name: String,
+}
+
+/// `PUT /v1/org/members`: adds a member, or changes a member's role.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PutMemberRequest {
+    pub email: String,
+    /// `admin`, `member` or `viewer`.
+    pub role: String,
+    /// The user's subject at the configured identity provider.
+    #[serde(default)]
+    pub idp_subject: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberView {
+    pub user_id: Uuid,
+    pub email: String,
+    pub idp_subject: Option<String>,
+    pub role: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberList {
+    pub members: Vec<MemberView>,
+}
+
 // ---------------------------------------------------------------- query ---
 
 /// `POST /v1/query` (contract: "Query"). `where` is a structured map, never

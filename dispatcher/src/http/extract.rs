@@ -86,7 +86,18 @@ pub struct WorkerAuth(pub WorkerClaims);
 
 /// A verified user token (`/v1/jobs*`). Membership is checked by the handler
 /// against Postgres.
-pub struct UserAuth(pub UserClaims);
+/// Who a user call is from: the user and the org it acts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserIdentity {
+    pub sub: uuid::Uuid,
+    pub org: uuid::Uuid,
+}
+
+/// The header naming the org an identity-provider user acts in (a
+/// dispatcher-signed user token names its org itself).
+pub const ORG_HEADER: &str = "dispatcher-org";
+
+pub struct UserAuth(pub UserIdentity);
 
 // Each token extractor verifies the token, then admits the request under
 // its rate limits. Extractors of the request parts run before the body is
@@ -117,16 +128,54 @@ impl FromRequestParts<AppState> for UserAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let claims: UserClaims = state.keys.verify(bearer(parts)?, TokenKind::User)?;
+        let token = bearer(parts)?;
+        if let Some(idp) = &state.idp {
+            // A token not signed by one of our keys may be the IdP's.
+            let ours = jsonwebtoken::decode_header(token)
+                .ok()
+                .and_then(|h| h.kid)
+                .is_some_and(|kid| state.keys.knows_kid(&kid));
+            if !ours {
+                let subject = idp.verify(token)?;
+                let user = state
+                    .store
+                    .user_by_subject(idp.issuer(), &subject)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::forbidden(format!(
+                            "no user has the identity {subject:?}; an org admin adds members"
+                        ))
+                    })?;
+                let org = match parts.headers.get(ORG_HEADER) {
+                    Some(v) => v
+                        .to_str()
+                        .ok()
+                        .and_then(|v| v.trim().parse::<uuid::Uuid>().ok())
+                        .ok_or_else(|| {
+                            ApiError::invalid(ORG_HEADER, "must be an org id (a UUID)")
+                        })?,
+                    None => state.store.sole_org(user).await?.ok_or_else(|| {
+                        ApiError::invalid(
+                            ORG_HEADER,
+                            "name the org to act in (the user belongs to none or to several)",
+                        )
+                    })?,
+                };
+                state.limits.admit_user(user, org)?;
+                return Ok(UserAuth(UserIdentity { sub: user, org }));
+            }
+        }
+        let claims: UserClaims = state.keys.verify(token, TokenKind::User)?;
         state.limits.admit_user(claims.sub, claims.org)?;
-        Ok(UserAuth(claims))
+        Ok(UserAuth(UserIdentity {
+            sub: claims.sub,
+            org: claims.org,
+        }))
     }
 }
 
-/// A user who is a member of the org the token names, with the role
-/// Postgres gives them (never the token).
 pub struct Member {
-    pub user: UserClaims,
+    pub user: UserIdentity,
     pub role: Role,
 }
 
@@ -179,7 +228,7 @@ impl FromRequestParts<AppState> for Reader {
     }
 }
 
-pub struct Writer(pub UserClaims);
+pub struct Writer(pub UserIdentity);
 
 impl FromRequestParts<AppState> for Writer {
     type Rejection = ApiError;
@@ -193,5 +242,23 @@ impl FromRequestParts<AppState> for Writer {
             )));
         }
         Ok(Writer(user))
+    }
+}
+
+/// A member whose role is admin (or owner): org administration.
+pub struct OrgAdmin(pub UserIdentity);
+
+impl FromRequestParts<AppState> for OrgAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Member { user, role } = Member::from_request_parts(parts, state).await?;
+        if role < Role::Admin {
+            return Err(ApiError::forbidden(format!(
+                "role {} may not administer the org (admin needed)",
+                role.as_str()
+            )));
+        }
+        Ok(OrgAdmin(user))
     }
 }

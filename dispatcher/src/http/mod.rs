@@ -4,6 +4,7 @@ mod datasets;
 mod extract;
 mod jobs;
 pub mod limits;
+mod orgs;
 mod queues;
 mod worker;
 
@@ -39,6 +40,8 @@ pub struct AppState {
     pub local_objects: Option<Arc<LocalDirStore>>,
     /// The data database, where `POST /v1/query` reads stream datasets.
     pub data: Option<sqlx::PgPool>,
+    /// The identity provider whose user tokens are accepted (ADR 0012).
+    pub idp: Option<Arc<crate::idp::Idp>>,
 }
 
 impl AppState {
@@ -60,7 +63,14 @@ impl AppState {
             objects,
             local_objects,
             data: None,
+            idp: None,
         }
+    }
+
+    /// Accept user tokens of this identity provider too.
+    pub fn with_idp(mut self, idp: Option<Arc<crate::idp::Idp>>) -> Self {
+        self.idp = idp;
+        self
     }
 
     /// The data database stream queries read.
@@ -93,6 +103,12 @@ pub fn router(state: AppState) -> Router {
         .route("/internal/queues/{queue}/delete", post(queues::delete))
         .route("/v1/datasets", post(datasets::create).get(datasets::list))
         .route("/v1/query", post(datasets::query))
+        .route("/v1/orgs", post(orgs::create))
+        .route("/v1/org/members", get(orgs::members).put(orgs::put_member))
+        .route(
+            "/v1/org/members/{user_id}",
+            axum::routing::delete(orgs::remove_member),
+        )
         .route("/v1/datasets/{name}", get(datasets::get))
         .route(
             "/v1/datasets/{name}/versions/{version}",

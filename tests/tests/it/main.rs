@@ -10,6 +10,7 @@ mod e2e;
 mod e2e_datasets;
 mod e2e_sink;
 mod fencing;
+mod idp;
 mod input;
 mod isolation;
 mod limits;

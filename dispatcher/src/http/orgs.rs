@@ -1,0 +1,129 @@
+//! Org administration (ADR 0012): create an org, list, add or change and
+//! remove its members. Roles come only from Postgres; an org always keeps
+//! at least one admin.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use dispatcher_wire as wire;
+
+use super::extract::{ApiJson, Member, OrgAdmin, UserAuth};
+use super::AppState;
+use crate::domain::Role;
+use crate::error::ApiError;
+
+fn role(raw: &str) -> Result<Role, ApiError> {
+    Role::parse(raw)
+        .ok_or_else(|| ApiError::invalid("role", "must be admin, member or viewer (or owner)"))
+}
+
+fn email(raw: &str) -> Result<String, ApiError> {
+    let e = raw.trim();
+    if e.len() < 3 || e.len() > 320 || !e.contains('@') || e.chars().any(char::is_control) {
+        return Err(ApiError::invalid("email", "must be an e-mail address"));
+    }
+    Ok(e.to_owned())
+}
+
+/// `POST /v1/orgs`: any signed-in user creates an org and becomes its
+/// admin. A taken name is `409`.
+pub async fn create(
+    State(state): State<AppState>,
+    UserAuth(user): UserAuth,
+    ApiJson(req): ApiJson<wire::CreateOrgRequest>,
+) -> Result<(StatusCode, Json<wire::OrgView>), ApiError> {
+    let name = req.name.trim();
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid("name", "must be 1 to 200 characters"));
+    }
+    let org_id = state.store.create_org(name, user.sub).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(wire::OrgView {
+            org_id,
+            name: name.to_owned(),
+        }),
+    ))
+}
+
+/// `GET /v1/org/members`: any member may see who else is.
+pub async fn members(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+) -> Result<Json<wire::MemberList>, ApiError> {
+    let members = state
+        .store
+        .list_members(user.org)
+        .await?
+        .into_iter()
+        .map(|(user_id, email, idp_subject, role)| wire::MemberView {
+            user_id,
+            email,
+            idp_subject,
+            role,
+        })
+        .collect();
+    Ok(Json(wire::MemberList { members }))
+}
+
+/// `PUT /v1/org/members` (admin): adds the user with this e-mail (created
+/// if new) or changes its role; with `idp_subject`, links the user to its
+/// identity at the configured identity provider.
+pub async fn put_member(
+    State(state): State<AppState>,
+    OrgAdmin(admin): OrgAdmin,
+    ApiJson(req): ApiJson<wire::PutMemberRequest>,
+) -> Result<Json<wire::MemberView>, ApiError> {
+    let email = email(&req.email)?;
+    let role = role(&req.role)?;
+    let subject = match (&req.idp_subject, &state.idp) {
+        (None, _) => None,
+        (Some(s), Some(idp)) if !s.is_empty() && s.len() <= 512 => Some((idp.issuer(), s)),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("idp_subject", "must be 1 to 512 bytes"))
+        }
+        (Some(_), None) => {
+            return Err(ApiError::invalid(
+                "idp_subject",
+                "this dispatcher has no identity provider configured",
+            ))
+        }
+    };
+    let user_id = state.store.ensure_user(&email).await?;
+    if let Some((issuer, s)) = subject {
+        state.store.set_user_subject(user_id, issuer, s).await?;
+    }
+    if !state
+        .store
+        .change_membership(admin.org, user_id, Some(role))
+        .await?
+    {
+        state.store.set_membership(admin.org, user_id, role).await?;
+    }
+    tracing::info!(org = %admin.org, %user_id, role = role.as_str(), by = %admin.sub, "membership set");
+    Ok(Json(wire::MemberView {
+        user_id,
+        email,
+        idp_subject: req.idp_subject,
+        role: role.as_str().to_owned(),
+    }))
+}
+
+/// `DELETE /v1/org/members/{user_id}` (admin): `404` if not a member,
+/// `409` for the org's last admin.
+pub async fn remove_member(
+    State(state): State<AppState>,
+    OrgAdmin(admin): OrgAdmin,
+    Path(raw): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let user_id: uuid::Uuid = raw
+        .parse()
+        .map_err(|_| ApiError::invalid("user_id", "must be a UUID"))?;
+    if !state.store.remove_membership(admin.org, user_id).await? {
+        return Err(ApiError::not_found(format!(
+            "user {user_id} is not a member of this org"
+        )));
+    }
+    tracing::info!(org = %admin.org, %user_id, by = %admin.sub, "membership removed");
+    Ok(StatusCode::NO_CONTENT)
+}

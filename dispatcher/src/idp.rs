@@ -1,0 +1,194 @@
+//! Users from an identity provider (ADR 0012). User JWTs signed by the
+//! IdP are verified against configured keys (a JWKS file, or one PEM key),
+//! each key pinned to one algorithm (RS256, ES256 or EdDSA; never HMAC);
+//! `iss` and `aud` must be the configured ones. The token says who the
+//! user is (its `sub`, or another configured claim) and nothing else: the
+//! user row, org membership and role come only from Postgres.
+
+use std::collections::HashMap;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde_json::Value;
+
+use crate::tokens::TokenError;
+
+struct IdpKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// The identity provider's verification settings and keys.
+pub struct Idp {
+    issuer: String,
+    audience: String,
+    subject_claim: String,
+    keys: Vec<IdpKey>,
+    leeway_secs: u64,
+}
+
+impl std::fmt::Debug for Idp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idp")
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("subject_claim", &self.subject_claim)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
+}
+
+/// The algorithms an IdP key may be pinned to.
+pub fn parse_alg(s: &str) -> Result<Algorithm, String> {
+    match s {
+        "RS256" => Ok(Algorithm::RS256),
+        "ES256" => Ok(Algorithm::ES256),
+        "EdDSA" => Ok(Algorithm::EdDSA),
+        other => Err(format!(
+            "IdP key algorithm {other:?} is not accepted (RS256, ES256 or EdDSA)"
+        )),
+    }
+}
+
+/// A JWK's algorithm: its `alg` if it names one we accept, else the one
+/// its key type implies. Symmetric keys are refused.
+fn jwk_alg(jwk: &Jwk) -> Result<Algorithm, String> {
+    if let Some(alg) = jwk.common.key_algorithm {
+        return match alg {
+            KeyAlgorithm::RS256 => Ok(Algorithm::RS256),
+            KeyAlgorithm::ES256 => Ok(Algorithm::ES256),
+            KeyAlgorithm::EdDSA => Ok(Algorithm::EdDSA),
+            other => Err(format!("JWK algorithm {other:?} is not accepted")),
+        };
+    }
+    match &jwk.algorithm {
+        AlgorithmParameters::RSA(_) => Ok(Algorithm::RS256),
+        AlgorithmParameters::EllipticCurve(p) if p.curve == EllipticCurve::P256 => {
+            Ok(Algorithm::ES256)
+        }
+        AlgorithmParameters::OctetKeyPair(p) if p.curve == EllipticCurve::Ed25519 => {
+            Ok(Algorithm::EdDSA)
+        }
+        AlgorithmParameters::OctetKey(_) => Err("symmetric (oct) keys are not accepted".into()),
+        _ => Err("key type or curve is not accepted (RSA, EC P-256, OKP Ed25519)".into()),
+    }
+}
+
+impl Idp {
+    /// Keys from a JWKS document (`{"keys": [...]}`).
+    pub fn from_jwks(
+        issuer: &str,
+        audience: &str,
+        subject_claim: &str,
+        jwks: &str,
+        leeway_secs: u64,
+    ) -> Result<Idp, String> {
+        let set: JwkSet = serde_json::from_str(jwks).map_err(|e| format!("JWKS: {e}"))?;
+        if set.keys.is_empty() {
+            return Err("JWKS holds no key".into());
+        }
+        let keys = set
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, jwk)| {
+                let alg = jwk_alg(jwk).map_err(|e| format!("JWKS key {i}: {e}"))?;
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("JWKS key {i}: {e}"))?;
+                Ok(IdpKey {
+                    kid: jwk.common.key_id.clone(),
+                    alg,
+                    key,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Self::new(issuer, audience, subject_claim, keys, leeway_secs)
+    }
+
+    /// One public key in PEM, pinned to `alg`, with an optional `kid`.
+    pub fn from_pem(
+        issuer: &str,
+        audience: &str,
+        subject_claim: &str,
+        pem: &str,
+        alg: Algorithm,
+        kid: Option<String>,
+        leeway_secs: u64,
+    ) -> Result<Idp, String> {
+        let key = match alg {
+            Algorithm::RS256 => DecodingKey::from_rsa_pem(pem.as_bytes()),
+            Algorithm::ES256 => DecodingKey::from_ec_pem(pem.as_bytes()),
+            Algorithm::EdDSA => DecodingKey::from_ed_pem(pem.as_bytes()),
+            other => return Err(format!("algorithm {other:?} is not accepted")),
+        }
+        .map_err(|e| format!("IdP key: {e}"))?;
+        Self::new(
+            issuer,
+            audience,
+            subject_claim,
+            vec![IdpKey { kid, alg, key }],
+            leeway_secs,
+        )
+    }
+
+    fn new(
+        issuer: &str,
+        audience: &str,
+        subject_claim: &str,
+        keys: Vec<IdpKey>,
+        leeway_secs: u64,
+    ) -> Result<Idp, String> {
+        if issuer.is_empty() || audience.is_empty() || subject_claim.is_empty() {
+            return Err("the IdP issuer, audience and subject claim must not be empty".into());
+        }
+        Ok(Idp {
+            issuer: issuer.to_owned(),
+            audience: audience.to_owned(),
+            subject_claim: subject_claim.to_owned(),
+            keys,
+            leeway_secs,
+        })
+    }
+
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Verifies an IdP token: the key named by `kid` (or the only key),
+    /// its pinned algorithm, signature, `exp`, `iss` and `aud`. The user's
+    /// subject (the configured claim, a non-empty string).
+    pub fn verify(&self, token: &str) -> Result<String, TokenError> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
+        let key = match &header.kid {
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid.as_str()))
+                .ok_or_else(|| TokenError::UnknownKid(kid.clone()))?,
+            None if self.keys.len() == 1 => &self.keys[0],
+            None => return Err(TokenError::MissingKid),
+        };
+        // The algorithm is the key's, never the token's choice.
+        if header.alg != key.alg {
+            return Err(TokenError::Invalid(format!(
+                "algorithm {:?} does not match the key's {:?}",
+                header.alg, key.alg
+            )));
+        }
+        let mut validation = Validation::new(key.alg);
+        validation.set_audience(&[self.audience.as_str()]);
+        validation.set_issuer(&[self.issuer.as_str()]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.leeway = self.leeway_secs;
+        let data = jsonwebtoken::decode::<HashMap<String, Value>>(token, &key.key, &validation)
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
+        match data.claims.get(&self.subject_claim) {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => Ok(s.clone()),
+            _ => Err(TokenError::Invalid(format!(
+                "claim {:?} is missing or not a string",
+                self.subject_claim
+            ))),
+        }
+    }
+}

@@ -80,47 +80,148 @@ impl AppState {
     }
 }
 
+/// Who may call a route. `ROUTES` is the router's one list of routes:
+/// `router` registers exactly these, and the cross-org test
+/// (`tests/tests/it/access.rs`) walks every user route of it, so no
+/// endpoint can be added without its access being tested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No token (the JWKS).
+    Public,
+    /// A worker credential.
+    Worker,
+    /// A capability token of a live attempt.
+    Task,
+    /// A member of the org with at least this role, or (`task_too`) a task
+    /// within its scope.
+    User {
+        min_role: crate::domain::Role,
+        task_too: bool,
+    },
+    /// Any signed-in user, whatever its memberships (creating an org).
+    SignedIn,
+}
+
+/// One route: method, path template, and who may call it.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+const fn route(method: &'static str, path: &'static str, access: Access) -> RouteSpec {
+    RouteSpec {
+        method,
+        path,
+        access,
+    }
+}
+
+const VIEWER: Access = Access::User {
+    min_role: crate::domain::Role::Viewer,
+    task_too: false,
+};
+const WRITER: Access = Access::User {
+    min_role: crate::domain::Role::Member,
+    task_too: false,
+};
+const ADMIN: Access = Access::User {
+    min_role: crate::domain::Role::Admin,
+    task_too: false,
+};
+
+/// Every route of the API (health checks and the local store's presigned
+/// URLs aside: they take no token).
+pub const ROUTES: &[RouteSpec] = &[
+    route("GET", "/.well-known/jwks.json", Access::Public),
+    route("POST", "/internal/task-claim", Access::Worker),
+    route("POST", "/internal/queues/{queue}/receive", Access::Worker),
+    route(
+        "POST",
+        "/internal/queues/{queue}/visibility",
+        Access::Worker,
+    ),
+    route("POST", "/internal/queues/{queue}/delete", Access::Worker),
+    route("POST", "/v1/task/heartbeat", Access::Task),
+    route("POST", "/v1/task/events", Access::Task),
+    route("POST", "/v1/task/buffer-publish", Access::Task),
+    route("POST", "/v1/task/complete", Access::Task),
+    route("POST", "/v1/task/objects", Access::Task),
+    route("POST", "/v1/task/dataset-stage", Access::Task),
+    route("POST", "/v1/jobs", WRITER),
+    route("GET", "/v1/jobs/{job_id}", VIEWER),
+    route("POST", "/v1/jobs/{job_id}/cancel", WRITER),
+    route("POST", "/v1/datasets", WRITER),
+    route("GET", "/v1/datasets", VIEWER),
+    route("GET", "/v1/datasets/{name}", VIEWER),
+    route("GET", "/v1/datasets/{name}/versions/{version}", VIEWER),
+    route("GET", "/v1/datasets/{name}/batches/{batch_id}", VIEWER),
+    route(
+        "POST",
+        "/v1/query",
+        Access::User {
+            min_role: crate::domain::Role::Viewer,
+            task_too: true,
+        },
+    ),
+    route("POST", "/v1/orgs", Access::SignedIn),
+    route("GET", "/v1/org/members", VIEWER),
+    route("PUT", "/v1/org/members", ADMIN),
+    route("DELETE", "/v1/org/members/{user_id}", ADMIN),
+];
+
+/// The handler of one route of `ROUTES`.
+fn handler(spec: &RouteSpec) -> axum::routing::MethodRouter<AppState> {
+    use axum::routing::{delete, put};
+    match (spec.method, spec.path) {
+        ("GET", "/.well-known/jwks.json") => get(jwks),
+        ("POST", "/internal/task-claim") => post(worker::claim),
+        ("POST", "/internal/queues/{queue}/receive") => post(queues::receive),
+        ("POST", "/internal/queues/{queue}/visibility") => post(queues::change_visibility),
+        ("POST", "/internal/queues/{queue}/delete") => post(queues::delete),
+        ("POST", "/v1/task/heartbeat") => post(worker::heartbeat),
+        ("POST", "/v1/task/events") => post(worker::events),
+        ("POST", "/v1/task/buffer-publish") => post(worker::buffer_publish),
+        ("POST", "/v1/task/complete") => post(worker::complete),
+        ("POST", "/v1/task/objects") => post(worker::objects),
+        ("POST", "/v1/task/dataset-stage") => post(worker::dataset_stage),
+        ("POST", "/v1/jobs") => post(jobs::submit),
+        ("GET", "/v1/jobs/{job_id}") => get(jobs::get),
+        ("POST", "/v1/jobs/{job_id}/cancel") => post(jobs::cancel),
+        ("POST", "/v1/datasets") => post(datasets::create),
+        ("GET", "/v1/datasets") => get(datasets::list),
+        ("GET", "/v1/datasets/{name}") => get(datasets::get),
+        ("GET", "/v1/datasets/{name}/versions/{version}") => get(datasets::manifest),
+        ("GET", "/v1/datasets/{name}/batches/{batch_id}") => get(datasets::batch),
+        ("POST", "/v1/query") => post(datasets::query),
+        ("POST", "/v1/orgs") => post(orgs::create),
+        ("GET", "/v1/org/members") => get(orgs::members),
+        ("PUT", "/v1/org/members") => put(orgs::put_member),
+        ("DELETE", "/v1/org/members/{user_id}") => delete(orgs::remove_member),
+        (method, path) => panic!("ROUTES names {method} {path}, which has no handler"),
+    }
+}
+
 pub fn router(state: AppState) -> Router {
     let limit = state.settings.max_body_bytes;
     let local_objects = state
         .local_objects
         .clone()
         .map(|s| crate::objects::local::router_with_limit(s, state.settings.max_object_bytes));
-    let api = Router::new()
-        .route("/.well-known/jwks.json", get(jwks))
-        .route("/internal/task-claim", post(worker::claim))
-        .route("/v1/task/heartbeat", post(worker::heartbeat))
-        .route("/v1/task/events", post(worker::events))
-        .route("/v1/task/buffer-publish", post(worker::buffer_publish))
-        .route("/v1/task/complete", post(worker::complete))
-        .route("/v1/task/objects", post(worker::objects))
-        .route("/v1/task/dataset-stage", post(worker::dataset_stage))
-        .route("/internal/queues/{queue}/receive", post(queues::receive))
-        .route(
-            "/internal/queues/{queue}/visibility",
-            post(queues::change_visibility),
-        )
-        .route("/internal/queues/{queue}/delete", post(queues::delete))
-        .route("/v1/datasets", post(datasets::create).get(datasets::list))
-        .route("/v1/query", post(datasets::query))
-        .route("/v1/orgs", post(orgs::create))
-        .route("/v1/org/members", get(orgs::members).put(orgs::put_member))
-        .route(
-            "/v1/org/members/{user_id}",
-            axum::routing::delete(orgs::remove_member),
-        )
-        .route("/v1/datasets/{name}", get(datasets::get))
-        .route(
-            "/v1/datasets/{name}/versions/{version}",
-            get(datasets::manifest),
-        )
-        .route(
-            "/v1/datasets/{name}/batches/{batch_id}",
-            get(datasets::batch),
-        )
-        .route("/v1/jobs", post(jobs::submit))
-        .route("/v1/jobs/{job_id}", get(jobs::get))
-        .route("/v1/jobs/{job_id}/cancel", post(jobs::cancel))
+    // One method router per path, merged from the table's entries.
+    let mut paths: Vec<(&str, axum::routing::MethodRouter<AppState>)> = Vec::new();
+    for spec in ROUTES {
+        match paths.iter_mut().find(|(p, _)| *p == spec.path) {
+            Some((_, mr)) => *mr = std::mem::take(mr).merge(handler(spec)),
+            None => paths.push((spec.path, handler(spec))),
+        }
+    }
+    let mut api = Router::new();
+    for (path, mr) in paths {
+        api = api.route(path, mr);
+    }
+    let api = api
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(

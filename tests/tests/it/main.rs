@@ -1,6 +1,7 @@
 //! One integration-test binary (one link step on a 2-core machine).
 //! Each test gets its own Postgres database and its own server.
 
+mod access;
 mod commit;
 mod commit_model;
 mod completion;

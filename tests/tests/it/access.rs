@@ -1,0 +1,256 @@
+//! The access matrix, generated from the router's own route list
+//! (`dispatcher::http::ROUTES`): every user endpoint × {admin, member,
+//! viewer of the org; a user of no membership; another org's admin} gets
+//! the documented status, and every worker or task endpoint refuses a user
+//! token. A route added to the table without a fixture here fails the
+//! test, so no endpoint escapes it.
+
+use chrono::Utc;
+use dispatcher::domain::Role;
+use dispatcher::http::{Access, RouteSpec, ROUTES};
+use dispatcher_tests::{unthrottled, TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sha2::Digest;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Caller {
+    Admin,
+    Member,
+    Viewer,
+    Outsider,
+    OtherOrgAdmin,
+}
+
+struct World {
+    app: TestApp,
+    tokens: Vec<(Caller, String)>,
+    job: Uuid,
+    batch: Uuid,
+}
+
+async fn world() -> World {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    let exp = Utc::now() + chrono::Duration::hours(1);
+    let org = app.org_id;
+    let other = app.store.ensure_org("globex").await.unwrap();
+    let mut tokens = Vec::new();
+    for (caller, email, org_of_token, membership) in [
+        (
+            Caller::Admin,
+            "admin@acme.test",
+            org,
+            Some((org, Role::Admin)),
+        ),
+        (
+            Caller::Member,
+            "member@acme.test",
+            org,
+            Some((org, Role::Member)),
+        ),
+        (
+            Caller::Viewer,
+            "viewer@acme.test",
+            org,
+            Some((org, Role::Viewer)),
+        ),
+        (Caller::Outsider, "outsider@nowhere.test", org, None),
+        (
+            Caller::OtherOrgAdmin,
+            "admin@globex.test",
+            other,
+            Some((other, Role::Admin)),
+        ),
+    ] {
+        let user = app.store.ensure_user(email).await.unwrap();
+        if let Some((o, role)) = membership {
+            app.store.set_membership(o, user, role).await.unwrap();
+        }
+        tokens.push((caller, app.keys.mint_user(user, org_of_token, exp)));
+    }
+    // The org's resources: a job, a committed version of `clicks`, a
+    // batch of the stream `events`.
+    app.create_dataset("clicks", "append", json!([{"name": "a", "type": "string"}]))
+        .await;
+    app.create_dataset("events", "stream", json!([{"name": "a", "type": "string"}]))
+        .await;
+    let job = app
+        .submit(
+            &json!({"name": "j", "tasks": [{"key": "w", "runtime": "exec", "bundle": "x",
+                                                 "outputs": ["clicks", "events"]}]}),
+        )
+        .await;
+    let claim = app.claim(job.tasks[0].task_id).await;
+    let body = b"{\"a\": \"x\"}\n";
+    let sum = hex::encode(sha2::Sha256::digest(body));
+    let key = format!("{}p.jsonl", claim.object_prefix);
+    app.objects.put(&key, body.to_vec()).await.unwrap();
+    let r = app
+        .post(
+            "/v1/task/dataset-stage",
+            &claim.capability_token,
+            &json!({"dataset": "clicks", "parts": [{"key": key, "rows": 1, "bytes": body.len(), "sha256": sum}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let batch = Uuid::new_v4();
+    let r = app
+        .post(
+            "/v1/task/buffer-publish",
+            &claim.capability_token,
+            &json!({"batch_id": batch, "dataset": "events", "object_key": key, "rows": 1, "sha256": sum}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        app.complete_ok(&claim.capability_token, json!({}))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    World {
+        app,
+        tokens,
+        job: job.job_id,
+        batch,
+    }
+}
+
+/// A request of one route for one call: the concrete path, the body, and
+/// whether it names a resource of the org (which another org must not
+/// see: `404`). Mutating routes get fresh resources each call.
+async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Value>, bool) {
+    let app = &w.app;
+    match (spec.method, spec.path) {
+        ("POST", "/v1/jobs") => (
+            spec.path.into(),
+            Some(json!({"name": "m", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x"}]})),
+            false,
+        ),
+        ("GET", "/v1/jobs/{job_id}") => (format!("/v1/jobs/{}", w.job), None, true),
+        ("POST", "/v1/jobs/{job_id}/cancel") => {
+            let fresh = app
+                .submit(&json!({"name": "c", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x"}]}))
+                .await;
+            (format!("/v1/jobs/{}/cancel", fresh.job_id), Some(json!({})), true)
+        }
+        ("POST", "/v1/datasets") => (
+            spec.path.into(),
+            Some(json!({"name": format!("d{n}"), "mode": "append", "columns": [{"name": "a", "type": "string"}]})),
+            false,
+        ),
+        ("GET", "/v1/datasets") => (spec.path.into(), None, false),
+        ("GET", "/v1/datasets/{name}") => ("/v1/datasets/clicks".into(), None, true),
+        ("GET", "/v1/datasets/{name}/versions/{version}") => {
+            ("/v1/datasets/clicks/versions/1".into(), None, true)
+        }
+        ("GET", "/v1/datasets/{name}/batches/{batch_id}") => {
+            (format!("/v1/datasets/events/batches/{}", w.batch), None, true)
+        }
+        ("POST", "/v1/query") => (spec.path.into(), Some(json!({"dataset": "clicks"})), true),
+        ("POST", "/v1/orgs") => (spec.path.into(), Some(json!({"name": format!("org-{n}")})), false),
+        ("GET", "/v1/org/members") => (spec.path.into(), None, false),
+        ("PUT", "/v1/org/members") => (
+            spec.path.into(),
+            Some(json!({"email": format!("new{n}@acme.test"), "role": "viewer"})),
+            false,
+        ),
+        ("DELETE", "/v1/org/members/{user_id}") => {
+            let fresh = app
+                .store
+                .ensure_user(&format!("leaving{n}@acme.test"))
+                .await
+                .unwrap();
+            app.store
+                .set_membership(app.org_id, fresh, Role::Viewer)
+                .await
+                .unwrap();
+            (format!("/v1/org/members/{fresh}"), None, true)
+        }
+        (method, path) => panic!(
+            "no fixture for {method} {path}: add one to tests/tests/it/access.rs with its expected access"
+        ),
+    }
+}
+
+async fn call(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let method: reqwest::Method = method.parse().unwrap();
+    let mut req = app.client.request(method, app.url(path)).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn role_of(c: Caller) -> Option<Role> {
+    match c {
+        Caller::Admin | Caller::OtherOrgAdmin => Some(Role::Admin),
+        Caller::Member => Some(Role::Member),
+        Caller::Viewer => Some(Role::Viewer),
+        Caller::Outsider => None,
+    }
+}
+
+#[tokio::test]
+async fn every_user_endpoint_answers_each_caller_as_documented_and_no_other_org_sees_a_resource() {
+    let w = world().await;
+    let mut n = 0;
+    let mut checked = 0;
+    for spec in ROUTES {
+        let user_route = matches!(spec.access, Access::User { .. } | Access::SignedIn);
+        if !user_route {
+            // Worker, task and public routes: a user token is no key.
+            let path = spec.path.replace("{queue}", "wakeups");
+            let (s, answer) = call(
+                &w.app,
+                spec.method,
+                &path,
+                &w.app.user_token,
+                Some(json!({})),
+            )
+            .await;
+            match spec.access {
+                Access::Public => assert!(s.is_success(), "{} {}: {s}", spec.method, spec.path),
+                _ => assert_eq!(
+                    s,
+                    StatusCode::UNAUTHORIZED,
+                    "{} {}: {answer}",
+                    spec.method,
+                    spec.path
+                ),
+            }
+            continue;
+        }
+        for (caller, token) in &w.tokens {
+            n += 1;
+            let (path, body, names_resource) = request(&w, spec, n).await;
+            let (s, answer) = call(&w.app, spec.method, &path, token, body).await;
+            let what = format!("{} {} as {caller:?}: {s} {answer}", spec.method, path);
+            match spec.access {
+                Access::SignedIn => assert!(s.is_success(), "{what}"),
+                Access::User { min_role, .. } => match caller {
+                    Caller::Outsider => assert_eq!(s, StatusCode::FORBIDDEN, "{what}"),
+                    Caller::OtherOrgAdmin if names_resource => {
+                        assert_eq!(s, StatusCode::NOT_FOUND, "{what}")
+                    }
+                    c if role_of(*c).is_some_and(|r| r >= min_role) => {
+                        assert!(s.is_success(), "{what}")
+                    }
+                    _ => assert_eq!(s, StatusCode::FORBIDDEN, "{what}"),
+                },
+                _ => unreachable!(),
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5 * 13, "only {checked} calls checked");
+}

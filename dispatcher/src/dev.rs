@@ -211,6 +211,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             objects,
             data: Some(data.clone()),
             idp: None,
+            sts: None,
         },
         shutdown.clone(),
     ));

@@ -146,6 +146,11 @@ struct ServeArgs {
     sink: SinkArgs,
     #[command(flatten)]
     idp: IdpArgs,
+    /// aws profile: the IAM role tasks get session credentials of from
+    /// `POST /v1/task/credentials`, narrowed by a session policy to their
+    /// attempt (its policy must allow S3 reads and writes on the bucket).
+    #[arg(long, env = "DISPATCHER_STS_ROLE_ARN")]
+    sts_role_arn: Option<String>,
 }
 
 /// Users from an identity provider (ADR 0012): its tokens are accepted on
@@ -609,6 +614,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let data = data.transpose()?;
     let queue = args.profile.services_queue().await?;
     let objects = args.profile.objects().await?;
+    let sts = match (&args.sts_role_arn, args.profile.is_aws()) {
+        (Some(arn), true) => Some(Arc::new(
+            dispatcher::objects::sts::StsIssuer::new(&args.profile.s3(), arn).await,
+        )),
+        (Some(_), false) => bail!("--sts-role-arn needs --profile aws"),
+        (None, _) => None,
+    };
     tracing::info!(
         profile = args.profile.queues.profile,
         "queues and objects ready"
@@ -635,6 +647,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             objects,
             data,
             idp,
+            sts,
         },
         shutdown,
     )

@@ -95,6 +95,8 @@ pub struct Adapters {
     pub data: Option<sqlx::PgPool>,
     /// The identity provider whose user tokens the API accepts (ADR 0012).
     pub idp: Option<Arc<crate::idp::Idp>>,
+    /// STS for scoped task credentials (aws profile with a role).
+    pub sts: Option<Arc<crate::objects::sts::StsIssuer>>,
 }
 
 /// Runs the given roles until `shutdown` is cancelled, then drains them.
@@ -118,6 +120,7 @@ pub async fn run(
         objects,
         data,
         idp,
+        sts,
     } = adapters;
     let mut tasks = JoinSet::new();
     let queue = match queue {
@@ -177,7 +180,8 @@ pub async fn run(
         (true, Some(listener)) => {
             let state = AppState::new(store, keys, settings, queue, objects, local)
                 .with_data(data)
-                .with_idp(idp);
+                .with_idp(idp)
+                .with_sts(sts);
             http::serve(listener, state, shutdown.clone()).await
         }
         (true, None) => Err(std::io::Error::other("the api role needs a listener")),

@@ -282,18 +282,33 @@ impl TestApp {
         settings: Settings,
         objects: Option<Arc<dyn dispatcher::objects::ObjectStore>>,
     ) -> TestApp {
-        Self::spawn_full(settings, objects, None).await
+        Self::spawn_full(settings, objects, None, None).await
     }
 
     /// A dispatcher that also accepts user tokens of `idp`.
     pub async fn spawn_with_idp(idp: dispatcher::idp::Idp) -> TestApp {
-        Self::spawn_full(Settings::default(), None, Some(idp)).await
+        Self::spawn_full(Settings::default(), None, Some(idp), None).await
+    }
+
+    /// A dispatcher on an S3 store that mints STS credentials for tasks.
+    pub async fn spawn_with_sts(
+        objects: Arc<dyn dispatcher::objects::ObjectStore>,
+        sts: dispatcher::objects::sts::StsIssuer,
+    ) -> TestApp {
+        Self::spawn_full(
+            Settings::default(),
+            Some(objects),
+            None,
+            Some(Arc::new(sts)),
+        )
+        .await
     }
 
     async fn spawn_full(
         settings: Settings,
         objects: Option<Arc<dyn dispatcher::objects::ObjectStore>>,
         idp: Option<dispatcher::idp::Idp>,
+        sts: Option<Arc<dispatcher::objects::sts::StsIssuer>>,
     ) -> TestApp {
         let db = TestDb::new().await;
         let settings = Arc::new(settings);
@@ -338,6 +353,7 @@ impl TestApp {
                 // Lazy: only tests that read streams create it (`db.data()`).
                 data: Some(dispatcher::datadb::lazy_pool(db.data_options(), 4)),
                 idp: idp.map(Arc::new),
+                sts,
                 objects: match objects {
                     Some(store) => dispatcher::profile::Objects::Store(store),
                     None => dispatcher::profile::Objects::LocalDir {

@@ -65,8 +65,8 @@ impl Moto {
         }
     }
 
-    /// An S3 store on this server, in a fresh bucket of the test's own.
-    pub async fn s3_store(&self) -> dispatcher::objects::S3Store {
+    /// S3 settings of a fresh bucket of the test's own on this server.
+    pub async fn s3_config(&self) -> dispatcher::objects::S3Config {
         let cfg = dispatcher::objects::S3Config {
             region: "us-east-1".into(),
             endpoint_url: Some(self.url()),
@@ -76,7 +76,12 @@ impl Moto {
         dispatcher::objects::S3Store::create_bucket(&cfg)
             .await
             .expect("bucket");
-        dispatcher::objects::S3Store::connect(&cfg)
+        cfg
+    }
+
+    /// An S3 store on this server, in a fresh bucket of the test's own.
+    pub async fn s3_store(&self) -> dispatcher::objects::S3Store {
+        dispatcher::objects::S3Store::connect(&self.s3_config().await)
             .await
             .expect("connect")
     }

@@ -387,6 +387,23 @@ pub struct ObjectsResponse {
     pub urls: Vec<ObjectUrl>,
 }
 
+/// `POST /v1/task/credentials` (aws profile): short-lived STS credentials
+/// scoped by a session policy to the attempt's prefix (write, read) and
+/// the committed parts of its `reads` (read).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskCredentialsResponse {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: String,
+    pub expires_at: DateTime<Utc>,
+    pub region: String,
+    pub bucket: String,
+    /// The attempt's own prefix (writable).
+    pub prefix: String,
+    /// The session policy the credentials carry (what they can do).
+    pub policy: serde_json::Value,
+}
+
 // ------------------------------------------------------------- datasets ---
 
 /// Column types of a dataset's schema.

@@ -42,6 +42,8 @@ pub struct AppState {
     pub data: Option<sqlx::PgPool>,
     /// The identity provider whose user tokens are accepted (ADR 0012).
     pub idp: Option<Arc<crate::idp::Idp>>,
+    /// STS, for `POST /v1/task/credentials` (aws profile with a role).
+    pub sts: Option<Arc<crate::objects::sts::StsIssuer>>,
 }
 
 impl AppState {
@@ -64,7 +66,14 @@ impl AppState {
             local_objects,
             data: None,
             idp: None,
+            sts: None,
         }
+    }
+
+    /// Mint scoped STS credentials for tasks.
+    pub fn with_sts(mut self, sts: Option<Arc<crate::objects::sts::StsIssuer>>) -> Self {
+        self.sts = sts;
+        self
     }
 
     /// Accept user tokens of this identity provider too.
@@ -149,6 +158,7 @@ pub const ROUTES: &[RouteSpec] = &[
     route("POST", "/v1/task/complete", Access::Task),
     route("POST", "/v1/task/objects", Access::Task),
     route("POST", "/v1/task/dataset-stage", Access::Task),
+    route("POST", "/v1/task/credentials", Access::Task),
     route("POST", "/v1/jobs", WRITER),
     route("GET", "/v1/jobs/{job_id}", VIEWER),
     route("POST", "/v1/jobs/{job_id}/cancel", WRITER),
@@ -186,6 +196,7 @@ fn handler(spec: &RouteSpec) -> axum::routing::MethodRouter<AppState> {
         ("POST", "/v1/task/complete") => post(worker::complete),
         ("POST", "/v1/task/objects") => post(worker::objects),
         ("POST", "/v1/task/dataset-stage") => post(worker::dataset_stage),
+        ("POST", "/v1/task/credentials") => post(worker::credentials),
         ("POST", "/v1/jobs") => post(jobs::submit),
         ("GET", "/v1/jobs/{job_id}") => get(jobs::get),
         ("POST", "/v1/jobs/{job_id}/cancel") => post(jobs::cancel),

@@ -447,3 +447,57 @@ async fn verify_part(
     }
     Ok(())
 }
+
+/// `POST /v1/task/credentials` (aws profile, `--sts-role-arn`): STS
+/// credentials whose session policy allows `PutObject` under the attempt's
+/// prefix and `GetObject` there and on the committed parts of the task's
+/// `reads`, for runners that write many parts. Fenced; they live as long
+/// as the token (at least the 15 minutes STS requires, at most an hour).
+pub async fn credentials(
+    State(state): State<AppState>,
+    TaskAuth(claims): TaskAuth,
+) -> Result<Json<wire::TaskCredentialsResponse>, ApiError> {
+    let sts = state.sts.clone().ok_or_else(|| {
+        ApiError::not_found(
+            "this dispatcher mints no STS credentials (local profile, or no --sts-role-arn); \
+             use POST /v1/task/objects",
+        )
+    })?;
+    state.store.check_fence(fence(&claims)).await?;
+    let prefix = claims
+        .prefixes
+        .first()
+        .cloned()
+        .ok_or_else(|| ApiError::forbidden("the token names no object prefix"))?;
+    let readable = state
+        .store
+        .committed_part_keys(claims.org, &claims.reads)
+        .await?;
+    let policy =
+        crate::objects::sts::session_policy(&sts.bucket, &prefix, &readable).map_err(|len| {
+            ApiError::too_large(format!(
+                "a session policy for the {} readable parts would be {len} characters; \
+                 STS takes {}: read them through POST /v1/task/objects",
+                readable.len(),
+                crate::objects::sts::MAX_POLICY_CHARS
+            ))
+        })?;
+    let left = (crate::tokens::from_timestamp(claims.exp) - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    let session = format!("task-{}-{}", claims.sub.simple(), claims.att);
+    let creds = sts.issue(&session, &policy, left).await.map_err(|e| {
+        tracing::warn!(error = %e, "STS refused");
+        ApiError::unavailable("STS did not answer")
+    })?;
+    Ok(Json(wire::TaskCredentialsResponse {
+        access_key_id: creds.access_key_id,
+        secret_access_key: creds.secret_access_key,
+        session_token: creds.session_token,
+        expires_at: creds.expires_at,
+        region: sts.region.clone(),
+        bucket: sts.bucket.clone(),
+        prefix,
+        policy: serde_json::from_str(&policy).unwrap_or_default(),
+    }))
+}

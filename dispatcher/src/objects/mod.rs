@@ -10,6 +10,7 @@
 
 pub mod local;
 mod s3;
+pub mod sts;
 
 pub use local::LocalDirStore;
 pub use s3::{S3Config, S3Store};

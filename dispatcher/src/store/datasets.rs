@@ -186,6 +186,26 @@ impl Store {
         Ok((id, view.mode, view.columns))
     }
 
+    /// Every committed part of the org's datasets named in `datasets`.
+    pub async fn committed_part_keys(
+        &self,
+        org_id: Uuid,
+        datasets: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        if datasets.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT p.key FROM dataset_parts p
+               JOIN datasets d ON d.id = p.dataset_id
+              WHERE d.org_id = $1 AND d.name = ANY($2) ORDER BY p.key",
+        )
+        .bind(org_id)
+        .bind(datasets)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// What a query needs of a dataset: id, mode, columns and the current
     /// version (`None` before the first commit).
     pub async fn dataset_for_query(

@@ -224,3 +224,94 @@ async fn on_s3_a_task_puts_through_a_presigned_url() {
     let key = format!("{}part-0.jsonl", claim.object_prefix);
     assert_eq!(s3.get(&key).await.unwrap(), b"{\"a\": 1}\n");
 }
+
+/// `POST /v1/task/credentials` on the aws profile (STS on moto's server):
+/// the session policy names exactly the attempt's prefix (write, read)
+/// and the committed parts of its `reads` (read); a stale attempt gets
+/// nothing; the local profile has no STS. moto's STS returns credentials
+/// without enforcing the policy (nor does its S3 check them), so the
+/// policy is checked as the dispatcher sends it; AWS enforces it.
+#[tokio::test]
+async fn sts_credentials_are_scoped_to_the_attempt_prefix_and_readable_parts() {
+    let moto = dispatcher_tests::moto::Moto::start().await;
+    let cfg = moto.s3_config().await;
+    let s3 = std::sync::Arc::new(dispatcher::objects::S3Store::connect(&cfg).await.unwrap());
+    let sts =
+        dispatcher::objects::sts::StsIssuer::new(&cfg, "arn:aws:iam::123456789012:role/tasks")
+            .await;
+    let app = TestApp::spawn_with_sts(s3, sts).await;
+    app.create_dataset("clicks", "append", json!([{"name": "a", "type": "string"}]))
+        .await;
+    let writer = app
+        .submit(&json!({"name": "w", "tasks": [{"key": "w", "runtime": "exec", "bundle": "x", "outputs": ["clicks"]}]}))
+        .await;
+    let w = app.claim(writer.tasks[0].task_id).await;
+    let body = b"{\"a\": \"x\"}\n";
+    let part = format!("{}p.jsonl", w.object_prefix);
+    app.objects.put(&part, body.to_vec()).await.unwrap();
+    let r = app
+        .post(
+            "/v1/task/dataset-stage",
+            &w.capability_token,
+            &json!({"dataset": "clicks", "parts": [{"key": part, "rows": 1, "bytes": body.len(),
+                    "sha256": hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body))}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    app.complete_ok(&w.capability_token, json!({})).await;
+
+    let reader = app
+        .submit(
+            &json!({"name": "r", "tasks": [{"key": "r", "runtime": "exec", "bundle": "x",
+                                                 "reads": ["clicks"], "max_attempts": 3}]}),
+        )
+        .await;
+    let task = reader.tasks[0].task_id;
+    let claim = app.claim(task).await;
+    let r = app
+        .post("/v1/task/credentials", &claim.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let own = format!("arn:aws:s3:::{}/{}*", cfg.bucket, claim.object_prefix);
+    assert_eq!(r.body["prefix"], json!(claim.object_prefix));
+    assert_eq!(r.body["bucket"], json!(cfg.bucket));
+    assert_eq!(r.body["policy"]["Statement"][0]["Resource"], json!([own]));
+    assert_eq!(
+        r.body["policy"]["Statement"][1]["Resource"],
+        json!([own, format!("arn:aws:s3:::{}/{part}", cfg.bucket)])
+    );
+    for field in ["access_key_id", "secret_access_key", "session_token"] {
+        assert!(!r.body[field].as_str().unwrap().is_empty(), "{field}");
+    }
+    let expires: chrono::DateTime<chrono::Utc> =
+        serde_json::from_value(r.body["expires_at"].clone()).unwrap();
+    assert!(expires > chrono::Utc::now() + chrono::Duration::minutes(14));
+
+    // A superseded attempt gets nothing.
+    app.expire_lease(task).await;
+    app.skip_backoff(task).await;
+    let _second = app.claim(task).await;
+    let r = app
+        .post("/v1/task/credentials", &claim.capability_token, &json!({}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "stale_attempt"),
+        "{}",
+        r.body
+    );
+
+    // The local profile mints none.
+    let local = TestApp::spawn().await;
+    let t = local.single_task(1).await;
+    let c = local.claim(t).await;
+    let r = local
+        .post("/v1/task/credentials", &c.capability_token, &json!({}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "{}",
+        r.body
+    );
+}

@@ -168,9 +168,20 @@ struct IdpArgs {
     #[arg(
         long,
         env = "DISPATCHER_IDP_JWKS_FILE",
-        conflicts_with = "idp_key_file"
+        conflicts_with_all = ["idp_key_file", "idp_jwks_url"]
     )]
     idp_jwks_file: Option<PathBuf>,
+    /// Or the IdP's JWKS URL: fetched at start (required), every
+    /// `--idp-jwks-refresh-minutes`, and when a token names an unknown
+    /// `kid` (at most every 30 s).
+    #[arg(long, env = "DISPATCHER_IDP_JWKS_URL", conflicts_with = "idp_key_file")]
+    idp_jwks_url: Option<String>,
+    #[arg(
+        long,
+        env = "DISPATCHER_IDP_JWKS_REFRESH_MINUTES",
+        default_value_t = 10
+    )]
+    idp_jwks_refresh_minutes: u64,
     /// Or one public key in PEM ...
     #[arg(long, env = "DISPATCHER_IDP_KEY_FILE")]
     idp_key_file: Option<PathBuf>,
@@ -186,7 +197,7 @@ struct IdpArgs {
 }
 
 impl IdpArgs {
-    fn idp(&self, leeway_secs: u64) -> Result<Option<Arc<dispatcher::idp::Idp>>> {
+    async fn idp(&self, leeway_secs: u64) -> Result<Option<Arc<dispatcher::idp::Idp>>> {
         let Some(issuer) = &self.idp_issuer else {
             return Ok(None);
         };
@@ -194,6 +205,18 @@ impl IdpArgs {
         let read = |p: &PathBuf| {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
         };
+        if let Some(url) = &self.idp_jwks_url {
+            let idp = dispatcher::idp::Idp::from_jwks_url(
+                issuer,
+                audience,
+                &self.idp_subject_claim,
+                url,
+                leeway_secs,
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            return Ok(Some(Arc::new(idp)));
+        }
         let idp = match (&self.idp_jwks_file, &self.idp_key_file) {
             (Some(jwks), None) => dispatcher::idp::Idp::from_jwks(
                 issuer,
@@ -211,7 +234,7 @@ impl IdpArgs {
                 self.idp_key_id.clone(),
                 leeway_secs,
             ),
-            _ => bail!("--idp-issuer needs --idp-jwks-file or --idp-key-file"),
+            _ => bail!("--idp-issuer needs --idp-jwks-url, --idp-jwks-file or --idp-key-file"),
         }
         .map_err(anyhow::Error::msg)?;
         Ok(Some(Arc::new(idp)))
@@ -601,7 +624,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     }
     let settings = Arc::new(settings);
     let keys = Arc::new(args.keys.keyring(settings.token_leeway.as_secs())?);
-    let idp = args.idp.idp(settings.token_leeway.as_secs())?;
+    let idp = args.idp.idp(settings.token_leeway.as_secs()).await?;
     let store = connect(&args.db, settings.clone(), args.max_connections).await?;
     if args.migrate {
         args.db.migrate(&store).await?;
@@ -636,6 +659,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    if let Some(idp) = &idp {
+        let every = std::time::Duration::from_secs(args.idp.idp_jwks_refresh_minutes.max(1) * 60);
+        tokio::spawn(idp.clone().refresh_periodically(every, shutdown.clone()));
+    }
     services::run(
         listener,
         store,

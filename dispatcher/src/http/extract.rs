@@ -136,7 +136,7 @@ impl FromRequestParts<AppState> for UserAuth {
                 .and_then(|h| h.kid)
                 .is_some_and(|kid| state.keys.knows_kid(&kid));
             if !ours {
-                let subject = idp.verify(token)?;
+                let subject = idp.verify(token).await?;
                 let user = state
                     .store
                     .user_by_subject(idp.issuer(), &subject)

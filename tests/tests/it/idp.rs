@@ -375,3 +375,60 @@ async fn two_admins_removing_each_other_at_once_leave_one() {
     assert_eq!(members.len(), 1);
     assert_eq!(members[0].3, "admin");
 }
+
+/// A JWKS served over HTTP, whose document the test can change.
+async fn jwks_server(doc: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let doc = doc.clone();
+            async move { doc.lock().unwrap().clone() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/jwks.json")
+}
+
+#[tokio::test]
+async fn idp_keys_from_a_jwks_url_rotate_when_a_token_names_a_new_kid() {
+    let full: Value = serde_json::from_str(&fixture("jwks.json")).unwrap();
+    let only_rsa = json!({"keys": [full["keys"][0].clone()]});
+    let doc = std::sync::Arc::new(std::sync::Mutex::new(only_rsa.to_string()));
+    let url = jwks_server(doc.clone()).await;
+    let idp = Idp::from_jwks_url(ISS, AUD, "sub", &url, 5)
+        .await
+        .unwrap()
+        .with_min_refetch(std::time::Duration::ZERO);
+    let app = TestApp::spawn_with_idp(idp).await;
+    let ada = app.store.ensure_user("ada@idp.test").await.unwrap();
+    app.store
+        .set_user_subject(ada, ISS, "idp|ada")
+        .await
+        .unwrap();
+    app.store
+        .set_membership(app.org_id, ada, Role::Member)
+        .await
+        .unwrap();
+    let rsa = sign(Algorithm::RS256, Some("rsa-1"), &claims("idp|ada"));
+    let ec = sign(Algorithm::ES256, Some("ec-1"), &claims("idp|ada"));
+    assert_eq!(status(&app, &rsa, None).await.0, StatusCode::OK);
+    assert_eq!(
+        status(&app, &ec, None).await.0,
+        StatusCode::UNAUTHORIZED,
+        "ec-1 is not published yet"
+    );
+    // The IdP rotates: it publishes ec-1 and drops rsa-1.
+    *doc.lock().unwrap() = json!({"keys": [full["keys"][1].clone()]}).to_string();
+    assert_eq!(
+        status(&app, &ec, None).await.0,
+        StatusCode::OK,
+        "fetched on the unknown kid"
+    );
+    // rsa-1 is unknown now; the refetch finds it gone: refused.
+    assert_eq!(status(&app, &rsa, None).await.0, StatusCode::UNAUTHORIZED);
+    // A URL that does not answer a JWKS stops the start.
+    *doc.lock().unwrap() = "not json".into();
+    assert!(Idp::from_jwks_url(ISS, AUD, "sub", &url, 5).await.is_err());
+}

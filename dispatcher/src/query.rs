@@ -588,9 +588,15 @@ pub async fn read_version(
         let mut kept: Vec<Vec<Option<Scalar>>> = Vec::new();
         // Without an order, the first `limit + 1` matches decide.
         let enough = plan.limit + 1;
+        let started = std::time::Instant::now();
         for part in parts {
             if plan.order_by.is_empty() && kept.len() >= enough {
                 break;
+            }
+            // Between parts too: a store that answers at once never lets
+            // the timer below fire.
+            if started.elapsed() >= limits.timeout {
+                return Err(QueryError::Timeout(limits.timeout));
             }
             let body = objects.get(&part.key).await.map_err(QueryError::Objects)?;
             crate::rows::parse_rows(&body, &plan.columns, limits.max_row_bytes, |values| {

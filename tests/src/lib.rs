@@ -488,6 +488,19 @@ impl TestApp {
         )
     }
 
+    /// A claimed one-task job whose task may read `reads` (three
+    /// attempts); the task id and the claim.
+    pub async fn claimed_reader(&self, reads: &[&str]) -> (Uuid, wire::ClaimResponse) {
+        let job = self
+            .submit(
+                &json!({"name": "r", "tasks": [{"key": "r", "runtime": "exec", "bundle": "x",
+                                                     "reads": reads, "max_attempts": 3}]}),
+            )
+            .await;
+        let task = job.tasks[0].task_id;
+        (task, self.claim(task).await)
+    }
+
     /// A one-task job whose task may publish to the `alert_events` stream;
     /// returns the task id.
     pub async fn single_task(&self, max_attempts: u32) -> Uuid {

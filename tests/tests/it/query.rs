@@ -578,14 +578,7 @@ async fn a_task_queries_only_its_reads_and_only_while_its_attempt_is_live() {
         json!([{"name": "x", "type": "string"}]),
     )
     .await;
-    let job = app
-        .submit(
-            &json!({"name": "r", "tasks": [{"key": "r", "runtime": "exec", "bundle": "x",
-                                                 "reads": ["clicks"], "max_attempts": 3}]}),
-        )
-        .await;
-    let task = job.tasks[0].task_id;
-    let claim = app.claim(task).await;
+    let (task, claim) = app.claimed_reader(&["clicks"]).await;
     let token = &claim.capability_token;
     let r = app
         .post(
@@ -627,4 +620,55 @@ async fn a_task_queries_only_its_reads_and_only_while_its_attempt_is_live() {
         )
         .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+}
+
+#[tokio::test]
+async fn query_limits_answer_truncated_413_or_503() {
+    // Answer bytes: past the bound the answer is cut and says so.
+    let app = TestApp::spawn_with(dispatcher::settings::Settings {
+        query_max_answer_bytes: 20,
+        ..unthrottled()
+    })
+    .await;
+    small_version(&app).await;
+    let r = app
+        .post("/v1/query", &app.user_token, &json!({"dataset": "clicks"}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["truncated"], true);
+    assert!(r.body["rows"].as_array().unwrap().len() < 2, "{}", r.body);
+
+    // Parts past the scan bound: 413, nothing read.
+    let app = TestApp::spawn_with(dispatcher::settings::Settings {
+        query_max_scan_bytes: 10,
+        ..unthrottled()
+    })
+    .await;
+    small_version(&app).await;
+    let r = app
+        .post("/v1/query", &app.user_token, &json!({"dataset": "clicks"}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        "{}",
+        r.body
+    );
+
+    // No time at all: 503.
+    let app = TestApp::spawn_with(dispatcher::settings::Settings {
+        query_timeout: std::time::Duration::ZERO,
+        ..unthrottled()
+    })
+    .await;
+    small_version(&app).await;
+    let r = app
+        .post("/v1/query", &app.user_token, &json!({"dataset": "clicks"}))
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        "{}",
+        r.body
+    );
 }

@@ -260,14 +260,7 @@ async fn sts_credentials_are_scoped_to_the_attempt_prefix_and_readable_parts() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     app.complete_ok(&w.capability_token, json!({})).await;
 
-    let reader = app
-        .submit(
-            &json!({"name": "r", "tasks": [{"key": "r", "runtime": "exec", "bundle": "x",
-                                                 "reads": ["clicks"], "max_attempts": 3}]}),
-        )
-        .await;
-    let task = reader.tasks[0].task_id;
-    let claim = app.claim(task).await;
+    let (task, claim) = app.claimed_reader(&["clicks"]).await;
     let r = app
         .post("/v1/task/credentials", &claim.capability_token, &json!({}))
         .await;

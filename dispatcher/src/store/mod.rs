@@ -50,8 +50,13 @@ impl Store {
         settings: Arc<Settings>,
     ) -> Result<Self, sqlx::Error> {
         let options: PgConnectOptions = url.parse()?;
+        // No ping before each checkout (sqlx's default): it costs a round
+        // trip per transaction. A connection that died is found by the
+        // statement that uses it; that call answers 503 (retryable) and the
+        // pool drops the connection.
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(5))
             .connect_with(options.application_name("dispatcher"))
             .await?;

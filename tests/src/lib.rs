@@ -488,6 +488,14 @@ impl TestApp {
         )
     }
 
+    /// Ends the current attempt's lease and claims the next attempt at once
+    /// (no backoff): the earlier attempt's token is stale from here on.
+    pub async fn supersede(&self, task_id: Uuid) -> wire::ClaimResponse {
+        self.expire_lease(task_id).await;
+        self.skip_backoff(task_id).await;
+        self.claim(task_id).await
+    }
+
     /// A claimed one-task job whose task may read `reads` (three
     /// attempts); the task id and the claim.
     pub async fn claimed_reader(&self, reads: &[&str]) -> (Uuid, wire::ClaimResponse) {

@@ -281,9 +281,7 @@ async fn sts_credentials_are_scoped_to_the_attempt_prefix_and_readable_parts() {
     assert!(expires > chrono::Utc::now() + chrono::Duration::minutes(14));
 
     // A superseded attempt gets nothing.
-    app.expire_lease(task).await;
-    app.skip_backoff(task).await;
-    let _second = app.claim(task).await;
+    app.supersede(task).await;
     let r = app
         .post("/v1/task/credentials", &claim.capability_token, &json!({}))
         .await;

@@ -124,17 +124,24 @@ pub async fn buffer_publish(
             batch.dataset
         )));
     }
-    if !claims
+    // A new batch must lie under this attempt's prefix; the store answers
+    // a replay of an earlier attempt's identical publish as a duplicate
+    // and refuses anything else outside the prefix.
+    let under_prefix = claims
         .prefixes
         .iter()
-        .any(|p| batch.object_key.starts_with(p.as_str()))
-    {
-        return Err(ApiError::forbidden(format!(
-            "object_key must lie under the attempt's prefix {:?}",
-            claims.prefixes.first().map(String::as_str).unwrap_or("")
-        )));
-    }
-    let outcome = state.store.publish_buffer(fence(&claims), &batch).await?;
+        .any(|p| batch.object_key.starts_with(p.as_str()));
+    let outcome = state
+        .store
+        .publish_buffer(fence(&claims), &batch, under_prefix)
+        .await
+        .map_err(|e| match e {
+            crate::error::StoreError::Forbidden(_) => ApiError::forbidden(format!(
+                "object_key must lie under the attempt's prefix {:?}",
+                claims.prefixes.first().map(String::as_str).unwrap_or("")
+            )),
+            other => other.into(),
+        })?;
     if outcome == PublishOutcome::Accepted {
         tracing::info!(task_id = %claims.sub, attempt = claims.att, batch_id = %batch.batch_id, "buffer batch published");
     }

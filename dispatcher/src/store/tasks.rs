@@ -731,15 +731,18 @@ impl Store {
     /// statement, the outbox row that hands it to the buffer sink. The
     /// dataset must be one of the org's `stream` datasets.
     ///
-    /// A batch is identified by its content: a later publish of the same
-    /// batch id by any attempt of the same task, for the same dataset, row
-    /// count and checksum, changes nothing (each attempt writes under its
-    /// own prefix, so the object key may differ); anything else is a
-    /// conflict.
+    /// A later publish of the same batch id with the same body (dataset,
+    /// object key, rows, checksum) by any attempt of the same task changes
+    /// nothing; another body is a conflict (contract: "Buffered sinks").
+    /// `under_prefix` says whether the object lies under this attempt's
+    /// own prefix: only such a publish may record a new batch; a replay of
+    /// an earlier attempt's identical publish (whose key lies under that
+    /// attempt's prefix) is answered as the duplicate it is.
     pub async fn publish_buffer(
         &self,
         fence: Fence,
         batch: &NewBufferBatch,
+        under_prefix: bool,
     ) -> Result<PublishOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         let (live, mode, inserted): (bool, Option<String>, bool) = sqlx::query_as(
@@ -755,7 +758,7 @@ impl Store {
                  INSERT INTO buffer_publishes
                         (org_id, batch_id, task_id, attempt, dataset, object_key, rows, sha256)
                  SELECT fence.org_id, $4, $1, $3, $5, $6, $7, $8 FROM fence, ds
-                  WHERE ds.mode = 'stream'
+                  WHERE ds.mode = 'stream' AND $9
                      ON CONFLICT (org_id, batch_id) DO NOTHING
                  RETURNING org_id, batch_id
              ), wake AS (
@@ -772,6 +775,7 @@ impl Store {
         .bind(&batch.object_key)
         .bind(batch.rows)
         .bind(&batch.sha256)
+        .bind(under_prefix)
         .fetch_one(&mut *tx)
         .await?;
         if !live {
@@ -802,8 +806,10 @@ impl Store {
             tx.commit().await?;
             return Ok(PublishOutcome::Accepted);
         }
-        let same: bool = sqlx::query_scalar(
-            "SELECT coalesce(b.task_id = $2 AND b.dataset = $3
+        // `None`: no such batch; else whether its body is this one (the
+        // checksum and row count an operator replay replaced count too).
+        let same: Option<bool> = sqlx::query_scalar(
+            "SELECT coalesce(b.task_id = $2 AND b.dataset = $3 AND b.object_key = $6
                     AND ((b.sha256 = $5 AND b.rows = $4)
                          OR (b.replaced_sha256 = $5 AND b.replaced_rows = $4)), false)
                FROM buffer_publishes b JOIN tasks t ON t.id = $2 JOIN jobs j ON j.id = t.job_id
@@ -814,16 +820,19 @@ impl Store {
         .bind(&batch.dataset)
         .bind(batch.rows)
         .bind(&batch.sha256)
-        .fetch_one(&mut *tx)
+        .bind(&batch.object_key)
+        .fetch_optional(&mut *tx)
         .await?;
         tx.rollback().await?;
-        if same {
-            Ok(PublishOutcome::Duplicate)
-        } else {
-            Err(StoreError::Conflict(format!(
+        match same {
+            Some(true) => Ok(PublishOutcome::Duplicate),
+            Some(false) => Err(StoreError::Conflict(format!(
                 "batch {} was already published with a different body",
                 batch.batch_id
-            )))
+            ))),
+            None => Err(StoreError::Forbidden(
+                "object_key must lie under the attempt's own prefix".into(),
+            )),
         }
     }
 

@@ -186,6 +186,7 @@ async fn run_case(
                                 rows: 1,
                                 sha256: "0".repeat(64),
                             },
+                            true,
                         )
                         .await
                         .map(drop),

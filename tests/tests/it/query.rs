@@ -569,7 +569,7 @@ async fn injection_and_abuse_are_400_naming_the_place_and_execute_nothing() {
 }
 
 #[tokio::test]
-async fn a_task_queries_only_its_reads_and_only_while_its_attempt_is_live() {
+async fn invariant_9_a_task_queries_only_its_reads_and_only_while_its_attempt_is_live() {
     let app = TestApp::spawn_with(unthrottled()).await;
     small_version(&app).await;
     app.create_dataset(
@@ -621,7 +621,7 @@ async fn a_task_queries_only_its_reads_and_only_while_its_attempt_is_live() {
 }
 
 #[tokio::test]
-async fn query_limits_answer_truncated_413_or_503() {
+async fn invariant_12_query_limits_answer_truncated_413_or_503() {
     use dispatcher::settings::Settings;
     let cases = [
         // Answer bytes: past the bound the answer is cut and says so.

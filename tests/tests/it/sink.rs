@@ -730,3 +730,74 @@ async fn batch_ids_are_unique_per_org_and_another_orgs_batch_is_not_found() {
         (StatusCode::BAD_REQUEST, "invalid_request")
     );
 }
+
+#[tokio::test]
+async fn a_later_attempt_replaying_the_same_publish_changes_nothing_and_another_body_is_409() {
+    let f = fixture(TestApp::spawn().await).await;
+    let batch = f.publish_batch(ROWS.as_bytes(), 3).await;
+    let key = format!("{}buffers/{batch}.jsonl", f.claim.object_prefix);
+    let sum = sha(ROWS.as_bytes());
+    let task = f.claim.task_id;
+    let second = f.app.supersede(task).await;
+    let publish = |body: Value| {
+        let app = &f.app;
+        let token = second.capability_token.clone();
+        async move { app.post("/v1/task/buffer-publish", &token, &body).await }
+    };
+    let before = f.app.snapshot(task).await;
+    // The same body (its key under the first attempt's prefix): accepted,
+    // nothing recorded.
+    let r = publish(
+        json!({"batch_id": batch, "dataset": "events", "object_key": key,
+                           "rows": 3, "sha256": sum}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body, json!({"batch_id": batch, "status": "accepted"}));
+    // Another body for the same batch id, even under its own prefix: 409.
+    let own = format!("{}buffers/{batch}.jsonl", second.object_prefix);
+    let r = publish(
+        json!({"batch_id": batch, "dataset": "events", "object_key": own,
+                           "rows": 3, "sha256": sum}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "conflict"),
+        "{}",
+        r.body
+    );
+    // A new batch outside its own prefix: 403.
+    let r = publish(
+        json!({"batch_id": Uuid::new_v4(), "dataset": "events", "object_key": key,
+                           "rows": 3, "sha256": sum}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::FORBIDDEN, "forbidden"),
+        "{}",
+        r.body
+    );
+    assert_eq!(f.app.snapshot(task).await, before, "nothing changed");
+}
+
+#[tokio::test]
+async fn invariant_12_a_batch_past_the_size_bound_is_dead_and_inserts_nothing() {
+    let f = fixture(
+        TestApp::spawn_with(dispatcher::settings::Settings {
+            max_part_bytes: 64,
+            ..Default::default()
+        })
+        .await,
+    )
+    .await;
+    let batch = f.publish_batch(ROWS.as_bytes(), 3).await;
+    f.relay().await;
+    drain(&f.app.sink().await).await;
+    let s = f.status(batch).await;
+    assert_eq!(s["status"], "dead", "{s}");
+    assert_eq!(s["reason"]["code"], "row_too_large");
+    assert_eq!(s["reason"]["line"], Value::Null);
+    assert_eq!(f.rows_of(batch).await, 0);
+}

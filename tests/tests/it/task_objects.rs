@@ -232,7 +232,7 @@ async fn on_s3_a_task_puts_through_a_presigned_url() {
 /// without enforcing the policy (nor does its S3 check them), so the
 /// policy is checked as the dispatcher sends it; AWS enforces it.
 #[tokio::test]
-async fn sts_credentials_are_scoped_to_the_attempt_prefix_and_readable_parts() {
+async fn invariant_9_sts_credentials_are_scoped_to_the_attempt_prefix_and_readable_parts() {
     let moto = dispatcher_tests::moto::Moto::start().await;
     let cfg = moto.s3_config().await;
     let s3 = std::sync::Arc::new(dispatcher::objects::S3Store::connect(&cfg).await.unwrap());

@@ -247,7 +247,8 @@ struct SinkArgs {
     /// Batches one sink ingests at once (1 to 10).
     #[arg(long, env = "DISPATCHER_SINK_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..=10))]
     sink_concurrency: Option<u16>,
-    /// Seconds a received buffer pointer stays hidden from other sinks.
+    /// Seconds a received buffer pointer stays hidden from other sinks
+    /// (extended every third of it while its batch is in hand).
     #[arg(long, env = "DISPATCHER_SINK_VISIBILITY_SECONDS", value_parser = clap::value_parser!(u64).range(1..=43_200))]
     sink_visibility_seconds: Option<u64>,
     /// Data-database connections of the sink.

@@ -324,7 +324,25 @@ fn parse_expr(
         ));
     }
     let (key, inner) = single(v, at, "key (`and`, `or`, `not` or a column)")?;
-    match key.as_str() {
+    // A column may be named `and`, `or` or `not`: the key is that column
+    // when its value has a leaf's shape (an operator object) rather than a
+    // combinator's (a list, or an expression).
+    let is_column = |name: &str| columns.iter().any(|c| c.name == name);
+    let operator_object = inner.as_object().is_some_and(|o| {
+        o.len() == 1
+            && o.keys().all(|k| {
+                matches!(
+                    k.as_str(),
+                    "eq" | "ne" | "lt" | "lte" | "gt" | "gte" | "in" | "is_null"
+                ) && !is_column(k)
+            })
+    });
+    let combinator = match key.as_str() {
+        "and" | "or" | "not" if is_column(key) && operator_object => None,
+        k @ ("and" | "or" | "not") => Some(k),
+        _ => None,
+    };
+    match combinator.unwrap_or("") {
         "and" | "or" => {
             let list = inner
                 .as_array()
@@ -350,7 +368,8 @@ fn parse_expr(
             columns,
             limits,
         )?))),
-        name => {
+        _ => {
+            let name = key.as_str();
             let here = format!("{at}.{name}");
             let column = columns
                 .iter()
@@ -476,6 +495,21 @@ mod tests {
         assert!(plan(&req(deep.clone()), &schema(), &LIMITS).is_ok());
         let e = plan(&req(json!({"not": deep})), &schema(), &LIMITS).unwrap_err();
         assert!(e.message.contains("deeper"), "{}", e.message);
+    }
+
+    #[test]
+    fn columns_named_like_combinators_are_columns_when_the_value_is_a_leaf() {
+        let cols: Vec<Column> = serde_json::from_value(json!([
+            {"name": "and", "type": "int64"}, {"name": "not", "type": "bool"}]))
+        .unwrap();
+        let p = plan(&req(json!({"and": {"eq": 1}})), &cols, &LIMITS).unwrap();
+        assert!(matches!(p.filter, Some(Expr::Cmp { column: 0, .. })));
+        let p = plan(&req(json!({"not": {"eq": true}})), &cols, &LIMITS).unwrap();
+        assert!(matches!(p.filter, Some(Expr::Cmp { column: 1, .. })));
+        let p = plan(&req(json!({"not": {"and": {"gt": 0}}})), &cols, &LIMITS).unwrap();
+        assert!(matches!(p.filter, Some(Expr::Not(_))));
+        let p = plan(&req(json!({"and": [{"and": {"gt": 0}}]})), &cols, &LIMITS).unwrap();
+        assert!(matches!(p.filter, Some(Expr::And(_))));
     }
 
     #[test]

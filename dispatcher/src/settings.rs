@@ -134,7 +134,8 @@ pub struct Settings {
     /// Longest queue long-poll a worker may ask for (SQS: 20 s).
     pub queue_max_wait: Duration,
     /// A buffer pointer the sink received stays hidden from other sinks
-    /// this long (a sink that dies mid-batch is replaced after it).
+    /// this long, extended every third of it while the batch is in hand;
+    /// a sink that dies is replaced after it.
     pub sink_visibility: Duration,
     /// Batches one sink ingests at once.
     pub sink_concurrency: usize,
@@ -220,7 +221,7 @@ impl Default for Settings {
             outbox_retention: Duration::from_secs(24 * 3600),
             queue_max_receives: 5,
             queue_max_wait: Duration::from_secs(20),
-            sink_visibility: Duration::from_secs(300),
+            sink_visibility: Duration::from_secs(60),
             sink_concurrency: 4,
             sink_retry_base: Duration::from_secs(1),
             sink_retry_cap: Duration::from_secs(300),

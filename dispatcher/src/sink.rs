@@ -192,7 +192,29 @@ impl Sink {
                 return;
             }
         };
-        match self.ingest(pointer.org_id, pointer.batch_id).await {
+        // While the batch is in hand its pointer stays hidden: the
+        // visibility is extended every third of it, so a short visibility
+        // (fast takeover after a crash) never lets a slow batch go to a
+        // second sink.
+        let ingest = self.ingest(pointer.org_id, pointer.batch_id);
+        tokio::pin!(ingest);
+        let every = (self.settings.sink_visibility / 3).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        let result = loop {
+            tokio::select! {
+                r = &mut ingest => break r,
+                _ = tick.tick() => {
+                    if let Err(e) = self
+                        .queue
+                        .change_visibility(BUFFERS, &d.receipt_handle, self.settings.sink_visibility)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "could not extend a buffer pointer's visibility");
+                    }
+                }
+            }
+        };
+        match result {
             Ok(outcome) => {
                 match &outcome {
                     Outcome::Ingested { rows } => {

@@ -218,7 +218,7 @@ impl Stack {
             .env("DISPATCHER_OBJECTS_DIR", self.dir.join("objects"))
             // Crash tests kill the dispatcher while its sink may hold
             // pointers: they come back after this, not after the default
-            // 300 s (as leases here are short too).
+            // 60 s (as leases here are short too).
             .env("DISPATCHER_SINK_VISIBILITY_SECONDS", "2")
             .env("RUST_LOG", "info,sqlx=warn")
             .envs(self.profile_env.iter().map(|(k, v)| (k, v)))

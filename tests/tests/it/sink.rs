@@ -801,3 +801,58 @@ async fn invariant_12_a_batch_past_the_size_bound_is_dead_and_inserts_nothing() 
     assert_eq!(s["reason"]["line"], Value::Null);
     assert_eq!(f.rows_of(batch).await, 0);
 }
+
+#[tokio::test]
+async fn a_pointer_stays_hidden_while_its_batch_is_in_hand() {
+    let f = fixture(
+        TestApp::spawn_with(dispatcher::settings::Settings {
+            sink_visibility: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .await,
+    )
+    .await;
+    let batch = f.publish_batch(ROWS.as_bytes(), 3).await;
+    f.relay().await;
+    let sink = f.app.sink().await;
+    // Make the sink's insert wait: another transaction holds the batch's
+    // dedup key, uncommitted.
+    let dataset: Uuid = sqlx::query_scalar("SELECT id FROM datasets WHERE name = 'events'")
+        .fetch_one(&f.app.db.pool)
+        .await
+        .unwrap();
+    let mut blocker = f.data.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO sink_batches (org_id, batch_id, dataset_id, rows, sha256, task_id, attempt)
+         VALUES ($1, $2, $3, 3, $4, $5, 1)",
+    )
+    .bind(f.app.org_id)
+    .bind(batch)
+    .bind(dataset)
+    .bind(sha(ROWS.as_bytes()))
+    .bind(f.claim.task_id)
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let running = tokio::spawn({
+        let sink = sink.clone();
+        async move { sink.poll(Duration::ZERO).await.unwrap() }
+    });
+    // Three visibilities later the pointer is still hidden: extended.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let hidden: bool = sqlx::query_scalar(
+        "SELECT bool_and(visible_at > now()) FROM queue_messages WHERE queue = 'buffers'",
+    )
+    .fetch_one(&f.app.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        hidden,
+        "the pointer became visible while its batch was in hand"
+    );
+    assert!(!running.is_finished());
+    blocker.rollback().await.unwrap();
+    assert_eq!(running.await.unwrap(), 1);
+    assert_eq!(f.status(batch).await["status"], "ingested");
+    assert_eq!(f.rows_of(batch).await, 3);
+}

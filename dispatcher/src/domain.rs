@@ -163,6 +163,8 @@ pub struct NewJob {
     pub name: String,
     /// In submission order.
     pub tasks: Vec<NewTask>,
+    /// Past this long after submission the job is cancelled.
+    pub deadline: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +177,8 @@ pub struct NewTask {
     pub outputs: Vec<String>,
     pub reads: Vec<String>,
     pub max_attempts: u32,
+    /// As submitted; the store fills in the bundle's or the default.
+    pub timeout_seconds: Option<u32>,
     /// Indexes into `NewJob::tasks`.
     pub depends_on: Vec<usize>,
 }
@@ -228,6 +232,24 @@ pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJo
         }
         storable_json(&format!("tasks[{i}].inputs"), &inputs)?;
         storable_text(&format!("tasks[{i}].bundle"), &t.bundle)?;
+        if t.runtime != wire::Runtime::Exec
+            && !crate::bundles::is_digest(&t.bundle)
+            && crate::bundles::check_tag(&t.bundle).is_err()
+        {
+            return Err(Invalid::new(
+                format!("tasks[{i}].bundle"),
+                "a node, python or rust task names a bundle by digest (sha256:…) or tag",
+            ));
+        }
+        if let Some(secs) = t.timeout_seconds {
+            let max = settings.task_timeout_max.as_secs();
+            if secs == 0 || u64::from(secs) > max {
+                return Err(Invalid::new(
+                    format!("tasks[{i}].timeout_seconds"),
+                    format!("must be 1 to {max}"),
+                ));
+            }
+        }
         let max_attempts = t.max_attempts.unwrap_or(settings.default_max_attempts);
         if max_attempts == 0 || max_attempts > settings.max_attempts_limit {
             return Err(Invalid::new(
@@ -274,6 +296,7 @@ pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJo
             outputs,
             reads,
             max_attempts,
+            timeout_seconds: t.timeout_seconds,
             depends_on,
         });
     }
@@ -285,7 +308,24 @@ pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJo
             format!("dependency cycle: {}", path.join(" -> ")),
         ));
     }
-    Ok(NewJob { name, tasks })
+    let deadline = match req.deadline_seconds {
+        None => None,
+        Some(secs) => {
+            let max = settings.job_deadline_max.as_secs();
+            if secs == 0 || u64::from(secs) > max {
+                return Err(Invalid::new(
+                    "deadline_seconds",
+                    format!("must be 1 to {max}"),
+                ));
+            }
+            Some(std::time::Duration::from_secs(u64::from(secs)))
+        }
+    };
+    Ok(NewJob {
+        name,
+        tasks,
+        deadline,
+    })
 }
 
 /// A cycle in the dependency graph, as a path that starts and ends at the
@@ -537,6 +577,7 @@ mod tests {
             max_attempts: None,
             outputs: vec![],
             reads: vec![],
+            timeout_seconds: None,
         }
     }
 
@@ -545,6 +586,7 @@ mod tests {
             wire::SubmitJobRequest {
                 name: "j".into(),
                 tasks,
+                deadline_seconds: None,
             },
             &Settings::default(),
         )

@@ -43,6 +43,45 @@ enum Command {
     /// Operator commands: orgs, users, memberships.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// UDF bundles: pack and push a directory, tag a bundle.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+/// Where the API is and who calls it (a user token of the org).
+#[derive(Args)]
+struct ApiArgs {
+    #[arg(long, env = "DISPATCHER_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// A user token (`dispatcher token user`, or the identity provider's).
+    #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
+    token: String,
+    /// The org, for a user of several (the `Dispatcher-Org` header).
+    #[arg(long, env = "DISPATCHER_ORG")]
+    org: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Pack DIR (which holds a `bundle.json`) and push it; prints its
+    /// digest (`sha256:…`), which tasks name as their `bundle`.
+    Push {
+        dir: std::path::PathBuf,
+        /// Also point this tag at the pushed bundle.
+        #[arg(long)]
+        tag: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Pack DIR and print the digest it would have, pushing nothing.
+    Digest { dir: std::path::PathBuf },
+    /// Point TAG at DIGEST (one of the org's bundles).
+    Tag {
+        tag: String,
+        digest: String,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
 }
 
 #[derive(Args)]
@@ -292,6 +331,9 @@ struct LimitArgs {
     /// Seconds before a request that has not answered gets 503.
     #[arg(long, env = "DISPATCHER_REQUEST_TIMEOUT_SECONDS")]
     request_timeout_seconds: Option<u64>,
+    /// A capability token outlives its lease by this many seconds.
+    #[arg(long, env = "DISPATCHER_TOKEN_GRACE_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    token_grace_seconds: Option<u64>,
 }
 
 impl LimitArgs {
@@ -316,6 +358,9 @@ impl LimitArgs {
         }
         if let Some(t) = self.request_timeout_seconds {
             s.request_timeout = std::time::Duration::from_secs(t);
+        }
+        if let Some(t) = self.token_grace_seconds {
+            s.token_grace = std::time::Duration::from_secs(t);
         }
     }
 }
@@ -606,7 +651,86 @@ async fn main() -> Result<()> {
         }
         Command::Token(cmd) => token(cmd),
         Command::Admin(cmd) => admin(cmd).await,
+        Command::Bundle(cmd) => bundle(cmd).await,
     }
+}
+
+async fn bundle(cmd: BundleCommand) -> Result<()> {
+    match cmd {
+        BundleCommand::Digest { dir } => {
+            let (bytes, _) = dispatcher::bundles::pack(&dir)
+                .with_context(|| format!("packing {}", dir.display()))?;
+            println!("{}", dispatcher::bundles::digest(&bytes));
+        }
+        BundleCommand::Push { dir, tag, api } => {
+            let (bytes, manifest) = dispatcher::bundles::pack(&dir)
+                .with_context(|| format!("packing {}", dir.display()))?;
+            let size = bytes.len();
+            let view: dispatcher_wire::BundleView = api_call(
+                &api,
+                reqwest::Method::POST,
+                "/v1/bundles",
+                Some(("application/gzip", bytes)),
+            )
+            .await?;
+            eprintln!(
+                "pushed a {} bundle ({} bytes, handler {})",
+                manifest.runtime.as_str(),
+                size,
+                manifest.handler
+            );
+            if let Some(tag) = tag {
+                tag_bundle(&api, &tag, &view.digest).await?;
+                eprintln!("tagged {tag}");
+            }
+            println!("{}", view.digest);
+        }
+        BundleCommand::Tag { tag, digest, api } => {
+            tag_bundle(&api, &tag, &digest).await?;
+            println!("{digest}");
+        }
+    }
+    Ok(())
+}
+
+async fn tag_bundle(api: &ApiArgs, tag: &str, digest: &str) -> Result<()> {
+    let body = serde_json::to_vec(&dispatcher_wire::BundleTagRequest {
+        digest: digest.to_owned(),
+    })?;
+    let _: dispatcher_wire::BundleView = api_call(
+        api,
+        reqwest::Method::PUT,
+        &format!("/v1/bundles/tags/{tag}"),
+        Some(("application/json", body)),
+    )
+    .await?;
+    Ok(())
+}
+
+/// One call of the user API; a refusal becomes an error with its code.
+async fn api_call<T: serde::de::DeserializeOwned>(
+    api: &ApiArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<(&str, Vec<u8>)>,
+) -> Result<T> {
+    let url = format!("{}{path}", api.url.trim_end_matches('/'));
+    let mut req = reqwest::Client::new()
+        .request(method, &url)
+        .bearer_auth(&api.token);
+    if let Some(org) = &api.org {
+        req = req.header("dispatcher-org", org);
+    }
+    if let Some((content_type, bytes)) = body {
+        req = req.header("content-type", content_type).body(bytes);
+    }
+    let resp = req.send().await.with_context(|| format!("calling {url}"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("{url} answered {status}: {text}");
+    }
+    serde_json::from_str(&text).with_context(|| format!("{url} answered {text:?}"))
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {

@@ -160,6 +160,16 @@ pub struct Settings {
     /// Longest a query may run (a statement timeout on streams); past it
     /// `503`.
     pub query_timeout: Duration,
+    /// Largest bundle archive `POST /v1/bundles` takes (bytes, gzipped).
+    pub bundle_max_bytes: usize,
+    /// Largest sum of a bundle's unpacked files (bytes).
+    pub bundle_max_unpacked_bytes: u64,
+    /// A task's run bound when neither it nor its bundle names one.
+    pub task_timeout_default: Duration,
+    /// Largest `timeout_seconds` a task may name.
+    pub task_timeout_max: Duration,
+    /// Largest `deadline_seconds` a job may name.
+    pub job_deadline_max: Duration,
     /// Named crash points (debug builds only; see `failpoint`).
     pub failpoints: Vec<String>,
 }
@@ -232,6 +242,11 @@ impl Default for Settings {
             query_max_answer_bytes: 8 * 1024 * 1024,
             query_max_scan_bytes: 1024 * 1024 * 1024,
             query_timeout: Duration::from_secs(10),
+            bundle_max_bytes: 64 * 1024 * 1024,
+            bundle_max_unpacked_bytes: 512 * 1024 * 1024,
+            task_timeout_default: Duration::from_secs(15 * 60),
+            task_timeout_max: Duration::from_secs(24 * 3600),
+            job_deadline_max: Duration::from_secs(7 * 24 * 3600),
             failpoints: Vec::new(),
         }
     }

@@ -677,3 +677,29 @@ pub fn decode_claims(token: &str) -> Value {
         .expect("base64url payload");
     serde_json::from_slice(&bytes).expect("JSON claims")
 }
+
+/// A bundle archive of `runtime` whose handler returns its inputs; `n`
+/// varies its content (and so its digest).
+pub fn bundle_archive(runtime: &str, n: usize) -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("bundle-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("bundle dir");
+    let (file, code) = match runtime {
+        "node" => (
+            "main.mjs",
+            format!("export const handler = async (e) => e; // {n}\n"),
+        ),
+        _ => (
+            "main.py",
+            format!("def handler(e, c):  # {n}\n    return e\n"),
+        ),
+    };
+    std::fs::write(dir.join(file), code).expect("bundle code");
+    std::fs::write(
+        dir.join("bundle.json"),
+        format!(r#"{{"runtime": "{runtime}", "handler": "main.handler"}}"#),
+    )
+    .expect("bundle.json");
+    let (bytes, _) = dispatcher::bundles::pack(&dir).expect("pack");
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
+}

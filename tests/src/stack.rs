@@ -133,6 +133,8 @@ pub struct Stack {
     pub dispatcher: Option<Child>,
     restarts: u32,
     pub org_id: Uuid,
+    /// A member of the org (bundles are pushed as this user).
+    pub user_id: Uuid,
     /// Extra environment of the dispatcher and worker processes (the aws
     /// profile's).
     pub profile_env: Vec<(String, String)>,
@@ -183,6 +185,10 @@ impl Stack {
             .create_dataset(org_id, user, &stream)
             .await
             .expect("alert_events");
+        store
+            .set_membership(org_id, user, dispatcher::domain::Role::Member)
+            .await
+            .expect("membership");
         db.data().await.close().await;
         Stack {
             _turn: turn,
@@ -194,6 +200,7 @@ impl Stack {
             dispatcher: None,
             restarts: 0,
             org_id,
+            user_id: user,
             profile_env: Vec::new(),
         }
     }
@@ -360,6 +367,41 @@ impl Stack {
             .spawn()
             .expect("start worker");
         Worker { child, log }
+    }
+
+    /// A user token of the org's member.
+    pub fn user_token(&self) -> String {
+        self.keys.mint_user(
+            self.user_id,
+            self.org_id,
+            Utc::now() + chrono::Duration::hours(1),
+        )
+    }
+
+    /// Pushes the bundle directory `dir` with the real CLI
+    /// (`dispatcher bundle push`), tagging it `tag` if given; its digest.
+    pub fn push_bundle(&self, dir: &std::path::Path, tag: Option<&str>) -> String {
+        let mut cmd = Command::new(binary("dispatcher"));
+        cmd.arg("bundle").arg("push").arg(dir);
+        if let Some(tag) = tag {
+            cmd.arg("--tag").arg(tag);
+        }
+        let out = cmd
+            .env("DISPATCHER_URL", self.url())
+            .env("DISPATCHER_TOKEN", self.user_token())
+            .output()
+            .expect("running dispatcher bundle push");
+        assert!(
+            out.status.success(),
+            "bundle push failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let digest = String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_owned();
+        assert!(dispatcher::bundles::is_digest(&digest), "{digest:?}");
+        digest
     }
 
     /// The `sample-task` bundle (a copy of the binary that any uid may run).

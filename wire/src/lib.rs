@@ -154,6 +154,13 @@ pub struct ClaimResponse {
     /// The object-store prefix of this attempt alone (also in the token).
     #[serde(default)]
     pub object_prefix: String,
+    /// The org the task belongs to (also in the token).
+    #[serde(default)]
+    pub org_id: Uuid,
+    /// For a bundle runtime: a presigned GET of the bundle's archive, whose
+    /// SHA-256 is the task's `bundle` digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +172,51 @@ pub struct TaskSpec {
     pub outputs: Vec<String>,
     #[serde(default)]
     pub reads: Vec<String>,
+    /// How long one run of the task may take; past it the run is killed
+    /// and the attempt fails retryably (`0`: the worker's own default).
+    #[serde(default)]
+    pub timeout_seconds: u32,
+}
+
+// -------------------------------------------------------------- bundles ---
+
+/// A bundle's manifest: `bundle.json` at the root of its archive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BundleManifest {
+    pub runtime: Runtime,
+    /// Python: `module.function`; Node: `file.export` (`.mjs`, `.js` or
+    /// `.cjs`); Rust: the name of the program (`bootstrap`).
+    pub handler: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+    /// The default timeout of the bundle's tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+}
+
+/// A stored bundle, as `POST /v1/bundles` and `GET /v1/bundles/{digest}`
+/// answer it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BundleView {
+    pub digest: String,
+    pub runtime: Runtime,
+    pub handler: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+    pub size_bytes: u64,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// `PUT /v1/bundles/tags/{name}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleTagRequest {
+    pub digest: String,
 }
 
 // ------------------------------------------------------------ heartbeat ---
@@ -308,6 +360,9 @@ pub struct CommittedVersion {
 pub struct SubmitJobRequest {
     pub name: String,
     pub tasks: Vec<TaskSubmission>,
+    /// Past this many seconds from submission the job is cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -328,6 +383,9 @@ pub struct TaskSubmission {
     /// Datasets the task may read (its capability token's read scope).
     #[serde(default)]
     pub reads: Vec<String>,
+    /// Bound of one run (default: the bundle's, else the dispatcher's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,6 +4,8 @@
 
 mod client;
 mod runner;
+mod runners;
+mod runtime_api;
 mod sample;
 mod sandbox;
 mod wakeups;
@@ -85,6 +87,21 @@ struct RunArgs {
     /// Visibility timeout of received wake-ups (heartbeats extend it).
     #[arg(long, default_value_t = 30)]
     visibility_seconds: u32,
+    /// The Python interpreter of Python bundles.
+    #[arg(long, env = "WORKER_PYTHON", default_value = "python3")]
+    python: String,
+    /// Node.js, for Node bundles (20 or later).
+    #[arg(long, env = "WORKER_NODE", default_value = "node")]
+    node: String,
+    /// A warm runner idle this long is stopped.
+    #[arg(long, env = "WORKER_RUNNER_IDLE_SECONDS", default_value_t = 300)]
+    runner_idle_seconds: u64,
+    /// A runner's init (loading its handler) may take this long.
+    #[arg(long, env = "WORKER_RUNNER_INIT_SECONDS", default_value_t = 10)]
+    runner_init_seconds: u64,
+    /// A task's run bound when its claim names none.
+    #[arg(long, env = "WORKER_TASK_TIMEOUT_SECONDS", default_value_t = 900)]
+    task_timeout_seconds: u64,
     /// On SIGTERM, how long running tasks may finish before they are killed.
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -147,9 +164,10 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
         .worker_id
         .clone()
         .unwrap_or_else(|| format!("worker-{}", std::process::id()));
-    if args.udf_uids.len() < args.concurrency as u64 {
+    // A uid per running task and per warm runner (at most one each per slot).
+    if args.udf_uids.len() < 2 * args.concurrency as u64 {
         bail!(
-            "--udf-uids holds fewer uids than --concurrency {}",
+            "--udf-uids holds fewer than twice --concurrency {} uids",
             args.concurrency
         );
     }
@@ -157,6 +175,32 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
     let sandbox = Sandbox::new(&parent, args.udf_uids, &args.udf_lock_dir)?;
     let client = Arc::new(Client::new(&args.dispatcher_url, &credential)?);
     drop(credential);
+    let default_timeout = Duration::from_secs(args.task_timeout_seconds.max(1));
+    let runners = runners::Runners::new(
+        runners::RunnerConfig {
+            python: args.python.clone(),
+            node: args.node.clone(),
+            max_idle: args.concurrency.max(1),
+            idle_ttl: Duration::from_secs(args.runner_idle_seconds),
+            init_timeout: Duration::from_secs(args.runner_init_seconds.max(1)),
+            default_timeout,
+            worker_id: worker_id.clone(),
+            max_unpacked: dispatcher::settings::Settings::default().bundle_max_unpacked_bytes,
+        },
+        sandbox.clone(),
+    )?;
+    {
+        let runners = Arc::downgrade(&runners);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                match runners.upgrade() {
+                    Some(r) => r.sweep().await,
+                    None => break,
+                }
+            }
+        });
+    }
     let wakeups = Wakeups::open(&args.profile, client.clone(), &args.queue).await?;
     let source = wakeups.describe();
     let cfg = Arc::new(WorkerConfig {
@@ -165,6 +209,8 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
         wakeups,
         lease_seconds: args.lease_seconds,
         sandbox: sandbox.clone(),
+        runners: runners.clone(),
+        default_timeout,
     });
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -253,6 +299,7 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
         );
         running.shutdown().await;
     }
+    runners.stop_all().await;
     sandbox.remove();
     if let Some(why) = refused {
         tracing::error!(

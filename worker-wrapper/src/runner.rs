@@ -9,6 +9,8 @@ use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::client::{CallError, Client};
+use crate::runners::{Invoked, Runners};
+use crate::runtime_api::{Answer, MAX_RESPONSE_BYTES};
 use crate::sandbox::{Attempt, Sandbox};
 use crate::wakeups::Wakeups;
 
@@ -21,6 +23,10 @@ pub struct WorkerConfig {
     pub lease_seconds: Option<u32>,
     /// Where and as whom tasks run.
     pub sandbox: Arc<Sandbox>,
+    /// Runner processes of bundle tasks.
+    pub runners: Arc<Runners>,
+    /// An exec task's bound when its claim names none.
+    pub default_timeout: Duration,
 }
 
 /// How handling a wake-up ended, as the receive loop needs to know.
@@ -34,6 +40,10 @@ pub enum Handled {
 /// How a run ended.
 enum Ended {
     Exited(std::process::ExitStatus, Vec<u8>, Vec<u8>),
+    /// An exec task ran past its timeout and was killed.
+    TimedOut(u64),
+    /// A bundle task's invocation ended.
+    Invoked(Invoked),
     /// A cancel was requested: the task was killed; the attempt completes
     /// as `cancelled`.
     Cancelled,
@@ -122,9 +132,13 @@ pub async fn handle(
     };
     tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, key = claim.task.key, "claimed");
     // The newest capability token: heartbeats refresh it, completion uses it.
-    let token = Mutex::new(claim.capability_token.clone());
-    let ended = run(&client, &cfg, &claim, &msg, &token).await;
-    let token = token.into_inner().unwrap_or_else(|p| p.into_inner());
+    let token = Arc::new(Mutex::new(claim.capability_token.clone()));
+    let ended = if claim.task.runtime == wire::Runtime::Exec {
+        run(&client, &cfg, &claim, &msg, &token).await
+    } else {
+        invoke(&client, &cfg, &claim, &msg, &token).await
+    };
+    let token = token.lock().map(|t| t.clone()).unwrap_or_default();
     let request = match ended {
         Ended::Abandoned(why) => {
             tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, why, "attempt abandoned without completing");
@@ -139,20 +153,115 @@ pub async fn handle(
             })
         }
         Ended::Exited(status, stdout, stderr) => Some(outcome(status, &stdout, &stderr)),
-        Ended::SpawnFailed(why) => Some(wire::CompleteRequest {
-            outcome: wire::Outcome::Failed,
-            output: None,
-            error: Some(wire::TaskFailure {
-                message: why,
-                retryable: false,
-            }),
-        }),
+        Ended::TimedOut(secs) => Some(failed(
+            format!("Sandbox.Timedout: Task timed out after {secs}.00 seconds"),
+            true,
+        )),
+        Ended::Invoked(invoked) => Some(invoked_outcome(invoked)),
+        Ended::SpawnFailed(why) => Some(failed(why, false)),
     };
     if let Some(req) = request {
         complete(&client, &claim, &token, &req).await;
     }
     cfg.wakeups.delete(&msg.receipt_handle).await;
     Handled::Done
+}
+
+fn failed(message: String, retryable: bool) -> wire::CompleteRequest {
+    wire::CompleteRequest {
+        outcome: wire::Outcome::Failed,
+        output: None,
+        error: Some(wire::TaskFailure { message, retryable }),
+    }
+}
+
+/// The completion an invocation's end makes. A response is the output
+/// (JSON; other text as `{"response": "…"}`). A handler's error, a
+/// timeout and a crash fail retryably; an init failure, an oversized
+/// response and a bundle that cannot be run do not (retrying cannot help).
+fn invoked_outcome(invoked: Invoked) -> wire::CompleteRequest {
+    match invoked {
+        Invoked::Answered(Answer::Response(body)) => {
+            let text = String::from_utf8_lossy(&body).replace('\0', "\u{FFFD}");
+            let output = serde_json::from_str(text.trim())
+                .unwrap_or_else(|_| serde_json::json!({"response": text}));
+            wire::CompleteRequest {
+                outcome: wire::Outcome::Succeeded,
+                output: Some(output),
+                error: None,
+            }
+        }
+        Invoked::Answered(Answer::Error {
+            error_type,
+            message,
+            body,
+        }) => {
+            // Python sends `stackTrace`, Node `trace`: a list of lines.
+            let trace = body
+                .get("stackTrace")
+                .or_else(|| body.get("trace"))
+                .and_then(|t| t.as_array())
+                .map(|lines| {
+                    lines
+                        .iter()
+                        .filter_map(|l| l.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
+                .unwrap_or_default();
+            let message = format!("{error_type}: {message}\n{}", trace.trim());
+            failed(last_chars(message.trim(), 4000), true)
+        }
+        Invoked::Answered(Answer::TooLarge) => failed(
+            format!(
+                "Function.ResponseSizeTooLarge: the handler's response is over {MAX_RESPONSE_BYTES} bytes"
+            ),
+            false,
+        ),
+        Invoked::TimedOut { seconds } => failed(
+            format!("Sandbox.Timedout: Task timed out after {seconds}.00 seconds"),
+            true,
+        ),
+        Invoked::Exited {
+            request_id,
+            status,
+            tail,
+        } => failed(
+            format!(
+                "Runtime.ExitError: RequestId: {request_id} Error: Runtime exited with error: {status}; {}",
+                last_chars(&tail, 2000)
+            ),
+            true,
+        ),
+        Invoked::InitFailed {
+            error_type,
+            message,
+        } => failed(format!("{error_type}: {}", last_chars(&message, 2000)), false),
+        Invoked::Unavailable(why) => failed(format!("the worker could not run the bundle: {why}"), false),
+    }
+}
+
+fn last_chars(s: &str, n: usize) -> String {
+    let skip = s.chars().count().saturating_sub(n);
+    s.chars().skip(skip).collect()
+}
+
+/// Runs a bundle task on a runner, heartbeating meanwhile.
+async fn invoke(
+    client: &Client,
+    cfg: &WorkerConfig,
+    claim: &wire::ClaimResponse,
+    msg: &wire::QueueMessage,
+    token: &Arc<Mutex<String>>,
+) -> Ended {
+    tokio::select! {
+        invoked = cfg.runners.invoke(claim, &cfg.dispatcher_url, token.clone()) => Ended::Invoked(invoked),
+        stop = keep_alive(client, cfg, claim, msg, None, token) => match stop {
+            // The invocation's future is dropped: its runner's group is killed.
+            Stop::Cancel => Ended::Cancelled,
+            Stop::Lost(why) => Ended::Abandoned(why),
+        },
+    }
 }
 
 /// The completion a child's exit makes: exit 0 succeeds with stdout as JSON
@@ -222,7 +331,8 @@ async fn complete(
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
             Err(CallError::Refused { code, message, .. })
-                if code == "invalid_request" && req.outcome == wire::Outcome::Succeeded =>
+                if matches!(code.as_str(), "invalid_request" | "payload_too_large")
+                    && req.outcome == wire::Outcome::Succeeded =>
             {
                 tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, message, "the task's output was refused; failing the attempt");
                 req = wire::CompleteRequest {
@@ -249,12 +359,6 @@ async fn run(
     msg: &wire::QueueMessage,
     token: &Mutex<String>,
 ) -> Ended {
-    if claim.task.runtime != wire::Runtime::Exec {
-        return Ended::SpawnFailed(format!(
-            "runtime {:?} is not supported by this worker (only exec)",
-            claim.task.runtime.as_str()
-        ));
-    }
     let mut argv = claim.task.bundle.split_whitespace();
     let Some(program) = argv.next() else {
         return Ended::SpawnFailed("empty bundle".into());
@@ -315,12 +419,17 @@ async fn run(
         let (_, out, err, status) = tokio::join!(feed, read_out, read_err, child.wait());
         (status, out, err)
     };
+    let secs = match claim.task.timeout_seconds {
+        0 => cfg.default_timeout.as_secs(),
+        s => u64::from(s),
+    };
     let ended = tokio::select! {
         (status, out, err) = child_done => match status {
             Ok(status) => Ended::Exited(status, out, err),
             Err(e) => Ended::SpawnFailed(format!("waiting for the task failed: {e}")),
         },
-        stop = keep_alive(client, cfg, claim, msg, &attempt, token) => match stop {
+        _ = tokio::time::sleep(Duration::from_secs(secs)) => Ended::TimedOut(secs),
+        stop = keep_alive(client, cfg, claim, msg, Some(&attempt), token) => match stop {
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
         },
@@ -339,7 +448,7 @@ async fn keep_alive(
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
     msg: &wire::QueueMessage,
-    attempt: &Attempt,
+    attempt: Option<&Attempt>,
     current: &Mutex<String>,
 ) -> Stop {
     let interval = Duration::from_secs(u64::from(claim.heartbeat_interval_seconds.max(1)));
@@ -353,7 +462,7 @@ async fn keep_alive(
                 if let Ok(mut t) = current.lock() {
                     t.clone_from(&token);
                 }
-                if let Err(e) = attempt.write_token(&token) {
+                if let Some(Err(e)) = attempt.map(|a| a.write_token(&token)) {
                     tracing::warn!(error = %e, "cannot refresh the token file");
                 }
                 if hb.cancel_requested {

@@ -170,6 +170,11 @@ impl Sandbox {
         }
     }
 
+    /// The scratch root (`0711`, root's when root).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn is_isolated(&self) -> bool {
         matches!(self.identity, Identity::PerTask { .. })
     }
@@ -255,8 +260,13 @@ pub struct Attempt {
 }
 
 impl Attempt {
-    fn uid(&self) -> Option<u32> {
+    pub fn uid(&self) -> Option<u32> {
         self.held.as_ref().map(|h| h.uid)
+    }
+
+    /// The attempt's scratch directory (`0700`, the task's).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     pub fn token_file(&self) -> PathBuf {
@@ -310,6 +320,24 @@ impl Attempt {
             .process_group(0);
         if let Some(uid) = self.uid() {
             // std drops supplementary groups when it changes the uid.
+            cmd.uid(uid).gid(uid);
+        }
+        cmd
+    }
+
+    /// A runner's command: like [`Attempt::command`], but its environment
+    /// is exactly `vars` (the runner's allowlist is all it gets).
+    pub fn exact_command(
+        &self,
+        program: &str,
+        vars: &[(String, String)],
+    ) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.env_clear()
+            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(&self.dir)
+            .process_group(0);
+        if let Some(uid) = self.uid() {
             cmd.uid(uid).gid(uid);
         }
         cmd

@@ -1,5 +1,6 @@
 //! The HTTP API: routes, shared state, and serving with graceful shutdown.
 
+mod bundles;
 mod datasets;
 mod extract;
 mod jobs;
@@ -175,6 +176,9 @@ pub const ROUTES: &[RouteSpec] = &[
             task_too: true,
         },
     ),
+    route("POST", "/v1/bundles", WRITER),
+    route("GET", "/v1/bundles/{bundle}", VIEWER),
+    route("PUT", "/v1/bundles/tags/{tag}", WRITER),
     route("POST", "/v1/orgs", Access::SignedIn),
     route("GET", "/v1/org/members", VIEWER),
     route("PUT", "/v1/org/members", ADMIN),
@@ -182,7 +186,7 @@ pub const ROUTES: &[RouteSpec] = &[
 ];
 
 /// The handler of one route of `ROUTES`.
-fn handler(spec: &RouteSpec) -> axum::routing::MethodRouter<AppState> {
+fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter<AppState> {
     use axum::routing::{delete, put};
     match (spec.method, spec.path) {
         ("GET", "/.well-known/jwks.json") => get(jwks),
@@ -206,6 +210,11 @@ fn handler(spec: &RouteSpec) -> axum::routing::MethodRouter<AppState> {
         ("GET", "/v1/datasets/{name}/versions/{version}") => get(datasets::manifest),
         ("GET", "/v1/datasets/{name}/batches/{batch_id}") => get(datasets::batch),
         ("POST", "/v1/query") => post(datasets::query),
+        ("POST", "/v1/bundles") => {
+            post(bundles::push).layer(DefaultBodyLimit::max(settings.bundle_max_bytes))
+        }
+        ("GET", "/v1/bundles/{bundle}") => get(bundles::get),
+        ("PUT", "/v1/bundles/tags/{tag}") => put(bundles::tag),
         ("POST", "/v1/orgs") => post(orgs::create),
         ("GET", "/v1/org/members") => get(orgs::members),
         ("PUT", "/v1/org/members") => put(orgs::put_member),
@@ -224,8 +233,8 @@ pub fn router(state: AppState) -> Router {
     let mut paths: Vec<(&str, axum::routing::MethodRouter<AppState>)> = Vec::new();
     for spec in ROUTES {
         match paths.iter_mut().find(|(p, _)| *p == spec.path) {
-            Some((_, mr)) => *mr = std::mem::take(mr).merge(handler(spec)),
-            None => paths.push((spec.path, handler(spec))),
+            Some((_, mr)) => *mr = std::mem::take(mr).merge(handler(spec, &state.settings)),
+            None => paths.push((spec.path, handler(spec, &state.settings))),
         }
     }
     let mut api = Router::new();

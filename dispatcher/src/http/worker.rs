@@ -47,6 +47,23 @@ pub async fn claim(
     };
     let token_expires_at = token_expiry(&state, claimed.lease_expires_at);
     let capability_token = state.keys.mint_task(&scope, token_expires_at);
+    // A bundle task's archive: fetched by the worker, checked against the
+    // digest the task names (content addressing, not this URL, is the trust).
+    let bundle_url = if claimed.spec.runtime == wire::Runtime::Exec {
+        None
+    } else {
+        let key = crate::bundles::object_key(claimed.org_id, &claimed.spec.bundle);
+        Some(
+            state
+                .objects
+                .presign_get(&key, state.settings.object_url_ttl)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "presigning a bundle failed");
+                    ApiError::unavailable("the object store could not presign the bundle")
+                })?,
+        )
+    };
     tracing::info!(
         task_id = %claimed.task_id,
         attempt = claimed.attempt,
@@ -67,6 +84,8 @@ pub async fn claim(
         token_expires_at,
         task: claimed.spec,
         object_prefix: scope.attempt_prefix(),
+        org_id: claimed.org_id,
+        bundle_url,
     }))
 }
 

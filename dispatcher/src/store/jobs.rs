@@ -81,7 +81,6 @@ impl Store {
             .collect();
         let keys: Vec<&str> = job.tasks.iter().map(|t| t.key.as_str()).collect();
         let runtimes: Vec<&str> = job.tasks.iter().map(|t| t.runtime.as_str()).collect();
-        let bundles: Vec<&str> = job.tasks.iter().map(|t| t.bundle.as_str()).collect();
         let inputs: Vec<&Value> = job.tasks.iter().map(|t| &t.inputs).collect();
         // text[][] cannot be ragged, so each task's outputs travel as JSON.
         let outputs: Vec<Value> = job
@@ -107,9 +106,40 @@ impl Store {
             .collect();
 
         let mut tx = self.pool.begin().await?;
+        // A bundle task runs the digest its bundle or tag names now; its
+        // timeout is its own, else its bundle's, else the default.
+        let mut bundles: Vec<String> = Vec::with_capacity(n);
+        let mut timeouts: Vec<i32> = Vec::with_capacity(n);
+        let mut resolved: std::collections::HashMap<(&str, &str), super::ResolvedBundle> =
+            Default::default();
+        for (i, t) in job.tasks.iter().enumerate() {
+            let mut bundle_timeout = None;
+            if t.runtime == dispatcher_wire::Runtime::Exec {
+                bundles.push(t.bundle.clone());
+            } else {
+                let key = (t.runtime.as_str(), t.bundle.as_str());
+                if let std::collections::hash_map::Entry::Vacant(slot) = resolved.entry(key) {
+                    let field = format!("tasks[{i}].bundle");
+                    let r = super::bundles::resolve(&mut tx, org_id, &field, t.runtime, &t.bundle)
+                        .await?;
+                    slot.insert(r);
+                }
+                let r = &resolved[&key];
+                bundles.push(r.digest.clone());
+                bundle_timeout = r.timeout_seconds;
+            }
+            let secs = t
+                .timeout_seconds
+                .or(bundle_timeout)
+                .map(u64::from)
+                .unwrap_or(self.settings.task_timeout_default.as_secs())
+                .min(self.settings.task_timeout_max.as_secs());
+            timeouts.push(i32::try_from(secs).unwrap_or(i32::MAX));
+        }
+        let deadline_secs: Option<f64> = job.deadline.map(|d| d.as_secs_f64());
         let created_at: DateTime<Utc> = sqlx::query_scalar(
-            "INSERT INTO jobs (id, org_id, name, state, created_by, tasks_unfinished)
-             VALUES ($1, $2, $3, 'running', $4, $5)
+            "INSERT INTO jobs (id, org_id, name, state, created_by, tasks_unfinished, deadline_at)
+             VALUES ($1, $2, $3, 'running', $4, $5, now() + $6 * interval '1 second')
              RETURNING created_at",
         )
         .bind(job_id)
@@ -117,6 +147,7 @@ impl Store {
         .bind(&job.name)
         .bind(created_by)
         .bind(i32::try_from(n).unwrap_or(i32::MAX))
+        .bind(deadline_secs)
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
@@ -133,13 +164,14 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "INSERT INTO task_specs (task_id, job_id, ord, key, runtime, bundle, inputs, outputs, reads)
+            "INSERT INTO task_specs (task_id, job_id, ord, key, runtime, bundle, inputs, outputs,
+                                     reads, timeout_seconds)
              SELECT id, $1, ord, key, runtime, bundle, inputs,
                     ARRAY(SELECT jsonb_array_elements_text(outputs)),
-                    ARRAY(SELECT jsonb_array_elements_text(reads))
+                    ARRAY(SELECT jsonb_array_elements_text(reads)), timeout_seconds
                FROM unnest($2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-                           $7::jsonb[], $8::jsonb[], $9::jsonb[])
-                    AS s(id, ord, key, runtime, bundle, inputs, outputs, reads)",
+                           $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::int[])
+                    AS s(id, ord, key, runtime, bundle, inputs, outputs, reads, timeout_seconds)",
         )
         .bind(job_id)
         .bind(&ids)
@@ -150,6 +182,7 @@ impl Store {
         .bind(&inputs)
         .bind(&outputs)
         .bind(&reads)
+        .bind(&timeouts)
         .execute(&mut *tx)
         .await?;
         if !dep_from.is_empty() {

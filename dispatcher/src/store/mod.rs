@@ -7,6 +7,7 @@
 //! job lock.
 
 mod batches;
+mod bundles;
 mod datasets;
 mod jobs;
 mod orgs;
@@ -14,6 +15,7 @@ mod outbox;
 mod tasks;
 
 pub use batches::{DeadBatch, DeadFilter, PendingBatch, SinkBatch};
+pub use bundles::ResolvedBundle;
 pub use datasets::{NewPart, StagedDataset, WrittenManifest};
 pub use jobs::TaskPage;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};

@@ -358,6 +358,7 @@ struct ClaimRow {
     outputs: Vec<String>,
     reads: Vec<String>,
     org_id: Uuid,
+    timeout_seconds: Option<i32>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -415,7 +416,8 @@ impl Store {
                  SELECT id, attempt, $3 FROM claimed
              )
              SELECT c.job_id, c.attempt, c.lease_expires_at,
-                    s.key, s.runtime, s.bundle, s.inputs, s.outputs, s.reads, j.org_id
+                    s.key, s.runtime, s.bundle, s.inputs, s.outputs, s.reads, j.org_id,
+                    s.timeout_seconds
                FROM claimed c
                JOIN task_specs s ON s.task_id = c.id
                JOIN jobs j ON j.id = c.job_id",
@@ -436,6 +438,7 @@ impl Store {
             outputs,
             reads,
             org_id,
+            timeout_seconds,
         }) = granted
         else {
             return Err(self.claim_refusal(task_id).await);
@@ -460,6 +463,9 @@ impl Store {
                 inputs,
                 outputs,
                 reads,
+                timeout_seconds: timeout_seconds
+                    .and_then(|t| u32::try_from(t).ok())
+                    .unwrap_or(0),
             },
         })
     }

@@ -28,6 +28,18 @@ struct World {
     tokens: Vec<(Caller, String)>,
     job: Uuid,
     batch: Uuid,
+    /// One of the org's bundles.
+    bundle: String,
+}
+
+/// A request body: JSON, or raw bytes (a bundle archive).
+enum Body {
+    Json(Value),
+    Raw(Vec<u8>),
+}
+
+fn j(v: Value) -> Option<Body> {
+    Some(Body::Json(v))
 }
 
 async fn world() -> World {
@@ -109,23 +121,37 @@ async fn world() -> World {
             .status,
         StatusCode::OK
     );
+    let r = app
+        .client
+        .post(app.url("/v1/bundles"))
+        .bearer_auth(&app.user_token)
+        .body(dispatcher_tests::bundle_archive("python", 0))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let bundle = r.json::<Value>().await.unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     World {
         app,
         tokens,
         job: job.job_id,
         batch,
+        bundle,
     }
 }
 
 /// A request of one route for one call: the concrete path, the body, and
 /// whether it names a resource of the org (which another org must not
 /// see: `404`). Mutating routes get fresh resources each call.
-async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Value>, bool) {
+async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Body>, bool) {
     let app = &w.app;
     match (spec.method, spec.path) {
         ("POST", "/v1/jobs") => (
             spec.path.into(),
-            Some(json!({"name": "m", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x"}]})),
+            j(json!({"name": "m", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x"}]})),
             false,
         ),
         ("GET", "/v1/jobs/{job_id}") => (format!("/v1/jobs/{}", w.job), None, true),
@@ -133,11 +159,11 @@ async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Value
             let fresh = app
                 .submit(&json!({"name": "c", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x"}]}))
                 .await;
-            (format!("/v1/jobs/{}/cancel", fresh.job_id), Some(json!({})), true)
+            (format!("/v1/jobs/{}/cancel", fresh.job_id), j(json!({})), true)
         }
         ("POST", "/v1/datasets") => (
             spec.path.into(),
-            Some(json!({"name": format!("d{n}"), "mode": "append", "columns": [{"name": "a", "type": "string"}]})),
+            j(json!({"name": format!("d{n}"), "mode": "append", "columns": [{"name": "a", "type": "string"}]})),
             false,
         ),
         ("GET", "/v1/datasets") => (spec.path.into(), None, false),
@@ -148,12 +174,23 @@ async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Value
         ("GET", "/v1/datasets/{name}/batches/{batch_id}") => {
             (format!("/v1/datasets/events/batches/{}", w.batch), None, true)
         }
-        ("POST", "/v1/query") => (spec.path.into(), Some(json!({"dataset": "clicks"})), true),
-        ("POST", "/v1/orgs") => (spec.path.into(), Some(json!({"name": format!("org-{n}")})), false),
+        ("POST", "/v1/query") => (spec.path.into(), j(json!({"dataset": "clicks"})), true),
+        ("POST", "/v1/bundles") => (
+            spec.path.into(),
+            Some(Body::Raw(dispatcher_tests::bundle_archive("node", n))),
+            false,
+        ),
+        ("GET", "/v1/bundles/{bundle}") => (format!("/v1/bundles/{}", w.bundle), None, true),
+        ("PUT", "/v1/bundles/tags/{tag}") => (
+            format!("/v1/bundles/tags/t{n}"),
+            j(json!({"digest": w.bundle})),
+            true,
+        ),
+        ("POST", "/v1/orgs") => (spec.path.into(), j(json!({"name": format!("org-{n}")})), false),
         ("GET", "/v1/org/members") => (spec.path.into(), None, false),
         ("PUT", "/v1/org/members") => (
             spec.path.into(),
-            Some(json!({"email": format!("new{n}@acme.test"), "role": "viewer"})),
+            j(json!({"email": format!("new{n}@acme.test"), "role": "viewer"})),
             false,
         ),
         ("DELETE", "/v1/org/members/{user_id}") => {
@@ -179,12 +216,14 @@ async fn call(
     method: &str,
     path: &str,
     token: &str,
-    body: Option<Value>,
+    body: Option<Body>,
 ) -> (StatusCode, Value) {
     let method: reqwest::Method = method.parse().unwrap();
     let mut req = app.client.request(method, app.url(path)).bearer_auth(token);
-    if let Some(b) = body {
-        req = req.json(&b);
+    match body {
+        Some(Body::Json(b)) => req = req.json(&b),
+        Some(Body::Raw(b)) => req = req.body(b),
+        None => {}
     }
     let resp = req.send().await.unwrap();
     let status = resp.status();
@@ -210,14 +249,8 @@ async fn every_user_endpoint_answers_each_caller_as_documented_and_no_other_org_
         if !user_route {
             // Worker, task and public routes: a user token is no key.
             let path = spec.path.replace("{queue}", "wakeups");
-            let (s, answer) = call(
-                &w.app,
-                spec.method,
-                &path,
-                &w.app.user_token,
-                Some(json!({})),
-            )
-            .await;
+            let (s, answer) =
+                call(&w.app, spec.method, &path, &w.app.user_token, j(json!({}))).await;
             match spec.access {
                 Access::Public => assert!(s.is_success(), "{} {}: {s}", spec.method, spec.path),
                 _ => assert_eq!(

@@ -2,6 +2,7 @@
 //! Each test gets its own Postgres database and its own server.
 
 mod access;
+mod bundles;
 mod commit;
 mod commit_model;
 mod completion;
@@ -21,6 +22,7 @@ mod orgs;
 mod query;
 mod races;
 mod retention;
+mod runners;
 mod secrets;
 mod services;
 mod sink;

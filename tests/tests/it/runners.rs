@@ -1,0 +1,361 @@
+//! UDF runners with the real worker wrapper, per language: bundles pushed
+//! with `dispatcher bundle push`, run behind the wrapper's Runtime API
+//! host. Success, warm reuse, handler exception, timeout, crash, init
+//! failure, oversized response, the environment allowlist, and a task that
+//! outlives its first capability token. (Protocol misuse with raw HTTP is
+//! in `worker-wrapper/src/runtime_api.rs`.)
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use dispatcher_tests::stack::{Stack, Worker, WorkerOpts};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/bundles")
+        .join(name)
+}
+
+/// One attempt as the store recorded it.
+#[derive(Debug)]
+struct Attempt {
+    outcome: String,
+    completion: Value,
+}
+
+impl Attempt {
+    fn output(&self) -> &Value {
+        &self.completion["output"]
+    }
+    fn error(&self) -> String {
+        self.completion["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    }
+    fn retryable(&self) -> bool {
+        self.completion["error"]["retryable"]
+            .as_bool()
+            .unwrap_or(false)
+    }
+}
+
+struct Lab {
+    stack: Stack,
+    worker: Worker,
+    runtime: &'static str,
+    digest: String,
+}
+
+impl Lab {
+    async fn new(runtime: &'static str, bundle: &Path) -> Lab {
+        let mut stack = Stack::new().await;
+        // A token outlives its lease by 1 s here (60 s by default), so a
+        // task of a few seconds outlives its first token.
+        stack
+            .profile_env
+            .push(("DISPATCHER_TOKEN_GRACE_SECONDS".into(), "1".into()));
+        stack.start_dispatcher("").await;
+        let digest = stack.push_bundle(bundle, Some(&format!("{runtime}-probe")));
+        let mut opts = WorkerOpts::new(&format!("runner-{runtime}"));
+        opts.concurrency = 1;
+        let worker = stack.start_worker(&opts);
+        Lab {
+            stack,
+            worker,
+            runtime,
+            digest,
+        }
+    }
+
+    /// Submits a one-task job and waits for it to end; its attempts.
+    async fn run(&self, bundle: &str, inputs: Value, extra: Value) -> Vec<Attempt> {
+        let mut task = json!({"key": "t", "runtime": self.runtime, "bundle": bundle,
+                              "inputs": inputs, "max_attempts": 1});
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            task[k] = v;
+        }
+        let (job, ids) = self
+            .stack
+            .submit(json!({"name": "runner", "tasks": [task]}))
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+                .bind(job)
+                .fetch_one(&self.stack.db.pool)
+                .await
+                .unwrap();
+            if state != "running" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job} still running after 60 s; worker log:\n{}",
+                self.worker.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.attempts(ids[0]).await
+    }
+
+    async fn attempts(&self, task: Uuid) -> Vec<Attempt> {
+        let rows: Vec<(Option<String>, Option<Value>)> = sqlx::query_as(
+            "SELECT outcome, completion FROM attempts WHERE task_id = $1 ORDER BY attempt",
+        )
+        .bind(task)
+        .fetch_all(&self.stack.db.pool)
+        .await
+        .unwrap();
+        rows.into_iter()
+            .map(|(outcome, completion)| Attempt {
+                outcome: outcome.unwrap_or_default(),
+                completion: completion.unwrap_or(Value::Null),
+            })
+            .collect()
+    }
+
+    async fn ok(&self, inputs: Value) -> Value {
+        let attempts = self.run(&self.digest, inputs, json!({})).await;
+        let last = attempts.last().expect("an attempt");
+        assert_eq!(
+            last.outcome,
+            "succeeded",
+            "{attempts:?}\n{}",
+            self.worker.log_text()
+        );
+        last.output().clone()
+    }
+}
+
+fn alive(pid: i64) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// The variables a runner gets, and nothing else (ADR 0013).
+fn allowlist(runtime: &str) -> BTreeSet<String> {
+    let mut keys: BTreeSet<String> = [
+        "AWS_LAMBDA_RUNTIME_API",
+        "_HANDLER",
+        "LAMBDA_TASK_ROOT",
+        "LAMBDA_RUNTIME_DIR",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_LOG_GROUP_NAME",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+        "AWS_LAMBDA_INITIALIZATION_TYPE",
+        "AWS_REGION",
+        "TZ",
+        "LANG",
+        "PATH",
+        "HOME",
+        "TMPDIR",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    if runtime == "python" {
+        keys.insert("PYTHONUNBUFFERED".into());
+        keys.insert("PYTHONDONTWRITEBYTECODE".into());
+    }
+    keys
+}
+
+async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str) {
+    let lab = Lab::new(runtime, bundle).await;
+
+    // Success, then warm reuse: the same process, its module state kept.
+    let first = lab.ok(json!({})).await;
+    assert_eq!(first["calls"], 1, "{first}");
+    let pid = first["pid"].as_i64().unwrap();
+    assert!(first["remaining_ms"].as_i64().unwrap() > 25_000, "{first}");
+    let second = lab.ok(json!({})).await;
+    assert_eq!(
+        (second["pid"].as_i64(), second["calls"].as_i64()),
+        (Some(pid), Some(2))
+    );
+    // By tag too (resolved at submission).
+    let attempts = lab
+        .run(&format!("{runtime}-probe"), json!({}), json!({}))
+        .await;
+    assert_eq!(attempts[0].outcome, "succeeded");
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events WHERE kind = 'log'")
+        .fetch_one(&lab.stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 3, "each call emitted one event through the client");
+
+    // A handler exception: classified from the error body; the process
+    // survives (the next task runs warm on it).
+    let failed = lab
+        .run(&lab.digest, json!({"do": "raise"}), json!({}))
+        .await;
+    assert_eq!(failed[0].outcome, "failed");
+    assert!(
+        failed[0].error().starts_with(exception),
+        "{}",
+        failed[0].error()
+    );
+    assert!(failed[0].retryable());
+    let after = lab.ok(json!({})).await;
+    assert_eq!(
+        (after["pid"].as_i64(), after["calls"].as_i64()),
+        (Some(pid), Some(5))
+    );
+
+    // Timeout: the group is killed, the attempt fails retryably, and the
+    // retry starts a fresh runner.
+    let timed = lab
+        .run(
+            &lab.digest,
+            json!({"do": "sleep_first", "seconds": 60}),
+            json!({"timeout_seconds": 2, "max_attempts": 2}),
+        )
+        .await;
+    assert_eq!(timed.len(), 2, "{timed:?}");
+    assert_eq!(timed[0].outcome, "failed");
+    assert_eq!(
+        timed[0].error(),
+        "Sandbox.Timedout: Task timed out after 2.00 seconds"
+    );
+    assert!(timed[0].retryable());
+    assert_eq!(timed[1].outcome, "succeeded");
+    let fresh = timed[1].output();
+    assert_ne!(fresh["pid"].as_i64(), Some(pid));
+    assert_eq!(fresh["calls"], 1, "a new runner re-initialised");
+    assert!(!alive(pid), "the timed-out runner's process is gone");
+    let pid = fresh["pid"].as_i64().unwrap();
+
+    // A crash mid-invocation: Runtime.ExitError, then a restart.
+    let crashed = lab
+        .run(
+            &lab.digest,
+            json!({"do": "exit_first"}),
+            json!({"max_attempts": 2}),
+        )
+        .await;
+    assert_eq!(crashed.len(), 2, "{crashed:?}");
+    assert!(
+        crashed[0]
+            .error()
+            .contains("Runtime.ExitError: RequestId: ")
+            && crashed[0]
+                .error()
+                .contains("Error: Runtime exited with error: exit status: 3"),
+        "{}",
+        crashed[0].error()
+    );
+    assert_eq!(crashed[1].outcome, "succeeded");
+    assert_ne!(crashed[1].output()["pid"].as_i64(), Some(pid));
+    assert_eq!(crashed[1].output()["calls"], 1);
+
+    // A response over 6,291,556 bytes (the JSON string adds two quotes).
+    let big = lab
+        .run(
+            &lab.digest,
+            json!({"do": "big", "n": 6_291_556 - 1}),
+            json!({"max_attempts": 3}),
+        )
+        .await;
+    assert_eq!(big.len(), 1, "not retried: {big:?}");
+    assert!(
+        big[0].error().starts_with("Function.ResponseSizeTooLarge"),
+        "{}",
+        big[0].error()
+    );
+    assert!(!big[0].retryable());
+    // Exactly at the limit, the host takes it; the dispatcher stores
+    // outputs of up to its body limit (1 MiB), so the task fails saying so
+    // (large results go to datasets), and the runner stays warm.
+    let at_limit = lab
+        .run(
+            &lab.digest,
+            json!({"do": "big", "n": 6_291_556 - 2}),
+            json!({}),
+        )
+        .await;
+    assert!(
+        at_limit[0]
+            .error()
+            .starts_with("the task's output was refused: request body is larger than"),
+        "{}",
+        at_limit[0].error()
+    );
+    assert!(!at_limit[0].retryable());
+    let warm = lab.ok(json!({})).await;
+    assert_ne!(warm["calls"], 1, "the runner survived both: {warm}");
+
+    // The environment is exactly the allowlist, with no secret in it.
+    let env = lab.ok(json!({"do": "env"})).await;
+    let keys: BTreeSet<String> = env.as_object().unwrap().keys().cloned().collect();
+    let added: BTreeSet<String> = keys.difference(&allowlist(runtime)).cloned().collect();
+    assert!(
+        added.is_empty(),
+        "variables beyond the allowlist: {added:?}"
+    );
+    assert_eq!(keys, allowlist(runtime));
+    let text = env.to_string();
+    let credential =
+        std::fs::read_to_string(lab.stack.credential_file(&format!("runner-{runtime}"))).unwrap();
+    assert!(!credential.trim().is_empty());
+    assert!(
+        !text.contains(credential.trim()),
+        "the worker credential leaked"
+    );
+    assert!(!text.contains("WORKER_CREDENTIAL") && !text.contains("DATABASE_URL"));
+
+    // A task that outlives its first token (lease 2 s + grace 1 s + leeway 5 s): the
+    // client refreshes it from the host and its call is accepted.
+    let long = lab.ok(json!({"do": "long", "seconds": 10})).await;
+    assert!(long["calls"].as_i64().unwrap() >= 1, "{long}");
+
+    // Init failure: reported once, the task fails without a retry, and no
+    // runner is started again for it (no hot loop).
+    let broken = std::env::temp_dir().join(format!("broken-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(
+        broken.join("bundle.json"),
+        format!(r#"{{"runtime": "{runtime}", "handler": "missing.handler"}}"#),
+    )
+    .unwrap();
+    let broken_digest = lab.stack.push_bundle(&broken, None);
+    let init = lab
+        .run(&broken_digest, json!({}), json!({"max_attempts": 3}))
+        .await;
+    assert_eq!(init.len(), 1, "{init:?}");
+    assert!(
+        init[0].error().starts_with("Runtime.ImportModuleError"),
+        "{}",
+        init[0].error()
+    );
+    assert!(!init[0].retryable());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let starts = lab
+        .worker
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("runner starting (cold)") && l.contains(&broken_digest))
+        .count();
+    assert_eq!(starts, 1, "one init for the broken bundle");
+    let _ = std::fs::remove_dir_all(&broken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_runner_success_warm_exception_timeout_crash_init_size_env_and_token_refresh() {
+    scenarios(
+        "python",
+        &fixture("python-probe"),
+        "ValueError: boom from python",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_runner_success_warm_exception_timeout_crash_init_size_env_and_token_refresh() {
+    scenarios("node", &fixture("node-probe"), "TypeError: boom from node").await;
+}

@@ -2,7 +2,8 @@
 //! (retry with backoff while attempts remain, else the task and job fail; a
 //! task whose job was stopped becomes cancelled), wakes ready tasks whose
 //! wake-up went missing, sends a new pointer for buffer batches left pending
-//! long after their last one, and purges old sent outbox rows. Every step is
+//! long after their last one, cancels jobs past their deadline, and purges
+//! old sent outbox rows. Every step is
 //! fenced or `SKIP LOCKED`, so several replicas may run it.
 
 use std::sync::Arc;
@@ -28,6 +29,8 @@ pub struct ReapReport {
     pub rewoken: u64,
     pub repointed: u64,
     pub purged: u64,
+    /// Jobs cancelled because their deadline passed.
+    pub overdue: u64,
 }
 
 impl Reaper {
@@ -90,6 +93,10 @@ impl Reaper {
                 "sent new pointers for buffer batches still pending"
             );
         }
+        report.overdue = self
+            .store
+            .cancel_overdue_jobs(self.settings.reaper_batch)
+            .await?;
         report.purged = self
             .store
             .purge_sent_outbox(self.settings.outbox_retention)

@@ -396,6 +396,10 @@ pub struct JobView {
     pub created_at: DateTime<Utc>,
     #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
+    /// When the job is cancelled if it is still running (its submission's
+    /// `deadline_seconds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_at: Option<DateTime<Utc>>,
     pub tasks: Vec<TaskView>,
     /// `GET /v1/jobs/{id}` answers a page of tasks; pass this as `after`
     /// for the next one. `null` on the last page (and on submission, which

@@ -25,6 +25,7 @@ struct JobRow {
     state: String,
     created_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
+    deadline_at: Option<DateTime<Utc>>,
 }
 
 /// One page of a job's tasks, in submission order: those after the
@@ -137,10 +138,10 @@ impl Store {
             timeouts.push(i32::try_from(secs).unwrap_or(i32::MAX));
         }
         let deadline_secs: Option<f64> = job.deadline.map(|d| d.as_secs_f64());
-        let created_at: DateTime<Utc> = sqlx::query_scalar(
+        let (created_at, deadline_at): (DateTime<Utc>, Option<DateTime<Utc>>) = sqlx::query_as(
             "INSERT INTO jobs (id, org_id, name, state, created_by, tasks_unfinished, deadline_at)
              VALUES ($1, $2, $3, 'running', $4, $5, now() + $6 * interval '1 second')
-             RETURNING created_at",
+             RETURNING created_at, deadline_at",
         )
         .bind(job_id)
         .bind(org_id)
@@ -204,6 +205,7 @@ impl Store {
             state: JobState::Running,
             created_at,
             finished_at: None,
+            deadline_at,
             tasks: job
                 .tasks
                 .iter()
@@ -231,7 +233,8 @@ impl Store {
     ) -> Result<JobView, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let job: Option<JobRow> = sqlx::query_as(
-            "SELECT name, state, created_at, finished_at FROM jobs WHERE id = $1 AND org_id = $2",
+            "SELECT name, state, created_at, finished_at, deadline_at
+               FROM jobs WHERE id = $1 AND org_id = $2",
         )
         .bind(job_id)
         .bind(org_id)
@@ -242,6 +245,7 @@ impl Store {
             state,
             created_at,
             finished_at,
+            deadline_at,
         }) = job
         else {
             return Err(StoreError::JobNotFound(job_id));
@@ -282,6 +286,7 @@ impl Store {
             state: job_state(&state)?,
             created_at,
             finished_at,
+            deadline_at,
             tasks,
             next_cursor,
         })
@@ -318,5 +323,31 @@ impl Store {
         }
         tx.commit().await?;
         self.get_job(org_id, job_id, page).await
+    }
+
+    /// Cancels running jobs whose deadline has passed (ADR 0004's rules:
+    /// unfinished tasks end `cancelled`, leased ones are asked to stop), at
+    /// most `limit` per call, each in a transaction of its own; how many.
+    pub async fn cancel_overdue_jobs(&self, limit: u32) -> Result<u64, StoreError> {
+        let due: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM jobs
+              WHERE state = 'running' AND deadline_at IS NOT NULL AND deadline_at <= now()
+              ORDER BY deadline_at LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut cancelled = 0;
+        for job_id in due {
+            let mut tx = self.pool.begin().await?;
+            // Under the job lock: a job that just finished stays as it is.
+            if lock_job(&mut tx, job_id).await?.as_deref() == Some("running") {
+                end_job(&mut tx, job_id, "cancelled").await?;
+                cancelled += 1;
+                tracing::info!(%job_id, "job cancelled: its deadline passed");
+            }
+            tx.commit().await?;
+        }
+        Ok(cancelled)
     }
 }

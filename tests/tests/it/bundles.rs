@@ -190,4 +190,12 @@ async fn a_task_names_its_bundle_by_digest_or_tag_resolved_when_the_job_is_submi
     let claim = app.claim(job.tasks[0].task_id).await;
     assert!(claim.bundle_url.is_none());
     assert_eq!(claim.task.timeout_seconds, 7);
+    // A job's deadline is answered with it.
+    let job = app
+        .submit(&json!({"name": "d", "deadline_seconds": 60,
+                        "tasks": [{"key": "a", "runtime": "exec", "bundle": "x"}]}))
+        .await;
+    let deadline = job.deadline_at.expect("deadline_at");
+    assert_eq!((deadline - job.created_at).num_seconds(), 60);
+    assert_eq!(app.job(job.job_id).await.deadline_at, Some(deadline));
 }

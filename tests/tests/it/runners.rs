@@ -359,3 +359,96 @@ async fn python_runner_success_warm_exception_timeout_crash_init_size_env_and_to
 async fn node_runner_success_warm_exception_timeout_crash_init_size_env_and_token_refresh() {
     scenarios("node", &fixture("node-probe"), "TypeError: boom from node").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_a_task_past_timeout_seconds_is_killed_and_retried_and_a_job_past_deadline_seconds_ends_cancelled(
+) {
+    let mut stack = Stack::new().await;
+    stack.start_dispatcher("").await;
+    let worker = stack.start_worker(&WorkerOpts::new("deadlines"));
+    let pool = stack.db.pool.clone();
+    let wait_job = |job: Uuid, secs: u64| {
+        let pool = pool.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(secs);
+            loop {
+                let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+                    .bind(job)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                if state != "running" || Instant::now() > deadline {
+                    return state;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // An exec task that sleeps past its 1 s timeout, twice.
+    let started = Instant::now();
+    let (job, ids) = stack
+        .submit(json!({"name": "timeouts", "tasks": [
+            {"key": "slow", "runtime": "exec", "bundle": "/bin/sleep 30",
+             "timeout_seconds": 1, "max_attempts": 2}]}))
+        .await;
+    assert_eq!(wait_job(job, 30).await, "failed", "{}", worker.log_text());
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let errors: Vec<(String, Value)> = sqlx::query_as(
+        "SELECT outcome, completion FROM attempts WHERE task_id = $1 ORDER BY attempt",
+    )
+    .bind(ids[0])
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(errors.len(), 2, "killed, then retried: {errors:?}");
+    for (outcome, completion) in &errors {
+        assert_eq!(outcome, "failed");
+        assert_eq!(
+            completion["error"]["message"],
+            "Sandbox.Timedout: Task timed out after 1.00 seconds"
+        );
+        assert_eq!(completion["error"]["retryable"], true);
+    }
+
+    // A job whose 2 s deadline passes while its task runs (its own
+    // timeout is far off): the job ends cancelled and the task is stopped.
+    let (job, ids) = stack
+        .submit(json!({"name": "deadline", "deadline_seconds": 2, "tasks": [
+            {"key": "slow", "runtime": "exec", "bundle": "/bin/sleep 60", "timeout_seconds": 600},
+            {"key": "after", "runtime": "exec", "bundle": "/bin/true", "depends_on": ["slow"]}]}))
+        .await;
+    let started = Instant::now();
+    assert_eq!(wait_job(job, 30).await, "cancelled");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1500), "{took:?}");
+    // The worker stops the running attempt at its next heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let outcome: Option<String> =
+            sqlx::query_scalar("SELECT outcome FROM attempts WHERE task_id = $1 AND attempt = 1")
+                .bind(ids[0])
+                .fetch_one(&stack.db.pool)
+                .await
+                .unwrap();
+        if outcome.as_deref() == Some("cancelled") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "attempt not stopped: {outcome:?}\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let states: Vec<String> = sqlx::query_scalar(
+        "SELECT t.state FROM tasks t JOIN task_specs s ON s.task_id = t.id
+          WHERE t.job_id = $1 ORDER BY s.ord",
+    )
+    .bind(job)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    // Leased, it was asked to stop (ADR 0004); now both are cancelled.
+    assert_eq!(states, ["cancelled", "cancelled"]);
+}

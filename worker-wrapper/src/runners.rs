@@ -343,6 +343,7 @@ impl Runners {
                 claim.task.runtime.as_str()
             )));
         }
+        tracing::info!(digest = %digest, runtime = manifest.runtime.as_str(), "runner starting (cold)");
         let host = Host::start()
             .await
             .map_err(|e| Invoked::Unavailable(format!("cannot listen for the runner: {e}")))?;
@@ -373,7 +374,18 @@ impl Runners {
                     .display()
                     .to_string()],
             ),
-            _ => (root.join(&manifest.handler).display().to_string(), vec![]),
+            _ => {
+                // A custom runtime: the bundle's own program.
+                let program = root.join(&manifest.handler);
+                if !program.is_file() {
+                    attempt.finish(None).await;
+                    return Err(Invoked::InitFailed {
+                        error_type: "Runtime.InvalidEntrypoint".into(),
+                        message: format!("the bundle has no program {:?}", manifest.handler),
+                    });
+                }
+                (program.display().to_string(), vec![])
+            }
         };
         let mut cmd = attempt.exact_command(&program, &env);
         cmd.args(&args)
@@ -408,7 +420,6 @@ impl Runners {
             tail,
             idle_since: Instant::now(),
         };
-        tracing::info!(digest = %digest, runtime = manifest.runtime.as_str(), "runner starting (cold)");
         let started = tokio::select! {
             s = runner.host.started() => s.map_err(|InitError { error_type, message }| {
                 Invoked::InitFailed { error_type, message }

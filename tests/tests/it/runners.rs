@@ -166,7 +166,7 @@ fn allowlist(runtime: &str) -> BTreeSet<String> {
     keys
 }
 
-async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str) {
+async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str, init_error: &str) {
     let lab = Lab::new(runtime, bundle).await;
 
     // Success, then warm reuse: the same process, its module state kept.
@@ -290,7 +290,8 @@ async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str) {
     let warm = lab.ok(json!({})).await;
     assert_ne!(warm["calls"], 1, "the runner survived both: {warm}");
 
-    // The environment is exactly the allowlist, with no secret in it.
+    // The environment the runner started with (`/proc/self/environ`) is
+    // exactly the allowlist, with no secret in it.
     let env = lab.ok(json!({"do": "env"})).await;
     let keys: BTreeSet<String> = env.as_object().unwrap().keys().cloned().collect();
     let added: BTreeSet<String> = keys.difference(&allowlist(runtime)).cloned().collect();
@@ -329,7 +330,7 @@ async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str) {
         .await;
     assert_eq!(init.len(), 1, "{init:?}");
     assert!(
-        init[0].error().starts_with("Runtime.ImportModuleError"),
+        init[0].error().starts_with(init_error),
         "{}",
         init[0].error()
     );
@@ -351,13 +352,51 @@ async fn python_runner_success_warm_exception_timeout_crash_init_size_env_and_to
         "python",
         &fixture("python-probe"),
         "ValueError: boom from python",
+        "Runtime.ImportModuleError",
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_runner_success_warm_exception_timeout_crash_init_size_env_and_token_refresh() {
-    scenarios("node", &fixture("node-probe"), "TypeError: boom from node").await;
+    scenarios(
+        "node",
+        &fixture("node-probe"),
+        "TypeError: boom from node",
+        "Runtime.ImportModuleError",
+    )
+    .await;
+}
+
+/// The Rust probe (`tests/fixtures/bundles/rust-probe`, built with the
+/// workspace) as a bundle: its binary as `bootstrap`.
+fn rust_bundle() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("rust-probe-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        dispatcher_tests::stack::binary("udf-rust-probe"),
+        dir.join("bootstrap"),
+    )
+    .expect("the rust probe is built (cargo build --workspace --bins)");
+    std::fs::write(
+        dir.join("bundle.json"),
+        r#"{"runtime": "rust", "handler": "bootstrap", "timeout_seconds": 30}"#,
+    )
+    .unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_runner_success_warm_exception_timeout_crash_init_size_env_and_token_refresh() {
+    let bundle = rust_bundle();
+    scenarios(
+        "rust",
+        &bundle,
+        "ProbeError: boom from rust",
+        "Runtime.InvalidEntrypoint",
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(bundle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -42,6 +42,12 @@ pub struct DevArgs {
     /// Stop after the sample job finishes instead of serving on.
     #[arg(long)]
     exit_after_sample: bool,
+    /// Run this example instead of the sample job: a JSON file with the
+    /// `datasets` to create, the `bundles` to push (tag → directory,
+    /// relative to the file) and the `job` to submit
+    /// (`examples/mixed-language/example.json`).
+    #[arg(long)]
+    example: Option<PathBuf>,
     /// `--profile aws` runs on SQS and S3 (e.g. `--aws-endpoint-url` of a
     /// local moto server); their queues and bucket are created if missing.
     #[command(flatten)]
@@ -241,7 +247,20 @@ pub async fn run(args: DevArgs) -> Result<()> {
     );
 
     let mut job_id = None;
-    if !args.no_sample {
+    if let Some(file) = &args.example {
+        let api = crate::ApiArgs {
+            url: url_http.clone(),
+            token: user_token.clone(),
+            org: None,
+        };
+        let id = example_job(&store, org, user, file, &api, &settings).await?;
+        job_id = Some(id);
+        let state = watch(&store, org, id).await?;
+        show_outputs(&store, id).await?;
+        if state != JobState::Succeeded && args.exit_after_sample {
+            bail!("the example job ended {}", state.as_str());
+        }
+    } else if !args.no_sample {
         let id = sample_job(&store, org, user, &task_bin.path, &settings).await?;
         job_id = Some(id);
         watch(&store, org, id).await?;
@@ -392,8 +411,80 @@ async fn show_sample_data(
     Ok(())
 }
 
-/// Prints each task's state changes until the job ends (or 120 s pass).
-async fn watch(store: &Store, org: uuid::Uuid, job_id: uuid::Uuid) -> Result<()> {
+/// A job with the datasets and bundles it needs (`--example`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Example {
+    #[serde(default)]
+    datasets: Vec<dispatcher_wire::CreateDatasetRequest>,
+    /// Tag → bundle directory, relative to the example file.
+    #[serde(default)]
+    bundles: std::collections::BTreeMap<String, PathBuf>,
+    job: dispatcher_wire::SubmitJobRequest,
+}
+
+/// Creates the example's datasets (kept if they exist), pushes and tags
+/// its bundles through the API, and submits its job.
+async fn example_job(
+    store: &Store,
+    org: uuid::Uuid,
+    user: uuid::Uuid,
+    file: &Path,
+    api: &crate::ApiArgs,
+    settings: &Settings,
+) -> Result<uuid::Uuid> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let example: Example =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    for req in example.datasets {
+        let ds = domain::new_dataset(req)?;
+        match store.create_dataset(org, user, &ds).await {
+            Ok(_) | Err(dispatcher::error::StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for (tag, dir) in &example.bundles {
+        let view = crate::push_bundle(api, &base.join(dir), Some(tag))
+            .await
+            .with_context(|| format!("pushing bundle {tag} ({})", dir.display()))?;
+        println!(
+            "bundle {tag}: {} ({}, {} bytes)",
+            view.digest,
+            view.runtime.as_str(),
+            view.size_bytes
+        );
+    }
+    let job = domain::new_job(example.job, settings)?;
+    let view = store.submit_job(org, Some(user), &job).await?;
+    println!("submitted job {} \"{}\"", view.job_id, job.name);
+    Ok(view.job_id)
+}
+
+/// Prints each succeeded task's output.
+async fn show_outputs(store: &Store, job_id: uuid::Uuid) -> Result<()> {
+    let outputs: Vec<(String, Option<serde_json::Value>)> = sqlx::query_as(
+        "SELECT s.key, a.completion -> 'output'
+           FROM attempts a JOIN task_specs s ON s.task_id = a.task_id
+          WHERE s.job_id = $1 AND a.outcome = 'succeeded'
+          ORDER BY s.ord",
+    )
+    .bind(job_id)
+    .fetch_all(store.pool())
+    .await?;
+    for (key, output) in outputs {
+        println!(
+            "output of {key}: {}",
+            serde_json::to_string_pretty(&output.unwrap_or_default())?
+        );
+    }
+    Ok(())
+}
+
+/// Prints each task's state changes until the job ends (or 120 s pass);
+/// the job's end state.
+async fn watch(store: &Store, org: uuid::Uuid, job_id: uuid::Uuid) -> Result<JobState> {
     let mut seen: Vec<(TaskState, u32)> = Vec::new();
     let started = tokio::time::Instant::now();
     loop {
@@ -429,7 +520,7 @@ async fn watch(store: &Store, org: uuid::Uuid, job_id: uuid::Uuid) -> Result<()>
                     t.attempt
                 );
             }
-            return Ok(());
+            return Ok(view.state);
         }
         if started.elapsed() > Duration::from_secs(120) {
             bail!("the sample job did not finish within 120 s");

@@ -50,15 +50,15 @@ enum Command {
 
 /// Where the API is and who calls it (a user token of the org).
 #[derive(Args)]
-struct ApiArgs {
+pub(crate) struct ApiArgs {
     #[arg(long, env = "DISPATCHER_URL", default_value = "http://127.0.0.1:8080")]
-    url: String,
+    pub(crate) url: String,
     /// A user token (`dispatcher token user`, or the identity provider's).
     #[arg(long, env = "DISPATCHER_TOKEN", hide_env_values = true)]
-    token: String,
+    pub(crate) token: String,
     /// The org, for a user of several (the `Dispatcher-Org` header).
     #[arg(long, env = "DISPATCHER_ORG")]
-    org: Option<String>,
+    pub(crate) org: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -663,26 +663,7 @@ async fn bundle(cmd: BundleCommand) -> Result<()> {
             println!("{}", dispatcher::bundles::digest(&bytes));
         }
         BundleCommand::Push { dir, tag, api } => {
-            let (bytes, manifest) = dispatcher::bundles::pack(&dir)
-                .with_context(|| format!("packing {}", dir.display()))?;
-            let size = bytes.len();
-            let view: dispatcher_wire::BundleView = api_call(
-                &api,
-                reqwest::Method::POST,
-                "/v1/bundles",
-                Some(("application/gzip", bytes)),
-            )
-            .await?;
-            eprintln!(
-                "pushed a {} bundle ({} bytes, handler {})",
-                manifest.runtime.as_str(),
-                size,
-                manifest.handler
-            );
-            if let Some(tag) = tag {
-                tag_bundle(&api, &tag, &view.digest).await?;
-                eprintln!("tagged {tag}");
-            }
+            let view = push_bundle(&api, &dir, tag.as_deref()).await?;
             println!("{}", view.digest);
         }
         BundleCommand::Tag { tag, digest, api } => {
@@ -691,6 +672,35 @@ async fn bundle(cmd: BundleCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Packs `dir`, pushes it through the API and, if given, tags it.
+pub(crate) async fn push_bundle(
+    api: &ApiArgs,
+    dir: &std::path::Path,
+    tag: Option<&str>,
+) -> Result<dispatcher_wire::BundleView> {
+    let (bytes, manifest) =
+        dispatcher::bundles::pack(dir).with_context(|| format!("packing {}", dir.display()))?;
+    let size = bytes.len();
+    let view: dispatcher_wire::BundleView = api_call(
+        api,
+        reqwest::Method::POST,
+        "/v1/bundles",
+        Some(("application/gzip", bytes)),
+    )
+    .await?;
+    eprintln!(
+        "pushed a {} bundle ({} bytes, handler {})",
+        manifest.runtime.as_str(),
+        size,
+        manifest.handler
+    );
+    if let Some(tag) = tag {
+        tag_bundle(api, tag, &view.digest).await?;
+        eprintln!("tagged {tag}");
+    }
+    Ok(view)
 }
 
 async fn tag_bundle(api: &ApiArgs, tag: &str, digest: &str) -> Result<()> {

@@ -491,3 +491,59 @@ async fn deadlines_a_task_past_timeout_seconds_is_killed_and_retried_and_a_job_p
     // Leased, it was asked to stop (ADR 0004); now both are cancelled.
     assert_eq!(states, ["cancelled", "cancelled"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mixed_language_example_runs_end_to_end_from_its_readme_command() {
+    let db = dispatcher_tests::TestDb::new().await;
+    let state = std::env::temp_dir().join(format!("example-{}", Uuid::new_v4().simple()));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = tokio::process::Command::new(root.join("scripts/example"))
+        .arg("--state-dir")
+        .arg(&state)
+        .env("DATABASE_URL", db.url())
+        .env("DISPATCHER_BIND", "127.0.0.1:0")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("running scripts/example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("succeeded in") && stdout.contains("output of report"),
+        "{stdout}"
+    );
+    // Each step committed its dataset; the report read the stats.
+    let versions: Vec<(String, i32, i64)> = sqlx::query_as(
+        "SELECT d.name, v.version, v.rows FROM dataset_versions v JOIN datasets d ON d.id = v.dataset_id
+          ORDER BY d.name",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        versions,
+        [
+            ("readings".to_owned(), 1, 100),
+            ("sensor_stats".to_owned(), 1, 5)
+        ]
+    );
+    let report: Value = sqlx::query_scalar(
+        "SELECT a.completion -> 'output' FROM attempts a JOIN task_specs s ON s.task_id = a.task_id
+          WHERE s.key = 'report' AND a.outcome = 'succeeded'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        report["lines"].as_array().map(Vec::len),
+        Some(5),
+        "{report}"
+    );
+    let runtimes: Vec<String> = sqlx::query_scalar("SELECT runtime FROM task_specs ORDER BY ord")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(runtimes, ["python", "rust", "node"]);
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -461,7 +461,10 @@ impl Runners {
         dispatcher_url: &str,
         token: Arc<Mutex<String>>,
     ) -> Invoked {
-        let mut runner = match self.take_warm(claim.org_id, &claim.task.bundle) {
+        let began = Instant::now();
+        let warm = self.take_warm(claim.org_id, &claim.task.bundle);
+        let cold = warm.is_none();
+        let mut runner = match warm {
             Some(r) => {
                 tracing::info!(digest = %claim.task.bundle, "runner reused (warm)");
                 r
@@ -525,6 +528,15 @@ impl Runners {
                 Invoked::TimedOut { seconds: secs }
             }
         };
+        // Cold: fetching (once per wrapper) and unpacking the bundle,
+        // starting the runner and its init, then the invocation.
+        tracing::info!(
+            digest = %claim.task.bundle,
+            runtime = claim.task.runtime.as_str(),
+            cold,
+            ms = began.elapsed().as_secs_f64() * 1000.0,
+            "invocation ended"
+        );
         match &ended {
             Invoked::Answered(_) => self.keep(runner).await,
             _ => runner.stop().await,

@@ -344,7 +344,7 @@ impl Runners {
             )));
         }
         tracing::info!(digest = %digest, runtime = manifest.runtime.as_str(), "runner starting (cold)");
-        let host = Host::start()
+        let host = Host::start(Some(uid.unwrap_or_else(own_uid)))
             .await
             .map_err(|e| Invoked::Unavailable(format!("cannot listen for the runner: {e}")))?;
         let env = runner_env(&RunnerEnv {
@@ -543,6 +543,11 @@ impl Runners {
         }
         ended
     }
+}
+
+fn own_uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
 }
 
 /// What a runner's environment is made of.

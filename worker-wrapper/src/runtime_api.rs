@@ -11,6 +11,11 @@
 //! | `GET  /2018-06-01/dispatcher/invocation/{id}/token` | ours: the invocation's newest capability token (heartbeats refresh it) |
 //!
 //! Errors have the host's body `{"errorMessage": …, "errorType": …}`.
+//!
+//! The API has no authentication of its own (as AWS's): the listener takes
+//! a connection only from a socket owned by the runner's uid (looked up in
+//! `/proc/net/tcp`), so another task, under another uid, cannot take this
+//! runner's invocations or token.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -103,11 +108,74 @@ impl Drop for Host {
     }
 }
 
+/// A loopback listener that accepts only connections from sockets of
+/// `uid` (any, when `None`).
+struct PeerChecked {
+    inner: tokio::net::TcpListener,
+    uid: Option<u32>,
+}
+
+/// The uid owning the TCP socket `local` connected to `remote`, from
+/// `/proc/net/tcp` (IPv4 loopback).
+fn socket_uid(local: SocketAddr, remote: SocketAddr) -> Option<u32> {
+    fn hex(addr: SocketAddr) -> Option<String> {
+        match addr {
+            SocketAddr::V4(a) => Some(format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(a.ip().octets()),
+                a.port()
+            )),
+            SocketAddr::V6(_) => None,
+        }
+    }
+    let (l, r) = (hex(local)?, hex(remote)?);
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.len() > 7 && f[1] == l && f[2] == r)
+            .then(|| f[7].parse().ok())
+            .flatten()
+    })
+}
+
+impl axum::serve::Listener for PeerChecked {
+    type Io = tokio::net::TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (io, peer) = match self.inner.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "runtime API accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Some(want) = self.uid else {
+                return (io, peer);
+            };
+            let ours = io.local_addr().ok();
+            let owner = ours.and_then(|ours| socket_uid(peer, ours));
+            if owner == Some(want) {
+                return (io, peer);
+            }
+            tracing::warn!(%peer, ?owner, want, "refused a runtime API connection from another uid");
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
 impl Host {
-    /// Listens on `127.0.0.1:0`.
-    pub async fn start() -> std::io::Result<Host> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
-        let addr = listener.local_addr()?;
+    /// Listens on `127.0.0.1:0`, for connections of `uid`'s sockets only
+    /// (any, when `None`).
+    pub async fn start(uid: Option<u32>) -> std::io::Result<Host> {
+        let inner = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = inner.local_addr()?;
+        let listener = PeerChecked { inner, uid };
         let shared = Arc::new(Shared {
             state: Mutex::new(HostState::default()),
             changed: Notify::new(),
@@ -487,7 +555,7 @@ mod tests {
 
     #[tokio::test]
     async fn next_answers_the_event_with_its_headers_and_the_same_event_twice() {
-        let host = Host::start().await.unwrap();
+        let host = Host::start(None).await.unwrap();
         let raw = Raw::new(&host);
         let _rx = host.invoke(invocation("r1", later()));
         let r = raw.next().await;
@@ -507,7 +575,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_id_400_second_response_403_error_after_response_403() {
-        let host = Host::start().await.unwrap();
+        let host = Host::start(None).await.unwrap();
         let raw = Raw::new(&host);
         let rx = host.invoke(invocation("r1", later()));
         raw.next().await;
@@ -543,7 +611,7 @@ mod tests {
 
     #[tokio::test]
     async fn init_error_is_202_before_next_and_403_after() {
-        let host = Host::start().await.unwrap();
+        let host = Host::start(None).await.unwrap();
         let raw = Raw::new(&host);
         let (s, _) = raw
             .post(
@@ -559,7 +627,7 @@ mod tests {
         let (s, _) = raw.post("/runtime/init/error", b"{}".to_vec()).await;
         assert_eq!(s, 403);
 
-        let host = Host::start().await.unwrap();
+        let host = Host::start(None).await.unwrap();
         let raw = Raw::new(&host);
         let _rx = host.invoke(invocation("r1", later()));
         raw.next().await;
@@ -572,7 +640,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_response_after_the_deadline_is_refused_and_not_recorded() {
-        let host = Host::start().await.unwrap();
+        let host = Host::start(None).await.unwrap();
         let raw = Raw::new(&host);
         let mut rx = host.invoke(invocation("r1", now_ms() + 300));
         raw.next().await;
@@ -594,7 +662,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_response_over_the_limit_is_413_and_fails_the_invocation() {
-        let host = Host::start().await.unwrap();
+        let host = Host::start(None).await.unwrap();
         let raw = Raw::new(&host);
         let rx = host.invoke(invocation("r1", later()));
         raw.next().await;
@@ -623,8 +691,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_sockets_of_the_runners_uid_are_served() {
+        // SAFETY: getuid has no preconditions.
+        let me = unsafe { libc::getuid() };
+        let host = Host::start(Some(me)).await.unwrap();
+        let _rx = host.invoke(invocation("r1", later()));
+        let r = Raw::new(&host).next().await;
+        assert_eq!(r.headers()["lambda-runtime-aws-request-id"], "r1");
+        // Another uid's runner: this process's connections are dropped.
+        let other = Host::start(Some(me.wrapping_add(12345))).await.unwrap();
+        let _rx = other.invoke(invocation("r2", later()));
+        let refused = reqwest::Client::new()
+            .get(format!(
+                "http://{}/2018-06-01/runtime/invocation/next",
+                other.address()
+            ))
+            .timeout(std::time::Duration::from_secs(2))
+            .send()
+            .await;
+        assert!(refused.is_err(), "{refused:?}");
+    }
+
+    #[tokio::test]
     async fn an_error_is_classified_from_its_body_and_header() {
-        let host = Host::start().await.unwrap();
+        let host = Host::start(None).await.unwrap();
         let raw = Raw::new(&host);
         let rx = host.invoke(invocation("r1", later()));
         raw.next().await;

@@ -157,7 +157,11 @@ pub async fn run(args: DevArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| DEFAULT_URL.to_owned());
     ensure_database(&url).await?;
-    let settings = Arc::new(Settings::default());
+    // Local webhook receivers are the norm on a dev machine.
+    let settings = Arc::new(Settings {
+        alert_allow_internal: true,
+        ..Settings::default()
+    });
     let store = Store::connect(&url, 16, settings.clone()).await?;
     store.migrate().await.context("applying migrations")?;
     let server: sqlx::postgres::PgConnectOptions = url.parse()?;
@@ -350,7 +354,7 @@ async fn sample_job(
 }
 
 const SAMPLE_DATASET: &str = "sample_rows";
-const SAMPLE_STREAM: &str = "alert_events";
+const SAMPLE_STREAM: &str = "sample_events";
 
 /// Prints the version the sample job committed and, once the sink has
 /// ingested the job's buffer batches, the rows that reached the data

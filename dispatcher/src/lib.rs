@@ -2,6 +2,7 @@
 //!
 //! `docs/architecture.md` is the map of this crate.
 
+pub mod alerts;
 pub mod bundles;
 pub mod datadb;
 pub mod dlq;

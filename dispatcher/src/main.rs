@@ -176,7 +176,7 @@ struct ServeArgs {
     max_connections: u32,
     #[command(flatten)]
     profile: dispatcher::profile::ProfileArgs,
-    /// Roles to run: any of api, relay, reaper, sink, or all.
+    /// Roles to run: any of api, relay, reaper, sink, router, delivery, or all.
     #[arg(long, env = "DISPATCHER_ROLES", default_value = "all", value_parser = Roles::parse)]
     roles: Roles,
     #[command(flatten)]
@@ -293,10 +293,37 @@ struct SinkArgs {
     /// Data-database connections of the sink.
     #[arg(long, env = "DISPATCHER_DATA_DB_MAX_CONNECTIONS", default_value_t = 8)]
     data_max_connections: u32,
+    /// Deliver alerts to loopback, private and link-local addresses
+    /// (refused by default: a destination must not reach this network).
+    #[arg(long, env = "DISPATCHER_ALERTS_ALLOW_INTERNAL")]
+    alerts_allow_internal: bool,
+    /// Tries of an alert delivery before it is dead.
+    #[arg(long, env = "DISPATCHER_ALERT_MAX_TRIES", value_parser = clap::value_parser!(u32).range(1..=100))]
+    alert_max_tries: Option<u32>,
+    /// First retry delay of an alert delivery, in milliseconds (doubles
+    /// per try, with jitter).
+    #[arg(long, env = "DISPATCHER_ALERT_RETRY_BASE_MS", value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    alert_retry_base_ms: Option<u64>,
+    /// Seconds an alert delivery in flight is held before another
+    /// delivery role may take it.
+    #[arg(long, env = "DISPATCHER_ALERT_LEASE_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    alert_lease_seconds: Option<u64>,
 }
 
 impl SinkArgs {
     fn apply(&self, s: &mut Settings) {
+        s.alert_allow_internal = self.alerts_allow_internal;
+        if let Some(n) = self.alert_max_tries {
+            s.alert_delivery_max_tries = n;
+        }
+        if let Some(ms) = self.alert_retry_base_ms {
+            s.alert_retry_base = std::time::Duration::from_millis(ms);
+        }
+        if let Some(t) = self.alert_lease_seconds {
+            s.alert_delivery_lease = std::time::Duration::from_secs(t);
+            // A webhook try ends before its lease does.
+            s.alert_delivery_timeout = s.alert_delivery_timeout.min(s.alert_delivery_lease / 2);
+        }
         if let Some(n) = self.sink_concurrency {
             s.sink_concurrency = usize::from(n);
         }
@@ -495,6 +522,79 @@ impl DeadFilterArgs {
 }
 
 #[derive(Subcommand)]
+enum AlertsCommand {
+    /// Make a webhook destination of an org; prints its id and secret.
+    AddDestination {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        org_id: uuid::Uuid,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        url: String,
+        /// `whsec_…` (default: a new random one).
+        #[arg(long, env = "DISPATCHER_WEBHOOK_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+    },
+    /// Route the events of a stream dataset that match a `where` map to a
+    /// destination.
+    AddRoute {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        org_id: uuid::Uuid,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "alert_events")]
+        dataset: String,
+        /// The destination's name.
+        #[arg(long)]
+        destination: String,
+        /// A `where` map, e.g. '{"severity": {"eq": "critical"}}' (default:
+        /// every event).
+        #[arg(long = "match")]
+        matcher: Option<String>,
+    },
+    /// An org's destinations and routes.
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        org_id: uuid::Uuid,
+    },
+    /// Deliveries that ran out of tries: list, replay.
+    #[command(subcommand)]
+    Dead(DeadDeliveriesCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadDeliveriesCommand {
+    /// Dead deliveries with their last status and error, oldest first.
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        org_id: Option<uuid::Uuid>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Make dead deliveries pending again with fresh tries (same
+    /// `webhook-id`): those named by `--id`, else every dead one (of
+    /// `--org-id`).
+    Replay {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        org_id: Option<uuid::Uuid>,
+        #[arg(long = "id")]
+        ids: Vec<uuid::Uuid>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum SinkCommand {
     /// Buffer batches the sink refused (malformed): list, replay, purge.
     #[command(subcommand)]
@@ -558,6 +658,9 @@ enum DeadCommand {
 
 #[derive(Subcommand)]
 enum AdminCommand {
+    /// Alert destinations, routes, and dead deliveries (ADR 0014).
+    #[command(subcommand)]
+    Alerts(Box<AlertsCommand>),
     /// The buffer sink's dead batches.
     #[command(subcommand)]
     Sink(SinkCommand),
@@ -764,7 +867,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if args.migrate {
         args.db.migrate(&store).await?;
     }
-    let data = (args.roles.sink || args.roles.api).then(|| {
+    let data = args.roles.need_data().then(|| {
         args.db
             .data_options()
             .map(|o| dispatcher::datadb::lazy_pool(o, args.sink.data_max_connections))
@@ -879,6 +982,109 @@ fn print_dead(b: &dispatcher::store::DeadBatch) {
         b.object_key,
         b.replays
     );
+}
+
+async fn data_pool(db: &DbArgs) -> Result<sqlx::PgPool> {
+    Ok(dispatcher::datadb::lazy_pool(db.data_options()?, 2))
+}
+
+async fn alerts(cmd: AlertsCommand, settings: Arc<Settings>) -> Result<()> {
+    match cmd {
+        AlertsCommand::AddDestination {
+            db,
+            org_id,
+            name,
+            url,
+            secret,
+        } => {
+            let store = connect(&db, settings, 2).await?;
+            let secret = secret.unwrap_or_else(dispatcher::alerts::new_secret);
+            if dispatcher::alerts::secret_key(&secret).is_none() {
+                bail!("--secret must be whsec_ followed by base64 of 24 to 64 bytes");
+            }
+            let parsed = reqwest::Url::parse(&url).context("--url")?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                bail!("--url must be http or https");
+            }
+            let d = store
+                .create_alert_destination(org_id, &name, parsed.as_str(), &secret)
+                .await?;
+            println!("{}", d.id);
+            println!("{secret}");
+        }
+        AlertsCommand::AddRoute {
+            db,
+            org_id,
+            name,
+            dataset,
+            destination,
+            matcher,
+        } => {
+            let store = connect(&db, settings, 2).await?;
+            let matcher: Option<serde_json::Value> = matcher
+                .map(|m| serde_json::from_str(&m))
+                .transpose()
+                .context("--match is not JSON")?;
+            let (dataset_id, mode, columns, _) = store.dataset_for_query(org_id, &dataset).await?;
+            if mode != dispatcher_wire::DatasetMode::Stream {
+                bail!("{dataset} is not a stream dataset");
+            }
+            dispatcher::alerts::matcher_plan(&dataset, &columns, matcher.as_ref())
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
+            let id = store
+                .create_alert_route(org_id, &name, dataset_id, &destination, matcher.as_ref())
+                .await?;
+            println!("{id}");
+        }
+        AlertsCommand::List { db, org_id } => {
+            let store = connect(&db, settings, 2).await?;
+            for d in store.alert_destinations(org_id).await? {
+                println!("destination {} {} {}", d.id, d.name, d.url);
+            }
+            for r in store.alert_route_views(org_id).await? {
+                let m = r
+                    .matcher
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "(every event)".into());
+                println!(
+                    "route {} {}: {} -> {} where {m}",
+                    r.id, r.name, r.dataset, r.destination
+                );
+            }
+        }
+        AlertsCommand::Dead(DeadDeliveriesCommand::List { db, org_id, limit }) => {
+            let store = connect(&db, settings, 2).await?;
+            let data = data_pool(&db).await?;
+            let dead = dispatcher::alerts::dead_deliveries(&store, &data, org_id, limit).await?;
+            for d in &dead {
+                println!(
+                    "{} event {} -> {} (route {}): {} tries, last {} {}",
+                    d.delivery_id,
+                    d.event_id,
+                    d.destination,
+                    d.route,
+                    d.tries,
+                    d.last_status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    d.last_error.as_deref().unwrap_or("")
+                );
+            }
+            eprintln!("{} dead delivery(ies) shown (at most {limit})", dead.len());
+        }
+        AlertsCommand::Dead(DeadDeliveriesCommand::Replay {
+            db,
+            org_id,
+            ids,
+            dry_run,
+        }) => {
+            let data = data_pool(&db).await?;
+            let n = dispatcher::alerts::replay_dead(&data, org_id, &ids, dry_run).await?;
+            let verb = if dry_run { "would replay" } else { "replayed" };
+            println!("{verb} {n} dead delivery(ies)");
+        }
+    }
+    Ok(())
 }
 
 async fn sink_dead(cmd: DeadCommand, settings: Arc<Settings>) -> Result<()> {
@@ -1066,6 +1272,7 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
             SqsQueue::connect(&queues.sqs()).await?;
             println!("queues ready (prefix {:?})", queues.sqs_queue_prefix);
         }
+        AdminCommand::Alerts(cmd) => alerts(*cmd, settings).await?,
         AdminCommand::Sink(SinkCommand::Dead(cmd)) => sink_dead(*cmd, settings).await?,
         AdminCommand::Sink(SinkCommand::Pending {
             db,

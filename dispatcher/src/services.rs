@@ -1,5 +1,5 @@
 //! Runs the dispatcher's roles — the HTTP API, the outbox relay, the lease
-//! reaper, the buffer sink — over one store, one queue and one object
+//! reaper, the buffer sink, alert routing and delivery — over one store, one queue and one object
 //! store, with one shutdown token.
 //! Every role drains on shutdown; nothing is global, so several dispatchers
 //! can run in one process (tests do).
@@ -29,6 +29,10 @@ pub struct Roles {
     pub relay: bool,
     pub reaper: bool,
     pub sink: bool,
+    /// Alert routing (needs the data database).
+    pub router: bool,
+    /// Alert delivery (webhooks; needs the data database).
+    pub delivery: bool,
 }
 
 impl Roles {
@@ -37,19 +41,28 @@ impl Roles {
         relay: false,
         reaper: false,
         sink: false,
+        router: false,
+        delivery: false,
     };
     pub const ALL: Roles = Roles {
         api: true,
         relay: true,
         reaper: true,
         sink: true,
+        router: true,
+        delivery: true,
     };
     pub const API: Roles = Roles {
         api: true,
         ..Roles::NONE
     };
 
-    /// Parses `api,relay,reaper,sink` (any subset, or `all`).
+    /// Whether any role needs the data database.
+    pub fn need_data(self) -> bool {
+        self.api || self.sink || self.router || self.delivery
+    }
+
+    /// Parses `api,relay,reaper,sink,router,delivery` (any subset, or `all`).
     pub fn parse(s: &str) -> Result<Roles, String> {
         let mut roles = Roles::NONE;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -59,9 +72,11 @@ impl Roles {
                 "relay" => roles.relay = true,
                 "reaper" => roles.reaper = true,
                 "sink" => roles.sink = true,
+                "router" => roles.router = true,
+                "delivery" => roles.delivery = true,
                 other => {
                     return Err(format!(
-                        "unknown role {other:?} (api, relay, reaper, sink, all)"
+                        "unknown role {other:?} (api, relay, reaper, sink, router, delivery, all)"
                     ))
                 }
             }
@@ -175,6 +190,21 @@ pub async fn run(
             settings.clone(),
         );
         tasks.spawn(sink.run(shutdown.clone()));
+    }
+    if roles.router || roles.delivery {
+        let data = data.as_ref().ok_or_else(|| {
+            std::io::Error::other("the router and delivery roles need the data database")
+        })?;
+        if roles.router {
+            let router =
+                crate::alerts::AlertRouter::new(store.clone(), data.clone(), settings.clone());
+            tasks.spawn(router.run(shutdown.clone()));
+        }
+        if roles.delivery {
+            let delivery =
+                crate::alerts::AlertDelivery::new(store.clone(), data.clone(), settings.clone());
+            tasks.spawn(delivery.run(shutdown.clone()));
+        }
     }
     let served = match (roles.api, listener) {
         (true, Some(listener)) => {

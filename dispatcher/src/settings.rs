@@ -170,6 +170,25 @@ pub struct Settings {
     pub task_timeout_max: Duration,
     /// Largest `deadline_seconds` a job may name.
     pub job_deadline_max: Duration,
+    /// How often the alert router looks for new batches, and the delivery
+    /// role for due deliveries when it found none.
+    pub alert_poll: Duration,
+    /// One webhook try may take this long.
+    pub alert_delivery_timeout: Duration,
+    /// A delivery in flight is held this long; past it (its worker died),
+    /// another takes it.
+    pub alert_delivery_lease: Duration,
+    /// Deliveries tried at once per delivery role.
+    pub alert_delivery_concurrency: usize,
+    /// Tries before a delivery is dead.
+    pub alert_delivery_max_tries: u32,
+    /// First retry delay of a failed delivery; doubles per try, with jitter.
+    pub alert_retry_base: Duration,
+    /// Longest retry delay (also the bound of a `Retry-After`).
+    pub alert_retry_cap: Duration,
+    /// Deliver to loopback, private and link-local addresses (off: a
+    /// destination URL must not reach the dispatcher's own network).
+    pub alert_allow_internal: bool,
     /// Named crash points (debug builds only; see `failpoint`).
     pub failpoints: Vec<String>,
 }
@@ -245,6 +264,14 @@ impl Default for Settings {
             bundle_max_bytes: 64 * 1024 * 1024,
             bundle_max_unpacked_bytes: 512 * 1024 * 1024,
             task_timeout_default: Duration::from_secs(15 * 60),
+            alert_poll: Duration::from_millis(500),
+            alert_delivery_timeout: Duration::from_secs(10),
+            alert_delivery_lease: Duration::from_secs(30),
+            alert_delivery_concurrency: 8,
+            alert_delivery_max_tries: 8,
+            alert_retry_base: Duration::from_secs(1),
+            alert_retry_cap: Duration::from_secs(300),
+            alert_allow_internal: false,
             task_timeout_max: Duration::from_secs(24 * 3600),
             job_deadline_max: Duration::from_secs(7 * 24 * 3600),
             failpoints: Vec::new(),
@@ -254,7 +281,7 @@ impl Default for Settings {
 
 /// `base × 2^(n−1)`, capped, with equal jitter: half fixed, half scaled by
 /// `unit_random` in `[0, 1]`.
-fn backoff(base: Duration, cap: Duration, n: u32, unit_random: f64) -> Duration {
+pub fn backoff(base: Duration, cap: Duration, n: u32, unit_random: f64) -> Duration {
     let exp = n.saturating_sub(1).min(30);
     let full = base.saturating_mul(1u32 << exp).min(cap);
     let half = full / 2;

@@ -172,11 +172,11 @@ impl Stack {
         let keys = Keyring::from_pem("dispatcher", &pem, &[], 5).expect("keyring");
         let store = dispatcher::store::Store::new(db.pool.clone(), Default::default());
         let org_id = store.ensure_org("e2e").await.expect("org");
-        // The sample task publishes to `alert_events`; the dispatcher's
+        // The sample task publishes to `sample_events`; the dispatcher's
         // sink ingests into the data database `migrate` would create.
         let user = store.ensure_user("e2e@test").await.expect("user");
         let stream = dispatcher::domain::new_dataset(dispatcher_wire::CreateDatasetRequest {
-            name: "alert_events".into(),
+            name: "sample_events".into(),
             mode: dispatcher_wire::DatasetMode::Stream,
             columns: dispatcher_wire::sample_columns(),
         })
@@ -184,7 +184,7 @@ impl Stack {
         store
             .create_dataset(org_id, user, &stream)
             .await
-            .expect("alert_events");
+            .expect("sample_events");
         store
             .set_membership(org_id, user, dispatcher::domain::Role::Member)
             .await
@@ -433,7 +433,7 @@ impl Stack {
         let tasks: Vec<Value> = (0..n)
             .map(|i| {
                 serde_json::json!({"key": format!("t{i}"), "runtime": "exec", "bundle": self.sample_bundle(),
-                                   "inputs": inputs, "outputs": ["alert_events"], "max_attempts": 10})
+                                   "inputs": inputs, "outputs": ["sample_events"], "max_attempts": 10})
             })
             .collect();
         serde_json::json!({"name": "e2e", "tasks": tasks})

@@ -219,6 +219,86 @@ pub struct BundleTagRequest {
     pub digest: String,
 }
 
+// --------------------------------------------------------------- alerts ---
+
+/// `POST /v1/alerts/destinations`: a webhook endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDestinationRequest {
+    pub name: String,
+    pub url: String,
+    /// `whsec_` + base64 of 24 to 64 bytes; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertDestinationView {
+    pub id: Uuid,
+    pub name: String,
+    pub url: String,
+    /// Answered once, when the destination is made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /v1/alerts/routes`: events of the stream `dataset` (default
+/// `alert_events`) matching `match` (a `where` map) go to `destination`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRouteRequest {
+    pub name: String,
+    #[serde(default = "alert_events")]
+    pub dataset: String,
+    pub destination: String,
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<Value>,
+}
+
+fn alert_events() -> String {
+    "alert_events".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AlertRouteView {
+    pub id: Uuid,
+    pub name: String,
+    pub dataset: String,
+    pub destination: String,
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<Value>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One delivery of an event to a destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliveryView {
+    /// Also the `webhook-id` of every try.
+    pub delivery_id: Uuid,
+    pub event_id: String,
+    pub route: String,
+    pub destination: String,
+    /// `pending`, `delivered` or `dead`.
+    pub state: String,
+    pub tries: u32,
+    #[serde(default)]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub last_status: Option<u16>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    #[serde(default)]
+    pub delivered_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /v1/alerts/events/{event_id}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventDeliveries {
+    pub event_id: String,
+    pub deliveries: Vec<DeliveryView>,
+}
+
 // ------------------------------------------------------------ heartbeat ---
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -1,5 +1,6 @@
 //! The HTTP API: routes, shared state, and serving with graceful shutdown.
 
+mod alerts;
 mod bundles;
 mod datasets;
 mod extract;
@@ -179,6 +180,12 @@ pub const ROUTES: &[RouteSpec] = &[
     route("POST", "/v1/bundles", WRITER),
     route("GET", "/v1/bundles/{bundle}", VIEWER),
     route("PUT", "/v1/bundles/tags/{tag}", WRITER),
+    route("POST", "/v1/alerts/destinations", ADMIN),
+    route("GET", "/v1/alerts/destinations", VIEWER),
+    route("POST", "/v1/alerts/routes", ADMIN),
+    route("GET", "/v1/alerts/routes", VIEWER),
+    route("DELETE", "/v1/alerts/routes/{route_id}", ADMIN),
+    route("GET", "/v1/alerts/events/{event_id}", VIEWER),
     route("POST", "/v1/orgs", Access::SignedIn),
     route("GET", "/v1/org/members", VIEWER),
     route("PUT", "/v1/org/members", ADMIN),
@@ -215,6 +222,12 @@ fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter
         }
         ("GET", "/v1/bundles/{bundle}") => get(bundles::get),
         ("PUT", "/v1/bundles/tags/{tag}") => put(bundles::tag),
+        ("POST", "/v1/alerts/destinations") => post(alerts::create_destination),
+        ("GET", "/v1/alerts/destinations") => get(alerts::destinations),
+        ("POST", "/v1/alerts/routes") => post(alerts::create_route),
+        ("GET", "/v1/alerts/routes") => get(alerts::routes),
+        ("DELETE", "/v1/alerts/routes/{route_id}") => delete(alerts::delete_route),
+        ("GET", "/v1/alerts/events/{event_id}") => get(alerts::event),
         ("POST", "/v1/orgs") => post(orgs::create),
         ("GET", "/v1/org/members") => get(orgs::members),
         ("PUT", "/v1/org/members") => put(orgs::put_member),

@@ -6,6 +6,7 @@
 //! Operations on a single task (claim, heartbeat, events, publishes) take no
 //! job lock.
 
+mod alerts;
 mod batches;
 mod bundles;
 mod datasets;
@@ -14,6 +15,7 @@ mod orgs;
 mod outbox;
 mod tasks;
 
+pub use alerts::{Destination, RouteSpec};
 pub use batches::{DeadBatch, DeadFilter, PendingBatch, SinkBatch};
 pub use bundles::ResolvedBundle;
 pub use datasets::{NewPart, StagedDataset, WrittenManifest};

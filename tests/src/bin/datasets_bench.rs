@@ -189,7 +189,7 @@ async fn main() {
 
     // 2. The sink: publish with the sink stopped, then time the ingest.
     let (_, ids) = stack
-        .submit(json!({"name": "pub", "tasks": [{"key": "p", "runtime": "exec", "bundle": "x", "outputs": ["alert_events"]}]}))
+        .submit(json!({"name": "pub", "tasks": [{"key": "p", "runtime": "exec", "bundle": "x", "outputs": ["sample_events"]}]}))
         .await;
     let caller = Caller::new(&stack);
     let claim = caller.claim(&worker, ids[0], 3600).await;
@@ -206,7 +206,7 @@ async fn main() {
             &caller,
             "/v1/task/buffer-publish",
             &token,
-            json!({"batch_id": id, "dataset": "alert_events", "object_key": key,
+            json!({"batch_id": id, "dataset": "sample_events", "object_key": key,
                    "rows": args.rows, "sha256": sha}),
         )
         .await;
@@ -319,7 +319,7 @@ async fn main() {
     let reader = stack
         .keys
         .mint_user(user, stack.org_id, Utc::now() + chrono::Duration::hours(1));
-    for dataset in ["bench_query", "alert_events"] {
+    for dataset in ["bench_query", "sample_events"] {
         let q = json!({"dataset": dataset,
             "where": {"and": [{"n": {"gte": 10}}, {"task": {"in": ["t1", "t3", "t5"]}},
                               {"not": {"attempt": {"ne": 1}}}]},

@@ -30,6 +30,8 @@ struct World {
     batch: Uuid,
     /// One of the org's bundles.
     bundle: String,
+    /// An alert event of the org with a delivery.
+    event: String,
 }
 
 /// A request body: JSON, or raw bytes (a bundle archive).
@@ -134,12 +136,48 @@ async fn world() -> World {
         .as_str()
         .unwrap()
         .to_owned();
+    // Alerts: a destination `ops`, and an event of `events` delivered to it.
+    let dest = app
+        .store
+        .create_alert_destination(
+            app.org_id,
+            "ops",
+            "http://example.com/hook",
+            &dispatcher::alerts::new_secret(),
+        )
+        .await
+        .unwrap();
+    let (events_id, _, _, _) = app
+        .store
+        .dataset_for_query(app.org_id, "events")
+        .await
+        .unwrap();
+    let route = app
+        .store
+        .create_alert_route(app.org_id, "all", events_id, "ops", None)
+        .await
+        .unwrap();
+    let event = format!("{batch}-1");
+    sqlx::query(
+        "INSERT INTO alert_deliveries (id, org_id, event_id, dataset_id, route_id, destination_id, payload)
+         VALUES ($1, $2, $3, $4, $5, $6, '{}')",
+    )
+    .bind(Uuid::new_v4())
+    .bind(app.org_id)
+    .bind(&event)
+    .bind(events_id)
+    .bind(route)
+    .bind(dest.id)
+    .execute(&app.db.data().await)
+    .await
+    .unwrap();
     World {
         app,
         tokens,
         job: job.job_id,
         batch,
         bundle,
+        event,
     }
 }
 
@@ -186,6 +224,28 @@ async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Body>
             j(json!({"digest": w.bundle})),
             true,
         ),
+        ("POST", "/v1/alerts/destinations") => (
+            spec.path.into(),
+            j(json!({"name": format!("d{n}"), "url": "https://example.com/hook"})),
+            false,
+        ),
+        ("GET", "/v1/alerts/destinations") => (spec.path.into(), None, false),
+        ("POST", "/v1/alerts/routes") => (
+            spec.path.into(),
+            j(json!({"name": format!("r{n}"), "dataset": "events", "destination": "ops"})),
+            true,
+        ),
+        ("GET", "/v1/alerts/routes") => (spec.path.into(), None, false),
+        ("DELETE", "/v1/alerts/routes/{route_id}") => {
+            let (events_id, _, _, _) = app.store.dataset_for_query(app.org_id, "events").await.unwrap();
+            let route = app
+                .store
+                .create_alert_route(app.org_id, &format!("del{n}"), events_id, "ops", None)
+                .await
+                .unwrap();
+            (format!("/v1/alerts/routes/{route}"), None, true)
+        }
+        ("GET", "/v1/alerts/events/{event_id}") => (format!("/v1/alerts/events/{}", w.event), None, true),
         ("POST", "/v1/orgs") => (spec.path.into(), j(json!({"name": format!("org-{n}")})), false),
         ("GET", "/v1/org/members") => (spec.path.into(), None, false),
         ("PUT", "/v1/org/members") => (

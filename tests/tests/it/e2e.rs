@@ -210,8 +210,8 @@ async fn invariant_6_queue_is_a_hint_every_wakeup_delivered_twice_and_out_of_ord
     let tasks: Vec<_> = (0..TASKS / 2)
         .flat_map(|i| {
             [
-                json!({"key": format!("a{i}"), "runtime": "exec", "bundle": bundle, "outputs": ["alert_events"]}),
-                json!({"key": format!("b{i}"), "runtime": "exec", "bundle": bundle, "outputs": ["alert_events"],
+                json!({"key": format!("a{i}"), "runtime": "exec", "bundle": bundle, "outputs": ["sample_events"]}),
+                json!({"key": format!("b{i}"), "runtime": "exec", "bundle": bundle, "outputs": ["sample_events"],
                        "depends_on": [format!("a{i}")]}),
             ]
         })

@@ -29,7 +29,7 @@ async fn publish(caller: &Caller, claim: &Value, body: &str, sha256: &str) -> Uu
         .post(
             "/v1/task/buffer-publish",
             claim["capability_token"].as_str().unwrap(),
-            json!({"batch_id": batch, "dataset": "alert_events", "object_key": key,
+            json!({"batch_id": batch, "dataset": "sample_events", "object_key": key,
                    "rows": 4, "sha256": sha256}),
         )
         .await
@@ -80,7 +80,7 @@ async fn invariant_8_a_sink_killed_between_its_insert_and_its_queue_delete_inser
     let (_, ids) = stack
         .submit(
             json!({"name": "s", "tasks": [{"key": "w", "runtime": "exec", "bundle": "x",
-                                               "outputs": ["alert_events"]}]}),
+                                               "outputs": ["sample_events"]}]}),
         )
         .await;
     let worker = stack
@@ -98,7 +98,7 @@ async fn invariant_8_a_sink_killed_between_its_insert_and_its_queue_delete_inser
         "the sink's failpoint never fired"
     );
     let data = sqlx::PgPool::connect(&stack.db.data_url()).await.unwrap();
-    let stream: Uuid = sqlx::query_scalar("SELECT id FROM datasets WHERE name = 'alert_events'")
+    let stream: Uuid = sqlx::query_scalar("SELECT id FROM datasets WHERE name = 'sample_events'")
         .fetch_one(&stack.db.pool)
         .await
         .unwrap();

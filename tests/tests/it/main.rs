@@ -2,6 +2,7 @@
 //! Each test gets its own Postgres database and its own server.
 
 mod access;
+mod alerts;
 mod bundles;
 mod commit;
 mod commit_model;

@@ -1,0 +1,676 @@
+//! Alert routing and delivery (issue 13, milestone 6; ADR 0014).
+//!
+//! * The **router** role takes each ingested batch of a stream dataset that
+//!   has routes, once: in one data-database transaction it records the
+//!   batch in `alert_routed_batches` (its key makes a second router, or a
+//!   second pass, skip it) and writes one `alert_deliveries` row per
+//!   (event, destination) whose route's filter matches the event. An event
+//!   is one row of the batch, `<batch id>-<line>`.
+//! * The **delivery** role posts due deliveries to their webhook by the
+//!   Standard Webhooks spec: `webhook-id` (the delivery's id, the same on
+//!   every try and replay), `webhook-timestamp`, and `webhook-signature`
+//!   (`v1,` + base64 HMAC-SHA256 of `id.timestamp.body` under the
+//!   destination's secret). A delivery is leased while in flight, so one
+//!   whose worker died is tried again once the lease passes (at least
+//!   once). Failures retry with exponential backoff and jitter, or after
+//!   the receiver's `Retry-After`; past the last try the delivery is
+//!   `dead`, until `dispatcher admin alerts dead replay`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::Utc;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::StoreError;
+use crate::query::{self, Scalar};
+use crate::settings::{backoff, Settings};
+use crate::store::{RouteSpec, Store};
+
+/// Builds `whsec_…`: 24 random bytes, base64.
+pub fn new_secret() -> String {
+    let bytes: [u8; 24] = rand::random();
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// The key of a `whsec_` secret, if it is one (24 to 64 bytes).
+pub fn secret_key(secret: &str) -> Option<Vec<u8>> {
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_")?)
+        .ok()?;
+    (24..=64).contains(&key.len()).then_some(key)
+}
+
+/// `webhook-signature` of a message: `v1,<base64 HMAC-SHA256>` over
+/// `{id}.{timestamp}.{body}`.
+pub fn sign(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Option<String> {
+    let key = secret_key(secret)?;
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).ok()?;
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    Some(format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    ))
+}
+
+/// Checks a route's filter against its dataset's schema; the plan that
+/// evaluates it.
+pub fn matcher_plan(
+    route_dataset: &str,
+    columns: &[dispatcher_wire::Column],
+    matcher: Option<&Value>,
+) -> Result<query::Plan, crate::domain::Invalid> {
+    let req = dispatcher_wire::QueryRequest {
+        dataset: route_dataset.to_owned(),
+        version: None,
+        select: None,
+        filter: matcher.cloned(),
+        order_by: Vec::new(),
+        limit: None,
+    };
+    let limits = query::QueryLimits {
+        default_rows: 1,
+        max_rows: 1,
+        max_in: 1_000,
+    };
+    query::plan(&req, columns, &limits).map_err(|mut e| {
+        e.field = e.field.replacen("where", "match", 1);
+        e
+    })
+}
+
+pub struct AlertRouter {
+    store: Store,
+    data: PgPool,
+    settings: Arc<Settings>,
+}
+
+impl AlertRouter {
+    pub fn new(store: Store, data: PgPool, settings: Arc<Settings>) -> Self {
+        AlertRouter {
+            store,
+            data,
+            settings,
+        }
+    }
+
+    /// Routes every ingested batch not routed yet (up to a bound); how
+    /// many batches it routed.
+    pub async fn route_once(&self) -> Result<usize, StoreError> {
+        let routes = self.store.alert_routes(None).await?;
+        if routes.is_empty() {
+            return Ok(0);
+        }
+        let mut datasets: Vec<Uuid> = routes.iter().map(|r| r.dataset_id).collect();
+        datasets.sort();
+        datasets.dedup();
+        let batches: Vec<(Uuid, Uuid, Uuid)> = sqlx::query_as(
+            "SELECT b.org_id, b.batch_id, b.dataset_id FROM sink_batches b
+              WHERE b.dataset_id = ANY($1)
+                AND NOT EXISTS (SELECT 1 FROM alert_routed_batches r
+                                 WHERE r.org_id = b.org_id AND r.batch_id = b.batch_id)
+              ORDER BY b.ingested_at LIMIT $2",
+        )
+        .bind(&datasets)
+        .bind(i64::from(self.settings.reaper_batch))
+        .fetch_all(&self.data)
+        .await?;
+        let mut routed = 0;
+        for (org, batch, dataset) in batches {
+            let mine: Vec<&RouteSpec> = routes
+                .iter()
+                .filter(|r| r.org_id == org && r.dataset_id == dataset)
+                .collect();
+            if self.route_batch(org, batch, dataset, &mine).await? {
+                routed += 1;
+            }
+        }
+        Ok(routed)
+    }
+
+    /// One batch, in one transaction: the routed mark and its deliveries.
+    async fn route_batch(
+        &self,
+        org: Uuid,
+        batch: Uuid,
+        dataset: Uuid,
+        routes: &[&RouteSpec],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.data.begin().await?;
+        // First the mark: a concurrent router waits here, then skips.
+        let marked = sqlx::query(
+            "INSERT INTO alert_routed_batches (org_id, batch_id, events, deliveries)
+             VALUES ($1, $2, 0, 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(org)
+        .bind(batch)
+        .execute(&mut *tx)
+        .await?;
+        if marked.rows_affected() == 0 {
+            return Ok(false);
+        }
+        let table = crate::sink::Sink::table_name(dataset);
+        let rows: Vec<(i32, Value)> = sqlx::query_as(&format!(
+            "SELECT _line, to_jsonb(t) - '_batch_id' - '_line' FROM {table} t
+              WHERE _batch_id = $1 ORDER BY _line"
+        ))
+        .bind(batch)
+        .fetch_all(&mut *tx)
+        .await?;
+        let plans: Vec<(&RouteSpec, Option<query::Plan>)> = routes
+            .iter()
+            .map(|r| {
+                let plan = matcher_plan(&r.dataset, &r.columns, r.matcher.as_ref());
+                if let Err(e) = &plan {
+                    // The schema is fixed at creation, so this is not
+                    // expected; the route is skipped, not the batch.
+                    tracing::warn!(route = %r.id, error = %e, "a route's filter no longer fits its dataset");
+                }
+                (*r, plan.ok())
+            })
+            .collect();
+        let mut deliveries = 0;
+        let now = Utc::now();
+        for (line, row) in &rows {
+            let event_id = format!("{batch}-{line}");
+            let mut sent_to: Vec<Uuid> = Vec::new();
+            for (route, plan) in &plans {
+                let Some(plan) = plan else { continue };
+                let typed: Vec<Option<Scalar>> = plan
+                    .columns
+                    .iter()
+                    .map(|c| Scalar::from_row(c.kind, &row[&c.name]))
+                    .collect();
+                if !plan.keeps(&typed) || sent_to.contains(&route.destination_id) {
+                    continue;
+                }
+                sent_to.push(route.destination_id);
+                let payload = json!({
+                    "type": "alert.event",
+                    "timestamp": now,
+                    "data": {"event_id": event_id, "dataset": route.dataset,
+                             "route": route.name, "event": row},
+                });
+                let done = sqlx::query(
+                    "INSERT INTO alert_deliveries (id, org_id, event_id, dataset_id, route_id,
+                                                   destination_id, payload)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                )
+                .bind(Uuid::now_v7())
+                .bind(org)
+                .bind(&event_id)
+                .bind(dataset)
+                .bind(route.id)
+                .bind(route.destination_id)
+                .bind(&payload)
+                .execute(&mut *tx)
+                .await?;
+                deliveries += done.rows_affected();
+            }
+        }
+        sqlx::query(
+            "UPDATE alert_routed_batches SET events = $3, deliveries = $4
+              WHERE org_id = $1 AND batch_id = $2",
+        )
+        .bind(org)
+        .bind(batch)
+        .bind(i32::try_from(rows.len()).unwrap_or(i32::MAX))
+        .bind(i32::try_from(deliveries).unwrap_or(i32::MAX))
+        .execute(&mut *tx)
+        .await?;
+        self.settings.failpoint("router_before_commit");
+        tx.commit().await?;
+        tracing::info!(%org, %batch, events = rows.len(), deliveries, "alert batch routed");
+        Ok(true)
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!("alert router started");
+        let mut tick = tokio::time::interval(self.settings.alert_poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.route_once().await {
+                        tracing::warn!(error = %e, "alert routing pass failed");
+                    }
+                }
+            }
+        }
+        tracing::info!("alert router stopped");
+    }
+}
+
+/// A delivery in hand.
+#[derive(sqlx::FromRow)]
+struct Due {
+    id: Uuid,
+    destination_id: Uuid,
+    payload: Value,
+    tries: i32,
+}
+
+/// How one try ended.
+enum Tried {
+    Delivered(u16),
+    Failed {
+        status: Option<u16>,
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    /// Retrying cannot help (the destination is gone or not allowed).
+    Fatal(String),
+}
+
+pub struct AlertDelivery {
+    store: Store,
+    data: PgPool,
+    settings: Arc<Settings>,
+    http: reqwest::Client,
+}
+
+/// `Retry-After`: seconds, or an HTTP date.
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
+}
+
+/// Whether `ip` is one a public webhook should never reach: loopback,
+/// private, link-local (cloud metadata), unspecified.
+fn is_internal(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified()
+        }
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xfe00) == 0xfc00
+                || (v6.segments()[0] & 0xffc0) == 0xfe80
+                || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(v4.into()))
+        }
+    }
+}
+
+impl AlertDelivery {
+    pub fn new(store: Store, data: PgPool, settings: Arc<Settings>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(settings.alert_delivery_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("an HTTP client");
+        AlertDelivery {
+            store,
+            data,
+            settings,
+            http,
+        }
+    }
+
+    /// Takes due deliveries (leasing them) and tries each once; how many.
+    pub async fn deliver_once(&self) -> Result<usize, StoreError> {
+        let lease = self.settings.alert_delivery_lease.as_secs_f64();
+        let due: Vec<Due> = sqlx::query_as(
+            "UPDATE alert_deliveries d
+                SET lease_until = now() + $1 * interval '1 second', tries = d.tries + 1
+               FROM (SELECT id FROM alert_deliveries
+                      WHERE state = 'pending' AND next_attempt_at <= now()
+                        AND (lease_until IS NULL OR lease_until <= now())
+                      ORDER BY next_attempt_at LIMIT $2
+                      FOR UPDATE SKIP LOCKED) due
+              WHERE d.id = due.id
+             RETURNING d.id, d.destination_id, d.payload, d.tries",
+        )
+        .bind(lease)
+        .bind(i64::try_from(self.settings.alert_delivery_concurrency).unwrap_or(8))
+        .fetch_all(&self.data)
+        .await?;
+        let n = due.len();
+        let mut running = tokio::task::JoinSet::new();
+        for d in due {
+            let (store, http, settings) =
+                (self.store.clone(), self.http.clone(), self.settings.clone());
+            running.spawn(async move {
+                let tried = try_once(&store, &http, &settings, &d).await;
+                (d, tried)
+            });
+        }
+        while let Some(done) = running.join_next().await {
+            let Ok((d, tried)) = done else { continue };
+            self.record(&d, tried).await?;
+        }
+        Ok(n)
+    }
+
+    async fn record(&self, d: &Due, tried: Tried) -> Result<(), StoreError> {
+        match tried {
+            Tried::Delivered(status) => {
+                sqlx::query(
+                    "UPDATE alert_deliveries SET state = 'delivered', delivered_at = now(),
+                            last_status = $2, last_error = NULL, lease_until = NULL
+                      WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(d.id)
+                .bind(i32::from(status))
+                .execute(&self.data)
+                .await?;
+                tracing::info!(delivery = %d.id, tries = d.tries, "alert delivered");
+            }
+            Tried::Failed {
+                status,
+                error,
+                retry_after,
+            } => {
+                let tries = u32::try_from(d.tries).unwrap_or(u32::MAX);
+                let dead = tries >= self.settings.alert_delivery_max_tries;
+                let delay = retry_after
+                    .map(|r| r.min(self.settings.alert_retry_cap))
+                    .unwrap_or_else(|| {
+                        backoff(
+                            self.settings.alert_retry_base,
+                            self.settings.alert_retry_cap,
+                            tries,
+                            rand::random::<f64>(),
+                        )
+                    });
+                sqlx::query(
+                    "UPDATE alert_deliveries
+                        SET state = CASE WHEN $5 THEN 'dead' ELSE 'pending' END,
+                            next_attempt_at = now() + $4 * interval '1 second',
+                            last_status = $2, last_error = $3, lease_until = NULL
+                      WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(d.id)
+                .bind(status.map(i32::from))
+                .bind(&error)
+                .bind(delay.as_secs_f64())
+                .bind(dead)
+                .execute(&self.data)
+                .await?;
+                tracing::warn!(delivery = %d.id, tries, ?status, error, dead, "alert delivery failed");
+            }
+            Tried::Fatal(error) => {
+                sqlx::query(
+                    "UPDATE alert_deliveries SET state = 'dead', last_error = $2, lease_until = NULL
+                      WHERE id = $1 AND state = 'pending'",
+                )
+                .bind(d.id)
+                .bind(&error)
+                .execute(&self.data)
+                .await?;
+                tracing::warn!(delivery = %d.id, error, "alert delivery dead");
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!("alert delivery started");
+        loop {
+            let worked = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.deliver_once() => match r {
+                    Ok(n) => n > 0,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "alert delivery pass failed");
+                        false
+                    }
+                },
+            };
+            if !worked {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(self.settings.alert_poll) => {}
+                }
+            }
+        }
+        tracing::info!("alert delivery stopped");
+    }
+}
+
+async fn try_once(store: &Store, http: &reqwest::Client, settings: &Settings, d: &Due) -> Tried {
+    let dest = match store.alert_destination(d.destination_id).await {
+        Ok(Some(dest)) => dest,
+        Ok(None) => return Tried::Fatal("the destination was deleted".into()),
+        Err(e) => {
+            return Tried::Failed {
+                status: None,
+                error: format!("reading the destination: {e}"),
+                retry_after: None,
+            }
+        }
+    };
+    if !settings.alert_allow_internal {
+        let host_port = reqwest::Url::parse(&dest.url)
+            .ok()
+            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
+        let Some(host_port) = host_port else {
+            return Tried::Fatal(format!("{:?} is not a URL", dest.url));
+        };
+        let resolved = tokio::net::lookup_host(host_port.as_str())
+            .await
+            .map(|addrs| addrs.collect::<Vec<_>>());
+        match resolved {
+            Ok(addrs) => {
+                if addrs.iter().any(|a| is_internal(a.ip())) {
+                    return Tried::Fatal(format!(
+                        "{host_port} resolves to an internal address; not delivered \
+                         (serve --alerts-allow-internal allows it)"
+                    ));
+                }
+            }
+            Err(e) => {
+                return Tried::Failed {
+                    status: None,
+                    error: format!("resolving {host_port}: {e}"),
+                    retry_after: None,
+                }
+            }
+        }
+    }
+    let body = serde_json::to_vec(&d.payload).unwrap_or_default();
+    let id = d.id.to_string();
+    let ts = Utc::now().timestamp();
+    let Some(signature) = sign(&dest.secret, &id, ts, &body) else {
+        return Tried::Fatal("the destination's secret is not a whsec_ key".into());
+    };
+    let sent = http
+        .post(&dest.url)
+        .header("content-type", "application/json")
+        .header("webhook-id", &id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", signature)
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() => Tried::Delivered(r.status().as_u16()),
+        Ok(r) => Tried::Failed {
+            status: Some(r.status().as_u16()),
+            error: format!("the receiver answered {}", r.status()),
+            retry_after: retry_after(r.headers()),
+        },
+        Err(e) => Tried::Failed {
+            status: None,
+            error: format!("sending: {e}"),
+            retry_after: None,
+        },
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct DeliveryRow {
+    id: Uuid,
+    org_id: Uuid,
+    event_id: String,
+    route_id: Uuid,
+    destination_id: Uuid,
+    state: String,
+    tries: i32,
+    next_attempt_at: chrono::DateTime<Utc>,
+    last_status: Option<i32>,
+    last_error: Option<String>,
+    delivered_at: Option<chrono::DateTime<Utc>>,
+}
+
+const DELIVERY_COLUMNS: &str = "id, org_id, event_id, route_id, destination_id, state, tries,
+                                next_attempt_at, last_status, last_error, delivered_at";
+
+async fn views(
+    store: &Store,
+    rows: Vec<DeliveryRow>,
+) -> Result<Vec<dispatcher_wire::DeliveryView>, StoreError> {
+    let mut orgs: Vec<Uuid> = rows.iter().map(|r| r.org_id).collect();
+    orgs.sort();
+    orgs.dedup();
+    let mut routes = std::collections::HashMap::new();
+    let mut destinations = std::collections::HashMap::new();
+    for org in orgs {
+        for r in store.alert_routes(Some(org)).await? {
+            routes.insert(r.id, r.name);
+        }
+        for d in store.alert_destinations(org).await? {
+            destinations.insert(d.id, d.name);
+        }
+    }
+    let gone = || "(deleted)".to_owned();
+    Ok(rows
+        .into_iter()
+        .map(|r| dispatcher_wire::DeliveryView {
+            delivery_id: r.id,
+            event_id: r.event_id,
+            route: routes.get(&r.route_id).cloned().unwrap_or_else(gone),
+            destination: destinations
+                .get(&r.destination_id)
+                .cloned()
+                .unwrap_or_else(gone),
+            next_attempt_at: (r.state == "pending").then_some(r.next_attempt_at),
+            state: r.state,
+            tries: u32::try_from(r.tries).unwrap_or(0),
+            last_status: r.last_status.and_then(|s| u16::try_from(s).ok()),
+            last_error: r.last_error,
+            delivered_at: r.delivered_at,
+        })
+        .collect())
+}
+
+/// The deliveries of one event of the org.
+pub async fn event_deliveries(
+    store: &Store,
+    data: &PgPool,
+    org: Uuid,
+    event_id: &str,
+) -> Result<Vec<dispatcher_wire::DeliveryView>, StoreError> {
+    let rows: Vec<DeliveryRow> = sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM alert_deliveries
+          WHERE org_id = $1 AND event_id = $2 ORDER BY created_at"
+    ))
+    .bind(org)
+    .bind(event_id)
+    .fetch_all(data)
+    .await?;
+    views(store, rows).await
+}
+
+/// Dead deliveries, oldest first (of one org, or of all).
+pub async fn dead_deliveries(
+    store: &Store,
+    data: &PgPool,
+    org: Option<Uuid>,
+    limit: u32,
+) -> Result<Vec<dispatcher_wire::DeliveryView>, StoreError> {
+    let rows: Vec<DeliveryRow> = sqlx::query_as(&format!(
+        "SELECT {DELIVERY_COLUMNS} FROM alert_deliveries
+          WHERE state = 'dead' AND ($1::uuid IS NULL OR org_id = $1)
+          ORDER BY created_at LIMIT $2"
+    ))
+    .bind(org)
+    .bind(i64::from(limit))
+    .fetch_all(data)
+    .await?;
+    views(store, rows).await
+}
+
+/// Makes dead deliveries (the given ones, or all of the org's, or all)
+/// pending again with fresh tries; they keep their id, so the receiver
+/// sees the same `webhook-id`. How many (with `dry_run`, how many would).
+pub async fn replay_dead(
+    data: &PgPool,
+    org: Option<Uuid>,
+    ids: &[Uuid],
+    dry_run: bool,
+) -> Result<u64, StoreError> {
+    let filter = "state = 'dead' AND ($1::uuid IS NULL OR org_id = $1)
+                  AND (cardinality($2::uuid[]) = 0 OR id = ANY($2))";
+    if dry_run {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM alert_deliveries WHERE {filter}"
+        ))
+        .bind(org)
+        .bind(ids)
+        .fetch_one(data)
+        .await?;
+        return Ok(u64::try_from(n).unwrap_or(0));
+    }
+    let done = sqlx::query(&format!(
+        "UPDATE alert_deliveries
+            SET state = 'pending', tries = 0, next_attempt_at = now(), lease_until = NULL
+          WHERE {filter}"
+    ))
+    .bind(org)
+    .bind(ids)
+    .execute(data)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_follow_standard_webhooks() {
+        // The example of the Standard Webhooks specification.
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let body = br#"{"test": 2432232314}"#;
+        let sig = sign(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body).unwrap();
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        assert!(sign("nope", "x", 1, b"").is_none());
+        assert!(secret_key(&new_secret()).is_some());
+    }
+
+    #[test]
+    fn internal_addresses_are_told_apart() {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "169.254.169.254",
+            "192.168.0.1",
+            "::1",
+            "fd00::1",
+        ] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

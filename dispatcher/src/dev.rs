@@ -226,7 +226,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         shutdown.clone(),
     ));
     eprintln!(
-        "dispatcher serving at {url_http} (api, relay, reaper, sink; {} profile)",
+        "dispatcher serving at {url_http} (api, relay, reaper, sink, router, delivery; {} profile)",
         args.profile.queues.profile
     );
 
@@ -251,18 +251,31 @@ pub async fn run(args: DevArgs) -> Result<()> {
     );
 
     let mut job_id = None;
+    let mut user_token = user_token;
     if let Some(file) = &args.example {
+        // An org of the example's own: its datasets never meet another
+        // schema of the same name in the dev org.
+        let example = read_example(file)?;
+        let org = store
+            .ensure_org(&format!("example-{}", example.job.name))
+            .await?;
+        store.set_membership(org, user, Role::Owner).await?;
+        user_token = keys.mint_user(user, org, expires);
         let api = crate::ApiArgs {
             url: url_http.clone(),
             token: user_token.clone(),
             org: None,
         };
-        let id = example_job(&store, org, user, file, &api, &settings).await?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        let id = example_job(&store, org, user, example, base, &api, &settings).await?;
         job_id = Some(id);
         let state = watch(&store, org, id).await?;
         show_outputs(&store, id).await?;
         if state != JobState::Succeeded && args.exit_after_sample {
             bail!("the example job ended {}", state.as_str());
+        }
+        for (dataset, batches) in ingested_batches(&store, id).await? {
+            println!("stream {dataset}: {batches} batch(es) ingested");
         }
     } else if !args.no_sample {
         let id = sample_job(&store, org, user, &task_bin.path, &settings).await?;
@@ -429,19 +442,48 @@ struct Example {
 
 /// Creates the example's datasets (kept if they exist), pushes and tags
 /// its bundles through the API, and submits its job.
+fn read_example(file: &Path) -> Result<Example> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))
+}
+
+/// Waits (up to 60 s) until the sink has taken every buffer batch the job
+/// published; the count of ingested batches per stream. A batch that
+/// ended `dead` is an error.
+async fn ingested_batches(store: &Store, job_id: uuid::Uuid) -> Result<Vec<(String, i64)>> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT b.dataset, b.state, count(*) FROM buffer_publishes b
+               JOIN tasks t ON t.id = b.task_id
+              WHERE t.job_id = $1 GROUP BY b.dataset, b.state ORDER BY b.dataset",
+        )
+        .bind(job_id)
+        .fetch_all(store.pool())
+        .await?;
+        if let Some((name, _, n)) = rows.iter().find(|(_, s, _)| s == "dead") {
+            bail!("{n} buffer batch(es) of {name} are dead (dispatcher admin sink dead list)");
+        }
+        if rows.iter().all(|(_, s, _)| s != "pending") {
+            return Ok(rows.into_iter().map(|(d, _, n)| (d, n)).collect());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the sink did not ingest the job's buffer batches within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn example_job(
     store: &Store,
     org: uuid::Uuid,
     user: uuid::Uuid,
-    file: &Path,
+    example: Example,
+    base: &Path,
     api: &crate::ApiArgs,
     settings: &Settings,
 ) -> Result<uuid::Uuid> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let example: Example =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
-    let base = file.parent().unwrap_or(Path::new("."));
     for req in example.datasets {
         let ds = domain::new_dataset(req)?;
         match store.create_dataset(org, user, &ds).await {

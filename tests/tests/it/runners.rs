@@ -544,6 +544,20 @@ async fn the_mixed_language_example_runs_end_to_end_from_its_readme_command() {
         .fetch_all(&db.pool)
         .await
         .unwrap();
-    assert_eq!(runtimes, ["python", "rust", "node"]);
+    assert_eq!(runtimes, ["python", "rust", "node", "python"]);
+    // The alert evaluation published its alerts to the stream, and the
+    // sink ingested them before the command ended.
+    assert!(
+        stdout.contains("stream alert_events: 1 batch(es) ingested"),
+        "{stdout}"
+    );
+    let alerts: Value = sqlx::query_scalar(
+        "SELECT a.completion -> 'output' FROM attempts a JOIN task_specs s ON s.task_id = a.task_id
+          WHERE s.key = 'alerts' AND a.outcome = 'succeeded'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(alerts["alerts"], 4, "{alerts}");
     let _ = std::fs::remove_dir_all(&state);
 }

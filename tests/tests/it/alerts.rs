@@ -430,3 +430,79 @@ async fn alerts_killing_the_delivery_role_mid_delivery_loses_nothing() {
     assert!(seen.len() >= 2, "{seen:?}");
     assert!(seen.iter().all(|s| s.id == id.to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_a_real_dispatcher_sigkilled_mid_delivery_loses_nothing() {
+    use dispatcher_tests::stack::{Stack, WorkerOpts};
+    let receiver = Receiver::start(Behaviour {
+        hang_first: Some(Duration::from_secs(30)),
+        ..Default::default()
+    })
+    .await;
+    let mut stack = Stack::new().await;
+    for (k, v) in [
+        ("DISPATCHER_ALERTS_ALLOW_INTERNAL", "true"),
+        ("DISPATCHER_ALERT_LEASE_SECONDS", "2"),
+    ] {
+        stack.profile_env.push((k.into(), v.into()));
+    }
+    // Every event of the sample stream goes to the receiver.
+    let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
+    store
+        .create_alert_destination(
+            stack.org_id,
+            "ops",
+            &receiver.url,
+            &dispatcher::alerts::new_secret(),
+        )
+        .await
+        .unwrap();
+    let (stream, _, _, _) = store
+        .dataset_for_query(stack.org_id, "sample_events")
+        .await
+        .unwrap();
+    store
+        .create_alert_route(stack.org_id, "all", stream, "ops", None)
+        .await
+        .unwrap();
+    stack.start_dispatcher("").await;
+    let _worker = stack.start_worker(&WorkerOpts::new("alerts"));
+    stack
+        .submit(stack.flat_job(1, json!({"rows": 3, "events": false})))
+        .await;
+
+    // The first webhook call hangs: the dispatcher (every role) is killed
+    // with it in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while receiver.state.lock().unwrap().calls == 0 {
+        assert!(Instant::now() < deadline, "no delivery started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stack.kill_dispatcher();
+    stack.start_dispatcher("").await;
+
+    let data = stack.db.data().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let states: Vec<String> = sqlx::query_scalar("SELECT state FROM alert_deliveries")
+            .fetch_all(&data)
+            .await
+            .unwrap();
+        if states.len() == 3 && states.iter().all(|s| s == "delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "deliveries: {states:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Three events, each delivered; the one in flight when the process
+    // died was sent again under the same webhook-id.
+    let seen = receiver.seen();
+    let ids: std::collections::BTreeSet<&str> = seen.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids.len(), 3, "{seen:?}");
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(
+        seen.iter().filter(|s| s.id == seen[0].id).count(),
+        2,
+        "the interrupted delivery was retried under its webhook-id"
+    );
+}

@@ -143,33 +143,17 @@ async fn admin_token(app: &TestApp) -> String {
 /// `value >= 10`; the destination's secret.
 async fn wire_up(f: &Fixture, receiver: &Receiver) -> String {
     let admin = admin_token(&f.app).await;
+    let destination = |token: &str, url: &str| {
+        let body = json!({"name": "ops", "url": url});
+        let token = token.to_owned();
+        async move { f.app.post("/v1/alerts/destinations", &token, &body).await }
+    };
     // A member may not make destinations; bad input is refused.
-    let r = f
-        .app
-        .post(
-            "/v1/alerts/destinations",
-            &f.app.user_token,
-            &json!({"name": "ops", "url": receiver.url}),
-        )
-        .await;
+    let r = destination(&f.app.user_token, &receiver.url).await;
     assert_eq!(r.status, reqwest::StatusCode::FORBIDDEN);
-    let r = f
-        .app
-        .post(
-            "/v1/alerts/destinations",
-            &admin,
-            &json!({"name": "ops", "url": "ftp://x"}),
-        )
-        .await;
+    let r = destination(&admin, "ftp://x").await;
     assert_eq!(r.status, reqwest::StatusCode::BAD_REQUEST);
-    let r = f
-        .app
-        .post(
-            "/v1/alerts/destinations",
-            &admin,
-            &json!({"name": "ops", "url": receiver.url}),
-        )
-        .await;
+    let r = destination(&admin, &receiver.url).await;
     assert_eq!(r.status, reqwest::StatusCode::CREATED, "{}", r.body);
     let secret = r.body["secret"].as_str().unwrap().to_owned();
     assert!(secret.starts_with("whsec_"));

@@ -528,13 +528,15 @@ async fn the_mixed_language_example_runs_end_to_end_from_its_readme_command() {
             ("sensor_stats".to_owned(), 1, 5)
         ]
     );
-    let report: Value = sqlx::query_scalar(
-        "SELECT a.completion -> 'output' FROM attempts a JOIN task_specs s ON s.task_id = a.task_id
-          WHERE s.key = 'report' AND a.outcome = 'succeeded'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let output = |key: &'static str| {
+        sqlx::query_scalar::<_, Value>(
+            "SELECT a.completion -> 'output' FROM attempts a JOIN task_specs s ON s.task_id = a.task_id
+              WHERE s.key = $1 AND a.outcome = 'succeeded'",
+        )
+        .bind(key)
+        .fetch_one(&db.pool)
+    };
+    let report = output("report").await.unwrap();
     assert_eq!(
         report["lines"].as_array().map(Vec::len),
         Some(5),
@@ -551,13 +553,7 @@ async fn the_mixed_language_example_runs_end_to_end_from_its_readme_command() {
         stdout.contains("stream alert_events: 1 batch(es) ingested"),
         "{stdout}"
     );
-    let alerts: Value = sqlx::query_scalar(
-        "SELECT a.completion -> 'output' FROM attempts a JOIN task_specs s ON s.task_id = a.task_id
-          WHERE s.key = 'alerts' AND a.outcome = 'succeeded'",
-    )
-    .fetch_one(&db.pool)
-    .await
-    .unwrap();
+    let alerts = output("alerts").await.unwrap();
     assert_eq!(alerts["alerts"], 4, "{alerts}");
     let _ = std::fs::remove_dir_all(&state);
 }

@@ -563,6 +563,28 @@ pub fn completion(req: wire::CompleteRequest) -> Result<Completion, Invalid> {
     }
 }
 
+/// A batch entry's body as the single call's request: decoded strictly,
+/// errors named `entries[i].body…`.
+pub fn entry_body<T: serde::de::DeserializeOwned>(
+    i: usize,
+    body: Value,
+) -> Result<T, crate::error::ApiError> {
+    let body = if body.is_null() {
+        Value::Object(Default::default())
+    } else {
+        body
+    };
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            format!("entries[{i}].body")
+        } else {
+            format!("entries[{i}].body.{path}")
+        };
+        crate::error::ApiError::invalid(&field, e.into_inner())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,6 +212,17 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The error as one entry of a batch answers it.
+    pub fn detail(&self) -> ErrorDetail {
+        ErrorDetail {
+            code: self.code.to_owned(),
+            message: self.message.clone(),
+            retryable: self.retryable,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {

@@ -299,6 +299,69 @@ pub struct EventDeliveries {
     pub deliveries: Vec<DeliveryView>,
 }
 
+// -------------------------------------------------------------- batches ---
+
+/// `POST /internal/task-claim-batch`: the given `task_ids`, or up to
+/// `max_tasks` ready tasks of any job (exactly one of the two).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimBatchRequest {
+    pub worker_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_ids: Option<Vec<Uuid>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tasks: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_seconds: Option<u32>,
+}
+
+/// One entry of a batch claim's answer: its claim or its error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimBatchEntry {
+    pub task_id: Uuid,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<Box<ClaimResponse>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimBatchResponse {
+    pub claims: Vec<ClaimBatchEntry>,
+}
+
+/// `POST /v1/task/heartbeat-batch` (and, to come, `complete-batch`): each
+/// entry is a capability token and the single call's body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskBatchRequest {
+    pub entries: Vec<TaskBatchEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskBatchEntry {
+    pub capability_token: String,
+    #[serde(default)]
+    pub body: Value,
+}
+
+/// One entry's answer: the single call's answer, or its error. `task_id`
+/// is absent when the entry's token could not be read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskBatchResult {
+    #[serde(default)]
+    pub task_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskBatchResponse {
+    pub results: Vec<TaskBatchResult>,
+}
+
 // ------------------------------------------------------------ heartbeat ---
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

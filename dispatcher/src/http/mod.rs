@@ -147,6 +147,8 @@ const ADMIN: Access = Access::User {
 pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/.well-known/jwks.json", Access::Public),
     route("POST", "/internal/task-claim", Access::Worker),
+    route("POST", "/internal/task-claim-batch", Access::Worker),
+    route("POST", "/v1/task/heartbeat-batch", Access::Worker),
     route("POST", "/internal/queues/{queue}/receive", Access::Worker),
     route(
         "POST",
@@ -198,6 +200,8 @@ fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter
     match (spec.method, spec.path) {
         ("GET", "/.well-known/jwks.json") => get(jwks),
         ("POST", "/internal/task-claim") => post(worker::claim),
+        ("POST", "/internal/task-claim-batch") => post(worker::claim_batch),
+        ("POST", "/v1/task/heartbeat-batch") => post(worker::heartbeat_batch),
         ("POST", "/internal/queues/{queue}/receive") => post(queues::receive),
         ("POST", "/internal/queues/{queue}/visibility") => post(queues::change_visibility),
         ("POST", "/internal/queues/{queue}/delete") => post(queues::delete),

@@ -37,6 +37,22 @@ pub async fn claim(
     let worker_id = domain::worker_id(&req.worker_id)?;
     let lease = state.settings.clamp_lease(req.lease_seconds);
     let claimed = state.store.claim(req.task_id, &worker_id, lease).await?;
+    tracing::info!(
+        task_id = %claimed.task_id,
+        attempt = claimed.attempt,
+        worker_id,
+        credential = worker.sub,
+        "task claimed"
+    );
+    Ok(Json(claim_answer(&state, claimed).await?))
+}
+
+/// What a worker gets for a claim: the attempt's capability token and, for
+/// a bundle task, a presigned URL of its bundle.
+async fn claim_answer(
+    state: &AppState,
+    claimed: crate::store::Claimed,
+) -> Result<wire::ClaimResponse, ApiError> {
     let scope = TaskScope {
         task_id: claimed.task_id,
         job_id: claimed.job_id,
@@ -45,7 +61,7 @@ pub async fn claim(
         datasets: claimed.spec.outputs.clone(),
         reads: claimed.spec.reads.clone(),
     };
-    let token_expires_at = token_expiry(&state, claimed.lease_expires_at);
+    let token_expires_at = token_expiry(state, claimed.lease_expires_at);
     let capability_token = state.keys.mint_task(&scope, token_expires_at);
     // A bundle task's archive: fetched by the worker, checked against the
     // digest the task names (content addressing, not this URL, is the trust).
@@ -64,14 +80,7 @@ pub async fn claim(
                 })?,
         )
     };
-    tracing::info!(
-        task_id = %claimed.task_id,
-        attempt = claimed.attempt,
-        worker_id,
-        credential = worker.sub,
-        "task claimed"
-    );
-    Ok(Json(wire::ClaimResponse {
+    Ok(wire::ClaimResponse {
         task_id: claimed.task_id,
         job_id: claimed.job_id,
         attempt: claimed.attempt,
@@ -86,7 +95,176 @@ pub async fn claim(
         object_prefix: scope.attempt_prefix(),
         org_id: claimed.org_id,
         bundle_url,
-    }))
+    })
+}
+
+/// Entries one batch call may hold (the contract's bound).
+const MAX_BATCH: usize = 100;
+
+/// `POST /internal/task-claim-batch`: the given tasks, or up to
+/// `max_tasks` ready ones, in one statement; each id answered on its own,
+/// in order (a refused id with the single claim's error).
+pub async fn claim_batch(
+    State(state): State<AppState>,
+    WorkerAuth(worker): WorkerAuth,
+    ApiJson(req): ApiJson<wire::ClaimBatchRequest>,
+) -> Result<Json<wire::ClaimBatchResponse>, ApiError> {
+    let worker_id = domain::worker_id(&req.worker_id)?;
+    let lease = state.settings.clamp_lease(req.lease_seconds);
+    let (pick, ids) = match (&req.task_ids, req.max_tasks) {
+        (Some(ids), None) if !ids.is_empty() && ids.len() <= MAX_BATCH => {
+            (crate::store::Pick::Ids(ids), ids.clone())
+        }
+        (None, Some(n)) if (1..=MAX_BATCH as u32).contains(&n) => {
+            (crate::store::Pick::Ready(n), Vec::new())
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "body",
+                format!(
+                    "name task_ids (1 to {MAX_BATCH}) or max_tasks (1 to {MAX_BATCH}), not both"
+                ),
+            ))
+        }
+    };
+    let claimed = state.store.claim_many(pick, &worker_id, lease).await?;
+    tracing::info!(
+        claimed = claimed.len(),
+        worker_id,
+        credential = worker.sub,
+        "tasks claimed (batch)"
+    );
+    let mut granted = std::collections::HashMap::with_capacity(claimed.len());
+    let mut order = Vec::with_capacity(claimed.len());
+    for c in claimed {
+        order.push(c.task_id);
+        granted.insert(c.task_id, claim_answer(&state, c).await?);
+    }
+    let mut claims = Vec::new();
+    // By ids: each in the order asked; by max_tasks: what was granted.
+    let asked = if ids.is_empty() { order } else { ids };
+    for task_id in asked {
+        let entry = match granted.remove(&task_id) {
+            Some(claim) => wire::ClaimBatchEntry {
+                task_id,
+                claim: Some(Box::new(claim)),
+                error: None,
+            },
+            None => wire::ClaimBatchEntry {
+                task_id,
+                claim: None,
+                error: Some(ApiError::from(state.store.claim_refusal(task_id).await).detail()),
+            },
+        };
+        claims.push(entry);
+    }
+    Ok(Json(wire::ClaimBatchResponse { claims }))
+}
+
+/// `POST /v1/task/heartbeat-batch`: each entry's token verified and its
+/// task admitted on its own, then every valid entry in one statement;
+/// answers in order, each as the single heartbeat would.
+pub async fn heartbeat_batch(
+    State(state): State<AppState>,
+    WorkerAuth(_worker): WorkerAuth,
+    ApiJson(req): ApiJson<wire::TaskBatchRequest>,
+) -> Result<Json<wire::TaskBatchResponse>, ApiError> {
+    if req.entries.is_empty() || req.entries.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "entries",
+            format!("must hold 1 to {MAX_BATCH} entries"),
+        ));
+    }
+    // Each entry: its claims and request, or its error.
+    let mut checked: Vec<Checked<wire::HeartbeatRequest>> = Vec::with_capacity(req.entries.len());
+    for (i, e) in req.entries.into_iter().enumerate() {
+        checked.push(check_entry(&state, i, e).and_then(|(claims, body)| {
+            let req: wire::HeartbeatRequest =
+                domain::entry_body(i, body).map_err(|e| (Some(claims.sub), e))?;
+            if let Some(progress) = &req.progress {
+                domain::storable_json(&format!("entries[{i}].body.progress"), progress)
+                    .map_err(|e| (Some(claims.sub), e.into()))?;
+            }
+            Ok((claims, req))
+        }));
+    }
+    let valid: Vec<(crate::store::Fence, Option<&serde_json::Value>)> = checked
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .map(|(claims, req)| (fence(claims), req.progress.as_ref()))
+        .collect();
+    let mut renewals = state.store.heartbeat_many(&valid).await?.into_iter();
+    let mut results = Vec::with_capacity(checked.len());
+    for c in &checked {
+        results.push(match c {
+            Err((task_id, e)) => wire::TaskBatchResult {
+                task_id: *task_id,
+                result: None,
+                error: Some(e.detail()),
+            },
+            Ok((claims, _)) => match renewals.next() {
+                Some(Ok(renewal)) => wire::TaskBatchResult {
+                    task_id: Some(claims.sub),
+                    result: Some(
+                        serde_json::to_value(heartbeat_answer(&state, claims, renewal))
+                            .map_err(|_| ApiError::internal())?,
+                    ),
+                    error: None,
+                },
+                Some(Err(e)) => wire::TaskBatchResult {
+                    task_id: Some(claims.sub),
+                    result: None,
+                    error: Some(ApiError::from(e).detail()),
+                },
+                None => return Err(ApiError::internal()),
+            },
+        });
+    }
+    Ok(Json(wire::TaskBatchResponse { results }))
+}
+
+/// A batch entry after its checks: its claims and request, or the error it
+/// is answered with (and its task, when the token could be read).
+type Checked<T> = Result<(TaskClaims, T), (Option<uuid::Uuid>, ApiError)>;
+
+/// An entry's token, verified as a task token and admitted under its
+/// task's and org's rates, and its body.
+fn check_entry(state: &AppState, i: usize, e: wire::TaskBatchEntry) -> Checked<serde_json::Value> {
+    let claims: TaskClaims = state
+        .keys
+        .verify(&e.capability_token, crate::tokens::TokenKind::Task)
+        .map_err(|err| {
+            let mut api = ApiError::from(err);
+            api.message = format!("entries[{i}].capability_token: {}", api.message);
+            (None, api)
+        })?;
+    state
+        .limits
+        .admit_task(claims.sub, claims.org)
+        .map_err(|err| (Some(claims.sub), err))?;
+    Ok((claims, e.body))
+}
+
+fn heartbeat_answer(
+    state: &AppState,
+    claims: &TaskClaims,
+    renewal: crate::store::LeaseRenewal,
+) -> wire::HeartbeatResponse {
+    let token_expires_at = token_expiry(state, renewal.lease_expires_at);
+    let scope = TaskScope {
+        task_id: claims.sub,
+        job_id: claims.job,
+        org_id: claims.org,
+        attempt: claims.att,
+        datasets: claims.datasets.clone(),
+        reads: claims.reads.clone(),
+    };
+    wire::HeartbeatResponse {
+        lease_expires_at: renewal.lease_expires_at,
+        capability_token: state.keys.mint_task(&scope, token_expires_at),
+        token_expires_at,
+        cancel_requested: renewal.cancel_requested,
+    }
 }
 
 pub async fn heartbeat(
@@ -101,21 +279,7 @@ pub async fn heartbeat(
         .store
         .heartbeat(fence(&claims), req.progress.as_ref())
         .await?;
-    let token_expires_at = token_expiry(&state, renewal.lease_expires_at);
-    let scope = TaskScope {
-        task_id: claims.sub,
-        job_id: claims.job,
-        org_id: claims.org,
-        attempt: claims.att,
-        datasets: claims.datasets,
-        reads: claims.reads,
-    };
-    Ok(Json(wire::HeartbeatResponse {
-        lease_expires_at: renewal.lease_expires_at,
-        capability_token: state.keys.mint_task(&scope, token_expires_at),
-        token_expires_at,
-        cancel_requested: renewal.cancel_requested,
-    }))
+    Ok(Json(heartbeat_answer(&state, &claims, renewal)))
 }
 
 pub async fn events(

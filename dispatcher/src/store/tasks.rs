@@ -346,8 +346,18 @@ async fn commit_versions(
     Ok(committed)
 }
 
+/// Which tasks a claim takes.
+#[derive(Debug, Clone, Copy)]
+pub enum Pick<'a> {
+    /// These tasks, each if it is claimable.
+    Ids(&'a [Uuid]),
+    /// Up to this many ready tasks of any job.
+    Ready(u32),
+}
+
 #[derive(sqlx::FromRow)]
 struct ClaimRow {
+    task_id: Uuid,
     job_id: Uuid,
     attempt: i32,
     lease_expires_at: DateTime<Utc>,
@@ -392,16 +402,49 @@ impl Store {
         worker_id: &str,
         lease: Duration,
     ) -> Result<Claimed, StoreError> {
-        // One statement, committed at once: take the lease (incrementing the
-        // attempt), end a reclaimed expired attempt, record the new one, and
-        // read what the worker needs. No transaction outlives the call.
-        let granted: Option<ClaimRow> = sqlx::query_as(
-            "WITH claimed AS (
+        match self
+            .claim_many(Pick::Ids(&[task_id]), worker_id, lease)
+            .await?
+            .pop()
+        {
+            Some(c) => Ok(c),
+            None => Err(self.claim_refusal(task_id).await),
+        }
+    }
+
+    /// Claims, in one statement (one transaction), every claimable task of
+    /// `pick`: the given ids (those not claimable are simply absent from
+    /// the answer; `claim_refusal` says why), or up to N ready tasks of any
+    /// job, skipping rows other claims hold.
+    pub async fn claim_many(
+        &self,
+        pick: Pick<'_>,
+        worker_id: &str,
+        lease: Duration,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let (ids, limit): (Vec<Uuid>, i64) = match pick {
+            Pick::Ids(ids) => (ids.to_vec(), 0),
+            Pick::Ready(n) => (Vec::new(), i64::from(n)),
+        };
+        // Take the lease (incrementing the attempt), end a reclaimed expired
+        // attempt, record the new one, and read what the worker needs.
+        let granted: Vec<ClaimRow> = sqlx::query_as(
+            "WITH ready AS (
+                 SELECT id FROM tasks
+                  WHERE $4 > 0 AND state = 'ready' AND NOT cancel_requested
+                    AND attempt < max_attempts AND (not_before IS NULL OR not_before <= now())
+                  ORDER BY updated_at LIMIT $4
+                    FOR UPDATE SKIP LOCKED
+             ), picked AS (
+                 SELECT unnest($1::uuid[]) AS id
+                 UNION ALL
+                 SELECT id FROM ready
+             ), claimed AS (
                  UPDATE tasks
                     SET state = 'leased', attempt = attempt + 1, lease_seconds = $2,
                         lease_expires_at = now() + $2 * interval '1 second',
                         not_before = NULL, updated_at = now()
-                  WHERE id = $1
+                  WHERE id IN (SELECT id FROM picked)
                     AND attempt < max_attempts
                     AND NOT cancel_requested
                     AND ((state = 'ready' AND (not_before IS NULL OR not_before <= now()))
@@ -415,65 +458,58 @@ impl Store {
                  INSERT INTO attempts (task_id, attempt, worker_id)
                  SELECT id, attempt, $3 FROM claimed
              )
-             SELECT c.job_id, c.attempt, c.lease_expires_at,
+             SELECT c.id AS task_id, c.job_id, c.attempt, c.lease_expires_at,
                     s.key, s.runtime, s.bundle, s.inputs, s.outputs, s.reads, j.org_id,
                     s.timeout_seconds
                FROM claimed c
                JOIN task_specs s ON s.task_id = c.id
                JOIN jobs j ON j.id = c.job_id",
         )
-        .bind(task_id)
+        .bind(&ids)
         .bind(secs_i32(lease))
         .bind(worker_id)
-        .fetch_optional(&self.pool)
+        .bind(limit)
+        .fetch_all(&self.pool)
         .await?;
-        let Some(ClaimRow {
-            job_id,
-            attempt,
-            lease_expires_at,
-            key,
-            runtime,
-            bundle,
-            inputs,
-            outputs,
-            reads,
-            org_id,
-            timeout_seconds,
-        }) = granted
-        else {
-            return Err(self.claim_refusal(task_id).await);
-        };
-        self.settings.failpoint("claim_after_commit");
-        let runtime = Runtime::parse(&runtime).ok_or_else(|| {
-            StoreError::Db(sqlx::Error::Decode(
-                format!("unknown runtime {runtime:?}").into(),
-            ))
-        })?;
-        Ok(Claimed {
-            task_id,
-            job_id,
-            org_id,
-            attempt: to_u32(attempt),
-            lease,
-            lease_expires_at,
-            spec: TaskSpec {
-                key,
-                runtime,
-                bundle,
-                inputs,
-                outputs,
-                reads,
-                timeout_seconds: timeout_seconds
-                    .and_then(|t| u32::try_from(t).ok())
-                    .unwrap_or(0),
-            },
-        })
+        if !granted.is_empty() {
+            self.settings.failpoint("claim_after_commit");
+        }
+        granted
+            .into_iter()
+            .map(|row| {
+                let runtime = Runtime::parse(&row.runtime).ok_or_else(|| {
+                    StoreError::Db(sqlx::Error::Decode(
+                        format!("unknown runtime {:?}", row.runtime).into(),
+                    ))
+                })?;
+                Ok(Claimed {
+                    task_id: row.task_id,
+                    job_id: row.job_id,
+                    org_id: row.org_id,
+                    attempt: to_u32(row.attempt),
+                    lease,
+                    lease_expires_at: row.lease_expires_at,
+                    spec: TaskSpec {
+                        key: row.key,
+                        runtime,
+                        bundle: row.bundle,
+                        inputs: row.inputs,
+                        outputs: row.outputs,
+                        reads: row.reads,
+                        timeout_seconds: row
+                            .timeout_seconds
+                            .and_then(|t| u32::try_from(t).ok())
+                            .unwrap_or(0),
+                    },
+                })
+            })
+            .collect()
     }
 
     /// Why a claim matched no row. An expired lease that cannot be reclaimed
     /// (out of attempts, or cancel requested) is ended here, by the same rules
     /// as the lease reaper, so the task does not linger as `leased`.
-    async fn claim_refusal(&self, task_id: Uuid) -> StoreError {
+    pub async fn claim_refusal(&self, task_id: Uuid) -> StoreError {
         let row: Result<Option<RefusalRow>, _> = sqlx::query_as(
             "SELECT state, attempt, max_attempts, pending_deps, cancel_requested, not_before,
                     lease_expires_at, coalesce(lease_expires_at <= now(), false) AS expired
@@ -606,35 +642,65 @@ impl Store {
         fence: Fence,
         progress: Option<&Value>,
     ) -> Result<LeaseRenewal, StoreError> {
-        // One statement: the fenced lease extension and, only if it
-        // passed, the attempt's progress.
+        self.heartbeat_many(&[(fence, progress)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::TaskNotFound(fence.task_id)))
+    }
+
+    /// Heartbeats of several attempts in one statement (one transaction),
+    /// each fenced on its own: the lease extension and, only where it
+    /// passed, the attempt's progress. Answers in order; an entry whose
+    /// fence failed gets the fencing error the single call would.
+    pub async fn heartbeat_many(
+        &self,
+        entries: &[(Fence, Option<&Value>)],
+    ) -> Result<Vec<Result<LeaseRenewal, StoreError>>, StoreError> {
+        let ids: Vec<Uuid> = entries.iter().map(|(f, _)| f.task_id).collect();
+        let jobs: Vec<Uuid> = entries.iter().map(|(f, _)| f.job_id).collect();
+        let attempts: Vec<i32> = entries.iter().map(|(f, _)| f.attempt_i32()).collect();
+        let progress: Vec<Option<&Value>> = entries.iter().map(|(_, p)| *p).collect();
         let mut conn = self.pool.acquire().await?;
-        let renewed: Option<(DateTime<Utc>, bool)> = sqlx::query_as(
-            "WITH renewed AS (
-                 UPDATE tasks SET lease_expires_at = clock_timestamp() + lease_seconds * interval '1 second'
-                  WHERE id = $1 AND job_id = $2 AND attempt = $3
-                    AND state = 'leased' AND lease_expires_at > clock_timestamp()
-              RETURNING lease_expires_at, cancel_requested
+        let renewed: Vec<(Uuid, Uuid, i32, DateTime<Utc>, bool)> = sqlx::query_as(
+            "WITH f AS (
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::jsonb[])
+                          AS f(id, job_id, attempt, progress)
+             ), renewed AS (
+                 UPDATE tasks t
+                    SET lease_expires_at = clock_timestamp() + t.lease_seconds * interval '1 second'
+                   FROM (SELECT DISTINCT id, job_id, attempt FROM f) k
+                  WHERE t.id = k.id AND t.job_id = k.job_id AND t.attempt = k.attempt
+                    AND t.state = 'leased' AND t.lease_expires_at > clock_timestamp()
+              RETURNING t.id, t.job_id, t.attempt, t.lease_expires_at, t.cancel_requested
              ), progressed AS (
-                 UPDATE attempts SET progress = $4::jsonb
-                  WHERE $4::jsonb IS NOT NULL AND task_id = $1 AND attempt = $3
-                    AND EXISTS (SELECT 1 FROM renewed)
+                 UPDATE attempts a SET progress = p.progress
+                   FROM (SELECT DISTINCT ON (f.id) f.id, f.attempt, f.progress
+                           FROM f JOIN renewed r ON r.id = f.id AND r.attempt = f.attempt
+                          WHERE f.progress IS NOT NULL) p
+                  WHERE a.task_id = p.id AND a.attempt = p.attempt
              )
-             SELECT lease_expires_at, cancel_requested FROM renewed",
+             SELECT id, job_id, attempt, lease_expires_at, cancel_requested FROM renewed",
         )
-        .bind(fence.task_id)
-        .bind(fence.job_id)
-        .bind(fence.attempt_i32())
-        .bind(progress)
-        .fetch_optional(&mut *conn)
+        .bind(&ids)
+        .bind(&jobs)
+        .bind(&attempts)
+        .bind(&progress)
+        .fetch_all(&mut *conn)
         .await?;
-        let Some((lease_expires_at, cancel_requested)) = renewed else {
-            return Err(fence_error(&mut conn, fence).await);
-        };
-        Ok(LeaseRenewal {
-            lease_expires_at,
-            cancel_requested,
-        })
+        let mut answers = Vec::with_capacity(entries.len());
+        for (fence, _) in entries {
+            let hit = renewed.iter().find(|(id, job, att, _, _)| {
+                *id == fence.task_id && *job == fence.job_id && *att == fence.attempt_i32()
+            });
+            answers.push(match hit {
+                Some((_, _, _, lease_expires_at, cancel_requested)) => Ok(LeaseRenewal {
+                    lease_expires_at: *lease_expires_at,
+                    cancel_requested: *cancel_requested,
+                }),
+                None => Err(fence_error(&mut conn, *fence).await),
+            });
+        }
+        Ok(answers)
     }
 
     /// Stores events once per (task, attempt, seq). A replayed seq with the

@@ -3,6 +3,7 @@
 
 mod access;
 mod alerts;
+mod batches;
 mod bundles;
 mod commit;
 mod commit_model;

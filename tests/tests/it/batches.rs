@@ -1,0 +1,225 @@
+//! Batched calls (contract: "Batched calls"): `task-claim-batch` by ids and
+//! by `max_tasks`, and `heartbeat-batch`, each entry fenced, authorized and
+//! answered on its own, in order, exactly as the single call would be.
+
+use dispatcher_tests::{unthrottled, TestApp};
+use proptest::test_runner::TestRunner;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+async fn flat(app: &TestApp, n: usize) -> Vec<Uuid> {
+    let tasks: Vec<Value> = (0..n)
+        .map(|i| json!({"key": format!("t{i}"), "runtime": "exec", "bundle": "x", "max_attempts": 5}))
+        .collect();
+    app.submit(&json!({"name": "b", "tasks": tasks}))
+        .await
+        .tasks
+        .iter()
+        .map(|t| t.task_id)
+        .collect()
+}
+
+async fn claim_batch(app: &TestApp, body: Value) -> (StatusCode, Value) {
+    let r = app
+        .post("/internal/task-claim-batch", &app.worker_token, &body)
+        .await;
+    (r.status, r.body)
+}
+
+#[tokio::test]
+async fn claim_batch_by_ids_answers_each_id_in_order_as_the_single_claim_would() {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    let job = app
+        .submit(&json!({"name": "b", "tasks": [
+            {"key": "a", "runtime": "exec", "bundle": "x"},
+            {"key": "b", "runtime": "exec", "bundle": "x", "depends_on": ["a"]}]}))
+        .await;
+    let (a, b) = (job.tasks[0].task_id, job.tasks[1].task_id);
+    let unknown = Uuid::new_v4();
+    let (s, body) = claim_batch(
+        &app,
+        json!({"worker_id": "w1", "task_ids": [b, a, unknown, a], "lease_seconds": 30}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let claims = body["claims"].as_array().unwrap();
+    assert_eq!(claims.len(), 4);
+    assert_eq!(claims[0]["task_id"], b.to_string());
+    assert_eq!(claims[0]["error"]["code"], "not_claimable");
+    assert_eq!(claims[1]["claim"]["attempt"], 1);
+    assert_eq!(claims[2]["error"]["code"], "not_found");
+    // The same id twice: one claim; the second is answered as a second
+    // single claim would be (the task is now leased).
+    assert_eq!(claims[3]["error"]["code"], "not_claimable");
+    // The claim's token works.
+    let token = claims[1]["claim"]["capability_token"].as_str().unwrap();
+    let r = app.post("/v1/task/heartbeat", token, &json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
+#[tokio::test]
+async fn claim_batch_by_max_tasks_takes_ready_work_without_a_wakeup_and_never_twice() {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    let ids = flat(&app, 5).await;
+    let (s, first) = claim_batch(&app, json!({"worker_id": "w1", "max_tasks": 3})).await;
+    assert_eq!(s, StatusCode::OK, "{first}");
+    let (_, second) = claim_batch(&app, json!({"worker_id": "w2", "max_tasks": 5})).await;
+    let (_, third) = claim_batch(&app, json!({"worker_id": "w3", "max_tasks": 5})).await;
+    let taken = |v: &Value| -> Vec<String> {
+        v["claims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                assert!(c.get("error").is_none(), "{c}");
+                c["claim"]["task_id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let (a, b, c) = (taken(&first), taken(&second), taken(&third));
+    assert_eq!((a.len(), b.len(), c.len()), (3, 2, 0));
+    let mut all: Vec<String> = a.into_iter().chain(b).collect();
+    all.sort();
+    let mut want: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+    want.sort();
+    assert_eq!(all, want, "every ready task claimed exactly once");
+}
+
+#[tokio::test]
+async fn claim_batch_refuses_bad_input_and_non_worker_tokens_and_claims_nothing() {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    let ids = flat(&app, 2).await;
+    let too_many: Vec<Uuid> = (0..101).map(|_| Uuid::new_v4()).collect();
+    for body in [
+        json!({"worker_id": "w", "task_ids": ids, "max_tasks": 1}),
+        json!({"worker_id": "w"}),
+        json!({"worker_id": "w", "task_ids": []}),
+        json!({"worker_id": "w", "task_ids": too_many}),
+        json!({"worker_id": "w", "max_tasks": 0}),
+        json!({"worker_id": "bad id!", "max_tasks": 1}),
+    ] {
+        let (s, answer) = claim_batch(&app, body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_request");
+    }
+    let r = app
+        .post(
+            "/internal/task-claim-batch",
+            &app.user_token,
+            &json!({"worker_id": "w", "max_tasks": 1}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let leased: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state = 'leased'")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(leased, 0);
+}
+
+/// What an entry of a random batch is.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Live,
+    Stale,
+    Expired,
+    BadToken,
+    BadBody,
+}
+
+fn kind(n: u8) -> Kind {
+    match n % 5 {
+        0 => Kind::Live,
+        1 => Kind::Stale,
+        2 => Kind::Expired,
+        3 => Kind::BadToken,
+        _ => Kind::BadBody,
+    }
+}
+
+/// The status and error code of a single heartbeat or of a batch entry.
+fn verdict(status: StatusCode, body: &Value) -> (bool, String) {
+    (
+        status.is_success(),
+        body["error"]["code"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+async fn heartbeat_case(app: &TestApp, kinds: Vec<u8>) {
+    let ids = flat(app, kinds.len()).await;
+    let mut entries = Vec::new();
+    for (n, id) in kinds.iter().zip(&ids) {
+        let claim = app.claim(*id).await;
+        let (token, body) = match kind(*n) {
+            Kind::Live => (claim.capability_token, json!({"progress": {"n": n}})),
+            Kind::Stale => {
+                app.supersede(*id).await;
+                (claim.capability_token, json!({}))
+            }
+            Kind::Expired => {
+                app.expire_lease(*id).await;
+                (claim.capability_token, json!({}))
+            }
+            Kind::BadToken => (format!("{}x", claim.capability_token), json!({})),
+            Kind::BadBody => (
+                claim.capability_token,
+                json!({"progress": 1, "extra": true}),
+            ),
+        };
+        entries.push(json!({"capability_token": token, "body": body}));
+    }
+    let r = app
+        .post(
+            "/v1/task/heartbeat-batch",
+            &app.worker_token,
+            &json!({"entries": entries}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let results = r.body["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), entries.len());
+    for (i, (entry, result)) in entries.iter().zip(&results).enumerate() {
+        // The single call, with the same token and body, now.
+        let single = app
+            .post(
+                "/v1/task/heartbeat",
+                entry["capability_token"].as_str().unwrap(),
+                &entry["body"],
+            )
+            .await;
+        let batch = (
+            result.get("result").is_some(),
+            result["error"]["code"].as_str().unwrap_or("").to_owned(),
+        );
+        assert_eq!(
+            batch,
+            verdict(single.status, &single.body),
+            "entry {i} ({:?}): batch {result}, single {}",
+            kind(kinds[i]),
+            single.body
+        );
+        if let Some(ok) = result.get("result") {
+            assert!(ok["capability_token"].is_string());
+            assert_eq!(result["task_id"], ids[i].to_string());
+        }
+    }
+}
+
+#[test]
+fn heartbeat_batch_random_mixes_of_live_stale_expired_and_malformed_entries_answer_each_as_the_single_call(
+) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(TestApp::spawn_with(unthrottled()));
+    let mut config = dispatcher_tests::proptest_config();
+    config.cases = config.cases.min(16);
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&proptest::collection::vec(0u8..5, 1..12), |kinds| {
+        rt.block_on(heartbeat_case(&app, kinds));
+        Ok(())
+    });
+    drop(app);
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}

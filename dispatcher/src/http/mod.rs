@@ -149,6 +149,7 @@ pub const ROUTES: &[RouteSpec] = &[
     route("POST", "/internal/task-claim", Access::Worker),
     route("POST", "/internal/task-claim-batch", Access::Worker),
     route("POST", "/v1/task/heartbeat-batch", Access::Worker),
+    route("POST", "/v1/task/complete-batch", Access::Worker),
     route("POST", "/internal/queues/{queue}/receive", Access::Worker),
     route(
         "POST",
@@ -202,6 +203,7 @@ fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter
         ("POST", "/internal/task-claim") => post(worker::claim),
         ("POST", "/internal/task-claim-batch") => post(worker::claim_batch),
         ("POST", "/v1/task/heartbeat-batch") => post(worker::heartbeat_batch),
+        ("POST", "/v1/task/complete-batch") => post(worker::complete_batch),
         ("POST", "/internal/queues/{queue}/receive") => post(queues::receive),
         ("POST", "/internal/queues/{queue}/visibility") => post(queues::change_visibility),
         ("POST", "/internal/queues/{queue}/delete") => post(queues::delete),

@@ -353,6 +353,87 @@ pub async fn complete(
     Ok(Json(answer))
 }
 
+/// `POST /v1/task/complete-batch`: each entry checked on its own (token,
+/// rates, body, manifests written as the single call does), then every
+/// valid entry in one transaction, each in a savepoint; answers in order,
+/// each as the single completion would.
+pub async fn complete_batch(
+    State(state): State<AppState>,
+    WorkerAuth(_worker): WorkerAuth,
+    ApiJson(req): ApiJson<wire::TaskBatchRequest>,
+) -> Result<Json<wire::TaskBatchResponse>, ApiError> {
+    if req.entries.is_empty() || req.entries.len() > MAX_BATCH {
+        return Err(ApiError::invalid(
+            "entries",
+            format!("must hold 1 to {MAX_BATCH} entries"),
+        ));
+    }
+    type Ready = (domain::Completion, Vec<crate::store::WrittenManifest>);
+    let mut checked: Vec<Checked<Ready>> = Vec::with_capacity(req.entries.len());
+    for (i, e) in req.entries.into_iter().enumerate() {
+        let entry = match check_entry(&state, i, e) {
+            Err(e) => Err(e),
+            Ok((claims, body)) => {
+                let task = Some(claims.sub);
+                let prepared = async {
+                    let req: wire::CompleteRequest = domain::entry_body(i, body)?;
+                    let completion = domain::completion(req).map_err(|mut e| {
+                        e.field = format!("entries[{i}].body.{}", e.field);
+                        e
+                    })?;
+                    let manifests = match completion {
+                        domain::Completion::Succeeded { .. } => {
+                            write_manifests(&state, &claims).await?
+                        }
+                        _ => Vec::new(),
+                    };
+                    Ok::<_, ApiError>((completion, manifests))
+                }
+                .await;
+                prepared.map(|p| (claims, p)).map_err(|e| (task, e))
+            }
+        };
+        checked.push(entry);
+    }
+    let valid: Vec<(
+        crate::store::Fence,
+        &domain::Completion,
+        &[crate::store::WrittenManifest],
+    )> = checked
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .map(|(claims, (completion, manifests))| (fence(claims), completion, manifests.as_slice()))
+        .collect();
+    let mut answers = state.store.complete_many(&valid).await?.into_iter();
+    let mut results = Vec::with_capacity(checked.len());
+    for c in &checked {
+        results.push(match c {
+            Err((task_id, e)) => wire::TaskBatchResult {
+                task_id: *task_id,
+                result: None,
+                error: Some(e.detail()),
+            },
+            Ok((claims, _)) => match answers.next() {
+                Some(Ok(answer)) => {
+                    tracing::info!(task_id = %claims.sub, attempt = claims.att, state = answer.state.as_str(), "task completed (batch)");
+                    wire::TaskBatchResult {
+                        task_id: Some(claims.sub),
+                        result: Some(serde_json::to_value(answer).map_err(|_| ApiError::internal())?),
+                        error: None,
+                    }
+                }
+                Some(Err(e)) => wire::TaskBatchResult {
+                    task_id: Some(claims.sub),
+                    result: None,
+                    error: Some(ApiError::from(e).detail()),
+                },
+                None => return Err(ApiError::internal()),
+            },
+        });
+    }
+    Ok(Json(wire::TaskBatchResponse { results }))
+}
+
 /// Writes, create-only, the manifest of every dataset the attempt staged
 /// parts for, at an immutable key named by its content: a retried or
 /// replayed completion finds its own manifest there (same content, same

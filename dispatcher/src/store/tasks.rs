@@ -920,14 +920,81 @@ impl Store {
         completion: &Completion,
         manifests: &[super::datasets::WrittenManifest],
     ) -> Result<CompleteResponse, StoreError> {
+        self.complete_many(&[(fence, completion, manifests)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::TaskNotFound(fence.task_id)))
+    }
+
+    /// Completions of several attempts in **one transaction**, each in a
+    /// savepoint of its own: an entry that fails (fenced, conflicting, or a
+    /// database error of its own) rolls back alone and is answered with the
+    /// error the single call would give; a replay is answered after the
+    /// commit, from what is then committed. Entries run in job order (the
+    /// job row is locked first, as everywhere), answers come in the order
+    /// given.
+    pub async fn complete_many(
+        &self,
+        entries: &[(Fence, &Completion, &[super::datasets::WrittenManifest])],
+    ) -> Result<Vec<Result<CompleteResponse, StoreError>>, StoreError> {
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by_key(|&i| (entries[i].0.job_id, entries[i].0.task_id));
+        let mut answers: Vec<Option<Result<CompleteResponse, StoreError>>> =
+            (0..entries.len()).map(|_| None).collect();
+        let mut replays = Vec::new();
+        let mut tx = self.pool.begin().await?;
+        for i in order {
+            let (fence, completion, manifests) = entries[i];
+            let mut entry = sqlx::Connection::begin(&mut *tx).await?;
+            match self
+                .complete_step(&mut entry, fence, completion, manifests)
+                .await
+            {
+                Ok(Some(response)) => {
+                    entry.commit().await?;
+                    answers[i] = Some(Ok(response));
+                }
+                Ok(None) => {
+                    entry.rollback().await?;
+                    replays.push(i);
+                }
+                Err(e) => {
+                    entry.rollback().await?;
+                    answers[i] = Some(Err(e));
+                }
+            }
+        }
+        tx.commit().await?;
+        if answers.iter().any(|a| matches!(a, Some(Ok(_)))) {
+            self.settings.failpoint("complete_after_commit");
+        }
+        for i in replays {
+            let (fence, completion, _) = entries[i];
+            answers[i] = Some(self.completion_replay(fence, &completion.to_json()).await);
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(StoreError::Retry("no answer".into()))))
+            .collect())
+    }
+
+    /// One completion inside the caller's transaction: `None` when the
+    /// fence matched no row (a replay, or a fenced caller: the caller
+    /// answers it after its commit).
+    async fn complete_step(
+        &self,
+        tx: &mut PgConnection,
+        fence: Fence,
+        completion: &Completion,
+        manifests: &[super::datasets::WrittenManifest],
+    ) -> Result<Option<CompleteResponse>, StoreError> {
         let (succeeded, retryable) = match completion {
             Completion::Succeeded { .. } => (true, false),
             Completion::Failed { retryable, .. } => (false, *retryable),
             Completion::Cancelled => (false, false),
         };
         let canonical = completion.to_json();
-        let mut tx = self.pool.begin().await?;
-        lock_job(&mut tx, fence.job_id).await?;
+        lock_job(&mut *tx, fence.job_id).await?;
         if *completion == Completion::Cancelled {
             // Only a task asked to stop may end as cancelled. The flag only
             // ever goes from false to true, so checking first is safe.
@@ -941,7 +1008,6 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             if asked == Some(false) {
-                tx.rollback().await?;
                 return Err(StoreError::Conflict(format!(
                     "task {} was not asked to stop: outcome \"cancelled\" is only for a task \
                      whose heartbeat answered cancel_requested",
@@ -972,12 +1038,11 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some((state, retry_at)) = ended else {
-            tx.rollback().await?;
-            return self.completion_replay(fence, &canonical).await;
+            return Ok(None);
         };
         let state = task_state(&state)?;
         let versions = if state == TaskState::Succeeded {
-            commit_versions(&mut tx, fence, manifests).await?
+            commit_versions(&mut *tx, fence, manifests).await?
         } else {
             Vec::new()
         };
@@ -1007,10 +1072,8 @@ impl Store {
         )
         .execute(&mut *tx)
         .await?;
-        after_transition(&mut tx, fence.task_id, fence.job_id, state, retry_at).await?;
-        tx.commit().await?;
-        self.settings.failpoint("complete_after_commit");
-        Ok(response)
+        after_transition(&mut *tx, fence.task_id, fence.job_id, state, retry_at).await?;
+        Ok(Some(response))
     }
 
     /// The answer to a completion whose fence matched no row: the original

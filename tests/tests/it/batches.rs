@@ -223,3 +223,190 @@ fn heartbeat_batch_random_mixes_of_live_stale_expired_and_malformed_entries_answ
         panic!("{e}");
     }
 }
+
+/// What an entry of a random completion batch is.
+#[derive(Debug, Clone, Copy)]
+enum Done {
+    Succeed,
+    FailRetryable,
+    Stale,
+    Expired,
+    /// Completed (the same way) by a single call before the batch.
+    Replay,
+    /// Completed another way before the batch.
+    Conflict,
+    BadBody,
+}
+
+fn done(n: u8) -> Done {
+    match n % 7 {
+        0 => Done::Succeed,
+        1 => Done::FailRetryable,
+        2 => Done::Stale,
+        3 => Done::Expired,
+        4 => Done::Replay,
+        5 => Done::Conflict,
+        _ => Done::BadBody,
+    }
+}
+
+async fn complete_case(app: &TestApp, kinds: Vec<u8>) {
+    let ids = flat(app, kinds.len()).await;
+    let ok = json!({"outcome": "succeeded", "output": {"n": 1}});
+    let mut entries = Vec::new();
+    for (n, id) in kinds.iter().zip(&ids) {
+        let claim = app.claim(*id).await;
+        let token = claim.capability_token.clone();
+        let body = match done(*n) {
+            Done::Succeed => ok.clone(),
+            Done::FailRetryable => {
+                json!({"outcome": "failed", "error": {"message": "boom", "retryable": true}})
+            }
+            Done::Stale => {
+                app.supersede(*id).await;
+                ok.clone()
+            }
+            Done::Expired => {
+                app.expire_lease(*id).await;
+                ok.clone()
+            }
+            Done::Replay => {
+                let r = app.post("/v1/task/complete", &token, &ok).await;
+                assert_eq!(r.status, StatusCode::OK);
+                ok.clone()
+            }
+            Done::Conflict => {
+                let r = app
+                    .post(
+                        "/v1/task/complete",
+                        &token,
+                        &json!({"outcome": "succeeded", "output": {"other": true}}),
+                    )
+                    .await;
+                assert_eq!(r.status, StatusCode::OK);
+                ok.clone()
+            }
+            Done::BadBody => json!({"outcome": "bogus"}),
+        };
+        entries.push(json!({"capability_token": token, "body": body}));
+    }
+    let r = app
+        .post(
+            "/v1/task/complete-batch",
+            &app.worker_token,
+            &json!({"entries": entries}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let results = r.body["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), entries.len());
+    for (i, (entry, result)) in entries.iter().zip(&results).enumerate() {
+        // The single call now: a replay of what the batch committed gets
+        // the very answer; a refusal, the same code.
+        let single = app
+            .post(
+                "/v1/task/complete",
+                entry["capability_token"].as_str().unwrap(),
+                &entry["body"],
+            )
+            .await;
+        match result.get("result") {
+            Some(answer) => {
+                assert_eq!(single.status, StatusCode::OK, "entry {i}: {}", single.body);
+                assert_eq!(answer, &single.body, "entry {i} ({:?})", done(kinds[i]));
+            }
+            None => assert_eq!(
+                result["error"]["code"],
+                single.body["error"]["code"],
+                "entry {i} ({:?}): batch {result}, single {}",
+                done(kinds[i]),
+                single.body
+            ),
+        }
+    }
+    // And the tasks are where the answers say.
+    for (n, id) in kinds.iter().zip(&ids) {
+        let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        let want = match done(*n) {
+            Done::Succeed | Done::Replay | Done::Conflict => "succeeded",
+            Done::FailRetryable => "ready",
+            Done::Stale | Done::BadBody => "leased",
+            Done::Expired => "leased",
+        };
+        assert_eq!(state, want, "{:?}", done(*n));
+    }
+}
+
+#[test]
+fn complete_batch_random_mixes_answer_each_entry_as_the_single_call_and_commit_the_same() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt.block_on(TestApp::spawn_with(unthrottled()));
+    let mut config = dispatcher_tests::proptest_config();
+    config.cases = config.cases.min(16);
+    let mut runner = TestRunner::new(config);
+    let result = runner.run(&proptest::collection::vec(0u8..7, 1..12), |kinds| {
+        rt.block_on(complete_case(&app, kinds));
+        Ok(())
+    });
+    drop(app);
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+#[tokio::test]
+async fn complete_batch_commits_dataset_versions_exactly_as_single_completions() {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    app.create_dataset("clicks", "append", json!([{"name": "a", "type": "int64"}]))
+        .await;
+    let job = app
+        .submit(&json!({"name": "d", "tasks": [
+            {"key": "w1", "runtime": "exec", "bundle": "x", "outputs": ["clicks"]},
+            {"key": "w2", "runtime": "exec", "bundle": "x", "outputs": ["clicks"]}]}))
+        .await;
+    let mut entries = Vec::new();
+    for t in &job.tasks {
+        let claim = app.claim(t.task_id).await;
+        let body = b"{\"a\": 1}\n{\"a\": 2}\n";
+        let key = format!("{}part.jsonl", claim.object_prefix);
+        app.objects.put(&key, body.to_vec()).await.unwrap();
+        let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body));
+        let r = app
+            .post(
+                "/v1/task/dataset-stage",
+                &claim.capability_token,
+                &json!({"dataset": "clicks", "parts": [{"key": key, "rows": 2, "bytes": body.len(), "sha256": sum}]}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        entries.push(json!({"capability_token": claim.capability_token,
+                            "body": {"outcome": "succeeded", "output": {}}}));
+    }
+    let r = app
+        .post(
+            "/v1/task/complete-batch",
+            &app.worker_token,
+            &json!({"entries": entries}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let mut versions: Vec<u64> = r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["result"]["versions"][0]["version"].as_u64().unwrap())
+        .collect();
+    versions.sort();
+    assert_eq!(versions, [1, 2], "one version per task, in one transaction");
+    let ds = app.get("/v1/datasets/clicks", &app.user_token).await;
+    assert_eq!(ds.body["current_version"], 2);
+    let manifest = app
+        .get("/v1/datasets/clicks/versions/2", &app.user_token)
+        .await;
+    assert_eq!(manifest.status, StatusCode::OK, "{}", manifest.body);
+    assert_eq!(manifest.body["parts"].as_array().map(Vec::len), Some(2));
+}

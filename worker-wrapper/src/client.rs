@@ -174,6 +174,32 @@ impl Client {
             .await
     }
 
+    /// `task-claim-batch` by ids.
+    pub async fn claim_batch(
+        &self,
+        task_ids: &[Uuid],
+        worker_id: &str,
+        lease_seconds: Option<u32>,
+    ) -> Result<wire::ClaimBatchResponse, CallError> {
+        let req = wire::ClaimBatchRequest {
+            worker_id: worker_id.to_owned(),
+            task_ids: Some(task_ids.to_vec()),
+            max_tasks: None,
+            lease_seconds,
+        };
+        self.post("/internal/task-claim-batch", &self.credential, &req)
+            .await
+    }
+
+    /// `heartbeat-batch` or `complete-batch` (with the worker credential).
+    pub async fn task_batch(
+        &self,
+        path: &str,
+        req: &wire::TaskBatchRequest,
+    ) -> Result<wire::TaskBatchResponse, CallError> {
+        self.post(path, &self.credential, req).await
+    }
+
     pub async fn heartbeat(&self, token: &str) -> Result<wire::HeartbeatResponse, CallError> {
         self.post(
             "/v1/task/heartbeat",

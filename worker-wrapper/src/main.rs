@@ -2,6 +2,7 @@
 //! heartbeats, completes. Holds a worker credential; the tasks it runs see
 //! only their own capability token (`sandbox`, ADR 0010).
 
+mod batch;
 mod client;
 mod runner;
 mod runners;
@@ -102,6 +103,11 @@ struct RunArgs {
     /// A task's run bound when its claim names none.
     #[arg(long, env = "WORKER_TASK_TIMEOUT_SECONDS", default_value_t = 900)]
     task_timeout_seconds: u64,
+    /// Heartbeats and completions of running tasks within this many
+    /// milliseconds go as one batched call, and the wake-ups of one receive
+    /// are claimed with one call; 0 sends every call alone.
+    #[arg(long, env = "WORKER_BATCH_WINDOW_MS", default_value_t = 5)]
+    batch_window_ms: u64,
     /// On SIGTERM, how long running tasks may finish before they are killed.
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -211,6 +217,10 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
         sandbox: sandbox.clone(),
         runners: runners.clone(),
         default_timeout,
+        calls: batch::Calls::new(
+            client.clone(),
+            (args.batch_window_ms > 0).then(|| Duration::from_millis(args.batch_window_ms)),
+        ),
     });
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -265,14 +275,26 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
             }
         };
         let mut first = Some(first);
+        // The wake-ups' tasks, claimed together (one call when batching).
+        let mut targets = Vec::with_capacity(messages.len());
         for msg in messages {
+            if let Some(task_id) = runner::wake_target(&cfg, &msg).await {
+                targets.push((msg, task_id));
+            }
+        }
+        let ids: Vec<uuid::Uuid> = targets.iter().map(|(_, id)| *id).collect();
+        let claims = cfg
+            .calls
+            .claim_all(&ids, &cfg.worker_id, cfg.lease_seconds)
+            .await;
+        for ((msg, task_id), claimed) in targets.into_iter().zip(claims) {
             let permit = match first.take() {
                 Some(p) => p,
                 None => slots.clone().acquire_owned().await?,
             };
-            let (client, cfg) = (client.clone(), cfg.clone());
+            let cfg = cfg.clone();
             running.spawn(async move {
-                let handled = runner::handle(client, cfg, msg).await;
+                let handled = runner::handle(cfg, msg, task_id, claimed).await;
                 drop(permit);
                 handled
             });

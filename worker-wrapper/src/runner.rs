@@ -8,7 +8,7 @@ use dispatcher_wire as wire;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::client::{CallError, Client};
+use crate::client::CallError;
 use crate::runners::{Invoked, Runners};
 use crate::runtime_api::{Answer, MAX_RESPONSE_BYTES};
 use crate::sandbox::{Attempt, Sandbox};
@@ -27,6 +27,8 @@ pub struct WorkerConfig {
     pub runners: Arc<Runners>,
     /// An exec task's bound when its claim names none.
     pub default_timeout: Duration,
+    /// Heartbeats, completions and claims, batched or single.
+    pub calls: Arc<crate::batch::Calls>,
 }
 
 /// How handling a wake-up ended, as the receive loop needs to know.
@@ -89,32 +91,34 @@ fn judge(e: &CallError) -> Verdict {
     }
 }
 
-/// Handles one delivered wake-up from start to end. Never panics on bad
-/// input: a malformed message is deleted. A wake-up is deleted only when
-/// the claim answer proves it useless or after the attempt it started has
-/// ended; otherwise it is left to reappear.
-pub async fn handle(
-    client: Arc<Client>,
-    cfg: Arc<WorkerConfig>,
-    msg: wire::QueueMessage,
-) -> Handled {
-    let wake: wire::WakeUp = match serde_json::from_value(msg.body.clone()) {
-        Ok(w) => w,
+/// The task a wake-up names, or `None` (the malformed message is deleted).
+pub async fn wake_target(cfg: &WorkerConfig, msg: &wire::QueueMessage) -> Option<uuid::Uuid> {
+    match serde_json::from_value::<wire::WakeUp>(msg.body.clone()) {
+        Ok(w) => Some(w.task_id),
         Err(e) => {
             tracing::warn!(message_id = msg.message_id, error = %e, "malformed wake-up; deleting it");
             cfg.wakeups.delete(&msg.receipt_handle).await;
-            return Handled::Done;
+            None
         }
-    };
-    let claim = match client
-        .claim(wake.task_id, &cfg.worker_id, cfg.lease_seconds)
-        .await
-    {
+    }
+}
+
+/// Handles one delivered wake-up from start to end, given its claim's
+/// answer. Never panics on bad input. A wake-up is deleted only when the
+/// claim answer proves it useless or after the attempt it started has
+/// ended; otherwise it is left to reappear.
+pub async fn handle(
+    cfg: Arc<WorkerConfig>,
+    msg: wire::QueueMessage,
+    task_id: uuid::Uuid,
+    claimed: Result<wire::ClaimResponse, CallError>,
+) -> Handled {
+    let claim = match claimed {
         Ok(c) => c,
         Err(e) => match judge(&e) {
             Verdict::Useless => {
                 // Duplicate, late or stale wake-up: the claim decides (invariant 6).
-                tracing::debug!(task_id = %wake.task_id, error = %e, "wake-up not claimable; deleting it");
+                tracing::debug!(%task_id, error = %e, "wake-up not claimable; deleting it");
                 cfg.wakeups.delete(&msg.receipt_handle).await;
                 return Handled::Done;
             }
@@ -125,7 +129,7 @@ pub async fn handle(
                 return Handled::CredentialRefused(e.to_string());
             }
             Verdict::Unknown => {
-                tracing::warn!(task_id = %wake.task_id, error = %e, "claim failed; the wake-up will be redelivered");
+                tracing::warn!(%task_id, error = %e, "claim failed; the wake-up will be redelivered");
                 return Handled::Done;
             }
         },
@@ -134,9 +138,9 @@ pub async fn handle(
     // The newest capability token: heartbeats refresh it, completion uses it.
     let token = Arc::new(Mutex::new(claim.capability_token.clone()));
     let ended = if claim.task.runtime == wire::Runtime::Exec {
-        run(&client, &cfg, &claim, &msg, &token).await
+        run(&cfg, &claim, &msg, &token).await
     } else {
-        invoke(&client, &cfg, &claim, &msg, &token).await
+        invoke(&cfg, &claim, &msg, &token).await
     };
     let token = token.lock().map(|t| t.clone()).unwrap_or_default();
     let request = match ended {
@@ -161,7 +165,7 @@ pub async fn handle(
         Ended::SpawnFailed(why) => Some(failed(why, false)),
     };
     if let Some(req) = request {
-        complete(&client, &claim, &token, &req).await;
+        complete(&cfg, &claim, &token, &req).await;
     }
     cfg.wakeups.delete(&msg.receipt_handle).await;
     Handled::Done
@@ -248,7 +252,6 @@ fn last_chars(s: &str, n: usize) -> String {
 
 /// Runs a bundle task on a runner, heartbeating meanwhile.
 async fn invoke(
-    client: &Client,
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
     msg: &wire::QueueMessage,
@@ -256,7 +259,7 @@ async fn invoke(
 ) -> Ended {
     tokio::select! {
         invoked = cfg.runners.invoke(claim, &cfg.dispatcher_url, token.clone()) => Ended::Invoked(invoked),
-        stop = keep_alive(client, cfg, claim, msg, None, token) => match stop {
+        stop = keep_alive(cfg, claim, msg, None, token) => match stop {
             // The invocation's future is dropped: its runner's group is killed.
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
@@ -312,7 +315,7 @@ fn outcome(
 /// (an output the dispatcher cannot store) is replaced by a failure that
 /// says why, so the attempt still ends now.
 async fn complete(
-    client: &Client,
+    cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
     token: &str,
     req: &wire::CompleteRequest,
@@ -320,7 +323,7 @@ async fn complete(
     let mut req = req.clone();
     let mut delay = Duration::from_millis(200);
     for _ in 0..8 {
-        match client.complete(token, &req).await {
+        match cfg.calls.complete(token, &req).await {
             Ok(r) => {
                 tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, state = r.state.as_str(), "completed");
                 return;
@@ -353,7 +356,6 @@ async fn complete(
 }
 
 async fn run(
-    client: &Client,
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
     msg: &wire::QueueMessage,
@@ -429,7 +431,7 @@ async fn run(
             Err(e) => Ended::SpawnFailed(format!("waiting for the task failed: {e}")),
         },
         _ = tokio::time::sleep(Duration::from_secs(secs)) => Ended::TimedOut(secs),
-        stop = keep_alive(client, cfg, claim, msg, Some(&attempt), token) => match stop {
+        stop = keep_alive(cfg, claim, msg, Some(&attempt), token) => match stop {
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
         },
@@ -444,7 +446,6 @@ async fn run(
 /// requested; returns why it stopped. Each heartbeat refreshes the token file
 /// and extends the message's visibility.
 async fn keep_alive(
-    client: &Client,
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
     msg: &wire::QueueMessage,
@@ -456,7 +457,7 @@ async fn keep_alive(
     loop {
         tokio::time::sleep(interval).await;
         let token = current.lock().map(|t| t.clone()).unwrap_or_default();
-        match client.heartbeat(&token).await {
+        match cfg.calls.heartbeat(&token).await {
             Ok(hb) => {
                 let token = hb.capability_token;
                 if let Ok(mut t) = current.lock() {

@@ -9,8 +9,15 @@
 //! memory (peak and final RSS), then checks the run's invariants (every
 //! task succeeded exactly once, every outbox row published).
 //!
-//! Usage: `bench [--tasks N] [--workers W] [--tasks-per-job J]` (defaults
-//! 5000, 32 and 10 000: one job, the most a job may hold).
+//! With `--batch B`, each worker instead takes work through the batched
+//! calls: `task-claim-batch` with `max_tasks` B (ready tasks straight from
+//! Postgres, no wake-up queue), then one `complete-batch` for what it got
+//! (no heartbeat or event: a no-op task's burn-down, as the Postgres job
+//! queues it is compared with measure it).
+//!
+//! Usage: `bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B]`
+//! (defaults 5000, 32, 10 000 — one job, the most a job may hold — and 0:
+//! single calls).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -36,6 +43,7 @@ struct Args {
     tasks: usize,
     tasks_per_job: usize,
     workers: usize,
+    batch: usize,
 }
 
 fn args() -> Args {
@@ -43,16 +51,19 @@ fn args() -> Args {
         tasks: 5000,
         tasks_per_job: 10_000,
         workers: 32,
+        batch: 0,
     };
     dispatcher_tests::numeric_flags(
-        "bench [--tasks N] [--workers W] [--tasks-per-job J]",
+        "bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B]",
         &mut [
             ("tasks", &mut a.tasks),
             ("tasks-per-job", &mut a.tasks_per_job),
             ("workers", &mut a.workers),
+            ("batch", &mut a.batch),
         ],
     );
     a.tasks_per_job = a.tasks_per_job.min(10_000);
+    a.batch = a.batch.min(100);
     a
 }
 
@@ -92,6 +103,62 @@ impl Worker {
             String::from_utf8_lossy(&bytes)
         );
         serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    /// The batched loop: claim up to `batch` ready tasks, complete them
+    /// in one call. Samples: claim-batch as "claim", complete-batch as
+    /// "complete".
+    async fn run_batched(
+        mut self,
+        id: usize,
+        batch: usize,
+        done: Arc<AtomicUsize>,
+        total: usize,
+    ) -> Vec<Vec<Duration>> {
+        let worker_id = format!("bench-{id}");
+        while done.load(Ordering::Relaxed) < total {
+            let claimed: wire::ClaimBatchResponse = self
+                .call(
+                    1,
+                    "/internal/task-claim-batch",
+                    None,
+                    &wire::ClaimBatchRequest {
+                        worker_id: worker_id.clone(),
+                        task_ids: None,
+                        max_tasks: Some(batch as u32),
+                        lease_seconds: None,
+                    },
+                )
+                .await;
+            if claimed.claims.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let entries: Vec<wire::TaskBatchEntry> = claimed
+                .claims
+                .iter()
+                .filter_map(|c| c.claim.as_ref())
+                .map(|c| wire::TaskBatchEntry {
+                    capability_token: c.capability_token.clone(),
+                    body: json!({"outcome": "succeeded", "output": {"ok": true}}),
+                })
+                .collect();
+            let n = entries.len();
+            let answer: wire::TaskBatchResponse = self
+                .call(
+                    4,
+                    "/v1/task/complete-batch",
+                    None,
+                    &wire::TaskBatchRequest { entries },
+                )
+                .await;
+            assert!(
+                answer.results.iter().all(|r| r.error.is_none()),
+                "a batched completion was refused"
+            );
+            done.fetch_add(n, Ordering::Relaxed);
+        }
+        self.samples
     }
 
     async fn run(mut self, id: usize, done: Arc<AtomicUsize>, total: usize) -> Vec<Vec<Duration>> {
@@ -233,7 +300,11 @@ async fn main() {
             ),
             samples: vec![Vec::new(); CALLS.len()],
         };
-        handles.push(tokio::spawn(worker.run(id, done.clone(), args.tasks)));
+        handles.push(if args.batch > 0 {
+            tokio::spawn(worker.run_batched(id, args.batch, done.clone(), args.tasks))
+        } else {
+            tokio::spawn(worker.run(id, done.clone(), args.tasks))
+        });
     }
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); CALLS.len()];
     for h in handles {
@@ -251,8 +322,16 @@ async fn main() {
         args.workers,
         if cfg!(debug_assertions) { "debug" } else { "release" }
     );
+    let each = if args.batch > 0 {
+        format!(
+            "batched: task-claim-batch of up to {} ready tasks, then one complete-batch; no wake-up queue",
+            args.batch
+        )
+    } else {
+        "each task = receive, claim, heartbeat, event, complete, delete".to_owned()
+    };
     println!(
-        "  throughput: {:.0} tasks/s ({} tasks in {:.2} s; each task = receive, claim, heartbeat, event, complete, delete)",
+        "  throughput: {:.0} tasks/s ({} tasks in {:.2} s; {each})",
         args.tasks as f64 / elapsed.as_secs_f64(),
         args.tasks,
         elapsed.as_secs_f64()

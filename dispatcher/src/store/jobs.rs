@@ -6,7 +6,7 @@ use dispatcher_wire::{JobState, JobView, TaskView};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::tasks::{end_job, enqueue_wakeups, lock_job};
+use super::transitions::{end_job, enqueue_wakeups, lock_job};
 use super::Store;
 use crate::domain::NewJob;
 use crate::error::{task_state, StoreError};

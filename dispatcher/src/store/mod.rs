@@ -7,13 +7,17 @@
 //! job lock.
 
 mod alerts;
+mod attempt_writes;
 mod batches;
 mod bundles;
+mod claim;
+mod completion;
 mod datasets;
 mod jobs;
 mod orgs;
 mod outbox;
 mod tasks;
+mod transitions;
 
 pub use alerts::{Destination, RouteSpec};
 pub use batches::{DeadBatch, DeadFilter, PendingBatch, SinkBatch};
@@ -22,6 +26,7 @@ pub use datasets::{NewPart, StagedDataset, WrittenManifest};
 pub use jobs::TaskPage;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};
 
+pub use claim::Pick;
 pub use tasks::*;
 
 use std::sync::Arc;

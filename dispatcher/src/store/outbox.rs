@@ -177,7 +177,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await?;
-        super::tasks::enqueue_wakeups(&mut tx, &woken, None).await?;
+        super::transitions::enqueue_wakeups(&mut tx, &woken, None).await?;
         tx.commit().await?;
         Ok(woken.len() as u64)
     }

@@ -1,0 +1,292 @@
+//! Completion: one transaction per call or per batch, a savepoint per
+//! entry; a succeeded completion commits the attempt's dataset versions.
+
+use chrono::{DateTime, Utc};
+use dispatcher_wire::{CommittedVersion, CompleteResponse, TaskState};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::tasks::*;
+use super::transitions::{after_transition, lock_job};
+use super::Store;
+use crate::domain::Completion;
+use crate::error::{task_state, StoreError};
+
+/// Commits one new version of each dataset the attempt staged parts for,
+/// inside the completion's transaction (after its fenced task update).
+/// Dataset rows are locked in id order (`FOR UPDATE`), which serialises
+/// concurrent commits to one dataset: no appender loses parts, and version
+/// numbers have no gaps. A staged dataset without a written manifest (parts
+/// staged while the completion ran) aborts the whole completion, retryably.
+async fn commit_versions(
+    conn: &mut PgConnection,
+    fence: Fence,
+    manifests: &[super::datasets::WrittenManifest],
+) -> Result<Vec<CommittedVersion>, StoreError> {
+    let attempt = fence.attempt_i32();
+    let staged: Vec<(Uuid, String, String)> = sqlx::query_as(
+        "SELECT DISTINCT s.dataset_id, d.name, d.mode
+           FROM staged_parts s JOIN datasets d ON d.id = s.dataset_id
+          WHERE s.task_id = $1 AND s.attempt = $2
+          ORDER BY s.dataset_id",
+    )
+    .bind(fence.task_id)
+    .bind(attempt)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut committed = Vec::with_capacity(staged.len());
+    for (dataset_id, name, mode) in staged {
+        let Some(manifest) = manifests.iter().find(|m| m.dataset_id == dataset_id) else {
+            return Err(StoreError::Retry(format!(
+                "parts of dataset {name:?} were staged while the completion ran; nothing was \
+                 committed, retry"
+            )));
+        };
+        let current: Option<i32> =
+            sqlx::query_scalar("SELECT current_version FROM datasets WHERE id = $1 FOR UPDATE")
+                .bind(dataset_id)
+                .fetch_one(&mut *conn)
+                .await?;
+        let version = current.unwrap_or(0) + 1;
+        sqlx::query(
+            "INSERT INTO dataset_versions (dataset_id, version, parent, task_id, attempt, rows, manifest_key)
+             SELECT $1, $2, $3, $4, $5,
+                    coalesce((SELECT rows FROM dataset_versions
+                               WHERE $6 = 'append' AND dataset_id = $1 AND version = $3), 0)
+                    + coalesce(sum(s.rows), 0),
+                    $7
+               FROM staged_parts s
+              WHERE s.task_id = $4 AND s.attempt = $5 AND s.dataset_id = $1",
+        )
+        .bind(dataset_id)
+        .bind(version)
+        .bind(current)
+        .bind(fence.task_id)
+        .bind(attempt)
+        .bind(&mode)
+        .bind(&manifest.key)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO dataset_parts (dataset_id, version, key, rows, bytes, sha256)
+             SELECT $1, $2, key, rows, bytes, sha256 FROM staged_parts
+              WHERE task_id = $3 AND attempt = $4 AND dataset_id = $1",
+        )
+        .bind(dataset_id)
+        .bind(version)
+        .bind(fence.task_id)
+        .bind(attempt)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query("UPDATE datasets SET current_version = $2 WHERE id = $1")
+            .bind(dataset_id)
+            .bind(version)
+            .execute(&mut *conn)
+            .await?;
+        committed.push(CommittedVersion {
+            dataset: name,
+            version: u32::try_from(version).unwrap_or(0),
+        });
+    }
+    Ok(committed)
+}
+
+impl Store {
+    /// Completes the current attempt. Exactly one completion per attempt is
+    /// committed; a replay of it returns the original answer, a different
+    /// completion for the same attempt is a conflict.
+    /// A `succeeded` completion commits, in its own transaction, one new
+    /// version of every dataset the attempt staged parts for; `manifests`
+    /// names the manifest written (create-only) for each before the call.
+    pub async fn complete(
+        &self,
+        fence: Fence,
+        completion: &Completion,
+        manifests: &[super::datasets::WrittenManifest],
+    ) -> Result<CompleteResponse, StoreError> {
+        self.complete_many(&[(fence, completion, manifests)])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::TaskNotFound(fence.task_id)))
+    }
+
+    /// Completions of several attempts in **one transaction**, each in a
+    /// savepoint of its own: an entry that fails (fenced, conflicting, or a
+    /// database error of its own) rolls back alone and is answered with the
+    /// error the single call would give; a replay is answered after the
+    /// commit, from what is then committed. Entries run in job order (the
+    /// job row is locked first, as everywhere), answers come in the order
+    /// given.
+    pub async fn complete_many(
+        &self,
+        entries: &[(Fence, &Completion, &[super::datasets::WrittenManifest])],
+    ) -> Result<Vec<Result<CompleteResponse, StoreError>>, StoreError> {
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by_key(|&i| (entries[i].0.job_id, entries[i].0.task_id));
+        let mut answers: Vec<Option<Result<CompleteResponse, StoreError>>> =
+            (0..entries.len()).map(|_| None).collect();
+        let mut replays = Vec::new();
+        let mut tx = self.pool.begin().await?;
+        for i in order {
+            let (fence, completion, manifests) = entries[i];
+            let mut entry = sqlx::Connection::begin(&mut *tx).await?;
+            match self
+                .complete_step(&mut entry, fence, completion, manifests)
+                .await
+            {
+                Ok(Some(response)) => {
+                    entry.commit().await?;
+                    answers[i] = Some(Ok(response));
+                }
+                Ok(None) => {
+                    entry.rollback().await?;
+                    replays.push(i);
+                }
+                Err(e) => {
+                    entry.rollback().await?;
+                    answers[i] = Some(Err(e));
+                }
+            }
+        }
+        tx.commit().await?;
+        if answers.iter().any(|a| matches!(a, Some(Ok(_)))) {
+            self.settings.failpoint("complete_after_commit");
+        }
+        for i in replays {
+            let (fence, completion, _) = entries[i];
+            answers[i] = Some(self.completion_replay(fence, &completion.to_json()).await);
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(StoreError::Retry("no answer".into()))))
+            .collect())
+    }
+
+    /// One completion inside the caller's transaction: `None` when the
+    /// fence matched no row (a replay, or a fenced caller: the caller
+    /// answers it after its commit).
+    async fn complete_step(
+        &self,
+        tx: &mut PgConnection,
+        fence: Fence,
+        completion: &Completion,
+        manifests: &[super::datasets::WrittenManifest],
+    ) -> Result<Option<CompleteResponse>, StoreError> {
+        let (succeeded, retryable) = match completion {
+            Completion::Succeeded { .. } => (true, false),
+            Completion::Failed { retryable, .. } => (false, *retryable),
+            Completion::Cancelled => (false, false),
+        };
+        let canonical = completion.to_json();
+        lock_job(&mut *tx, fence.job_id).await?;
+        if *completion == Completion::Cancelled {
+            // Only a task asked to stop may end as cancelled. The flag only
+            // ever goes from false to true, so checking first is safe.
+            let asked: Option<bool> = sqlx::query_scalar(
+                "SELECT cancel_requested FROM tasks
+                  WHERE id = $1 AND job_id = $2 AND attempt = $3 AND state = 'leased'",
+            )
+            .bind(fence.task_id)
+            .bind(fence.job_id)
+            .bind(fence.attempt_i32())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if asked == Some(false) {
+                return Err(StoreError::Conflict(format!(
+                    "task {} was not asked to stop: outcome \"cancelled\" is only for a task \
+                     whose heartbeat answered cancel_requested",
+                    fence.task_id
+                )));
+            }
+        }
+        let ended: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "UPDATE tasks
+                SET state = CASE WHEN cancel_requested THEN 'cancelled'
+                                 WHEN $4 THEN 'succeeded'
+                                 WHEN $5 AND attempt < max_attempts THEN 'ready'
+                                 ELSE 'failed' END,
+                    not_before = CASE WHEN NOT cancel_requested AND NOT $4 AND $5
+                                           AND attempt < max_attempts
+                                      THEN now() + $6 * interval '1 millisecond' END,
+                    lease_expires_at = NULL, updated_at = now()
+              WHERE id = $1 AND job_id = $2 AND attempt = $3
+                AND state = 'leased' AND lease_expires_at > clock_timestamp()
+          RETURNING state, not_before",
+        )
+        .bind(fence.task_id)
+        .bind(fence.job_id)
+        .bind(fence.attempt_i32())
+        .bind(succeeded)
+        .bind(retryable)
+        .bind(crate::millis(self.retry_delay(fence.attempt_i32())))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((state, retry_at)) = ended else {
+            return Ok(None);
+        };
+        let state = task_state(&state)?;
+        let versions = if state == TaskState::Succeeded {
+            commit_versions(&mut *tx, fence, manifests).await?
+        } else {
+            Vec::new()
+        };
+        let response = CompleteResponse {
+            task_id: fence.task_id,
+            attempt: fence.attempt,
+            state,
+            retry_at,
+            versions,
+        };
+        sqlx::query(
+            "UPDATE attempts
+                SET finished_at = now(), outcome = $3, completion = $4, response = $5
+              WHERE task_id = $1 AND attempt = $2",
+        )
+        .bind(fence.task_id)
+        .bind(fence.attempt_i32())
+        .bind(match completion {
+            Completion::Succeeded { .. } => "succeeded",
+            Completion::Failed { .. } => "failed",
+            Completion::Cancelled => "cancelled",
+        })
+        .bind(&canonical)
+        .bind(
+            serde_json::to_value(&response)
+                .map_err(|e| StoreError::Db(sqlx::Error::Encode(e.into())))?,
+        )
+        .execute(&mut *tx)
+        .await?;
+        after_transition(&mut *tx, fence.task_id, fence.job_id, state, retry_at).await?;
+        Ok(Some(response))
+    }
+
+    /// The answer to a completion whose fence matched no row: the original
+    /// answer if this attempt already completed the same way, a conflict if
+    /// it completed another way, else the fencing error.
+    async fn completion_replay(
+        &self,
+        fence: Fence,
+        canonical: &Value,
+    ) -> Result<CompleteResponse, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let earlier: Option<(bool, Value)> = sqlx::query_as(
+            "SELECT completion = $3, response FROM attempts
+              WHERE task_id = $1 AND attempt = $2 AND completion IS NOT NULL",
+        )
+        .bind(fence.task_id)
+        .bind(fence.attempt_i32())
+        .bind(canonical)
+        .fetch_optional(&mut *conn)
+        .await?;
+        match earlier {
+            Some((true, response)) => serde_json::from_value(response)
+                .map_err(|e| StoreError::Db(sqlx::Error::Decode(e.into()))),
+            Some((false, _)) => Err(StoreError::Conflict(format!(
+                "attempt {} of task {} already completed with a different result",
+                fence.attempt, fence.task_id
+            ))),
+            None => Err(fence_error(&mut conn, fence).await),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! What a task's state change causes, in the caller's transaction
+//! (release dependants, wake-ups, ending jobs), and the expiry of a lease.
+
+use chrono::{DateTime, Utc};
+use dispatcher_wire::TaskState;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::Store;
+use crate::error::{task_state, StoreError};
+
+/// Writes one wake-up per task into the outbox, in the caller's transaction.
+pub(crate) async fn enqueue_wakeups(
+    conn: &mut PgConnection,
+    task_ids: &[Uuid],
+    available_at: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    if task_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO outbox (topic, payload, available_at)
+         SELECT 'wakeup', jsonb_build_object('task_id', id), coalesce($2, now())
+           FROM unnest($1::uuid[]) AS id",
+    )
+    .bind(task_ids)
+    .bind(available_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Locks a job row; the first lock of every multi-row transaction.
+pub(crate) async fn lock_job(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(job_id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Ends a running job as `failed` or `cancelled`: unstarted tasks are
+/// cancelled at once, leased ones are asked to stop (their heartbeat answers
+/// `cancel_requested: true`; the worker then completes them as cancelled,
+/// or their lease runs out and the reaper cancels them).
+///
+/// One statement: a task that leaves `leased` concurrently (a lease expiry
+/// turning it `ready` for a retry) is either seen by it as `ready` and
+/// cancelled, or sees `cancel_requested` itself and ends cancelled. With
+/// several statements a retry could slip between them and run inside an
+/// ended job.
+pub(crate) async fn end_job(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    state: &'static str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "WITH ended AS (
+             UPDATE jobs SET state = $2, finished_at = now()
+              WHERE id = $1 AND state = 'running'
+          RETURNING id
+         )
+         UPDATE tasks t
+            SET state = CASE WHEN t.state = 'leased' THEN 'leased' ELSE 'cancelled' END,
+                cancel_requested = true,
+                not_before = NULL,
+                updated_at = now()
+           FROM ended
+          WHERE t.job_id = ended.id AND t.state IN ('blocked', 'ready', 'leased')",
+    )
+    .bind(job_id)
+    .bind(state)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// The consequences of a task reaching `state`, in the same transaction:
+/// release dependants and wake them, schedule a retry's wake-up, or end the
+/// job. The job row must already be locked by the caller.
+pub(super) async fn after_transition(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+    job_id: Uuid,
+    state: TaskState,
+    retry_at: Option<DateTime<Utc>>,
+) -> Result<(), sqlx::Error> {
+    match state {
+        TaskState::Succeeded => {
+            let dependants: Vec<(Uuid, String)> = sqlx::query_as(
+                "UPDATE tasks t
+                    SET pending_deps = t.pending_deps - 1,
+                        state = CASE WHEN t.pending_deps = 1 THEN 'ready' ELSE t.state END,
+                        updated_at = now()
+                   FROM task_deps d
+                  WHERE d.depends_on = $1 AND t.id = d.task_id AND t.state = 'blocked'
+              RETURNING t.id, t.state",
+            )
+            .bind(task_id)
+            .fetch_all(&mut *conn)
+            .await?;
+            let released: Vec<Uuid> = dependants
+                .into_iter()
+                .filter(|(_, s)| s == "ready")
+                .map(|(id, _)| id)
+                .collect();
+            enqueue_wakeups(conn, &released, None).await?;
+            sqlx::query(
+                "UPDATE jobs
+                    SET tasks_unfinished = tasks_unfinished - 1,
+                        state = CASE WHEN tasks_unfinished = 1 AND state = 'running'
+                                     THEN 'succeeded' ELSE state END,
+                        finished_at = CASE WHEN tasks_unfinished = 1 AND state = 'running'
+                                           THEN now() ELSE finished_at END
+                  WHERE id = $1",
+            )
+            .bind(job_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        TaskState::Ready => enqueue_wakeups(conn, &[task_id], retry_at).await?,
+        TaskState::Failed => end_job(conn, job_id, "failed").await?,
+        TaskState::Cancelled | TaskState::Blocked | TaskState::Leased => {}
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Ends an expired lease by the rules of a retryable failure: a retry
+    /// (with backoff) while attempts remain, else the task and its job fail;
+    /// a task whose job was stopped becomes cancelled. Returns the new state,
+    /// or `None` when the lease was not (or no longer) expired.
+    pub async fn expire_lease(&self, task_id: Uuid) -> Result<Option<TaskState>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some((job_id, attempt, max_attempts)): Option<(Uuid, i32, i32)> =
+            sqlx::query_as("SELECT job_id, attempt, max_attempts FROM tasks WHERE id = $1")
+                .bind(task_id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Err(StoreError::TaskNotFound(task_id));
+        };
+        // Only a final failure touches the job row (to end the job), so only
+        // then is the job lock taken, first as the lock order demands. A
+        // retry or a cancellation changes the task alone.
+        if attempt >= max_attempts {
+            lock_job(&mut tx, job_id).await?;
+        }
+        let ended: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "UPDATE tasks
+                SET state = CASE WHEN cancel_requested THEN 'cancelled'
+                                 WHEN attempt < max_attempts THEN 'ready'
+                                 ELSE 'failed' END,
+                    -- Backoff counts from the last sign of life: the silent
+                    -- lease already waited lease_seconds of it.
+                    not_before = CASE WHEN NOT cancel_requested AND attempt < max_attempts
+                                      THEN now() + greatest(0, $3 - lease_seconds * 1000::bigint)
+                                                   * interval '1 millisecond' END,
+                    lease_expires_at = NULL, updated_at = now()
+              WHERE id = $1 AND attempt = $2 AND state = 'leased' AND lease_expires_at <= now()
+          RETURNING state, not_before",
+        )
+        .bind(task_id)
+        .bind(attempt)
+        .bind(crate::millis(self.retry_delay(attempt)))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((state, retry_at)) = ended else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let state = task_state(&state)?;
+        sqlx::query(
+            "UPDATE attempts SET finished_at = now(), outcome = 'lease_expired'
+              WHERE task_id = $1 AND attempt = $2 AND finished_at IS NULL",
+        )
+        .bind(task_id)
+        .bind(attempt)
+        .execute(&mut *tx)
+        .await?;
+        after_transition(&mut tx, task_id, job_id, state, retry_at).await?;
+        tx.commit().await?;
+        Ok(Some(state))
+    }
+}

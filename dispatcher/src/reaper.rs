@@ -2,7 +2,8 @@
 //! (retry with backoff while attempts remain, else the task and job fail; a
 //! task whose job was stopped becomes cancelled), wakes ready tasks whose
 //! wake-up went missing, sends a new pointer for buffer batches left pending
-//! long after their last one, cancels jobs past their deadline, and purges
+//! long after their last one, cancels jobs past their deadline, ends jobs a
+//! crash left running with every task succeeded, and purges
 //! old sent outbox rows. Every step is
 //! fenced or `SKIP LOCKED`, so several replicas may run it.
 
@@ -31,6 +32,9 @@ pub struct ReapReport {
     pub purged: u64,
     /// Jobs cancelled because their deadline passed.
     pub overdue: u64,
+    /// Running jobs ended `succeeded` because every task had (a crash came
+    /// between the last success's commit and the job's end).
+    pub finished: u64,
 }
 
 impl Reaper {
@@ -97,6 +101,16 @@ impl Reaper {
             .store
             .cancel_overdue_jobs(self.settings.reaper_batch)
             .await?;
+        report.finished = self
+            .store
+            .finish_done_jobs(self.settings.reaper_batch)
+            .await?;
+        if report.finished > 0 {
+            tracing::info!(
+                count = report.finished,
+                "ended jobs whose every task had succeeded"
+            );
+        }
         report.purged = self
             .store
             .purge_sent_outbox(self.settings.outbox_retention)

@@ -444,7 +444,12 @@ impl Stack {
     pub async fn wait_all_finished(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let open: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'cancelled')")
+            // A job ends after its last task (by the completion, or the
+            // reaper when a crash came between): wait for both.
+            let open: i64 = sqlx::query_scalar(
+                "SELECT (SELECT count(*) FROM tasks WHERE state NOT IN ('succeeded', 'failed', 'cancelled'))
+                      + (SELECT count(*) FROM jobs WHERE state = 'running')",
+            )
                 .fetch_one(&self.db.pool)
                 .await
                 .expect("count");
@@ -491,6 +496,12 @@ impl Stack {
         .await
         .unwrap();
         assert_eq!(not_once, 0, "tasks without exactly one committed success");
+        let jobs_not_succeeded: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state <> 'succeeded'")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        assert_eq!(jobs_not_succeeded, 0, "every job succeeded");
         let stale: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM task_events e JOIN attempts n
                        ON n.task_id = e.task_id AND n.attempt = e.attempt + 1 WHERE e.created_at >= n.claimed_at)

@@ -8,7 +8,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::tasks::*;
-use super::transitions::{after_transition, lock_job};
+use super::transitions::after_transition;
 use super::Store;
 use crate::domain::Completion;
 use crate::error::{task_state, StoreError};
@@ -153,6 +153,18 @@ impl Store {
         if answers.iter().any(|a| matches!(a, Some(Ok(_)))) {
             self.settings.failpoint("complete_after_commit");
         }
+        // Each job a success of this call may have finished.
+        let mut finished: Vec<Uuid> = entries
+            .iter()
+            .zip(&answers)
+            .filter(|(_, a)| {
+                matches!(a, Some(Ok(r)) if r.state == dispatcher_wire::TaskState::Succeeded)
+            })
+            .map(|((fence, _, _), _)| fence.job_id)
+            .collect();
+        finished.sort();
+        finished.dedup();
+        self.finish_jobs_if_done(&finished).await?;
         for i in replays {
             let (fence, completion, _) = entries[i];
             answers[i] = Some(self.completion_replay(fence, &completion.to_json()).await);
@@ -179,7 +191,24 @@ impl Store {
             Completion::Cancelled => (false, false),
         };
         let canonical = completion.to_json();
-        lock_job(&mut *tx, fence.job_id).await?;
+        // The job row is locked first whenever this completion may touch
+        // rows beyond its own task: a failure or cancel (which may end the
+        // job), or a success that releases dependants (two of which may
+        // share a dependant). A success of a leaf touches its task's rows
+        // only, so successes of one job do not queue behind each other.
+        // One statement either way: a leaf's success reads its dependants
+        // and locks nothing.
+        sqlx::query(
+            "SELECT 1 FROM jobs
+              WHERE id = $1
+                AND (NOT $2 OR EXISTS (SELECT 1 FROM task_deps WHERE depends_on = $3))
+                FOR NO KEY UPDATE",
+        )
+        .bind(fence.job_id)
+        .bind(succeeded)
+        .bind(fence.task_id)
+        .execute(&mut *tx)
+        .await?;
         if *completion == Completion::Cancelled {
             // Only a task asked to stop may end as cancelled. The flag only
             // ever goes from false to true, so checking first is safe.

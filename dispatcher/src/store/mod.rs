@@ -2,9 +2,10 @@
 //! Postgres transaction; lease fencing lives in the SQL `WHERE` clauses.
 //!
 //! Lock order, to keep transactions free of deadlocks: a transaction that
-//! touches a job row and task rows locks the **job row first**, then tasks.
-//! Operations on a single task (claim, heartbeat, events, publishes) take no
-//! job lock.
+//! touches a job row and task rows locks the **job row first**, then tasks;
+//! several job rows are locked in id order. Operations on a single task
+//! (claim, heartbeat, events, publishes, and the success of a task without
+//! dependants) take no job lock (ADR 0016).
 
 mod alerts;
 mod attempt_writes;

@@ -78,8 +78,9 @@ pub(crate) async fn end_job(
 }
 
 /// The consequences of a task reaching `state`, in the same transaction:
-/// release dependants and wake them, schedule a retry's wake-up, or end the
-/// job. The job row must already be locked by the caller.
+/// release dependants and wake them, schedule a retry's wake-up, or fail the
+/// job. The job row must already be locked by the caller, except for a
+/// success of a task without dependants (which touches no other row).
 pub(super) async fn after_transition(
     conn: &mut PgConnection,
     task_id: Uuid,
@@ -107,18 +108,8 @@ pub(super) async fn after_transition(
                 .map(|(id, _)| id)
                 .collect();
             enqueue_wakeups(conn, &released, None).await?;
-            sqlx::query(
-                "UPDATE jobs
-                    SET tasks_unfinished = tasks_unfinished - 1,
-                        state = CASE WHEN tasks_unfinished = 1 AND state = 'running'
-                                     THEN 'succeeded' ELSE state END,
-                        finished_at = CASE WHEN tasks_unfinished = 1 AND state = 'running'
-                                           THEN now() ELSE finished_at END
-                  WHERE id = $1",
-            )
-            .bind(job_id)
-            .execute(&mut *conn)
-            .await?;
+            // The job's end is judged after the commit (`finish_jobs_if_done`):
+            // a success does not touch the job's row.
         }
         TaskState::Ready => enqueue_wakeups(conn, &[task_id], retry_at).await?,
         TaskState::Failed => end_job(conn, job_id, "failed").await?,
@@ -183,5 +174,52 @@ impl Store {
         after_transition(&mut tx, task_id, job_id, state, retry_at).await?;
         tx.commit().await?;
         Ok(Some(state))
+    }
+
+    /// Ends each of `job_ids` that is running with no unfinished task as
+    /// `succeeded`, in one statement. Called after successes commit: of
+    /// two successes that end a job, whichever commits last sees the other
+    /// committed, so the job ends exactly when its last task has (and
+    /// running it twice changes nothing). Returns how many jobs it ended.
+    pub async fn finish_jobs_if_done(&self, job_ids: &[Uuid]) -> Result<u64, StoreError> {
+        if job_ids.is_empty() {
+            return Ok(0);
+        }
+        // Locked in id order, the order every transaction locks jobs in.
+        let done = sqlx::query(
+            "UPDATE jobs j SET state = 'succeeded', finished_at = now()
+               FROM (SELECT x.id FROM jobs x
+                      WHERE x.id = ANY($1) AND x.state = 'running'
+                        AND NOT EXISTS (SELECT 1 FROM tasks t
+                                         WHERE t.job_id = x.id AND t.state <> 'succeeded')
+                      ORDER BY x.id
+                        FOR NO KEY UPDATE) done
+              WHERE j.id = done.id",
+        )
+        .bind(job_ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Running jobs whose every task has succeeded (a crash came between a
+    /// last success's commit and its `finish_jobs_if_done`); ends up to
+    /// `limit` of them. Rows another transaction holds are skipped.
+    pub async fn finish_done_jobs(&self, limit: u32) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE jobs j SET state = 'succeeded', finished_at = now()
+               FROM (SELECT x.id FROM jobs x
+                      WHERE x.state = 'running'
+                        AND NOT EXISTS (SELECT 1 FROM tasks t
+                                         WHERE t.job_id = x.id AND t.state <> 'succeeded')
+                      ORDER BY x.id
+                      LIMIT $1
+                        FOR NO KEY UPDATE SKIP LOCKED) done
+              WHERE j.id = done.id",
+        )
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 }

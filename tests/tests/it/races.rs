@@ -119,19 +119,19 @@ async fn rule_a_lease_expiring_after_its_job_ended_ends_the_task_cancelled() {
     assert_eq!(ended.map(|s| s.as_str()), Some("cancelled"));
 }
 
-/// Completion judges the lease at the moment of its write: a completion
-/// that waited on the job row past its lease's end is refused, even though
-/// the lease was live when its transaction began.
-#[tokio::test]
-async fn rule_completion_judges_the_lease_at_the_moment_of_its_write() {
-    let app = TestApp::spawn().await;
-    let task = app.single_task(3).await;
-    let claim = app.claim(task).await;
-
-    let mut holder = connection(&app).await;
+/// Completes `claim` while the test holds `lock_sql` (one row, `FOR
+/// UPDATE`) and ends the lease during the wait; the completion must be
+/// refused as `lease_expired` and commit nothing.
+async fn complete_while_the_lease_ends(
+    app: &TestApp,
+    claim: &dispatcher_wire::ClaimResponse,
+    lock_sql: &str,
+    lock_id: Uuid,
+) {
+    let mut holder = connection(app).await;
     sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-    sqlx::query("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE")
-        .bind(claim.job_id)
+    sqlx::query(lock_sql)
+        .bind(lock_id)
         .execute(&mut holder)
         .await
         .unwrap();
@@ -148,18 +148,18 @@ async fn rule_completion_judges_the_lease_at_the_moment_of_its_write() {
             .unwrap();
         TestApp::read(resp).await
     });
-    wait_lock_waiters(&app, 1).await;
+    wait_lock_waiters(app, 1).await;
     // The completion's transaction began before this point; the lease ends
-    // now, while it waits.
+    // now, while it waits (written by the holder, which may hold the task).
     tokio::time::sleep(Duration::from_millis(20)).await;
     sqlx::query(
         "UPDATE tasks SET lease_expires_at = clock_timestamp() - interval '1 millisecond' WHERE id = $1",
     )
-    .bind(task)
-    .execute(&app.db.pool)
+    .bind(claim.task_id)
+    .execute(&mut holder)
     .await
     .unwrap();
-    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
     let r = completion.await.unwrap();
     assert_eq!(
         (r.status, r.code()),
@@ -167,7 +167,109 @@ async fn rule_completion_judges_the_lease_at_the_moment_of_its_write() {
         "{}",
         r.body
     );
-    assert_eq!(app.committed_completions(task).await, 0);
+    assert_eq!(app.committed_completions(claim.task_id).await, 0);
+}
+
+/// Completion judges the lease at the moment of its write: a completion
+/// that waited on the job row (a task with a dependant locks it) past its
+/// lease's end is refused, even though the lease was live when its
+/// transaction began.
+#[tokio::test]
+async fn rule_completion_judges_the_lease_at_the_moment_of_its_write() {
+    let app = TestApp::spawn().await;
+    let job = app
+        .submit(&json!({"name": "race", "tasks": [
+            {"key": "a", "runtime": "exec", "bundle": "/bin/true", "max_attempts": 3},
+            {"key": "b", "runtime": "exec", "bundle": "/bin/true", "depends_on": ["a"]}
+        ]}))
+        .await;
+    let a = job.tasks.iter().find(|t| t.key == "a").unwrap().task_id;
+    let claim = app.claim(a).await;
+    complete_while_the_lease_ends(
+        &app,
+        &claim,
+        "SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE",
+        job.job_id,
+    )
+    .await;
+}
+
+/// The same for a leaf, whose success takes no job lock: it waits on its
+/// own task row, and the lease is judged when that wait ends.
+#[tokio::test]
+async fn rule_completion_of_a_leaf_judges_the_lease_at_the_moment_of_its_write() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+    complete_while_the_lease_ends(
+        &app,
+        &claim,
+        "SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE",
+        task,
+    )
+    .await;
+}
+
+/// Successes of leaves take no job lock and do not touch the job row; the
+/// job ends after they commit, when one of them finds no unfinished
+/// sibling. Twenty leaves completed at once end their job exactly once,
+/// and a job with one task still leased is not ended.
+#[tokio::test]
+async fn rule_concurrent_leaf_successes_end_their_job_once_the_last_commits() {
+    let app = TestApp::spawn().await;
+    let job_state = |job_id: Uuid| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, bool)>(
+                "SELECT state, finished_at IS NOT NULL FROM jobs WHERE id = $1",
+            )
+            .bind(job_id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    for round in 0..3 {
+        let tasks: Vec<_> = (0..21)
+            .map(|i| json!({"key": format!("t{i}"), "runtime": "exec", "bundle": "/bin/true"}))
+            .collect();
+        let job = app.submit(&json!({"name": "leaves", "tasks": tasks})).await;
+        let mut claims = Vec::new();
+        for t in &job.tasks {
+            claims.push(app.claim(t.task_id).await);
+        }
+        // Round 0 keeps one task leased: its job must stay running. The
+        // other rounds complete every task at once.
+        let held = (round == 0).then(|| claims.pop().unwrap());
+        let mut done = tokio::task::JoinSet::new();
+        for c in claims {
+            let (url, client) = (app.url("/v1/task/complete"), app.client.clone());
+            done.spawn(async move {
+                let resp = client
+                    .post(url)
+                    .bearer_auth(&c.capability_token)
+                    .json(&json!({"outcome": "succeeded"}))
+                    .send()
+                    .await
+                    .unwrap();
+                TestApp::read(resp).await
+            });
+        }
+        while let Some(r) = done.join_next().await {
+            let r = r.unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        }
+        if let Some(last) = held {
+            assert_eq!(job_state(job.job_id).await, ("running".to_string(), false));
+            let r = app.complete_ok(&last.capability_token, json!({})).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        }
+        assert_eq!(
+            job_state(job.job_id).await,
+            ("succeeded".to_string(), true),
+            "round {round}"
+        );
+    }
 }
 
 /// `cancelled` is an outcome only for a task whose job asked it to stop;

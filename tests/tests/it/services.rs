@@ -912,6 +912,38 @@ async fn invariant_6_reaper_wakes_a_ready_task_whose_wakeup_was_lost() {
     );
 }
 
+/// A success ends its job after it commits; a crash in between leaves the
+/// job running with every task succeeded, and the reaper ends it.
+#[tokio::test]
+async fn reaper_ends_a_job_a_crash_left_running_with_every_task_succeeded() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(1).await;
+    let claim = app.claim(task).await;
+    let r = app.complete_ok(&claim.capability_token, json!({})).await;
+    assert_eq!(r.status, reqwest::StatusCode::OK, "{}", r.body);
+    let job_state = |app: &TestApp| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>("SELECT state FROM jobs WHERE id = $1")
+                .bind(claim.job_id)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(job_state(&app).await, "succeeded");
+    // The crash: the success committed, the job's end did not.
+    sqlx::query("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = $1")
+        .bind(claim.job_id)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let report = reaper(&app).reap_once().await.unwrap();
+    assert_eq!(report.finished, 1);
+    assert_eq!(job_state(&app).await, "succeeded");
+    assert_eq!(reaper(&app).reap_once().await.unwrap().finished, 0);
+}
+
 #[tokio::test]
 async fn reaper_purges_sent_outbox_rows_past_retention() {
     let app = TestApp::spawn().await;

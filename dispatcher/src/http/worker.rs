@@ -371,29 +371,40 @@ pub async fn complete_batch(
     type Ready = (domain::Completion, Vec<crate::store::WrittenManifest>);
     let mut checked: Vec<Checked<Ready>> = Vec::with_capacity(req.entries.len());
     for (i, e) in req.entries.into_iter().enumerate() {
-        let entry = match check_entry(&state, i, e) {
-            Err(e) => Err(e),
-            Ok((claims, body)) => {
-                let task = Some(claims.sub);
-                let prepared = async {
-                    let req: wire::CompleteRequest = domain::entry_body(i, body)?;
-                    let completion = domain::completion(req).map_err(|mut e| {
+        checked.push(check_entry(&state, i, e).and_then(|(claims, body)| {
+            let task = Some(claims.sub);
+            let completion = domain::entry_body(i, body)
+                .and_then(|req: wire::CompleteRequest| {
+                    domain::completion(req).map_err(|mut e| {
                         e.field = format!("entries[{i}].body.{}", e.field);
-                        e
-                    })?;
-                    let manifests = match completion {
-                        domain::Completion::Succeeded { .. } => {
-                            write_manifests(&state, &claims).await?
-                        }
-                        _ => Vec::new(),
-                    };
-                    Ok::<_, ApiError>((completion, manifests))
-                }
-                .await;
-                prepared.map(|p| (claims, p)).map_err(|e| (task, e))
-            }
+                        ApiError::from(e)
+                    })
+                })
+                .map_err(|e| (task, e))?;
+            Ok((claims, (completion, Vec::new())))
+        }));
+    }
+    // Manifests, as the single call writes them, for the successes whose
+    // attempt staged parts: which ones is one query for the whole batch.
+    let succeeded: Vec<(uuid::Uuid, u32)> = checked
+        .iter()
+        .filter_map(|c| c.as_ref().ok())
+        .filter(|(_, (completion, _))| matches!(completion, domain::Completion::Succeeded { .. }))
+        .map(|(claims, _)| (claims.sub, claims.att))
+        .collect();
+    let staged = state.store.attempts_with_staged_parts(&succeeded).await?;
+    for c in checked.iter_mut() {
+        let Ok((claims, (completion, manifests))) = c else {
+            continue;
         };
-        checked.push(entry);
+        if matches!(completion, domain::Completion::Succeeded { .. })
+            && staged.contains(&(claims.sub, claims.att))
+        {
+            match write_manifests(&state, claims).await {
+                Ok(written) => *manifests = written,
+                Err(e) => *c = Err((Some(claims.sub), e)),
+            }
+        }
     }
     let valid: Vec<(
         crate::store::Fence,

@@ -128,7 +128,28 @@ impl Store {
             (0..entries.len()).map(|_| None).collect();
         let mut replays = Vec::new();
         let mut tx = self.pool.begin().await?;
+        // The jobs first, in id order, each in the mode its entries need.
+        let (jobs, tasks, succeeded): (Vec<Uuid>, Vec<Uuid>, Vec<bool>) = order
+            .iter()
+            .map(|&i| {
+                let (fence, completion, _) = entries[i];
+                let ok = matches!(completion, Completion::Succeeded { .. });
+                (fence.job_id, fence.task_id, ok)
+            })
+            .collect();
+        sqlx::query("SELECT lock_completion_jobs($1, $2, $3)")
+            .bind(&jobs)
+            .bind(&tasks)
+            .bind(&succeeded)
+            .execute(&mut *tx)
+            .await?;
+        for (i, response) in self.complete_leaves(&mut tx, entries).await? {
+            answers[i] = Some(Ok(response));
+        }
         for i in order {
+            if answers[i].is_some() {
+                continue;
+            }
             let (fence, completion, manifests) = entries[i];
             let mut entry = sqlx::Connection::begin(&mut *tx).await?;
             match self
@@ -175,6 +196,133 @@ impl Store {
             .collect())
     }
 
+    /// The fast path of a batch: every entry that is the success of a leaf
+    /// (no dependants, nothing staged, not asked to stop) ends its task and
+    /// records its attempt in **one statement** for all of them; the entry
+    /// is then exactly what `complete_step` would have written for it. An
+    /// entry the statement did not end (fenced, a replay, or not a leaf)
+    /// is left to `complete_step`. Runs in a savepoint: if the statement
+    /// fails, or an attempt turns out to have staged parts (committed while
+    /// the statement waited on its task row), nothing of it stays and every
+    /// entry takes the ordinary path. Returns (entry index, answer).
+    async fn complete_leaves(
+        &self,
+        tx: &mut PgConnection,
+        entries: &[(Fence, &Completion, &[super::datasets::WrittenManifest])],
+    ) -> Result<Vec<(usize, CompleteResponse)>, StoreError> {
+        // A task named twice in one batch goes the ordinary way, which
+        // answers the second entry as a replay (or a conflict).
+        let named_once = |i: usize| {
+            entries
+                .iter()
+                .filter(|e| e.0.task_id == entries[i].0.task_id)
+                .count()
+                == 1
+        };
+        let candidates: Vec<usize> = (0..entries.len())
+            .filter(|&i| {
+                matches!(entries[i].1, Completion::Succeeded { .. })
+                    && entries[i].2.is_empty()
+                    && named_once(i)
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut task_ids = Vec::with_capacity(candidates.len());
+        let mut job_ids = Vec::with_capacity(candidates.len());
+        let mut attempts = Vec::with_capacity(candidates.len());
+        let mut completions = Vec::with_capacity(candidates.len());
+        let mut responses = Vec::with_capacity(candidates.len());
+        let mut answers = Vec::with_capacity(candidates.len());
+        for &i in &candidates {
+            let (fence, completion, _) = entries[i];
+            let response = CompleteResponse {
+                task_id: fence.task_id,
+                attempt: fence.attempt,
+                state: TaskState::Succeeded,
+                retry_at: None,
+                versions: Vec::new(),
+            };
+            task_ids.push(fence.task_id);
+            job_ids.push(fence.job_id);
+            attempts.push(fence.attempt_i32());
+            completions.push(completion.to_json());
+            responses.push(
+                serde_json::to_value(&response)
+                    .map_err(|e| StoreError::Db(sqlx::Error::Encode(e.into())))?,
+            );
+            answers.push(response);
+        }
+        let mut leaves = sqlx::Connection::begin(&mut *tx).await?;
+        let ended: Result<Vec<Uuid>, sqlx::Error> = sqlx::query_scalar(
+            "WITH input AS (
+                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::jsonb[], $5::jsonb[])
+                     AS i(task_id, job_id, attempt, completion, response)
+             ), ended AS (
+                 UPDATE tasks t
+                    SET state = 'succeeded', not_before = NULL, lease_expires_at = NULL,
+                        updated_at = now()
+                   FROM input i
+                  WHERE t.id = i.task_id AND t.job_id = i.job_id AND t.attempt = i.attempt
+                    AND t.state = 'leased' AND t.lease_expires_at > clock_timestamp()
+                    AND NOT t.cancel_requested
+                    AND NOT EXISTS (SELECT 1 FROM task_deps d WHERE d.depends_on = t.id)
+                    AND NOT EXISTS (SELECT 1 FROM staged_parts s
+                                     WHERE s.task_id = t.id AND s.attempt = t.attempt)
+              RETURNING t.id, t.attempt
+             )
+             UPDATE attempts a
+                SET finished_at = now(), outcome = 'succeeded',
+                    completion = i.completion, response = i.response
+               FROM ended e JOIN input i ON i.task_id = e.id
+              WHERE a.task_id = e.id AND a.attempt = e.attempt
+          RETURNING a.task_id",
+        )
+        .bind(&task_ids)
+        .bind(&job_ids)
+        .bind(&attempts)
+        .bind(&completions)
+        .bind(&responses)
+        .fetch_all(&mut *leaves)
+        .await;
+        let ended = match ended {
+            Ok(ended) if !ended.is_empty() => ended,
+            Ok(_) => {
+                leaves.rollback().await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "leaf fast path failed; entries go one by one");
+                leaves.rollback().await?;
+                return Ok(Vec::new());
+            }
+        };
+        // Parts staged while the statement waited: the ordinary path then
+        // refuses that completion, retryably, as it would have alone.
+        let staged: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM staged_parts s
+                              JOIN unnest($1::uuid[], $2::int[]) AS i(task_id, attempt)
+                                ON s.task_id = i.task_id AND s.attempt = i.attempt
+                             WHERE s.task_id = ANY($3))",
+        )
+        .bind(&task_ids)
+        .bind(&attempts)
+        .bind(&ended)
+        .fetch_one(&mut *leaves)
+        .await?;
+        if staged {
+            leaves.rollback().await?;
+            return Ok(Vec::new());
+        }
+        leaves.commit().await?;
+        Ok(candidates
+            .into_iter()
+            .zip(answers)
+            .filter(|(i, _)| ended.contains(&entries[*i].0.task_id))
+            .collect())
+    }
+
     /// One completion inside the caller's transaction: `None` when the
     /// fence matched no row (a replay, or a fenced caller: the caller
     /// answers it after its commit).
@@ -191,24 +339,6 @@ impl Store {
             Completion::Cancelled => (false, false),
         };
         let canonical = completion.to_json();
-        // The job row is locked first whenever this completion may touch
-        // rows beyond its own task: a failure or cancel (which may end the
-        // job), or a success that releases dependants (two of which may
-        // share a dependant). A success of a leaf touches its task's rows
-        // only, so successes of one job do not queue behind each other.
-        // One statement either way: a leaf's success reads its dependants
-        // and locks nothing.
-        sqlx::query(
-            "SELECT 1 FROM jobs
-              WHERE id = $1
-                AND (NOT $2 OR EXISTS (SELECT 1 FROM task_deps WHERE depends_on = $3))
-                FOR NO KEY UPDATE",
-        )
-        .bind(fence.job_id)
-        .bind(succeeded)
-        .bind(fence.task_id)
-        .execute(&mut *tx)
-        .await?;
         if *completion == Completion::Cancelled {
             // Only a task asked to stop may end as cancelled. The flag only
             // ever goes from false to true, so checking first is safe.

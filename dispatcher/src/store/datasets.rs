@@ -125,6 +125,34 @@ impl Store {
         Ok(out)
     }
 
+    /// Which of `attempts` (task, attempt) have staged parts: one query
+    /// for a whole completion batch, so that only those look further.
+    pub async fn attempts_with_staged_parts(
+        &self,
+        attempts: &[(Uuid, u32)],
+    ) -> Result<std::collections::HashSet<(Uuid, u32)>, StoreError> {
+        if attempts.is_empty() {
+            return Ok(Default::default());
+        }
+        let (tasks, numbers): (Vec<Uuid>, Vec<i32>) = attempts
+            .iter()
+            .map(|&(t, a)| (t, i32::try_from(a).unwrap_or(i32::MAX)))
+            .unzip();
+        let found: Vec<(Uuid, i32)> = sqlx::query_as(
+            "SELECT DISTINCT s.task_id, s.attempt
+               FROM unnest($1::uuid[], $2::int[]) AS i(task_id, attempt)
+               JOIN staged_parts s ON s.task_id = i.task_id AND s.attempt = i.attempt",
+        )
+        .bind(&tasks)
+        .bind(&numbers)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(found
+            .into_iter()
+            .map(|(t, a)| (t, u32::try_from(a).unwrap_or(0)))
+            .collect())
+    }
+
     /// Which of `keys` something must keep: a part of a committed version,
     /// a committed version's manifest, or a buffer batch.
     pub async fn referenced_objects(

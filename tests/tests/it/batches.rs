@@ -410,3 +410,80 @@ async fn complete_batch_commits_dataset_versions_exactly_as_single_completions()
     assert_eq!(manifest.status, StatusCode::OK, "{}", manifest.body);
     assert_eq!(manifest.body["parts"].as_array().map(Vec::len), Some(2));
 }
+
+/// The successes of leaves take the batch's one-statement path; a task
+/// with a dependant takes the ordinary one. Both must write the same: the
+/// same answer and attempt record, the task in the same state. A task named
+/// twice in one batch is answered once as a success and once as the single
+/// call answers a second, different completion: a conflict.
+#[tokio::test]
+async fn complete_batch_leaf_path_writes_what_the_ordinary_path_writes() {
+    let app = TestApp::spawn().await;
+    let job = app
+        .submit(&json!({"name": "paths", "tasks": [
+            {"key": "root", "runtime": "exec", "bundle": "x"},
+            {"key": "after", "runtime": "exec", "bundle": "x", "depends_on": ["root"]},
+            {"key": "leaf", "runtime": "exec", "bundle": "x"},
+            {"key": "twice", "runtime": "exec", "bundle": "x"}
+        ]}))
+        .await;
+    let id = |key: &str| job.tasks.iter().find(|t| t.key == key).unwrap().task_id;
+    let (root, leaf, twice) = (
+        app.claim(id("root")).await,
+        app.claim(id("leaf")).await,
+        app.claim(id("twice")).await,
+    );
+    let ok = json!({"outcome": "succeeded", "output": {"n": 1}});
+    let other = json!({"outcome": "succeeded", "output": {"n": 2}});
+    let r = app
+        .post(
+            "/v1/task/complete-batch",
+            &app.worker_token,
+            &json!({"entries": [
+                {"capability_token": root.capability_token, "body": ok},
+                {"capability_token": leaf.capability_token, "body": ok},
+                {"capability_token": twice.capability_token, "body": ok},
+                {"capability_token": twice.capability_token, "body": other}
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let results = r.body["results"].as_array().unwrap();
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        v.as_object_mut().unwrap().remove("task_id");
+        v
+    };
+    assert_eq!(strip(&results[0]["result"]), strip(&results[1]["result"]));
+    assert_eq!(results[0]["result"]["state"], "succeeded");
+    let twice_codes: Vec<Value> = results[2..]
+        .iter()
+        .map(|r| r.get("error").map_or(json!("ok"), |e| e["code"].clone()))
+        .collect();
+    assert_eq!(twice_codes, [json!("ok"), json!("conflict")]);
+    type Row = (String, bool, bool, String, bool, Value, Value);
+    let row = |task: Uuid| {
+        let pool = app.db.pool.clone();
+        async move {
+            sqlx::query_as::<_, Row>(
+                "SELECT t.state, t.lease_expires_at IS NULL, t.not_before IS NULL,
+                        a.outcome, a.finished_at IS NOT NULL, a.completion,
+                        a.response - 'task_id'
+                   FROM tasks t JOIN attempts a ON a.task_id = t.id AND a.attempt = t.attempt
+                  WHERE t.id = $1",
+            )
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(row(root.task_id).await, row(leaf.task_id).await);
+    // The dependant was released by the ordinary path.
+    let after: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+        .bind(id("after"))
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(after, "ready");
+}

@@ -272,6 +272,63 @@ async fn rule_concurrent_leaf_successes_end_their_job_once_the_last_commits() {
     }
 }
 
+/// A part staged by the attempt while its completion waited on the task
+/// row (the stage holds it `FOR SHARE` until it commits) must not be lost
+/// by the one-statement path of leaves' successes: the completion is
+/// refused retryably and commits nothing, as the ordinary path refuses it.
+#[tokio::test]
+async fn rule_a_part_staged_while_a_leaf_completes_is_never_silently_dropped() {
+    let app = TestApp::spawn().await;
+    app.create_dataset(
+        "staged_late",
+        "append",
+        json!([{"name": "n", "type": "int64", "nullable": false}]),
+    )
+    .await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+    let mut holder = connection(&app).await;
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR SHARE")
+        .bind(task)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let url = app.url("/v1/task/complete");
+    let token = claim.capability_token.clone();
+    let client = app.client.clone();
+    let completion = tokio::spawn(async move {
+        let resp = client
+            .post(url)
+            .bearer_auth(token)
+            .json(&json!({"outcome": "succeeded"}))
+            .send()
+            .await
+            .unwrap();
+        TestApp::read(resp).await
+    });
+    wait_lock_waiters(&app, 1).await;
+    sqlx::query(
+        "INSERT INTO staged_parts (task_id, attempt, dataset_id, key, rows, bytes, sha256)
+         SELECT $1, $2, id, 'late-part', 1, 1, repeat('0', 64) FROM datasets WHERE name = 'staged_late'",
+    )
+    .bind(task)
+    .bind(claim.attempt as i32)
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let r = completion.await.unwrap();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(app.committed_completions(task).await, 0);
+    let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+        .bind(task)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "leased");
+}
+
 /// `cancelled` is an outcome only for a task whose job asked it to stop;
 /// then it ends the task now and the attempt history says `cancelled`.
 #[tokio::test]

@@ -42,6 +42,19 @@ async function withDatabase(body) {
   try {
     return await body(url.toString());
   } finally {
+    // Let the library's pools close their connections before the drop
+    // (FORCE would end them, and a pool without a listener then throws).
+    for (let i = 0; i < 100; i++) {
+      const c = new pg.Client({ connectionString: base.toString() });
+      await c.connect();
+      const { rows } = await c.query(
+        "SELECT count(*)::int AS n FROM pg_stat_activity WHERE datname = $1",
+        [name],
+      );
+      await c.end();
+      if (rows[0].n === 0) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
     await admin(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
   }
 }
@@ -130,7 +143,7 @@ async function pgBoss(batched) {
       )).rows[0].n),
     );
     await Promise.all(loops);
-    await boss.stop({ graceful: false, wait: true });
+    await boss.stop({ graceful: false, wait: true, close: true });
     await probe.end();
     if (handled < tasks) throw new Error(`pg-boss handled ${handled} of ${tasks}`);
     return seconds;

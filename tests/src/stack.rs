@@ -49,6 +49,8 @@ pub struct WorkerOpts {
     pub credential: Option<String>,
     /// Run the wrapper itself under this (unprivileged) uid and gid.
     pub run_as: Option<u32>,
+    /// The dispatcher it talks to; by default the stack's first one.
+    pub dispatcher_url: Option<String>,
 }
 
 impl WorkerOpts {
@@ -60,6 +62,7 @@ impl WorkerOpts {
             visibility_seconds: 5,
             credential: None,
             run_as: None,
+            dispatcher_url: None,
         }
     }
 }
@@ -140,6 +143,26 @@ pub struct Stack {
     pub profile_env: Vec<(String, String)>,
 }
 
+/// A further dispatcher replica of a stack (`Stack::start_replica`).
+pub struct Replica {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Replica {
+    /// SIGKILL: no cleanup, no answer to calls in flight.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         if let Some(mut d) = self.dispatcher.take() {
@@ -216,23 +239,7 @@ impl Stack {
         let log = std::fs::File::create(self.dir.join(format!("dispatcher-{}.log", self.restarts)))
             .expect("log");
         self.restarts += 1;
-        let child = Command::new(binary("dispatcher"))
-            .arg("serve")
-            .env("DATABASE_URL", self.db.url())
-            .env("DISPATCHER_SIGNING_KEY_FILE", &self.key_file)
-            .env("DISPATCHER_BIND", format!("127.0.0.1:{}", self.port))
-            .env("DISPATCHER_FAILPOINTS", failpoints)
-            .env("DISPATCHER_OBJECTS_DIR", self.dir.join("objects"))
-            // Crash tests kill the dispatcher while its sink may hold
-            // pointers: they come back after this, not after the default
-            // 60 s (as leases here are short too).
-            .env("DISPATCHER_SINK_VISIBILITY_SECONDS", "2")
-            .env("RUST_LOG", "info,sqlx=warn")
-            .envs(self.profile_env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start dispatcher");
+        let child = self.spawn_dispatcher(self.port, failpoints, log);
         self.dispatcher = Some(child);
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -266,6 +273,56 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("dispatcher did not answer within 20 s");
+    }
+
+    fn spawn_dispatcher(&self, port: u16, failpoints: &str, log: std::fs::File) -> Child {
+        Command::new(binary("dispatcher"))
+            .arg("serve")
+            .env("DATABASE_URL", self.db.url())
+            .env("DISPATCHER_SIGNING_KEY_FILE", &self.key_file)
+            .env("DISPATCHER_BIND", format!("127.0.0.1:{port}"))
+            .env("DISPATCHER_FAILPOINTS", failpoints)
+            .env("DISPATCHER_OBJECTS_DIR", self.dir.join("objects"))
+            // Crash tests kill the dispatcher while its sink may hold
+            // pointers: they come back after this, not after the default
+            // 60 s (as leases here are short too).
+            .env("DISPATCHER_SINK_VISIBILITY_SECONDS", "2")
+            .env("RUST_LOG", "info,sqlx=warn")
+            .envs(self.profile_env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dispatcher")
+    }
+
+    /// Starts another `dispatcher serve` (all roles) on the same database,
+    /// keys and objects, on a port of its own, and waits until it answers.
+    /// It is killed when the returned replica is dropped.
+    pub async fn start_replica(&self, name: &str) -> Replica {
+        let port = free_port();
+        let log =
+            std::fs::File::create(self.dir.join(format!("dispatcher-{name}.log"))).expect("log");
+        let mut replica = Replica {
+            child: self.spawn_dispatcher(port, "", log),
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = replica.child.try_wait().expect("try_wait") {
+                panic!("replica {name} exited during start: {status}");
+            }
+            if client
+                .get(format!("{}/healthz", replica.url))
+                .send()
+                .await
+                .is_ok()
+            {
+                return replica;
+            }
+            assert!(Instant::now() < deadline, "replica {name} did not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until the dispatcher process has exited (a failpoint fired);
@@ -354,7 +411,10 @@ impl Stack {
             .arg("1")
             .arg("--visibility-seconds")
             .arg(opts.visibility_seconds.to_string())
-            .env("DISPATCHER_URL", self.url())
+            .env(
+                "DISPATCHER_URL",
+                opts.dispatcher_url.clone().unwrap_or_else(|| self.url()),
+            )
             .env("WORKER_CREDENTIAL_FILE", &credential_file)
             .env("WORKER_ID", &opts.id)
             .env("WORKER_CONCURRENCY", opts.concurrency.to_string())

@@ -4,8 +4,8 @@
 //! Lock order, to keep transactions free of deadlocks: a transaction that
 //! touches a job row and task rows locks the **job row first**, then tasks;
 //! several job rows are locked in id order. Operations on a single task
-//! (claim, heartbeat, events, publishes, and the success of a task without
-//! dependants) take no job lock (ADR 0016).
+//! (claim, heartbeat, events, publishes) take no job lock; the successes
+//! of tasks without dependants share theirs (`FOR SHARE`, ADR 0016).
 
 mod alerts;
 mod attempt_writes;

@@ -418,3 +418,51 @@ async fn rule_a_cancelled_running_task_ends_cancelled_within_a_heartbeat_interva
     });
     assert!(!running, "the cancelled task's process still runs");
 }
+
+/// Scale-out: two `dispatcher serve` replicas (every role in each: relay,
+/// reaper and sink are `SKIP LOCKED` or fenced) on one Postgres, a worker
+/// on each. One replica is SIGKILLed mid-run; its worker can no longer
+/// complete, its leases run out, and the surviving replica's reaper and
+/// worker finish everything: every task committed exactly once, no stale
+/// write accepted, every outbox row published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_two_replicas_one_sigkilled_mid_run_every_task_committed_once() {
+    let mut stack = Stack::new().await;
+    stack
+        .submit(stack.flat_job(TASKS, json!({"sleep_ms": 100})))
+        .await;
+    stack.start_dispatcher("").await;
+    let mut doomed = stack.start_replica("b").await;
+    let _w1 = stack.start_worker(&WorkerOpts::new("w1"));
+    let _w2 = stack.start_worker(&WorkerOpts {
+        dispatcher_url: Some(doomed.url.clone()),
+        ..WorkerOpts::new("w2")
+    });
+    // Both replicas serve: each worker has committed work through its own.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let by_worker: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT worker_id, count(*) FROM attempts WHERE outcome = 'succeeded' GROUP BY worker_id",
+        )
+        .fetch_all(&stack.db.pool)
+        .await
+        .unwrap();
+        if by_worker.len() == 2 && by_worker.iter().all(|(_, n)| *n >= 10) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both workers should commit through their replica: {by_worker:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = counts(
+        &stack,
+        "SELECT count(*) FROM tasks WHERE state <> 'succeeded'",
+    )
+    .await;
+    assert!(left > 0, "the kill should come mid-run");
+    doomed.kill();
+    stack.wait_all_finished(FINISH).await;
+    stack.assert_clean(TASKS as i64).await;
+}

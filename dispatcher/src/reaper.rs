@@ -16,6 +16,8 @@ use crate::settings::Settings;
 use crate::store::Store;
 
 /// Lease expirations run at once by one reaper pass.
+/// The shortest wait between expiry checks.
+const MIN_EXPIRY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
 const REAPER_CONCURRENCY: usize = 8;
 
 pub struct Reaper {
@@ -42,16 +44,17 @@ impl Reaper {
         Reaper { store, settings }
     }
 
-    pub async fn reap_once(&self) -> Result<ReapReport, StoreError> {
-        let mut report = ReapReport::default();
+    /// Ends the leases that have expired (up to a batch); returns how many.
+    pub async fn expire_due(&self) -> Result<u64, StoreError> {
         // Expirations are independent transactions (each fenced), so they
         // run a few at a time: recovery time should not grow with the
         // number of leases a dead worker held.
-        let expired = self
+        let due = self
             .store
             .expired_leases(self.settings.reaper_batch)
             .await?;
-        let mut pending = expired.into_iter();
+        let mut expired = 0;
+        let mut pending = due.into_iter();
         let mut running = tokio::task::JoinSet::new();
         loop {
             while running.len() < REAPER_CONCURRENCY {
@@ -65,7 +68,7 @@ impl Reaper {
             match done {
                 Ok((task_id, Ok(Some(state)))) => {
                     tracing::info!(%task_id, state = state.as_str(), "expired lease reaped");
-                    report.expired += 1;
+                    expired += 1;
                 }
                 Ok((_, Ok(None))) => {}
                 Ok((task_id, Err(e))) => {
@@ -74,6 +77,14 @@ impl Reaper {
                 Err(e) => tracing::warn!(error = %e, "expiry task panicked"),
             }
         }
+        Ok(expired)
+    }
+
+    pub async fn reap_once(&self) -> Result<ReapReport, StoreError> {
+        let mut report = ReapReport {
+            expired: self.expire_due().await?,
+            ..ReapReport::default()
+        };
         report.rewoken = self
             .store
             .rewake_stale_ready(self.settings.rewake_after, self.settings.reaper_batch)
@@ -123,14 +134,37 @@ impl Reaper {
             period_ms = self.settings.reaper_period.as_millis() as u64,
             "lease reaper started"
         );
-        let mut tick = tokio::time::interval(self.settings.reaper_period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The full pass runs every period; between passes the reaper also
+        // wakes when the earliest lease is due (at most every 50 ms), so a
+        // dead worker's task is re-offered at its lease's end, not up to a
+        // period later.
+        let period = self.settings.reaper_period;
+        let mut next_pass = tokio::time::Instant::now();
         loop {
+            if tokio::time::Instant::now() >= next_pass {
+                if let Err(e) = self.reap_once().await {
+                    tracing::warn!(error = %e, "reaper pass failed");
+                }
+                next_pass = tokio::time::Instant::now() + period;
+            }
+            let due = match self.store.next_lease_expiry().await {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the next lease expiry failed");
+                    None
+                }
+            };
+            let wake = match due {
+                Some(d) => (tokio::time::Instant::now() + d.max(MIN_EXPIRY_WAIT)).min(next_pass),
+                None => next_pass,
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {
-                    if let Err(e) = self.reap_once().await {
-                        tracing::warn!(error = %e, "reaper pass failed");
+                _ = tokio::time::sleep_until(wake) => {
+                    if wake < next_pass {
+                        if let Err(e) = self.expire_due().await {
+                            tracing::warn!(error = %e, "expiring leases failed");
+                        }
                     }
                 }
             }

@@ -147,6 +147,7 @@ pub struct Stack {
 pub struct Replica {
     pub child: Child,
     pub url: String,
+    pub port: u16,
 }
 
 impl Replica {
@@ -296,15 +297,16 @@ impl Stack {
     }
 
     /// Starts another `dispatcher serve` (all roles) on the same database,
-    /// keys and objects, on a port of its own, and waits until it answers.
+    /// keys and objects, on `port` or a free one, and waits until it answers.
     /// It is killed when the returned replica is dropped.
-    pub async fn start_replica(&self, name: &str) -> Replica {
-        let port = free_port();
+    pub async fn start_replica(&self, name: &str, port: Option<u16>) -> Replica {
+        let port = port.unwrap_or_else(free_port);
         let log =
             std::fs::File::create(self.dir.join(format!("dispatcher-{name}.log"))).expect("log");
         let mut replica = Replica {
             child: self.spawn_dispatcher(port, "", log),
             url: format!("http://127.0.0.1:{port}"),
+            port,
         };
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -148,6 +148,18 @@ impl Store {
     }
 
     /// Tasks whose lease has expired, soonest-expired first.
+    /// How long until the earliest lease expires (zero if one already
+    /// has); `None` when nothing is leased. One probe of the expiry index.
+    pub async fn next_lease_expiry(&self) -> Result<Option<std::time::Duration>, StoreError> {
+        let ms: Option<f64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM min(lease_expires_at) - clock_timestamp()) * 1000)::float8
+               FROM tasks WHERE state = 'leased'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ms.map(|ms| std::time::Duration::from_micros((ms.max(0.0) * 1000.0) as u64)))
+    }
+
     pub async fn expired_leases(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT id FROM tasks WHERE state = 'leased' AND lease_expires_at <= now()

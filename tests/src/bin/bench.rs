@@ -15,9 +15,15 @@
 //! (no heartbeat or event: a no-op task's burn-down, as the Postgres job
 //! queues it is compared with measure it).
 //!
-//! Usage: `bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B]`
-//! (defaults 5000, 32, 10 000 — one job, the most a job may hold — and 0:
-//! single calls).
+//! With `--report-every R` (the soak, `scripts/soak`), jobs are submitted
+//! while the run goes (at most two jobs ahead of the workers, so the tables
+//! grow as a service's do), and every R tasks a line gives the interval's
+//! tasks/s, the dispatcher's RSS, and the dead tuples and size of the hot
+//! tables.
+//!
+//! Usage: `bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B]
+//! [--report-every R]` (defaults 5000, 32, 10 000 — one job, the most a job
+//! may hold —, 0: single calls, and 0: no reports).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -44,6 +50,7 @@ struct Args {
     tasks_per_job: usize,
     workers: usize,
     batch: usize,
+    report_every: usize,
 }
 
 fn args() -> Args {
@@ -52,14 +59,16 @@ fn args() -> Args {
         tasks_per_job: 10_000,
         workers: 32,
         batch: 0,
+        report_every: 0,
     };
     dispatcher_tests::numeric_flags(
-        "bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B]",
+        "bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B] [--report-every R]",
         &mut [
             ("tasks", &mut a.tasks),
             ("tasks-per-job", &mut a.tasks_per_job),
             ("workers", &mut a.workers),
             ("batch", &mut a.batch),
+            ("report-every", &mut a.report_every),
         ],
     );
     a.tasks_per_job = a.tasks_per_job.min(10_000);
@@ -84,6 +93,20 @@ impl Worker {
         token: Option<&str>,
         body: &B,
     ) -> R {
+        self.try_call(which, path, token, body, None)
+            .await
+            .expect("a refusal no call of the bench expects")
+    }
+
+    /// As `call`, but a refusal with the code `tolerated` is `None`.
+    async fn try_call<B: Serialize, R: DeserializeOwned>(
+        &mut self,
+        which: usize,
+        path: &str,
+        token: Option<&str>,
+        body: &B,
+        tolerated: Option<&str>,
+    ) -> Option<R> {
         let token = token.unwrap_or(&self.credential).to_owned();
         let started = Instant::now();
         let resp = self
@@ -97,12 +120,18 @@ impl Worker {
         let status = resp.status();
         let bytes = resp.bytes().await.expect("body");
         self.samples[which].push(started.elapsed());
+        if let Some(code) = tolerated {
+            let refused: Option<wire::ErrorBody> = serde_json::from_slice(&bytes).ok();
+            if !status.is_success() && refused.is_some_and(|r| r.error.code == code) {
+                return None;
+            }
+        }
         assert!(
             status.is_success(),
             "{path}: {status} {}",
             String::from_utf8_lossy(&bytes)
         );
-        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{path}: {e}"))
+        Some(serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{path}: {e}")))
     }
 
     /// The batched loop: claim up to `batch` ready tasks, complete them
@@ -179,8 +208,10 @@ impl Worker {
                 .await;
             for msg in received.messages {
                 let wake: wire::WakeUp = serde_json::from_value(msg.body).expect("wake-up");
-                let claim: wire::ClaimResponse = self
-                    .call(
+                // A duplicate wake-up (the reaper re-wakes a task left ready
+                // for 60 s) finds its task done: delete it, as workers do.
+                let claim: Option<wire::ClaimResponse> = self
+                    .try_call(
                         1,
                         "/internal/task-claim",
                         None,
@@ -189,8 +220,22 @@ impl Worker {
                             worker_id: worker_id.clone(),
                             lease_seconds: None,
                         },
+                        Some("not_claimable"),
                     )
                     .await;
+                let Some(claim) = claim else {
+                    let _: wire::ReceiptResponse = self
+                        .call(
+                            5,
+                            "/internal/queues/wakeups/delete",
+                            None,
+                            &wire::DeleteRequest {
+                                receipt_handle: msg.receipt_handle,
+                            },
+                        )
+                        .await;
+                    continue;
+                };
                 let token = claim.capability_token;
                 let hb: wire::HeartbeatResponse = self
                     .call(
@@ -266,24 +311,94 @@ fn memory(pid: u32) -> (f64, f64) {
     (field("VmHWM:"), field("VmRSS:"))
 }
 
+/// Submits `tasks` no-op tasks in jobs of `per_job`; with `ahead`, waits
+/// before each job until fewer than `ahead` submitted tasks are not done.
+async fn submit_all(
+    store: dispatcher::store::Store,
+    org: uuid::Uuid,
+    tasks: usize,
+    per_job: usize,
+    ahead: Option<(usize, Arc<AtomicUsize>)>,
+) {
+    let settings = dispatcher::settings::Settings::default();
+    let (mut submitted, mut chunk) = (0, 0);
+    while submitted < tasks {
+        if let Some((ahead, done)) = &ahead {
+            while submitted - done.load(Ordering::Relaxed) >= *ahead {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let n = (tasks - submitted).min(per_job);
+        let specs: Vec<_> = (0..n)
+            .map(|i| json!({"key": format!("t{i}"), "runtime": "exec", "bundle": "bench"}))
+            .collect();
+        let job = json!({"name": format!("bench-{chunk}"), "tasks": specs});
+        let job = dispatcher::domain::new_job(serde_json::from_value(job).expect("job"), &settings)
+            .expect("valid job");
+        store.submit_job(org, None, &job).await.expect("submit");
+        submitted += n;
+        chunk += 1;
+    }
+}
+
+/// Every `every` tasks: the interval's rate, the dispatcher's RSS, and the
+/// dead tuples and size of the hot tables.
+async fn report(pool: sqlx::PgPool, pid: u32, every: usize, total: usize, done: Arc<AtomicUsize>) {
+    println!(
+        "  {:>9} {:>9} {:>9}   dead tuples / size MiB of tasks, attempts, jobs, outbox",
+        "tasks", "tasks/s", "RSS MiB"
+    );
+    let (mut next, mut last_at, mut last_n) = (every, Instant::now(), 0);
+    while next <= total {
+        let n = done.load(Ordering::Relaxed);
+        if n < next {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        let rate = (n - last_n) as f64 / last_at.elapsed().as_secs_f64();
+        (last_at, last_n) = (Instant::now(), n);
+        let tables: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT relname::text, n_dead_tup, pg_total_relation_size(relid)
+               FROM pg_stat_user_tables
+              WHERE relname IN ('tasks', 'attempts', 'jobs', 'outbox')
+              ORDER BY array_position(ARRAY['tasks', 'attempts', 'jobs', 'outbox'], relname::text)",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("table statistics");
+        let tables: Vec<String> = tables
+            .iter()
+            .map(|(_, dead, size)| format!("{dead} / {:.1}", *size as f64 / 1048576.0))
+            .collect();
+        println!(
+            "  {n:>9} {rate:>9.0} {:>9.1}   {}",
+            memory(pid).1,
+            tables.join(", ")
+        );
+        next += every;
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args = args();
     let mut stack = Stack::new().await;
-    // Jobs hold at most 10 000 tasks: submit in chunks of `tasks_per_job`.
-    let mut left = args.tasks;
-    let mut chunk = 0;
-    while left > 0 {
-        let n = left.min(args.tasks_per_job);
-        let tasks: Vec<_> = (0..n)
-            .map(|i| json!({"key": format!("t{i}"), "runtime": "exec", "bundle": "bench"}))
-            .collect();
-        stack
-            .submit(json!({"name": format!("bench-{chunk}"), "tasks": tasks}))
-            .await;
-        left -= n;
-        chunk += 1;
-    }
+    let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
+    let done = Arc::new(AtomicUsize::new(0));
+    // Jobs hold at most 10 000 tasks: submit in chunks of `tasks_per_job`,
+    // all before the run, or (a soak) during it.
+    let submitter = if args.report_every > 0 {
+        Some(tokio::spawn(submit_all(
+            store,
+            stack.org_id,
+            args.tasks,
+            args.tasks_per_job,
+            Some((2 * args.tasks_per_job, done.clone())),
+        )))
+    } else {
+        submit_all(store, stack.org_id, args.tasks, args.tasks_per_job, None).await;
+        None
+    };
     // One org does all the work here: its rate limits (3 000 calls/s by
     // default, counted per batch entry) would measure the limit, not the
     // dispatcher. The limits themselves are tested in `limits`.
@@ -296,8 +411,16 @@ async fn main() {
     stack.start_dispatcher("").await;
     let pid = stack.dispatcher.as_ref().expect("dispatcher").id();
     let (_, rss_before) = memory(pid);
+    let reporter = (args.report_every > 0).then(|| {
+        tokio::spawn(report(
+            stack.db.pool.clone(),
+            pid,
+            args.report_every,
+            args.tasks,
+            done.clone(),
+        ))
+    });
 
-    let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut handles = Vec::new();
     for id in 0..args.workers {
@@ -324,6 +447,9 @@ async fn main() {
     }
     let elapsed = started.elapsed();
     let (peak, rss_after) = memory(pid);
+    for task in [submitter, reporter].into_iter().flatten() {
+        task.await.expect("submitter or reporter");
+    }
 
     println!(
         "dispatcher benchmark: {} tasks in jobs of up to {}, {} simulated workers, local profile, {} build",

@@ -432,7 +432,7 @@ async fn e2e_two_replicas_one_sigkilled_mid_run_every_task_committed_once() {
         .submit(stack.flat_job(TASKS, json!({"sleep_ms": 100})))
         .await;
     stack.start_dispatcher("").await;
-    let mut doomed = stack.start_replica("b").await;
+    let mut doomed = stack.start_replica("b", None).await;
     let _w1 = stack.start_worker(&WorkerOpts::new("w1"));
     let _w2 = stack.start_worker(&WorkerOpts {
         dispatcher_url: Some(doomed.url.clone()),

@@ -89,7 +89,11 @@ impl Store {
             "WITH ready AS (
                  SELECT id FROM tasks
                   WHERE $4 > 0 AND state = 'ready' AND NOT cancel_requested
-                    AND attempt < max_attempts AND (not_before IS NULL OR not_before <= now())
+                    AND attempt < max_attempts
+                    -- Written so that no index on not_before matches: the
+                    -- oldest first, read in order from tasks_ready_fifo_idx,
+                    -- whatever the statistics say (migration 0012).
+                    AND coalesce(not_before, '-infinity') <= now()
                   ORDER BY updated_at LIMIT $4
                     FOR UPDATE SKIP LOCKED
              ), picked AS (

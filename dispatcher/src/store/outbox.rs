@@ -40,7 +40,7 @@ pub struct OutboxCounts {
 }
 
 impl Store {
-    /// Takes up to `limit` due pending rows, oldest first, and hides them
+    /// Takes up to `limit` due pending rows, longest due first, and hides them
     /// from other relays for `hold`: one statement, committed at once, so no
     /// transaction stays open while the rows are published. A relay that
     /// dies before [`Store::outbox_finish`] leaves them pending; they are
@@ -54,7 +54,10 @@ impl Store {
             "UPDATE outbox SET available_at = now() + $2 * interval '1 millisecond'
               WHERE id IN (SELECT id FROM outbox
                             WHERE state = 'pending' AND available_at <= now()
-                            ORDER BY id LIMIT $1
+                            -- The order of outbox_pending_idx: the first
+                            -- rows of the index, whatever the backlog
+                            -- (ordering by id alone read every due row).
+                            ORDER BY available_at, id LIMIT $1
                               FOR UPDATE SKIP LOCKED)
           RETURNING id, topic, payload, tries",
         )

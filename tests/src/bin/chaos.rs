@@ -3,7 +3,7 @@
 //! worker wrappers, while a driver SIGKILLs workers, SIGSTOPs workers past
 //! their leases (then resumes them), and SIGKILLs a dispatcher replica
 //! (then restarts it on its port). Jobs of 50 are submitted as the run
-//! goes, while fewer than 100 tasks wait. At the end it prints double commits,
+//! goes, while fewer than 32 tasks wait. At the end it prints double commits,
 //! lost tasks, stale writes accepted, and the takeover time of every
 //! attempt a victim held: from the blow to the next attempt's claim.
 //!
@@ -75,7 +75,7 @@ async fn main() {
     );
     let mut stack = Stack::new().await;
     stack.start_dispatcher("").await;
-    // Jobs of 50 are submitted while fewer than 100 tasks wait (about the
+    // Jobs of 50 are submitted while fewer than 32 tasks wait (half the
     // workers' slots): takeover then measures recovery, not a backlog.
     let submitter = {
         let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
@@ -92,7 +92,7 @@ async fn main() {
                 .fetch_one(&pool)
                 .await
                 .expect("waiting");
-                if waiting >= 100 {
+                if waiting >= 32 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -233,23 +233,40 @@ async fn main() {
     .fetch_one(pool)
     .await
     .expect("stale writes");
-    // Takeover: from the blow to the claim of the attempt after the one
-    // the victim held (none when the victim's completion got in first).
-    let (mut takeovers, mut finished_by_victim) = (Vec::new(), 0);
+    // Takeover: from the blow to the end of the held attempt's lease
+    // (the reaper's expiry: the task is offered again) and to the claim of
+    // the next attempt (none when the victim's completion got in first).
+    // A retry after a second or later failure waits its backoff on top,
+    // so the first attempts are also given apart.
+    let (mut takeovers, mut firsts, mut reoffers, mut finished_by_victim) =
+        (Vec::new(), Vec::new(), Vec::new(), 0);
     for (task, attempt, at, _) in &victims {
-        let next: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "SELECT claimed_at FROM attempts WHERE task_id = $1 AND attempt = $2",
+        let (expired, next): (Option<DateTime<Utc>>, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT (SELECT finished_at FROM attempts
+                      WHERE task_id = $1 AND attempt = $2 AND outcome = 'lease_expired'),
+                    (SELECT claimed_at FROM attempts WHERE task_id = $1 AND attempt = $2 + 1)",
         )
         .bind(task)
-        .bind(attempt + 1)
-        .fetch_optional(pool)
+        .bind(attempt)
+        .fetch_one(pool)
         .await
         .expect("next attempt");
+        let secs = |t: DateTime<Utc>| (t - *at).num_milliseconds() as f64 / 1000.0;
+        if let Some(e) = expired {
+            reoffers.push(secs(e));
+        }
         match next {
-            Some(claimed) => takeovers.push((claimed - *at).num_milliseconds() as f64 / 1000.0),
+            Some(claimed) => {
+                takeovers.push(secs(claimed));
+                if *attempt == 1 {
+                    firsts.push(secs(claimed));
+                }
+            }
             None => finished_by_victim += 1,
         }
     }
+    reoffers.sort_by(f64::total_cmp);
+    firsts.sort_by(f64::total_cmp);
     takeovers.sort_by(f64::total_cmp);
     println!(
         "chaos: {tasks} sample tasks (an event and a buffer publish each), 2 dispatcher replicas, \
@@ -263,15 +280,26 @@ async fn main() {
     println!("  double commits: {double}");
     println!("  lost tasks: {lost}");
     println!("  stale writes accepted: {stale}");
+    let line = |what: &str, v: &[f64]| {
+        println!(
+            "  {what} ({} attempts, s): p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}",
+            v.len(),
+            percentile(v, 0.5),
+            percentile(v, 0.9),
+            percentile(v, 0.99),
+            percentile(v, 1.0),
+        )
+    };
     println!(
-        "  takeover of {} held attempts (s): p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2} \
-         (bound: lease + 2 s = {} s); {finished_by_victim} more were completed by their holder first",
-        takeovers.len(),
-        percentile(&takeovers, 0.5),
-        percentile(&takeovers, 0.9),
-        percentile(&takeovers, 0.99),
-        percentile(&takeovers, 1.0),
+        "  takeover, from the blow (bound: lease + 2 s = {} s; {finished_by_victim} held attempts \
+         were completed by their holder first):",
         LEASE + 2
+    );
+    line("  to the lease's expiry (offered again)", &reoffers);
+    line("  to the next claim, first attempts (no backoff)", &firsts);
+    line(
+        "  to the next claim, all (retries back off: 2 s x 2^(n-1) - lease)",
+        &takeovers,
     );
     stack.assert_clean(tasks as i64).await;
     println!("  checked: every task succeeded exactly once; every outbox row published");

@@ -533,6 +533,23 @@ impl Stack {
         }
     }
 
+    /// Writes (events, publishes, completions) accepted from an attempt
+    /// after its successor was claimed: zero, or fencing failed.
+    pub async fn stale_writes_accepted(&self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM task_events e JOIN attempts n
+                       ON n.task_id = e.task_id AND n.attempt = e.attempt + 1 WHERE e.created_at >= n.claimed_at)
+                  + (SELECT count(*) FROM buffer_publishes b JOIN attempts n
+                       ON n.task_id = b.task_id AND n.attempt = b.attempt + 1 WHERE b.created_at >= n.claimed_at)
+                  + (SELECT count(*) FROM attempts a JOIN attempts n
+                       ON n.task_id = a.task_id AND n.attempt = a.attempt + 1
+                      WHERE a.completion IS NOT NULL AND a.finished_at >= n.claimed_at)",
+        )
+        .fetch_one(&self.db.pool)
+        .await
+        .expect("stale writes")
+    }
+
     /// The invariants every scenario ends with: every task succeeded with
     /// exactly one committed success; no write of an attempt was accepted
     /// after the next attempt was claimed; every outbox row was published.
@@ -564,18 +581,7 @@ impl Stack {
                 .await
                 .unwrap();
         assert_eq!(jobs_not_succeeded, 0, "every job succeeded");
-        let stale: i64 = sqlx::query_scalar(
-            "SELECT (SELECT count(*) FROM task_events e JOIN attempts n
-                       ON n.task_id = e.task_id AND n.attempt = e.attempt + 1 WHERE e.created_at >= n.claimed_at)
-                  + (SELECT count(*) FROM buffer_publishes b JOIN attempts n
-                       ON n.task_id = b.task_id AND n.attempt = b.attempt + 1 WHERE b.created_at >= n.claimed_at)
-                  + (SELECT count(*) FROM attempts a JOIN attempts n
-                       ON n.task_id = a.task_id AND n.attempt = a.attempt + 1
-                      WHERE a.completion IS NOT NULL AND a.finished_at >= n.claimed_at)",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
+        let stale = self.stale_writes_accepted().await;
         assert_eq!(
             stale, 0,
             "writes accepted from an attempt after its successor was claimed"

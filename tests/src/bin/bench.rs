@@ -98,6 +98,18 @@ impl Worker {
             .expect("a refusal no call of the bench expects")
     }
 
+    /// Deletes a received wake-up.
+    async fn delete(&mut self, receipt_handle: String) {
+        let _: wire::ReceiptResponse = self
+            .call(
+                5,
+                "/internal/queues/wakeups/delete",
+                None,
+                &wire::DeleteRequest { receipt_handle },
+            )
+            .await;
+    }
+
     /// As `call`, but a refusal with the code `tolerated` is `None`.
     async fn try_call<B: Serialize, R: DeserializeOwned>(
         &mut self,
@@ -224,16 +236,7 @@ impl Worker {
                     )
                     .await;
                 let Some(claim) = claim else {
-                    let _: wire::ReceiptResponse = self
-                        .call(
-                            5,
-                            "/internal/queues/wakeups/delete",
-                            None,
-                            &wire::DeleteRequest {
-                                receipt_handle: msg.receipt_handle,
-                            },
-                        )
-                        .await;
+                    self.delete(msg.receipt_handle).await;
                     continue;
                 };
                 let token = claim.capability_token;
@@ -272,16 +275,7 @@ impl Worker {
                         },
                     )
                     .await;
-                let _: wire::ReceiptResponse = self
-                    .call(
-                        5,
-                        "/internal/queues/wakeups/delete",
-                        None,
-                        &wire::DeleteRequest {
-                            receipt_handle: msg.receipt_handle,
-                        },
-                    )
-                    .await;
+                self.delete(msg.receipt_handle).await;
                 done.fetch_add(1, Ordering::Relaxed);
             }
         }

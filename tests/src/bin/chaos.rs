@@ -221,18 +221,7 @@ async fn main() {
         .fetch_one(pool)
         .await
         .expect("lost");
-    let stale: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM task_events e JOIN attempts n
-                   ON n.task_id = e.task_id AND n.attempt = e.attempt + 1 WHERE e.created_at >= n.claimed_at)
-              + (SELECT count(*) FROM buffer_publishes b JOIN attempts n
-                   ON n.task_id = b.task_id AND n.attempt = b.attempt + 1 WHERE b.created_at >= n.claimed_at)
-              + (SELECT count(*) FROM attempts a JOIN attempts n
-                   ON n.task_id = a.task_id AND n.attempt = a.attempt + 1
-                  WHERE a.completion IS NOT NULL AND a.finished_at >= n.claimed_at)",
-    )
-    .fetch_one(pool)
-    .await
-    .expect("stale writes");
+    let stale = stack.stale_writes_accepted().await;
     // Takeover: from the blow to the end of the held attempt's lease
     // (the reaper's expiry: the task is offered again) and to the claim of
     // the next attempt (none when the victim's completion got in first).

@@ -32,6 +32,30 @@ async fn wait_lock_waiters(app: &TestApp, n: i64) {
     }
 }
 
+/// Sends a completion over HTTP in a task of its own (it may wait on a
+/// lock the test holds).
+fn spawn_completion(
+    app: &TestApp,
+    token: &str,
+    body: serde_json::Value,
+) -> tokio::task::JoinHandle<dispatcher_tests::Response> {
+    let (url, client, token) = (
+        app.url("/v1/task/complete"),
+        app.client.clone(),
+        token.to_owned(),
+    );
+    tokio::spawn(async move {
+        let resp = client
+            .post(url)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        TestApp::read(resp).await
+    })
+}
+
 async fn connection(app: &TestApp) -> PgConnection {
     PgConnection::connect(&app.db.url()).await.expect("connect")
 }
@@ -135,19 +159,11 @@ async fn complete_while_the_lease_ends(
         .execute(&mut holder)
         .await
         .unwrap();
-    let url = app.url("/v1/task/complete");
-    let token = claim.capability_token.clone();
-    let client = app.client.clone();
-    let completion = tokio::spawn(async move {
-        let resp = client
-            .post(url)
-            .bearer_auth(token)
-            .json(&json!({"outcome": "succeeded", "output": {"late": true}}))
-            .send()
-            .await
-            .unwrap();
-        TestApp::read(resp).await
-    });
+    let completion = spawn_completion(
+        app,
+        &claim.capability_token,
+        json!({"outcome": "succeeded", "output": {"late": true}}),
+    );
     wait_lock_waiters(app, 1).await;
     // The completion's transaction began before this point; the lease ends
     // now, while it waits (written by the holder, which may hold the task).
@@ -294,19 +310,11 @@ async fn rule_a_part_staged_while_a_leaf_completes_is_never_silently_dropped() {
         .execute(&mut holder)
         .await
         .unwrap();
-    let url = app.url("/v1/task/complete");
-    let token = claim.capability_token.clone();
-    let client = app.client.clone();
-    let completion = tokio::spawn(async move {
-        let resp = client
-            .post(url)
-            .bearer_auth(token)
-            .json(&json!({"outcome": "succeeded"}))
-            .send()
-            .await
-            .unwrap();
-        TestApp::read(resp).await
-    });
+    let completion = spawn_completion(
+        &app,
+        &claim.capability_token,
+        json!({"outcome": "succeeded"}),
+    );
     wait_lock_waiters(&app, 1).await;
     sqlx::query(
         "INSERT INTO staged_parts (task_id, attempt, dataset_id, key, rows, bytes, sha256)

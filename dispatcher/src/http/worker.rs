@@ -193,39 +193,52 @@ pub async fn heartbeat_batch(
         .filter_map(|c| c.as_ref().ok())
         .map(|(claims, req)| (fence(claims), req.progress.as_ref()))
         .collect();
-    let mut renewals = state.store.heartbeat_many(&valid).await?.into_iter();
-    let mut results = Vec::with_capacity(checked.len());
-    for c in &checked {
-        results.push(match c {
-            Err((task_id, e)) => wire::TaskBatchResult {
-                task_id: *task_id,
-                result: None,
-                error: Some(e.detail()),
-            },
-            Ok((claims, _)) => match renewals.next() {
-                Some(Ok(renewal)) => wire::TaskBatchResult {
-                    task_id: Some(claims.sub),
-                    result: Some(
-                        serde_json::to_value(heartbeat_answer(&state, claims, renewal))
-                            .map_err(|_| ApiError::internal())?,
-                    ),
-                    error: None,
-                },
-                Some(Err(e)) => wire::TaskBatchResult {
-                    task_id: Some(claims.sub),
-                    result: None,
-                    error: Some(ApiError::from(e).detail()),
-                },
-                None => return Err(ApiError::internal()),
-            },
-        });
-    }
+    let renewals = state.store.heartbeat_many(&valid).await?;
+    let results = batch_results(&checked, renewals, |claims, renewal| {
+        serde_json::to_value(heartbeat_answer(&state, claims, renewal))
+            .map_err(|_| ApiError::internal())
+    })?;
     Ok(Json(wire::TaskBatchResponse { results }))
 }
 
 /// A batch entry after its checks: its claims and request, or the error it
 /// is answered with (and its task, when the token could be read).
 type Checked<T> = Result<(TaskClaims, T), (Option<uuid::Uuid>, ApiError)>;
+
+/// A batch's results in the order given: an entry refused before the
+/// store keeps its error; the others take, in order, the store's answers
+/// (one per valid entry), each turned into its result by `answer`.
+fn batch_results<T, A>(
+    checked: &[Checked<T>],
+    answers: Vec<Result<A, crate::error::StoreError>>,
+    answer: impl Fn(&TaskClaims, A) -> Result<serde_json::Value, ApiError>,
+) -> Result<Vec<wire::TaskBatchResult>, ApiError> {
+    let mut answers = answers.into_iter();
+    let mut results = Vec::with_capacity(checked.len());
+    for c in checked {
+        let (task_id, outcome) = match c {
+            Err((task_id, e)) => (*task_id, Err(e.detail())),
+            Ok((claims, _)) => match answers.next() {
+                Some(Ok(a)) => (Some(claims.sub), Ok(answer(claims, a)?)),
+                Some(Err(e)) => (Some(claims.sub), Err(ApiError::from(e).detail())),
+                None => return Err(ApiError::internal()),
+            },
+        };
+        results.push(match outcome {
+            Ok(result) => wire::TaskBatchResult {
+                task_id,
+                result: Some(result),
+                error: None,
+            },
+            Err(error) => wire::TaskBatchResult {
+                task_id,
+                result: None,
+                error: Some(error),
+            },
+        });
+    }
+    Ok(results)
+}
 
 /// An entry's token, verified as a task token and admitted under its
 /// task's and org's rates, and its body.
@@ -415,33 +428,11 @@ pub async fn complete_batch(
         .filter_map(|c| c.as_ref().ok())
         .map(|(claims, (completion, manifests))| (fence(claims), completion, manifests.as_slice()))
         .collect();
-    let mut answers = state.store.complete_many(&valid).await?.into_iter();
-    let mut results = Vec::with_capacity(checked.len());
-    for c in &checked {
-        results.push(match c {
-            Err((task_id, e)) => wire::TaskBatchResult {
-                task_id: *task_id,
-                result: None,
-                error: Some(e.detail()),
-            },
-            Ok((claims, _)) => match answers.next() {
-                Some(Ok(answer)) => {
-                    tracing::info!(task_id = %claims.sub, attempt = claims.att, state = answer.state.as_str(), "task completed (batch)");
-                    wire::TaskBatchResult {
-                        task_id: Some(claims.sub),
-                        result: Some(serde_json::to_value(answer).map_err(|_| ApiError::internal())?),
-                        error: None,
-                    }
-                }
-                Some(Err(e)) => wire::TaskBatchResult {
-                    task_id: Some(claims.sub),
-                    result: None,
-                    error: Some(ApiError::from(e).detail()),
-                },
-                None => return Err(ApiError::internal()),
-            },
-        });
-    }
+    let answers = state.store.complete_many(&valid).await?;
+    let results = batch_results(&checked, answers, |claims, answer| {
+        tracing::info!(task_id = %claims.sub, attempt = claims.att, state = answer.state.as_str(), "task completed (batch)");
+        serde_json::to_value(answer).map_err(|_| ApiError::internal())
+    })?;
     Ok(Json(wire::TaskBatchResponse { results }))
 }
 

@@ -160,6 +160,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     // Local webhook receivers are the norm on a dev machine.
     let settings = Arc::new(Settings {
         alert_allow_internal: true,
+        wakeups: args.profile.queues.wakeups()?,
         ..Settings::default()
     });
     let store = Store::connect(&url, 16, settings.clone()).await?;

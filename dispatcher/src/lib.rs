@@ -14,6 +14,7 @@ pub mod objects;
 pub mod profile;
 pub mod query;
 pub mod queue;
+pub mod ready;
 pub mod reaper;
 pub mod relay;
 pub mod retention;

@@ -850,6 +850,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut settings = Settings {
         issuer: args.keys.issuer.clone(),
         failpoints: failpoints_from_env(),
+        wakeups: args.profile.queues.wakeups()?,
         ..Settings::default()
     };
     args.limits.apply(&mut settings);

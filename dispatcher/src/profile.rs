@@ -12,7 +12,7 @@ use aws_sdk_sqs::config::{Credentials, Region};
 
 use crate::objects::{S3Config, S3Store};
 use crate::queue::{Queue, SqsConfig, SqsQueue};
-use crate::settings::Settings;
+use crate::settings::{Settings, Wakeups};
 use crate::store::Store;
 
 /// Static AWS credentials as `Debug` may show them: the key id, never the
@@ -60,11 +60,32 @@ pub struct QueueProfileArgs {
         default_value = "dispatcher-"
     )]
     pub sqs_queue_prefix: String,
+    /// How ready tasks reach workers (ADR 0017). notify (the local
+    /// default): workers long-poll `task-claim-batch` and the dispatcher
+    /// answers when `NOTIFY tasks_ready` says work is there; no wake-up
+    /// messages are written. queue: one wake-up message per ready task
+    /// through the outbox (the aws profile's only way, on SQS; on the local
+    /// profile, served at `/internal/queues/wakeups/*`). The dispatcher and
+    /// its workers must agree.
+    #[arg(long, env = "DISPATCHER_WAKEUPS", value_parser = ["notify", "queue"])]
+    pub wakeups: Option<String>,
 }
 
 impl QueueProfileArgs {
     pub fn is_aws(&self) -> bool {
         self.profile == "aws"
+    }
+
+    /// The wake-up mode: as asked, else the profile's default.
+    pub fn wakeups(&self) -> anyhow::Result<Wakeups> {
+        match (self.wakeups.as_deref(), self.is_aws()) {
+            (Some("notify"), true) => anyhow::bail!(
+                "--wakeups notify needs the local profile: on aws, wake-ups are SQS messages"
+            ),
+            (Some(mode), _) => mode.parse().map_err(anyhow::Error::msg),
+            (None, true) => Ok(Wakeups::Queue),
+            (None, false) => Ok(Wakeups::Notify),
+        }
     }
 
     pub fn sqs(&self) -> SqsConfig {
@@ -84,6 +105,9 @@ impl QueueProfileArgs {
             ("AWS_REGION", self.aws_region.clone()),
             ("DISPATCHER_SQS_QUEUE_PREFIX", self.sqs_queue_prefix.clone()),
         ];
+        if let Some(mode) = &self.wakeups {
+            env.push(("DISPATCHER_WAKEUPS", mode.clone()));
+        }
         if let Some(url) = &self.aws_endpoint_url {
             env.push(("AWS_ENDPOINT_URL", url.clone()));
         }

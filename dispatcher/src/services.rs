@@ -208,7 +208,12 @@ pub async fn run(
     }
     let served = match (roles.api, listener) {
         (true, Some(listener)) => {
+            let ready = crate::ready::ReadySignal::default();
+            if settings.wakeups == crate::settings::Wakeups::Notify {
+                tasks.spawn(ready.clone().listen(store.clone(), shutdown.clone()));
+            }
             let state = AppState::new(store, keys, settings, queue, objects, local)
+                .with_ready(ready)
                 .with_data(data)
                 .with_idp(idp)
                 .with_sts(sts);

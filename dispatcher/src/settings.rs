@@ -39,6 +39,32 @@ impl std::str::FromStr for Rate {
     }
 }
 
+/// How workers learn that a task became ready (ADR 0017).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakeups {
+    /// The local profile's default: no wake-up messages. A transaction that
+    /// makes tasks ready sends `NOTIFY tasks_ready`; workers long-poll
+    /// `task-claim-batch` with `max_tasks`, and the dispatcher answers the
+    /// poll when a notification (or a retry's backoff) says work is due.
+    Notify,
+    /// One `{"task_id"}` message per ready task, written to the outbox and
+    /// published by the relay (SQS on the aws profile; the Postgres queue
+    /// served at `/internal/queues/wakeups/*` on the local one).
+    Queue,
+}
+
+impl std::str::FromStr for Wakeups {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "notify" => Ok(Wakeups::Notify),
+            "queue" => Ok(Wakeups::Queue),
+            other => Err(format!("{other:?}: expected notify or queue")),
+        }
+    }
+}
+
 /// Runtime settings, read once at start and passed down (no globals).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -114,6 +140,12 @@ pub struct Settings {
     /// it publishes them; a relay that dies before marking them is replaced
     /// after it (a duplicate publish, never a loss).
     pub relay_hold: Duration,
+    /// How ready tasks reach workers: NOTIFY and long-polled claims, or
+    /// wake-up messages through the outbox and a queue.
+    pub wakeups: Wakeups,
+    /// A long-polled claim (`wait_seconds`) that was not woken looks again
+    /// after this long: the bound on what a lost notification costs.
+    pub claim_poll: Duration,
     /// Publish tries before an outbox row is marked `dead`.
     pub relay_max_tries: u32,
     /// First delay after a failed publish; doubles per try, with jitter.
@@ -241,6 +273,8 @@ impl Default for Settings {
             relay_batch: 100,
             relay_poll: Duration::from_millis(500),
             relay_hold: Duration::from_secs(10),
+            wakeups: Wakeups::Notify,
+            claim_poll: Duration::from_secs(5),
             relay_max_tries: 10,
             relay_retry_base: Duration::from_secs(1),
             relay_retry_cap: Duration::from_secs(300),

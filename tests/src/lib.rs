@@ -272,6 +272,16 @@ impl TestApp {
         Self::spawn_with(Settings::default()).await
     }
 
+    /// Default settings but the `queue` wake-up mode (the aws profile's):
+    /// tests of wake-up messages, the outbox and the relay.
+    pub async fn spawn_queued() -> TestApp {
+        Self::spawn_with(Settings {
+            wakeups: dispatcher::settings::Wakeups::Queue,
+            ..Settings::default()
+        })
+        .await
+    }
+
     pub async fn spawn_with(settings: Settings) -> TestApp {
         Self::spawn_with_objects(settings, None).await
     }

@@ -476,11 +476,33 @@ impl Stack {
         self.dir.join("udf-probe").display().to_string()
     }
 
+    /// The wake-up mode the stack's processes run with (ADR 0017): what
+    /// `profile_env` asks for, else the profile's default.
+    pub fn wakeups(&self) -> dispatcher::settings::Wakeups {
+        let env = |k: &str| {
+            self.profile_env
+                .iter()
+                .rev()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        match (env("DISPATCHER_WAKEUPS"), env("DISPATCHER_PROFILE")) {
+            (Some("queue"), _) | (None, Some("aws")) => dispatcher::settings::Wakeups::Queue,
+            _ => dispatcher::settings::Wakeups::Notify,
+        }
+    }
+
     /// Submits a job straight into the store (the jobs API is tested
     /// elsewhere); returns its task ids in submission order.
     pub async fn submit(&self, job: Value) -> (Uuid, Vec<Uuid>) {
-        let store = dispatcher::store::Store::new(self.db.pool.clone(), Default::default());
-        let settings = dispatcher::settings::Settings::default();
+        let settings = dispatcher::settings::Settings {
+            wakeups: self.wakeups(),
+            ..Default::default()
+        };
+        let store = dispatcher::store::Store::new(
+            self.db.pool.clone(),
+            std::sync::Arc::new(settings.clone()),
+        );
         let job = dispatcher::domain::new_job(serde_json::from_value(job).expect("job"), &settings)
             .expect("valid job");
         let view = store
@@ -625,17 +647,26 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let wakeups_per_task: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tasks t WHERE NOT EXISTS (
-                 SELECT 1 FROM outbox o WHERE o.topic = 'wakeup' AND o.payload->>'task_id' = t.id::text)",
+        // Queue mode: every task had its wake-up message. Notify mode (the
+        // local default): none was ever written.
+        let (unwoken, messages): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM tasks t WHERE NOT EXISTS (
+                        SELECT 1 FROM outbox o
+                         WHERE o.topic = 'wakeup' AND o.payload->>'task_id' = t.id::text)),
+                    (SELECT count(*) FROM outbox WHERE topic = 'wakeup')
+                  + (SELECT count(*) FROM queue_messages WHERE queue LIKE 'wakeups%')",
         )
         .fetch_one(pool)
         .await
         .unwrap();
-        assert_eq!(
-            wakeups_per_task, 0,
-            "a task never had a wake-up in the outbox"
-        );
+        match self.wakeups() {
+            dispatcher::settings::Wakeups::Queue => {
+                assert_eq!(unwoken, 0, "a task never had a wake-up in the outbox")
+            }
+            dispatcher::settings::Wakeups::Notify => {
+                assert_eq!(messages, 0, "wake-up messages written in notify mode")
+            }
+        }
     }
 }
 

@@ -302,7 +302,9 @@ pub struct EventDeliveries {
 // -------------------------------------------------------------- batches ---
 
 /// `POST /internal/task-claim-batch`: the given `task_ids`, or up to
-/// `max_tasks` ready tasks of any job (exactly one of the two).
+/// `max_tasks` ready tasks of any job (exactly one of the two). With
+/// `max_tasks`, `wait_seconds` (at most 20) long-polls: the answer comes as
+/// soon as at least one task is claimed, or empty when the wait ends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClaimBatchRequest {
@@ -313,6 +315,8 @@ pub struct ClaimBatchRequest {
     pub max_tasks: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_seconds: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_seconds: Option<u32>,
 }
 
 /// One entry of a batch claim's answer: its claim or its error.

@@ -22,6 +22,12 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// The dispatcher refused the worker credential (401/403).
+    pub fn is_credential_refusal(&self) -> bool {
+        matches!(self, CallError::Refused { status, .. }
+            if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
+    }
+
     /// Worth trying again: no answer, or a server-side / overload error.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -186,9 +192,36 @@ impl Client {
             task_ids: Some(task_ids.to_vec()),
             max_tasks: None,
             lease_seconds,
+            wait_seconds: None,
         };
         self.post("/internal/task-claim-batch", &self.credential, &req)
             .await
+    }
+
+    /// `task-claim-batch` of up to `max` ready tasks of any job, waiting up
+    /// to `wait_secs` for some (ADR 0017): the granted claims.
+    pub async fn claim_ready(
+        &self,
+        max: u32,
+        worker_id: &str,
+        lease_seconds: Option<u32>,
+        wait_secs: u32,
+    ) -> Result<Vec<wire::ClaimResponse>, CallError> {
+        let req = wire::ClaimBatchRequest {
+            worker_id: worker_id.to_owned(),
+            task_ids: None,
+            max_tasks: Some(max),
+            lease_seconds,
+            wait_seconds: Some(wait_secs),
+        };
+        let r: wire::ClaimBatchResponse = self
+            .post("/internal/task-claim-batch", &self.credential, &req)
+            .await?;
+        Ok(r.claims
+            .into_iter()
+            .filter_map(|c| c.claim)
+            .map(|c| *c)
+            .collect())
     }
 
     /// `heartbeat-batch` or `complete-batch` (with the worker credential).

@@ -76,13 +76,13 @@ struct RunArgs {
     /// Tasks run at once.
     #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 4)]
     concurrency: usize,
-    /// The wake-up queue.
+    /// The wake-up queue (the `queue` wake-up mode).
     #[arg(long, env = "WORKER_QUEUE", default_value = "wakeups")]
     queue: String,
     /// Lease to ask for (the dispatcher clamps it; default: its default).
     #[arg(long, env = "WORKER_LEASE_SECONDS")]
     lease_seconds: Option<u32>,
-    /// Long-poll wait of one receive.
+    /// Long-poll wait of one receive or claim of ready work.
     #[arg(long, default_value_t = 10)]
     wait_seconds: u32,
     /// Visibility timeout of received wake-ups (heartbeats extend it).
@@ -254,40 +254,77 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
             _ = shutdown.cancelled() => break,
             p = slots.clone().acquire_owned() => p?,
         };
-        let free = (slots.available_permits() + 1).min(10) as u32;
-        let received = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = cfg.wakeups.receive(free, args.wait_seconds, args.visibility_seconds) => r,
-        };
-        let messages = match received {
-            Ok(m) => m,
-            Err(ReceiveError::CredentialRefused(why)) => {
-                refused = Some(why);
-                break;
-            }
-            Err(ReceiveError::Other(e)) => {
-                tracing::warn!(error = %e, "receive failed; backing off");
-                drop(first);
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        let free = slots.available_permits() + 1;
+        let work = if matches!(cfg.wakeups, Wakeups::Claims) {
+            // Not interrupted by SIGTERM: what it claims is run (and
+            // drained), rather than left leased until its lease expires.
+            let claimed = cfg
+                .calls
+                .claim_ready(
+                    free.min(100) as u32,
+                    &cfg.worker_id,
+                    cfg.lease_seconds,
+                    args.wait_seconds,
+                )
+                .await;
+            match claimed {
+                Ok(claims) => claims
+                    .into_iter()
+                    .map(|c| (None, c.task_id, Ok(c)))
+                    .collect(),
+                Err(e) if e.is_credential_refusal() => {
+                    refused = Some(e.to_string());
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming ready work failed; backing off");
+                    drop(first);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
                 }
             }
+        } else {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = cfg.wakeups.receive(free.min(10) as u32, args.wait_seconds, args.visibility_seconds) => r,
+            };
+            let messages = match received {
+                Ok(m) => m,
+                Err(ReceiveError::CredentialRefused(why)) => {
+                    refused = Some(why);
+                    break;
+                }
+                Err(ReceiveError::Other(e)) => {
+                    tracing::warn!(error = %e, "receive failed; backing off");
+                    drop(first);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            // The wake-ups' tasks, claimed together (one call when batching).
+            let mut targets = Vec::with_capacity(messages.len());
+            for msg in messages {
+                if let Some(task_id) = runner::wake_target(&cfg, &msg).await {
+                    targets.push((msg, task_id));
+                }
+            }
+            let ids: Vec<uuid::Uuid> = targets.iter().map(|(_, id)| *id).collect();
+            let claims = cfg
+                .calls
+                .claim_all(&ids, &cfg.worker_id, cfg.lease_seconds)
+                .await;
+            targets
+                .into_iter()
+                .zip(claims)
+                .map(|((msg, task_id), claimed)| (Some(msg), task_id, claimed))
+                .collect::<Vec<_>>()
         };
         let mut first = Some(first);
-        // The wake-ups' tasks, claimed together (one call when batching).
-        let mut targets = Vec::with_capacity(messages.len());
-        for msg in messages {
-            if let Some(task_id) = runner::wake_target(&cfg, &msg).await {
-                targets.push((msg, task_id));
-            }
-        }
-        let ids: Vec<uuid::Uuid> = targets.iter().map(|(_, id)| *id).collect();
-        let claims = cfg
-            .calls
-            .claim_all(&ids, &cfg.worker_id, cfg.lease_seconds)
-            .await;
-        for ((msg, task_id), claimed) in targets.into_iter().zip(claims) {
+        for (msg, task_id, claimed) in work {
             let permit = match first.take() {
                 Some(p) => p,
                 None => slots.clone().acquire_owned().await?,

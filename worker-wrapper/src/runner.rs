@@ -97,35 +97,37 @@ pub async fn wake_target(cfg: &WorkerConfig, msg: &wire::QueueMessage) -> Option
         Ok(w) => Some(w.task_id),
         Err(e) => {
             tracing::warn!(message_id = msg.message_id, error = %e, "malformed wake-up; deleting it");
-            cfg.wakeups.delete(&msg.receipt_handle).await;
+            cfg.wakeups.delete(Some(&msg.receipt_handle)).await;
             None
         }
     }
 }
 
-/// Handles one delivered wake-up from start to end, given its claim's
-/// answer. Never panics on bad input. A wake-up is deleted only when the
+/// Handles one task from start to end, given its claim's answer and the
+/// wake-up message that led to it (none when it was claimed as ready work,
+/// ADR 0017). Never panics on bad input. A wake-up is deleted only when the
 /// claim answer proves it useless or after the attempt it started has
 /// ended; otherwise it is left to reappear.
 pub async fn handle(
     cfg: Arc<WorkerConfig>,
-    msg: wire::QueueMessage,
+    msg: Option<wire::QueueMessage>,
     task_id: uuid::Uuid,
     claimed: Result<wire::ClaimResponse, CallError>,
 ) -> Handled {
+    let receipt = msg.as_ref().map(|m| m.receipt_handle.as_str());
     let claim = match claimed {
         Ok(c) => c,
         Err(e) => match judge(&e) {
             Verdict::Useless => {
                 // Duplicate, late or stale wake-up: the claim decides (invariant 6).
                 tracing::debug!(%task_id, error = %e, "wake-up not claimable; deleting it");
-                cfg.wakeups.delete(&msg.receipt_handle).await;
+                cfg.wakeups.delete(receipt).await;
                 return Handled::Done;
             }
             Verdict::BadCredential => {
                 // Let another worker have it at once (best effort; it
                 // reappears after its visibility timeout anyway).
-                cfg.wakeups.extend(&msg.receipt_handle, 0).await;
+                cfg.wakeups.extend(receipt, 0).await;
                 return Handled::CredentialRefused(e.to_string());
             }
             Verdict::Unknown => {
@@ -138,9 +140,9 @@ pub async fn handle(
     // The newest capability token: heartbeats refresh it, completion uses it.
     let token = Arc::new(Mutex::new(claim.capability_token.clone()));
     let ended = if claim.task.runtime == wire::Runtime::Exec {
-        run(&cfg, &claim, &msg, &token).await
+        run(&cfg, &claim, receipt, &token).await
     } else {
-        invoke(&cfg, &claim, &msg, &token).await
+        invoke(&cfg, &claim, receipt, &token).await
     };
     let token = token.lock().map(|t| t.clone()).unwrap_or_default();
     let request = match ended {
@@ -167,7 +169,7 @@ pub async fn handle(
     if let Some(req) = request {
         complete(&cfg, &claim, &token, &req).await;
     }
-    cfg.wakeups.delete(&msg.receipt_handle).await;
+    cfg.wakeups.delete(receipt).await;
     Handled::Done
 }
 
@@ -254,12 +256,12 @@ fn last_chars(s: &str, n: usize) -> String {
 async fn invoke(
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
-    msg: &wire::QueueMessage,
+    receipt: Option<&str>,
     token: &Arc<Mutex<String>>,
 ) -> Ended {
     tokio::select! {
         invoked = cfg.runners.invoke(claim, &cfg.dispatcher_url, token.clone()) => Ended::Invoked(invoked),
-        stop = keep_alive(cfg, claim, msg, None, token) => match stop {
+        stop = keep_alive(cfg, claim, receipt, None, token) => match stop {
             // The invocation's future is dropped: its runner's group is killed.
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
@@ -358,7 +360,7 @@ async fn complete(
 async fn run(
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
-    msg: &wire::QueueMessage,
+    receipt: Option<&str>,
     token: &Mutex<String>,
 ) -> Ended {
     let mut argv = claim.task.bundle.split_whitespace();
@@ -431,7 +433,7 @@ async fn run(
             Err(e) => Ended::SpawnFailed(format!("waiting for the task failed: {e}")),
         },
         _ = tokio::time::sleep(Duration::from_secs(secs)) => Ended::TimedOut(secs),
-        stop = keep_alive(cfg, claim, msg, Some(&attempt), token) => match stop {
+        stop = keep_alive(cfg, claim, receipt, Some(&attempt), token) => match stop {
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
         },
@@ -448,7 +450,7 @@ async fn run(
 async fn keep_alive(
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
-    msg: &wire::QueueMessage,
+    receipt: Option<&str>,
     attempt: Option<&Attempt>,
     current: &Mutex<String>,
 ) -> Stop {
@@ -469,7 +471,7 @@ async fn keep_alive(
                 if hb.cancel_requested {
                     return Stop::Cancel;
                 }
-                cfg.wakeups.extend(&msg.receipt_handle, visibility).await;
+                cfg.wakeups.extend(receipt, visibility).await;
             }
             Err(CallError::Refused { code, message, .. })
                 if matches!(

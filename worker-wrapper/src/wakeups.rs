@@ -1,7 +1,9 @@
-//! Where wake-ups come from, by profile (ADR 0009):
+//! Where work comes from, by profile and wake-up mode (ADR 0009, 0017):
 //!
-//! * `local`: the dispatcher's `/internal/queues/{queue}/…` endpoints, with
-//!   the worker credential (the Postgres queue behind them);
+//! * `local`, `notify` (the default): no messages; the worker long-polls
+//!   `task-claim-batch` with `max_tasks` and gets claims directly;
+//! * `local`, `queue`: the dispatcher's `/internal/queues/{queue}/…`
+//!   endpoints, with the worker credential (the Postgres queue behind them);
 //! * `aws`: SQS directly, through the same adapter the dispatcher uses
 //!   (`dispatcher::queue::SqsQueue`). The worker needs only receive,
 //!   change-visibility and delete on its one queue; no database, S3 or
@@ -16,7 +18,7 @@ use dispatcher::profile::QueueProfileArgs;
 use dispatcher::queue::{Queue, SqsQueue};
 use dispatcher_wire::QueueMessage;
 
-use crate::client::{CallError, Client};
+use crate::client::Client;
 
 /// Why a receive gave nothing.
 #[derive(Debug)]
@@ -28,8 +30,16 @@ pub enum ReceiveError {
 }
 
 pub enum Wakeups {
-    Dispatcher { client: Arc<Client>, queue: String },
-    Sqs { sqs: SqsQueue, queue: String },
+    /// Ready work claimed directly: there is no message to receive.
+    Claims,
+    Dispatcher {
+        client: Arc<Client>,
+        queue: String,
+    },
+    Sqs {
+        sqs: SqsQueue,
+        queue: String,
+    },
 }
 
 impl Wakeups {
@@ -40,6 +50,9 @@ impl Wakeups {
         client: Arc<Client>,
         queue: &str,
     ) -> anyhow::Result<Self> {
+        if profile.wakeups()? == dispatcher::settings::Wakeups::Notify {
+            return Ok(Wakeups::Claims);
+        }
         if !profile.is_aws() {
             return Ok(Wakeups::Dispatcher {
                 client,
@@ -55,6 +68,7 @@ impl Wakeups {
 
     pub fn describe(&self) -> String {
         match self {
+            Wakeups::Claims => "ready tasks claimed directly".to_owned(),
             Wakeups::Dispatcher { queue, .. } => format!("dispatcher queue {queue}"),
             Wakeups::Sqs { queue, .. } => format!("SQS queue {queue}"),
         }
@@ -68,16 +82,13 @@ impl Wakeups {
         visibility_secs: u32,
     ) -> Result<Vec<QueueMessage>, ReceiveError> {
         match self {
+            Wakeups::Claims => Ok(Vec::new()),
             Wakeups::Dispatcher { client, queue } => client
                 .receive(queue, max, wait_secs, visibility_secs)
                 .await
-                .map_err(|e| match &e {
-                    CallError::Refused { status, .. }
-                        if status.as_u16() == 401 || status.as_u16() == 403 =>
-                    {
-                        ReceiveError::CredentialRefused(e.to_string())
-                    }
-                    _ => ReceiveError::Other(e.to_string()),
+                .map_err(|e| match e.is_credential_refusal() {
+                    true => ReceiveError::CredentialRefused(e.to_string()),
+                    false => ReceiveError::Other(e.to_string()),
                 }),
             Wakeups::Sqs { sqs, queue } => sqs
                 .receive(
@@ -94,8 +105,10 @@ impl Wakeups {
     /// Keeps the delivery hidden for `secs` more (heartbeats call it; 0
     /// makes it visible again at once). Best effort: a failure only risks a
     /// duplicate or a later wake-up.
-    pub async fn extend(&self, receipt: &str, secs: u32) {
+    pub async fn extend(&self, receipt: Option<&str>, secs: u32) {
+        let Some(receipt) = receipt else { return };
         let result = match self {
+            Wakeups::Claims => Ok(()),
             Wakeups::Dispatcher { client, queue } => client
                 .change_visibility(queue, receipt, secs)
                 .await
@@ -114,8 +127,10 @@ impl Wakeups {
 
     /// Deletes the delivery. Best effort: a wake-up left behind is
     /// redelivered and refused by the claim.
-    pub async fn delete(&self, receipt: &str) {
+    pub async fn delete(&self, receipt: Option<&str>) {
+        let Some(receipt) = receipt else { return };
         let result = match self {
+            Wakeups::Claims => Ok(()),
             Wakeups::Dispatcher { client, queue } => client
                 .delete(queue, receipt)
                 .await

@@ -46,6 +46,8 @@ pub struct AppState {
     pub idp: Option<Arc<crate::idp::Idp>>,
     /// STS, for `POST /v1/task/credentials` (aws profile with a role).
     pub sts: Option<Arc<crate::objects::sts::StsIssuer>>,
+    /// Wakes long-polled claims when tasks may have become ready.
+    pub ready: crate::ready::ReadySignal,
 }
 
 impl AppState {
@@ -69,7 +71,14 @@ impl AppState {
             data: None,
             idp: None,
             sts: None,
+            ready: Default::default(),
         }
+    }
+
+    /// Long-polled claims wait on this signal.
+    pub fn with_ready(mut self, ready: crate::ready::ReadySignal) -> Self {
+        self.ready = ready;
+        self
     }
 
     /// Mint scoped STS credentials for tasks.

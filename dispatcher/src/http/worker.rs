@@ -127,7 +127,29 @@ pub async fn claim_batch(
             ))
         }
     };
-    let claimed = state.store.claim_many(pick, &worker_id, lease).await?;
+    let wait = std::time::Duration::from_secs(u64::from(req.wait_seconds.unwrap_or(0)));
+    if !wait.is_zero() && req.max_tasks.is_none() {
+        return Err(ApiError::invalid(
+            "wait_seconds",
+            "only a claim of ready work (max_tasks) may wait",
+        ));
+    }
+    if wait > state.settings.queue_max_wait {
+        return Err(ApiError::invalid(
+            "wait_seconds",
+            format!(
+                "must be at most {}",
+                state.settings.queue_max_wait.as_secs()
+            ),
+        ));
+    }
+    let claimed = if wait.is_zero() {
+        state.store.claim_many(pick, &worker_id, lease).await?
+    } else {
+        // A long-poll holds a slot while it waits.
+        let _slot = state.limits.long_poll()?;
+        claim_waiting(&state, pick, &worker_id, lease, wait).await?
+    };
     tracing::info!(
         claimed = claimed.len(),
         worker_id,
@@ -159,6 +181,40 @@ pub async fn claim_batch(
         claims.push(entry);
     }
     Ok(Json(wire::ClaimBatchResponse { claims }))
+}
+
+/// Claims ready work, waiting up to `wait` for some: looks again whenever
+/// the ready signal says tasks may have become ready (ADR 0017), and at
+/// least every `claim_poll`. Answers as soon as one claim is granted.
+async fn claim_waiting(
+    state: &AppState,
+    pick: crate::store::Pick<'_>,
+    worker_id: &str,
+    lease: std::time::Duration,
+    wait: std::time::Duration,
+) -> Result<Vec<crate::store::Claimed>, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut ready = state.ready.subscribe();
+    loop {
+        // Seen before the claim looks, so a signal sent while it looks is
+        // not missed.
+        ready.borrow_and_update();
+        let claimed = state.store.claim_many(pick, worker_id, lease).await?;
+        let now = tokio::time::Instant::now();
+        if !claimed.is_empty() || now >= deadline {
+            return Ok(claimed);
+        }
+        let look_again = deadline.min(now + state.settings.claim_poll);
+        tokio::select! {
+            changed = ready.changed() => {
+                if changed.is_err() {
+                    // The signal is gone (shutting down): poll instead.
+                    tokio::time::sleep_until(look_again).await;
+                }
+            }
+            _ = tokio::time::sleep_until(look_again) => {}
+        }
+    }
 }
 
 /// `POST /v1/task/heartbeat-batch`: each entry's token verified and its

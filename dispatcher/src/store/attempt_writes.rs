@@ -36,10 +36,16 @@ impl Store {
         let attempts: Vec<i32> = entries.iter().map(|(f, _)| f.attempt_i32()).collect();
         let progress: Vec<Option<&Value>> = entries.iter().map(|(_, p)| *p).collect();
         let mut conn = self.pool.acquire().await?;
+        // Committed without waiting for the WAL flush (ADR 0018): a
+        // heartbeat lost in a database crash shortens a lease, which costs
+        // liveness, never safety. `set_config(…, true)` lasts until this
+        // statement's transaction ends, so nothing else on the connection
+        // is relaxed.
         let renewed: Vec<(Uuid, Uuid, i32, DateTime<Utc>, bool)> = sqlx::query_as(
             "WITH f AS (
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::jsonb[])
-                          AS f(id, job_id, attempt, progress)
+                 SELECT f.* FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::jsonb[])
+                          AS f(id, job_id, attempt, progress),
+                        (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
              ), renewed AS (
                  UPDATE tasks t
                     SET lease_expires_at = clock_timestamp() + t.lease_seconds * interval '1 second'

@@ -167,6 +167,21 @@ impl Store {
             .collect()
     }
 
+    /// How long until the earliest retry backoff of a ready task ends, by
+    /// the database's clock (zero if it ended in the last 100 ms, so one
+    /// that ended while its notification travelled is not missed); `None`
+    /// when no ready task waits for one. Reads `tasks_retry_due_idx`
+    /// (migration 0013), so its cost does not grow with the backlog.
+    pub async fn next_retry_due(&self) -> Result<Option<Duration>, StoreError> {
+        let ms: Option<f64> = sqlx::query_scalar(
+            "SELECT extract(epoch FROM min(not_before) - now())::float8 * 1000 FROM tasks
+              WHERE state = 'ready' AND not_before > now() - interval '100 milliseconds'",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ms.map(|ms| Duration::from_millis(ms.max(0.0).ceil() as u64)))
+    }
+
     /// Why a claim matched no row. An expired lease that cannot be reclaimed
     /// (out of attempts, or cancel requested) is ended here, by the same rules
     /// as the lease reaper, so the task does not linger as `leased`.

@@ -416,7 +416,15 @@ impl Store {
         )
         .execute(&mut *tx)
         .await?;
-        after_transition(&mut *tx, fence.task_id, fence.job_id, state, retry_at).await?;
+        after_transition(
+            &mut *tx,
+            self.settings.wakeups,
+            fence.task_id,
+            fence.job_id,
+            state,
+            retry_at,
+        )
+        .await?;
         Ok(Some(response))
     }
 

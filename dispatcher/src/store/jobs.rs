@@ -196,7 +196,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        enqueue_wakeups(&mut tx, &roots, None).await?;
+        enqueue_wakeups(&mut tx, self.settings.wakeups, &roots, None).await?;
         tx.commit().await?;
 
         Ok(JobView {

@@ -176,7 +176,12 @@ impl Store {
     /// Writes a fresh wake-up for ready tasks nobody has claimed for
     /// `after` (their wake-up was lost, dead-lettered or dropped). Returns
     /// how many were woken. Safe with several reapers (`SKIP LOCKED`).
+    /// Without wake-up messages (`Wakeups::Notify`) there is nothing to
+    /// lose: every long-polled claim reads the tasks table itself.
     pub async fn rewake_stale_ready(&self, after: Duration, limit: u32) -> Result<u64, StoreError> {
+        if self.settings.wakeups == crate::settings::Wakeups::Notify {
+            return Ok(0);
+        }
         let mut tx = self.pool.begin().await?;
         let woken: Vec<Uuid> = sqlx::query_scalar(
             "UPDATE tasks SET updated_at = now()
@@ -192,7 +197,7 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await?;
-        super::transitions::enqueue_wakeups(&mut tx, &woken, None).await?;
+        super::transitions::enqueue_wakeups(&mut tx, self.settings.wakeups, &woken, None).await?;
         tx.commit().await?;
         Ok(woken.len() as u64)
     }

@@ -8,25 +8,49 @@ use uuid::Uuid;
 
 use super::Store;
 use crate::error::{task_state, StoreError};
+use crate::settings::Wakeups;
 
-/// Writes one wake-up per task into the outbox, in the caller's transaction.
+/// Tells workers that `task_ids` are ready (from `available_at`, default
+/// now), in the caller's transaction, as `mode` says (ADR 0017):
+///
+/// * `Queue`: one wake-up per task into the outbox;
+/// * `Notify`: one `NOTIFY tasks_ready`, delivered at commit (Postgres
+///   folds equal notifications of one transaction into one). Its payload is
+///   empty for work ready now, or `later` for a retry whose backoff has not
+///   ended (listeners then ask when it ends: `Store::next_retry_due`).
 pub(crate) async fn enqueue_wakeups(
     conn: &mut PgConnection,
+    mode: Wakeups,
     task_ids: &[Uuid],
     available_at: Option<DateTime<Utc>>,
 ) -> Result<(), sqlx::Error> {
     if task_ids.is_empty() {
         return Ok(());
     }
-    sqlx::query(
-        "INSERT INTO outbox (topic, payload, available_at)
-         SELECT 'wakeup', jsonb_build_object('task_id', id), coalesce($2, now())
-           FROM unnest($1::uuid[]) AS id",
-    )
-    .bind(task_ids)
-    .bind(available_at)
-    .execute(conn)
-    .await?;
+    match mode {
+        Wakeups::Queue => {
+            sqlx::query(
+                "INSERT INTO outbox (topic, payload, available_at)
+                 SELECT 'wakeup', jsonb_build_object('task_id', id), coalesce($2, now())
+                   FROM unnest($1::uuid[]) AS id",
+            )
+            .bind(task_ids)
+            .bind(available_at)
+            .execute(conn)
+            .await?;
+        }
+        Wakeups::Notify => {
+            // A retry's backoff end is judged by the database's clock.
+            sqlx::query(
+                "SELECT pg_notify($1, CASE WHEN coalesce($2 > now(), false) THEN $3 ELSE '' END)",
+            )
+            .bind(crate::ready::CHANNEL)
+            .bind(available_at)
+            .bind(crate::ready::LATER)
+            .execute(conn)
+            .await?;
+        }
+    }
     Ok(())
 }
 
@@ -83,6 +107,7 @@ pub(crate) async fn end_job(
 /// success of a task without dependants (which touches no other row).
 pub(super) async fn after_transition(
     conn: &mut PgConnection,
+    mode: Wakeups,
     task_id: Uuid,
     job_id: Uuid,
     state: TaskState,
@@ -107,11 +132,11 @@ pub(super) async fn after_transition(
                 .filter(|(_, s)| s == "ready")
                 .map(|(id, _)| id)
                 .collect();
-            enqueue_wakeups(conn, &released, None).await?;
+            enqueue_wakeups(conn, mode, &released, None).await?;
             // The job's end is judged after the commit (`finish_jobs_if_done`):
             // a success does not touch the job's row.
         }
-        TaskState::Ready => enqueue_wakeups(conn, &[task_id], retry_at).await?,
+        TaskState::Ready => enqueue_wakeups(conn, mode, &[task_id], retry_at).await?,
         TaskState::Failed => end_job(conn, job_id, "failed").await?,
         TaskState::Cancelled | TaskState::Blocked | TaskState::Leased => {}
     }
@@ -171,7 +196,15 @@ impl Store {
         .bind(attempt)
         .execute(&mut *tx)
         .await?;
-        after_transition(&mut tx, task_id, job_id, state, retry_at).await?;
+        after_transition(
+            &mut tx,
+            self.settings.wakeups,
+            task_id,
+            job_id,
+            state,
+            retry_at,
+        )
+        .await?;
         tx.commit().await?;
         Ok(Some(state))
     }

@@ -2,7 +2,7 @@
 //! binary (all roles, local profile) on a database of its own, and
 //! simulated workers speaking the worker contract over HTTP as fast as they
 //! can: receive a wake-up, claim, heartbeat, emit one event, complete,
-//! delete the wake-up. No task process is spawned, so the figures are the
+//! delete the wake-up (the `queue` wake-up mode). No task process is spawned, so the figures are the
 //! dispatcher's and Postgres's, not `fork`/`exec`'s.
 //!
 //! Prints tasks/s, latency percentiles per call, and the dispatcher's
@@ -10,8 +10,10 @@
 //! task succeeded exactly once, every outbox row published).
 //!
 //! With `--batch B`, each worker instead takes work through the batched
-//! calls: `task-claim-batch` with `max_tasks` B (ready tasks straight from
-//! Postgres, no wake-up queue), then one `complete-batch` for what it got
+//! calls: `task-claim-batch` with `max_tasks` B, long-polled (ready tasks
+//! straight from Postgres, woken by NOTIFY: the local profile's default
+//! `notify` wake-ups, no wake-up messages, ADR 0017), then one
+//! `complete-batch` for what it got
 //! (no heartbeat or event: a no-op task's burn-down, as the Postgres job
 //! queues it is compared with measure it).
 //!
@@ -168,11 +170,13 @@ impl Worker {
                         task_ids: None,
                         max_tasks: Some(batch as u32),
                         lease_seconds: None,
+                        // A long-poll, as the worker wrapper's: answered
+                        // when work is there (ADR 0017).
+                        wait_seconds: Some(1),
                     },
                 )
                 .await;
             if claimed.claims.is_empty() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
             let entries: Vec<wire::TaskBatchEntry> = claimed
@@ -377,7 +381,24 @@ async fn report(pool: sqlx::PgPool, pid: u32, every: usize, total: usize, done: 
 async fn main() {
     let args = args();
     let mut stack = Stack::new().await;
-    let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
+    // Single calls take work from wake-up messages (the `queue` mode);
+    // batched calls claim ready work directly (`notify`, the default).
+    let wakeups = match args.batch {
+        0 => dispatcher::settings::Wakeups::Queue,
+        _ => dispatcher::settings::Wakeups::Notify,
+    };
+    if wakeups == dispatcher::settings::Wakeups::Queue {
+        stack
+            .profile_env
+            .push(("DISPATCHER_WAKEUPS".to_owned(), "queue".to_owned()));
+    }
+    let store = dispatcher::store::Store::new(
+        stack.db.pool.clone(),
+        std::sync::Arc::new(dispatcher::settings::Settings {
+            wakeups,
+            ..Default::default()
+        }),
+    );
     let done = Arc::new(AtomicUsize::new(0));
     // Jobs hold at most 10 000 tasks: submit in chunks of `tasks_per_job`,
     // all before the run, or (a soak) during it.

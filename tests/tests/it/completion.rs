@@ -32,7 +32,7 @@ async fn complete_concurrently(app: &Arc<TestApp>, calls: Vec<(String, Value)>) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn invariant_4_fifty_concurrent_completions_of_one_attempt_commit_once() {
-    let app = Arc::new(TestApp::spawn().await);
+    let app = Arc::new(TestApp::spawn_queued().await);
     let job = app
         .submit(&json!({"name": "c", "tasks": [
             {"key": "a", "runtime": "exec", "bundle": "x"},

@@ -66,7 +66,7 @@ async fn dag_chain_releases_one_task_at_a_time() {
 
 #[tokio::test]
 async fn dag_fan_out_releases_all_dependants_together() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let job = app
         .submit(&json!({"name": "fan", "tasks": [
             task("root", &[]), task("x", &["root"]), task("y", &["root"]), task("z", &["root"])]}))
@@ -89,7 +89,7 @@ async fn dag_fan_out_releases_all_dependants_together() {
 
 #[tokio::test]
 async fn dag_join_waits_for_every_dependency() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let job = app
         .submit(&json!({"name": "join", "tasks": [
             task("p", &[]), task("q", &[]), task("r", &[]), task("sink", &["p", "q", "r"])]}))
@@ -108,7 +108,7 @@ async fn dag_join_waits_for_every_dependency() {
 
 #[tokio::test]
 async fn dag_diamond_runs_the_tip_once_after_both_sides() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let job = app
         .submit(&json!({"name": "diamond", "tasks": [
             task("a", &[]), task("b", &["a"]), task("c", &["a"]), task("d", &["b", "c"])]}))
@@ -167,7 +167,7 @@ async fn dag_cycle_duplicate_and_unknown_keys_are_rejected_and_write_nothing() {
 
 #[tokio::test]
 async fn cancel_stops_unstarted_tasks_and_asks_leased_ones_to_stop() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let job = app
         .submit(&json!({"name": "cancel", "tasks": [task("a", &[]), task("b", &[]), task("c", &["a"])]}))
         .await;
@@ -256,7 +256,7 @@ async fn cancelling_a_finished_job_is_a_conflict() {
 
 #[tokio::test]
 async fn retryable_failure_schedules_the_next_attempt_after_backoff() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let task = app.single_task(3).await;
     let c1 = app.claim(task).await;
     let r = app
@@ -391,7 +391,7 @@ async fn expired_lease_on_the_last_attempt_fails_the_task() {
 
 #[tokio::test]
 async fn invariant_5_atomic_outbox_every_wakeup_is_written_with_its_state_change() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let job = app
         .submit(&json!({"name": "outbox", "tasks": [task("a", &[]), task("b", &["a"])]}))
         .await;

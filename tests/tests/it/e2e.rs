@@ -35,11 +35,46 @@ async fn counts(stack: &Stack, sql: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn e2e_happy_path_wakeup_claim_event_publish_complete() {
     let stack = happy_path(Stack::new().await).await;
+    // Buffer pointers went through the local queue; wake-ups were
+    // notifications, not messages (`assert_clean` checks that none was
+    // written), and the workers claimed ready work directly (ADR 0017).
+    assert!(
+        counts(
+            &stack,
+            "SELECT count(*) FROM outbox WHERE state = 'sent' AND topic = 'buffer'"
+        )
+        .await
+            >= TASKS as i64,
+        "buffer pointers went through the local queue"
+    );
+    for w in ["w1", "w2"] {
+        let log = std::fs::read_to_string(stack.dir.join(format!("{w}.log"))).expect("worker log");
+        assert!(
+            log.contains("source=\"ready tasks claimed directly\""),
+            "{w} did not claim ready work directly:\n{log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_happy_path_on_the_local_profile_with_queued_wakeups() {
+    let mut stack = Stack::new().await;
+    stack
+        .profile_env
+        .push(("DISPATCHER_WAKEUPS".into(), "queue".into()));
+    let stack = happy_path(stack).await;
     assert!(
         counts(&stack, "SELECT count(*) FROM outbox WHERE state = 'sent'").await
             >= 2 * TASKS as i64,
         "wake-ups and buffer pointers went through the local queue"
     );
+    for w in ["w1", "w2"] {
+        let log = std::fs::read_to_string(stack.dir.join(format!("{w}.log"))).expect("worker log");
+        assert!(
+            log.contains("source=\"dispatcher queue wakeups\""),
+            "{w} did not receive wake-ups:\n{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,6 +240,10 @@ async fn e2e_stopped_worker_past_its_lease_is_fenced_when_resumed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invariant_6_queue_is_a_hint_every_wakeup_delivered_twice_and_out_of_order() {
     let mut stack = Stack::new().await;
+    // Wake-up messages (the aws profile's way; the local default has none).
+    stack
+        .profile_env
+        .push(("DISPATCHER_WAKEUPS".into(), "queue".into()));
     // 100 chains a -> b: the b tasks get wake-ups long before they are ready.
     let bundle = stack.sample_bundle();
     let tasks: Vec<_> = (0..TASKS / 2)

@@ -259,3 +259,45 @@ async fn claim_of_an_unknown_task_is_404() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.code(), "not_found");
 }
+
+/// ADR 0018: a heartbeat commits without waiting for the WAL flush, and
+/// that relaxation ends with its transaction. On a one-connection pool,
+/// the transactions after a heartbeat (a claim, here) are synchronous again.
+#[tokio::test]
+async fn rule_a_heartbeats_relaxed_commit_does_not_outlive_its_transaction() {
+    let app = TestApp::spawn().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&app.db.url())
+        .await
+        .unwrap();
+    let store = dispatcher::store::Store::new(pool.clone(), app.settings.clone());
+    let task = app.single_task(3).await;
+    let claimed = store
+        .claim(task, "w", std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let fence = dispatcher::store::Fence {
+        task_id: claimed.task_id,
+        job_id: claimed.job_id,
+        attempt: claimed.attempt,
+    };
+    let progress = json!({"pct": 10});
+    let renewal = store.heartbeat(fence, Some(&progress)).await.unwrap();
+    assert!(renewal.lease_expires_at > claimed.lease_expires_at - chrono::Duration::seconds(1));
+    let after: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        after, "on",
+        "the heartbeat's setting leaked to its connection"
+    );
+    let kept: serde_json::Value =
+        sqlx::query_scalar("SELECT progress FROM attempts WHERE task_id = $1 AND attempt = 1")
+            .bind(task)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kept, progress, "the heartbeat committed");
+}

@@ -300,6 +300,12 @@ async fn expect_refused_exit(stack: &Stack, id: &str, credential: String) -> Str
     log
 }
 
+/// A worker credential signed by a key the dispatcher does not trust.
+fn untrusted_credential() -> String {
+    dispatcher::tokens::Keyring::generate("dispatcher", 5)
+        .mint_worker("w", Utc::now() + chrono::Duration::hours(1))
+}
+
 async fn queued_wakeups(stack: &Stack) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM queue_messages WHERE queue = 'wakeups'")
         .fetch_one(&stack.db.pool)
@@ -310,6 +316,10 @@ async fn queued_wakeups(stack: &Stack) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_a_worker_with_a_refused_credential_exits_and_deletes_no_wakeup() {
     let mut stack = Stack::new().await;
+    // Wake-up messages, so that there is something to delete.
+    stack
+        .profile_env
+        .push(("DISPATCHER_WAKEUPS".into(), "queue".into()));
     let n = 5;
     stack.submit(stack.flat_job(n, json!({}))).await;
     stack.start_dispatcher("").await;
@@ -327,6 +337,12 @@ async fn rule_a_worker_with_a_refused_credential_exits_and_deletes_no_wakeup() {
         .mint_worker("w", Utc::now() - chrono::Duration::hours(1));
     expect_refused_exit(&stack, "expired", expired).await;
     assert_eq!(queued_wakeups(&stack).await, n as i64, "a wake-up was lost");
+    // A worker claiming ready work directly (the notify mode) exits too.
+    stack
+        .profile_env
+        .push(("DISPATCHER_WAKEUPS".into(), "notify".into()));
+    expect_refused_exit(&stack, "claims", untrusted_credential()).await;
+    stack.profile_env.pop();
     let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts")
         .fetch_one(&stack.db.pool)
         .await

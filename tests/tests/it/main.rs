@@ -31,3 +31,4 @@ mod sink;
 mod staging;
 mod task_objects;
 mod tokens;
+mod wakeups;

@@ -127,7 +127,7 @@ fn rule_the_worker_never_logs_its_credential() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("receive failed"),
+        text.contains("claiming ready work failed"),
         "the worker did not try: {text}"
     );
     assert!(

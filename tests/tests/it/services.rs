@@ -360,14 +360,14 @@ async fn conformance_dlq_replay(app: &TestApp, q: &dyn Queue) {
 
 #[tokio::test]
 async fn dlq_replay_pg() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
     conformance_dlq_replay(&app, queue.as_ref()).await;
 }
 
 #[tokio::test]
 async fn dlq_replay_sqs() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let moto = Moto::start().await;
     let q = sqs_queue(&moto, 3).await;
     conformance_dlq_replay(&app, &q).await;
@@ -399,7 +399,7 @@ async fn queue_long_poll_wakes_on_arrival() {
 
 #[tokio::test]
 async fn queue_http_endpoints_need_a_worker_credential_and_serve_the_queue() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let task = app.single_task(1).await;
     let receive = json!({"max_messages": 10, "wait_seconds": 1});
     let r = app
@@ -465,7 +465,7 @@ async fn queue_http_endpoints_need_a_worker_credential_and_serve_the_queue() {
 /// Least privilege: a worker credential reaches the wake-up queue only.
 #[tokio::test]
 async fn rule_worker_credentials_reach_the_wakeup_queue_only() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let queue = dispatcher::services::local_queue(&app.store, &app.settings).0;
     for q in [
         "buffers",
@@ -507,7 +507,7 @@ async fn rule_worker_credentials_reach_the_wakeup_queue_only() {
 
 #[tokio::test]
 async fn queue_http_endpoints_refuse_bad_requests() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let r = app
         .post(
             "/internal/queues/wakeups/receive",
@@ -648,7 +648,7 @@ async fn queued(db: &TestDb) -> i64 {
 
 #[tokio::test]
 async fn relay_publishes_pending_rows_and_marks_them_sent() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     for _ in 0..3 {
         app.single_task(1).await;
     }
@@ -667,7 +667,7 @@ async fn relay_publishes_pending_rows_and_marks_them_sent() {
 
 #[tokio::test]
 async fn invariant_5_relay_batch_entry_failures_retry_only_the_refused_rows() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     for _ in 0..3 {
         app.single_task(1).await;
     }
@@ -697,7 +697,7 @@ async fn invariant_5_relay_batch_entry_failures_retry_only_the_refused_rows() {
 
 #[tokio::test]
 async fn invariant_5_relay_retries_with_backoff_then_dead_letters_visibly_and_operators_requeue() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     app.single_task(1).await;
     let settings = Arc::new(Settings {
         relay_max_tries: 2,
@@ -747,7 +747,7 @@ async fn make_outbox_due(app: &TestApp) {
 
 #[tokio::test]
 async fn invariant_5_relay_crash_between_publish_and_mark_sent_duplicates_but_never_loses() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let task = app.single_task(1).await;
     let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
     // A relay that takes the rows, publishes them and dies before marking
@@ -792,7 +792,7 @@ async fn invariant_5_relay_crash_between_publish_and_mark_sent_duplicates_but_ne
 /// unanswered rows pending, and they are published later.
 #[tokio::test]
 async fn rule_relay_marks_sent_only_rows_the_queue_answered_success_for() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     for _ in 0..3 {
         app.single_task(1).await;
     }
@@ -822,7 +822,7 @@ async fn rule_relay_marks_sent_only_rows_the_queue_answered_success_for() {
 /// queue must not pin row locks and a connection.
 #[tokio::test]
 async fn rule_relay_holds_no_transaction_open_across_a_publish() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     for _ in 0..3 {
         app.single_task(1).await;
     }
@@ -850,7 +850,7 @@ fn reaper(app: &TestApp) -> Reaper {
 
 #[tokio::test]
 async fn reaper_turns_an_expired_lease_into_a_woken_retry() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let task = app.single_task(3).await;
     app.claim(task).await;
     app.expire_lease(task).await;
@@ -876,7 +876,7 @@ async fn reaper_turns_an_expired_lease_into_a_woken_retry() {
 
 #[tokio::test]
 async fn reaper_fails_the_task_and_job_when_the_last_attempt_expires() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let task = app.single_task(1).await;
     app.claim(task).await;
     app.expire_lease(task).await;
@@ -893,7 +893,7 @@ async fn reaper_fails_the_task_and_job_when_the_last_attempt_expires() {
 
 #[tokio::test]
 async fn invariant_6_reaper_wakes_a_ready_task_whose_wakeup_was_lost() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let task = app.single_task(1).await;
     let fresh = reaper(&app).reap_once().await.unwrap();
     assert_eq!(fresh.rewoken, 0, "a recently woken task is left alone");
@@ -916,7 +916,7 @@ async fn invariant_6_reaper_wakes_a_ready_task_whose_wakeup_was_lost() {
 /// job running with every task succeeded, and the reaper ends it.
 #[tokio::test]
 async fn reaper_ends_a_job_a_crash_left_running_with_every_task_succeeded() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     let task = app.single_task(1).await;
     let claim = app.claim(task).await;
     let r = app.complete_ok(&claim.capability_token, json!({})).await;
@@ -946,7 +946,7 @@ async fn reaper_ends_a_job_a_crash_left_running_with_every_task_succeeded() {
 
 #[tokio::test]
 async fn reaper_purges_sent_outbox_rows_past_retention() {
-    let app = TestApp::spawn().await;
+    let app = TestApp::spawn_queued().await;
     app.single_task(1).await;
     sqlx::query("UPDATE outbox SET state = 'sent', sent_at = now() - interval '2 days'")
         .execute(&app.db.pool)

@@ -137,19 +137,10 @@ impl Calls {
         serde_json::from_value(v).map_err(|e| CallError::Transport(format!("bad answer: {e}")))
     }
 
-    /// Claims up to `max` ready tasks, long-polling up to `wait_secs`
-    /// (the `notify` wake-up mode: always one batch call, there being no
-    /// single call that claims ready work).
-    pub async fn claim_ready(
-        &self,
-        max: u32,
-        worker_id: &str,
-        lease_seconds: Option<u32>,
-        wait_secs: u32,
-    ) -> Result<Vec<wire::ClaimResponse>, CallError> {
-        self.client
-            .claim_ready(max, worker_id, lease_seconds, wait_secs)
-            .await
+    /// The client, for the calls that are never coalesced (claims of
+    /// ready work: always one `task-claim-batch`).
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Claims the tasks of one receive: one call when batching, else one

@@ -260,6 +260,7 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
             // drained), rather than left leased until its lease expires.
             let claimed = cfg
                 .calls
+                .client()
                 .claim_ready(
                     free.min(100) as u32,
                     &cfg.worker_id,

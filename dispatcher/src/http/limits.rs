@@ -84,6 +84,22 @@ impl Limits {
         self.check(&self.org, &org, "org")
     }
 
+    /// A long-poll's `wait_seconds` (absent: no wait), or `400` past the
+    /// longest wait `settings` allow.
+    pub fn long_poll_wait(
+        settings: &crate::settings::Settings,
+        wait_seconds: Option<u32>,
+    ) -> Result<Duration, ApiError> {
+        let wait = Duration::from_secs(u64::from(wait_seconds.unwrap_or(0)));
+        if wait > settings.queue_max_wait {
+            return Err(ApiError::invalid(
+                "wait_seconds",
+                format!("must be at most {}", settings.queue_max_wait.as_secs()),
+            ));
+        }
+        Ok(wait)
+    }
+
     /// A slot for one queue long-poll, or `429 overloaded`.
     pub fn long_poll(&self) -> Result<OwnedSemaphorePermit, ApiError> {
         self.long_polls.clone().try_acquire_owned().map_err(|_| {

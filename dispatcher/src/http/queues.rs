@@ -63,16 +63,7 @@ pub async fn receive(
     if !(1..=10).contains(&max) {
         return Err(ApiError::invalid("max_messages", "must be 1 to 10"));
     }
-    let wait = Duration::from_secs(u64::from(req.wait_seconds.unwrap_or(0)));
-    if wait > state.settings.queue_max_wait {
-        return Err(ApiError::invalid(
-            "wait_seconds",
-            format!(
-                "must be at most {}",
-                state.settings.queue_max_wait.as_secs()
-            ),
-        ));
-    }
+    let wait = super::limits::Limits::long_poll_wait(&state.settings, req.wait_seconds)?;
     let vis = visibility(req.visibility_timeout_seconds.unwrap_or(30))?;
     // A long-poll holds a slot while it waits; a receive that does not wait
     // needs none.

@@ -127,20 +127,11 @@ pub async fn claim_batch(
             ))
         }
     };
-    let wait = std::time::Duration::from_secs(u64::from(req.wait_seconds.unwrap_or(0)));
+    let wait = super::limits::Limits::long_poll_wait(&state.settings, req.wait_seconds)?;
     if !wait.is_zero() && req.max_tasks.is_none() {
         return Err(ApiError::invalid(
             "wait_seconds",
             "only a claim of ready work (max_tasks) may wait",
-        ));
-    }
-    if wait > state.settings.queue_max_wait {
-        return Err(ApiError::invalid(
-            "wait_seconds",
-            format!(
-                "must be at most {}",
-                state.settings.queue_max_wait.as_secs()
-            ),
         ));
     }
     let claimed = if wait.is_zero() {

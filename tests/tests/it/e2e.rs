@@ -47,13 +47,7 @@ async fn e2e_happy_path_wakeup_claim_event_publish_complete() {
             >= TASKS as i64,
         "buffer pointers went through the local queue"
     );
-    for w in ["w1", "w2"] {
-        let log = std::fs::read_to_string(stack.dir.join(format!("{w}.log"))).expect("worker log");
-        assert!(
-            log.contains("source=\"ready tasks claimed directly\""),
-            "{w} did not claim ready work directly:\n{log}"
-        );
-    }
+    assert_workers_took_work_from(&stack, "ready tasks claimed directly");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,13 +62,7 @@ async fn e2e_happy_path_on_the_local_profile_with_queued_wakeups() {
             >= 2 * TASKS as i64,
         "wake-ups and buffer pointers went through the local queue"
     );
-    for w in ["w1", "w2"] {
-        let log = std::fs::read_to_string(stack.dir.join(format!("{w}.log"))).expect("worker log");
-        assert!(
-            log.contains("source=\"dispatcher queue wakeups\""),
-            "{w} did not receive wake-ups:\n{log}"
-        );
-    }
+    assert_workers_took_work_from(&stack, "dispatcher queue wakeups");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,11 +78,16 @@ async fn e2e_happy_path_on_the_aws_profile() {
     );
     // And the workers received them from SQS themselves (`--profile aws`),
     // not through the dispatcher's HTTP queue.
+    assert_workers_took_work_from(&stack, "SQS queue wakeups");
+}
+
+/// Both workers of `happy_path` logged `source` as where their work came from.
+fn assert_workers_took_work_from(stack: &Stack, source: &str) {
     for w in ["w1", "w2"] {
         let log = std::fs::read_to_string(stack.dir.join(format!("{w}.log"))).expect("worker log");
         assert!(
-            log.contains("source=\"SQS queue wakeups\""),
-            "{w} did not consume SQS directly:\n{log}"
+            log.contains(&format!("source=\"{source}\"")),
+            "{w} did not take its work from {source}:\n{log}"
         );
     }
 }

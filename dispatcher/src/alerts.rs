@@ -113,17 +113,20 @@ impl AlertRouter {
         let mut datasets: Vec<Uuid> = routes.iter().map(|r| r.dataset_id).collect();
         datasets.sort();
         datasets.dedup();
-        let batches: Vec<(Uuid, Uuid, Uuid)> = sqlx::query_as(
+        let batches: Vec<(Uuid, Uuid, Uuid)> = sqlx::query!(
             "SELECT b.org_id, b.batch_id, b.dataset_id FROM sink_batches b
               WHERE b.dataset_id = ANY($1)
                 AND NOT EXISTS (SELECT 1 FROM alert_routed_batches r
                                  WHERE r.org_id = b.org_id AND r.batch_id = b.batch_id)
               ORDER BY b.ingested_at LIMIT $2",
+            &datasets,
+            i64::from(self.settings.reaper_batch),
         )
-        .bind(&datasets)
-        .bind(i64::from(self.settings.reaper_batch))
         .fetch_all(&self.data)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.org_id, r.batch_id, r.dataset_id))
+        .collect();
         let mut routed = 0;
         for (org, batch, dataset) in batches {
             let mine: Vec<&RouteSpec> = routes
@@ -147,12 +150,12 @@ impl AlertRouter {
     ) -> Result<bool, StoreError> {
         let mut tx = self.data.begin().await?;
         // First the mark: a concurrent router waits here, then skips.
-        let marked = sqlx::query(
+        let marked = sqlx::query!(
             "INSERT INTO alert_routed_batches (org_id, batch_id, events, deliveries)
              VALUES ($1, $2, 0, 0) ON CONFLICT DO NOTHING",
+            org,
+            batch,
         )
-        .bind(org)
-        .bind(batch)
         .execute(&mut *tx)
         .await?;
         if marked.rows_affected() == 0 {
@@ -200,31 +203,31 @@ impl AlertRouter {
                     "data": {"event_id": event_id, "dataset": route.dataset,
                              "route": route.name, "event": row},
                 });
-                let done = sqlx::query(
+                let done = sqlx::query!(
                     "INSERT INTO alert_deliveries (id, org_id, event_id, dataset_id, route_id,
                                                    destination_id, payload)
                      VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                    Uuid::now_v7(),
+                    org,
+                    &event_id,
+                    dataset,
+                    route.id,
+                    route.destination_id,
+                    &payload,
                 )
-                .bind(Uuid::now_v7())
-                .bind(org)
-                .bind(&event_id)
-                .bind(dataset)
-                .bind(route.id)
-                .bind(route.destination_id)
-                .bind(&payload)
                 .execute(&mut *tx)
                 .await?;
                 deliveries += done.rows_affected();
             }
         }
-        sqlx::query(
+        sqlx::query!(
             "UPDATE alert_routed_batches SET events = $3, deliveries = $4
               WHERE org_id = $1 AND batch_id = $2",
+            org,
+            batch,
+            i32::try_from(rows.len()).unwrap_or(i32::MAX),
+            i32::try_from(deliveries).unwrap_or(i32::MAX),
         )
-        .bind(org)
-        .bind(batch)
-        .bind(i32::try_from(rows.len()).unwrap_or(i32::MAX))
-        .bind(i32::try_from(deliveries).unwrap_or(i32::MAX))
         .execute(&mut *tx)
         .await?;
         self.settings.failpoint("router_before_commit");
@@ -328,7 +331,8 @@ impl AlertDelivery {
     /// Takes due deliveries (leasing them) and tries each once; how many.
     pub async fn deliver_once(&self) -> Result<usize, StoreError> {
         let lease = self.settings.alert_delivery_lease.as_secs_f64();
-        let due: Vec<Due> = sqlx::query_as(
+        let due: Vec<Due> = sqlx::query_as!(
+            Due,
             "UPDATE alert_deliveries d
                 SET lease_until = now() + $1 * interval '1 second', tries = d.tries + 1
                FROM (SELECT id FROM alert_deliveries
@@ -338,9 +342,9 @@ impl AlertDelivery {
                       FOR UPDATE SKIP LOCKED) due
               WHERE d.id = due.id
              RETURNING d.id, d.destination_id, d.payload, d.tries",
+            lease,
+            i64::try_from(self.settings.alert_delivery_concurrency).unwrap_or(8),
         )
-        .bind(lease)
-        .bind(i64::try_from(self.settings.alert_delivery_concurrency).unwrap_or(8))
         .fetch_all(&self.data)
         .await?;
         let n = due.len();
@@ -363,13 +367,13 @@ impl AlertDelivery {
     async fn record(&self, d: &Due, tried: Tried) -> Result<(), StoreError> {
         match tried {
             Tried::Delivered(status) => {
-                sqlx::query(
+                sqlx::query!(
                     "UPDATE alert_deliveries SET state = 'delivered', delivered_at = now(),
                             last_status = $2, last_error = NULL, lease_until = NULL
                       WHERE id = $1 AND state = 'pending'",
+                    d.id,
+                    i32::from(status),
                 )
-                .bind(d.id)
-                .bind(i32::from(status))
                 .execute(&self.data)
                 .await?;
                 tracing::info!(delivery = %d.id, tries = d.tries, "alert delivered");
@@ -391,29 +395,29 @@ impl AlertDelivery {
                             rand::random::<f64>(),
                         )
                     });
-                sqlx::query(
+                sqlx::query!(
                     "UPDATE alert_deliveries
                         SET state = CASE WHEN $5 THEN 'dead' ELSE 'pending' END,
                             next_attempt_at = now() + $4 * interval '1 second',
                             last_status = $2, last_error = $3, lease_until = NULL
                       WHERE id = $1 AND state = 'pending'",
+                    d.id,
+                    status.map(i32::from),
+                    &error,
+                    delay.as_secs_f64(),
+                    dead,
                 )
-                .bind(d.id)
-                .bind(status.map(i32::from))
-                .bind(&error)
-                .bind(delay.as_secs_f64())
-                .bind(dead)
                 .execute(&self.data)
                 .await?;
                 tracing::warn!(delivery = %d.id, tries, ?status, error, dead, "alert delivery failed");
             }
             Tried::Fatal(error) => {
-                sqlx::query(
+                sqlx::query!(
                     "UPDATE alert_deliveries SET state = 'dead', last_error = $2, lease_until = NULL
                       WHERE id = $1 AND state = 'pending'",
+                    d.id,
+                    &error,
                 )
-                .bind(d.id)
-                .bind(&error)
                 .execute(&self.data)
                 .await?;
                 tracing::warn!(delivery = %d.id, error, "alert delivery dead");
@@ -531,9 +535,6 @@ struct DeliveryRow {
     delivered_at: Option<chrono::DateTime<Utc>>,
 }
 
-const DELIVERY_COLUMNS: &str = "id, org_id, event_id, route_id, destination_id, state, tries,
-                                next_attempt_at, last_status, last_error, delivered_at";
-
 async fn views(
     store: &Store,
     rows: Vec<DeliveryRow>,
@@ -579,12 +580,15 @@ pub async fn event_deliveries(
     org: Uuid,
     event_id: &str,
 ) -> Result<Vec<dispatcher_wire::DeliveryView>, StoreError> {
-    let rows: Vec<DeliveryRow> = sqlx::query_as(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM alert_deliveries
-          WHERE org_id = $1 AND event_id = $2 ORDER BY created_at"
-    ))
-    .bind(org)
-    .bind(event_id)
+    let rows = sqlx::query_as!(
+        DeliveryRow,
+        "SELECT id, org_id, event_id, route_id, destination_id, state, tries,
+                next_attempt_at, last_status, last_error, delivered_at
+           FROM alert_deliveries
+          WHERE org_id = $1 AND event_id = $2 ORDER BY created_at",
+        org,
+        event_id,
+    )
     .fetch_all(data)
     .await?;
     views(store, rows).await
@@ -597,13 +601,16 @@ pub async fn dead_deliveries(
     org: Option<Uuid>,
     limit: u32,
 ) -> Result<Vec<dispatcher_wire::DeliveryView>, StoreError> {
-    let rows: Vec<DeliveryRow> = sqlx::query_as(&format!(
-        "SELECT {DELIVERY_COLUMNS} FROM alert_deliveries
+    let rows = sqlx::query_as!(
+        DeliveryRow,
+        "SELECT id, org_id, event_id, route_id, destination_id, state, tries,
+                next_attempt_at, last_status, last_error, delivered_at
+           FROM alert_deliveries
           WHERE state = 'dead' AND ($1::uuid IS NULL OR org_id = $1)
-          ORDER BY created_at LIMIT $2"
-    ))
-    .bind(org)
-    .bind(i64::from(limit))
+          ORDER BY created_at LIMIT $2",
+        org,
+        i64::from(limit),
+    )
     .fetch_all(data)
     .await?;
     views(store, rows).await
@@ -618,25 +625,26 @@ pub async fn replay_dead(
     ids: &[Uuid],
     dry_run: bool,
 ) -> Result<u64, StoreError> {
-    let filter = "state = 'dead' AND ($1::uuid IS NULL OR org_id = $1)
-                  AND (cardinality($2::uuid[]) = 0 OR id = ANY($2))";
     if dry_run {
-        let n: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM alert_deliveries WHERE {filter}"
-        ))
-        .bind(org)
-        .bind(ids)
+        let n = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM alert_deliveries
+                WHERE state = 'dead' AND ($1::uuid IS NULL OR org_id = $1)
+                  AND (cardinality($2::uuid[]) = 0 OR id = ANY($2))"#,
+            org,
+            ids,
+        )
         .fetch_one(data)
         .await?;
         return Ok(u64::try_from(n).unwrap_or(0));
     }
-    let done = sqlx::query(&format!(
+    let done = sqlx::query!(
         "UPDATE alert_deliveries
             SET state = 'pending', tries = 0, next_attempt_at = now(), lease_until = NULL
-          WHERE {filter}"
-    ))
-    .bind(org)
-    .bind(ids)
+          WHERE state = 'dead' AND ($1::uuid IS NULL OR org_id = $1)
+            AND (cardinality($2::uuid[]) = 0 OR id = ANY($2))",
+        org,
+        ids,
+    )
     .execute(data)
     .await?;
     Ok(done.rows_affected())

@@ -389,13 +389,16 @@ async fn show_sample_data(
     }
     let started = tokio::time::Instant::now();
     let batches: Vec<(uuid::Uuid, String)> = loop {
-        let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        let rows: Vec<(uuid::Uuid, String)> = sqlx::query!(
             "SELECT b.batch_id, b.state FROM buffer_publishes b JOIN tasks t ON t.id = b.task_id
               WHERE t.job_id = $1",
+            job_id,
         )
-        .bind(job_id)
         .fetch_all(store.pool())
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.batch_id, r.state))
+        .collect();
         if rows.iter().all(|(_, s)| s != "pending") {
             break rows;
         }
@@ -407,11 +410,11 @@ async fn show_sample_data(
     if let Some((id, state)) = batches.iter().find(|(_, s)| s != "ingested") {
         bail!("sample buffer batch {id} is {state}");
     }
-    let stream = sqlx::query_scalar::<_, uuid::Uuid>(
+    let stream = sqlx::query_scalar!(
         "SELECT id FROM datasets WHERE org_id = $1 AND name = $2",
+        org,
+        SAMPLE_STREAM,
     )
-    .bind(org)
-    .bind(SAMPLE_STREAM)
     .fetch_one(store.pool())
     .await?;
     let ids: Vec<uuid::Uuid> = batches.iter().map(|(id, _)| *id).collect();
@@ -455,14 +458,17 @@ fn read_example(file: &Path) -> Result<Example> {
 async fn ingested_batches(store: &Store, job_id: uuid::Uuid) -> Result<Vec<(String, i64)>> {
     let started = tokio::time::Instant::now();
     loop {
-        let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT b.dataset, b.state, count(*) FROM buffer_publishes b
+        let rows: Vec<(String, String, i64)> = sqlx::query!(
+            r#"SELECT b.dataset, b.state, count(*) AS "n!" FROM buffer_publishes b
                JOIN tasks t ON t.id = b.task_id
-              WHERE t.job_id = $1 GROUP BY b.dataset, b.state ORDER BY b.dataset",
+              WHERE t.job_id = $1 GROUP BY b.dataset, b.state ORDER BY b.dataset"#,
+            job_id,
         )
-        .bind(job_id)
         .fetch_all(store.pool())
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.dataset, r.state, r.n))
+        .collect();
         if let Some((name, _, n)) = rows.iter().find(|(_, s, _)| s == "dead") {
             bail!("{n} buffer batch(es) of {name} are dead (dispatcher admin sink dead list)");
         }
@@ -511,15 +517,18 @@ async fn example_job(
 
 /// Prints each succeeded task's output.
 async fn show_outputs(store: &Store, job_id: uuid::Uuid) -> Result<()> {
-    let outputs: Vec<(String, Option<serde_json::Value>)> = sqlx::query_as(
-        "SELECT s.key, a.completion -> 'output'
+    let outputs: Vec<(String, Option<serde_json::Value>)> = sqlx::query!(
+        "SELECT s.key, a.completion -> 'output' AS output
            FROM attempts a JOIN task_specs s ON s.task_id = a.task_id
           WHERE s.job_id = $1 AND a.outcome = 'succeeded'
           ORDER BY s.ord",
+        job_id,
     )
-    .bind(job_id)
     .fetch_all(store.pool())
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.key, r.output))
+    .collect();
     for (key, output) in outputs {
         println!(
             "output of {key}: {}",

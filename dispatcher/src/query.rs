@@ -822,11 +822,13 @@ pub async fn read_stream(
     .execute(&mut *tx)
     .await
     .map_err(QueryError::Data)?;
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-        .bind(crate::datadb::quote_ident(table))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(QueryError::Data)?;
+    let exists: bool = sqlx::query_scalar!(
+        r#"SELECT to_regclass($1) IS NOT NULL AS "exists!""#,
+        crate::datadb::quote_ident(table),
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(QueryError::Data)?;
     if !exists {
         // Nothing ingested yet.
         return Ok(Answer {

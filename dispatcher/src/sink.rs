@@ -309,11 +309,11 @@ impl Sink {
             Ok(false) => {
                 // Already ingested: by a duplicate delivery, or before a
                 // crash that left the state database behind.
-                let stored: Option<String> = sqlx::query_scalar(
+                let stored = sqlx::query_scalar!(
                     "SELECT sha256 FROM sink_batches WHERE org_id = $1 AND batch_id = $2",
+                    batch.org_id,
+                    batch.batch_id,
                 )
-                .bind(batch.org_id)
-                .bind(batch.batch_id)
                 .fetch_optional(&self.data)
                 .await
                 .map_err(Transient::Data)?;
@@ -437,18 +437,18 @@ impl Sink {
     /// keys are column names.
     async fn insert(&self, batch: &SinkBatch, body: &[u8]) -> Result<bool, sqlx::Error> {
         let mut tx = self.data.begin().await?;
-        let recorded = sqlx::query(
+        let recorded = sqlx::query!(
             "INSERT INTO sink_batches (org_id, batch_id, dataset_id, rows, sha256, task_id, attempt)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (org_id, batch_id) DO NOTHING",
+            batch.org_id,
+            batch.batch_id,
+            batch.dataset_id,
+            batch.rows,
+            &batch.sha256,
+            batch.task_id,
+            batch.attempt,
         )
-        .bind(batch.org_id)
-        .bind(batch.batch_id)
-        .bind(batch.dataset_id)
-        .bind(batch.rows)
-        .bind(&batch.sha256)
-        .bind(batch.task_id)
-        .bind(batch.attempt)
         .execute(&mut *tx)
         .await?
         .rows_affected()

@@ -98,8 +98,8 @@ impl PgQueue {
         };
         loop {
             // Moved messages come back with no receipt.
-            let rows: Vec<(i64, Option<Value>, Option<Uuid>, i32)> = sqlx::query_as(
-                "WITH picked AS (
+            let rows: Vec<(i64, Option<Value>, Option<Uuid>, i32)> = sqlx::query!(
+                r#"WITH picked AS (
                      SELECT id, $5::text IS NOT NULL AND receive_count >= $4 AS dead
                        FROM queue_messages
                       WHERE queue = $1 AND visible_at <= now()
@@ -119,17 +119,20 @@ impl PgQueue {
                        FROM picked
                       WHERE m.id = picked.id AND NOT picked.dead
                   RETURNING m.id, m.body, m.receipt, m.receive_count)
-                 SELECT id, body, receipt, receive_count FROM delivered
+                 SELECT id AS "id!", body, receipt, receive_count AS "receive_count!" FROM delivered
                  UNION ALL
-                 SELECT id, NULL, NULL, 0 FROM moved",
+                 SELECT id, NULL, NULL, 0 FROM moved"#,
+                queue,
+                i64::from(max),
+                millis(visibility) as f64,
+                max_receives,
+                dead_letter.as_deref(),
             )
-            .bind(queue)
-            .bind(i64::from(max))
-            .bind(millis(visibility))
-            .bind(max_receives)
-            .bind(dead_letter.as_deref())
             .fetch_all(&self.pool)
-            .await?;
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r.body, r.receipt, r.receive_count))
+            .collect();
             let picked = rows.len();
             let delivered: Vec<Delivery> = rows
                 .into_iter()
@@ -160,13 +163,13 @@ impl PgQueue {
 #[async_trait]
 impl Queue for PgQueue {
     async fn send(&self, queue: &str, body: &Value, delay: Duration) -> Result<String, QueueError> {
-        let id: i64 = sqlx::query_scalar(
+        let id: i64 = sqlx::query_scalar!(
             "INSERT INTO queue_messages (queue, body, visible_at)
              VALUES ($1, $2, now() + $3 * interval '1 millisecond') RETURNING id",
+            queue,
+            body,
+            millis(delay) as f64,
         )
-        .bind(queue)
-        .bind(body)
-        .bind(millis(delay))
         .fetch_one(&self.pool)
         .await?;
         Ok(id.to_string())
@@ -180,14 +183,14 @@ impl Queue for PgQueue {
         if bodies.is_empty() {
             return Ok(Vec::new());
         }
-        let ids: Vec<i64> = sqlx::query_scalar(
+        let ids: Vec<i64> = sqlx::query_scalar!(
             "INSERT INTO queue_messages (queue, body)
              SELECT $1, body FROM unnest($2::jsonb[]) WITH ORDINALITY AS b(body, n)
               ORDER BY n
              RETURNING id",
+            queue,
+            bodies,
         )
-        .bind(queue)
-        .bind(bodies)
         .fetch_all(&self.pool)
         .await?;
         Ok(ids.into_iter().map(|id| Ok(id.to_string())).collect())
@@ -227,14 +230,14 @@ impl Queue for PgQueue {
         visibility: Duration,
     ) -> Result<bool, QueueError> {
         let (id, r) = parse_receipt(receipt)?;
-        let n = sqlx::query(
+        let n = sqlx::query!(
             "UPDATE queue_messages SET visible_at = now() + $4 * interval '1 millisecond'
               WHERE id = $1 AND queue = $2 AND receipt = $3",
+            id,
+            queue,
+            r,
+            millis(visibility) as f64,
         )
-        .bind(id)
-        .bind(queue)
-        .bind(r)
-        .bind(millis(visibility))
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -243,14 +246,15 @@ impl Queue for PgQueue {
 
     async fn delete(&self, queue: &str, receipt: &str) -> Result<bool, QueueError> {
         let (id, r) = parse_receipt(receipt)?;
-        let n =
-            sqlx::query("DELETE FROM queue_messages WHERE id = $1 AND queue = $2 AND receipt = $3")
-                .bind(id)
-                .bind(queue)
-                .bind(r)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+        let n = sqlx::query!(
+            "DELETE FROM queue_messages WHERE id = $1 AND queue = $2 AND receipt = $3",
+            id,
+            queue,
+            r,
+        )
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(n == 1)
     }
 }

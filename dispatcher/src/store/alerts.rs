@@ -67,15 +67,15 @@ impl Store {
         secret: &str,
     ) -> Result<AlertDestinationView, StoreError> {
         let id = Uuid::now_v7();
-        let created: Result<DateTime<Utc>, sqlx::Error> = sqlx::query_scalar(
+        let created: Result<DateTime<Utc>, sqlx::Error> = sqlx::query_scalar!(
             "INSERT INTO alert_destinations (id, org_id, name, url, secret)
              VALUES ($1, $2, $3, $4, $5) RETURNING created_at",
+            id,
+            org_id,
+            name,
+            url,
+            secret,
         )
-        .bind(id)
-        .bind(org_id)
-        .bind(name)
-        .bind(url)
-        .bind(secret)
         .fetch_one(&self.pool)
         .await;
         match created {
@@ -98,20 +98,20 @@ impl Store {
         &self,
         org_id: Uuid,
     ) -> Result<Vec<AlertDestinationView>, StoreError> {
-        let rows: Vec<(Uuid, String, String, DateTime<Utc>)> = sqlx::query_as(
+        let rows = sqlx::query!(
             "SELECT id, name, url, created_at FROM alert_destinations WHERE org_id = $1 ORDER BY name",
+            org_id,
         )
-        .bind(org_id)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, name, url, created_at)| AlertDestinationView {
-                id,
-                name,
-                url,
+            .map(|r| AlertDestinationView {
+                id: r.id,
+                name: r.name,
+                url: r.url,
                 secret: None,
-                created_at,
+                created_at: r.created_at,
             })
             .collect())
     }
@@ -121,12 +121,16 @@ impl Store {
         &self,
         destination_id: Uuid,
     ) -> Result<Option<Destination>, StoreError> {
-        let row: Option<(String, String)> =
-            sqlx::query_as("SELECT url, secret FROM alert_destinations WHERE id = $1")
-                .bind(destination_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        Ok(row.map(|(url, secret)| Destination { url, secret }))
+        let row = sqlx::query!(
+            "SELECT url, secret FROM alert_destinations WHERE id = $1",
+            destination_id,
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| Destination {
+            url: r.url,
+            secret: r.secret,
+        }))
     }
 
     /// Makes a route of the org: events of its stream `dataset` matching
@@ -141,17 +145,17 @@ impl Store {
         matcher: Option<&Value>,
     ) -> Result<Uuid, StoreError> {
         let id = Uuid::now_v7();
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "INSERT INTO alert_routes (id, org_id, name, dataset_id, destination_id, matcher)
              SELECT $1, $2, $3, $4, d.id, $6 FROM alert_destinations d
               WHERE d.org_id = $2 AND d.name = $5",
+            id,
+            org_id,
+            name,
+            dataset_id,
+            destination,
+            matcher,
         )
-        .bind(id)
-        .bind(org_id)
-        .bind(name)
-        .bind(dataset_id)
-        .bind(destination)
-        .bind(matcher)
         .execute(&self.pool)
         .await;
         match done {
@@ -169,14 +173,15 @@ impl Store {
 
     /// Routes of one org (`Some`) or of every org (`None`, the router's).
     pub async fn alert_routes(&self, org_id: Option<Uuid>) -> Result<Vec<RouteSpec>, StoreError> {
-        let rows: Vec<RouteRow> = sqlx::query_as(
+        let rows: Vec<RouteRow> = sqlx::query_as!(
+            RouteRow,
             "SELECT r.id, r.org_id, r.name, r.dataset_id, d.name AS dataset, d.columns,
                     r.destination_id, r.matcher
                FROM alert_routes r JOIN datasets d ON d.id = r.dataset_id
               WHERE $1::uuid IS NULL OR r.org_id = $1
               ORDER BY r.org_id, r.name",
+            org_id,
         )
-        .bind(org_id)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter()
@@ -198,13 +203,14 @@ impl Store {
 
     /// The org's routes as the API answers them.
     pub async fn alert_route_views(&self, org_id: Uuid) -> Result<Vec<AlertRouteView>, StoreError> {
-        let rows: Vec<RouteViewRow> = sqlx::query_as(
+        let rows: Vec<RouteViewRow> = sqlx::query_as!(
+            RouteViewRow,
             "SELECT r.id, r.name, d.name AS dataset, x.name AS destination, r.matcher, r.created_at
                FROM alert_routes r JOIN datasets d ON d.id = r.dataset_id
                JOIN alert_destinations x ON x.id = r.destination_id
               WHERE r.org_id = $1 ORDER BY r.name",
+            org_id,
         )
-        .bind(org_id)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
@@ -221,11 +227,13 @@ impl Store {
     }
 
     pub async fn delete_alert_route(&self, org_id: Uuid, route_id: Uuid) -> Result<(), StoreError> {
-        let done = sqlx::query("DELETE FROM alert_routes WHERE org_id = $1 AND id = $2")
-            .bind(org_id)
-            .bind(route_id)
-            .execute(&self.pool)
-            .await?;
+        let done = sqlx::query!(
+            "DELETE FROM alert_routes WHERE org_id = $1 AND id = $2",
+            org_id,
+            route_id,
+        )
+        .execute(&self.pool)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("no route {route_id}")));
         }

@@ -41,8 +41,8 @@ impl Store {
         // liveness, never safety. `set_config(…, true)` lasts until this
         // statement's transaction ends, so nothing else on the connection
         // is relaxed.
-        let renewed: Vec<(Uuid, Uuid, i32, DateTime<Utc>, bool)> = sqlx::query_as(
-            "WITH f AS (
+        let renewed: Vec<(Uuid, Uuid, i32, DateTime<Utc>, bool)> = sqlx::query!(
+            r#"WITH f AS (
                  SELECT f.* FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::jsonb[])
                           AS f(id, job_id, attempt, progress),
                         (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
@@ -60,14 +60,28 @@ impl Store {
                           WHERE f.progress IS NOT NULL) p
                   WHERE a.task_id = p.id AND a.attempt = p.attempt
              )
-             SELECT id, job_id, attempt, lease_expires_at, cancel_requested FROM renewed",
+             SELECT id AS "id!", job_id AS "job_id!", attempt AS "attempt!",
+                    lease_expires_at AS "lease_expires_at!",
+                    cancel_requested AS "cancel_requested!"
+               FROM renewed"#,
+            &ids,
+            &jobs,
+            &attempts,
+            &progress as _,
         )
-        .bind(&ids)
-        .bind(&jobs)
-        .bind(&attempts)
-        .bind(&progress)
         .fetch_all(&mut *conn)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| {
+            (
+                r.id,
+                r.job_id,
+                r.attempt,
+                r.lease_expires_at,
+                r.cancel_requested,
+            )
+        })
+        .collect();
         let mut answers = Vec::with_capacity(entries.len());
         for (fence, _) in entries {
             let hit = renewed.iter().find(|(id, job, att, _, _)| {
@@ -98,9 +112,8 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         // The fenced insert and, in the same statement, the attempt's running
         // totals (the attempt row serialises concurrent calls).
-        let (live, inserted, events_total, bytes_total): (bool, i64, Option<i32>, Option<i64>) =
-            sqlx::query_as(
-                "WITH fence AS (
+        let totals = sqlx::query!(
+            r#"WITH fence AS (
                  SELECT id FROM tasks
                   WHERE id = $1 AND job_id = $2 AND attempt = $3
                     AND state = 'leased' AND lease_expires_at > clock_timestamp()
@@ -119,17 +132,24 @@ impl Store {
                   WHERE task_id = $1 AND attempt = $3 AND EXISTS (SELECT 1 FROM ins)
               RETURNING events, event_bytes
              )
-             SELECT EXISTS (SELECT 1 FROM fence), (SELECT count(*) FROM ins),
-                    (SELECT events FROM totals), (SELECT event_bytes FROM totals)",
-            )
-            .bind(fence.task_id)
-            .bind(fence.job_id)
-            .bind(fence.attempt_i32())
-            .bind(&seqs)
-            .bind(&kinds)
-            .bind(&payloads)
-            .fetch_one(&mut *tx)
-            .await?;
+             SELECT EXISTS (SELECT 1 FROM fence) AS "live!", (SELECT count(*) FROM ins) AS "inserted!",
+                    (SELECT events FROM totals) AS events_total,
+                    (SELECT event_bytes FROM totals) AS bytes_total"#,
+            fence.task_id,
+            fence.job_id,
+            fence.attempt_i32(),
+            &seqs,
+            &kinds as _,
+            &payloads as _,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let (live, inserted, events_total, bytes_total) = (
+            totals.live,
+            totals.inserted,
+            totals.events_total,
+            totals.bytes_total,
+        );
         if !live {
             let err = fence_error(&mut tx, fence).await;
             tx.rollback().await?;
@@ -150,19 +170,19 @@ impl Store {
         let inserted = u32::try_from(inserted).unwrap_or(0);
         let total = u32::try_from(events.len()).unwrap_or(u32::MAX);
         if inserted < total {
-            let differing: Option<i64> = sqlx::query_scalar(
+            let differing = sqlx::query_scalar!(
                 "SELECT t.seq FROM task_events t
                    JOIN unnest($3::bigint[], $4::text[], $5::jsonb[]) AS e(seq, kind, payload)
                      ON t.seq = e.seq
                   WHERE t.task_id = $1 AND t.attempt = $2
                     AND (t.kind <> e.kind OR t.payload <> e.payload)
                   LIMIT 1",
+                fence.task_id,
+                fence.attempt_i32(),
+                &seqs,
+                &kinds as _,
+                &payloads as _,
             )
-            .bind(fence.task_id)
-            .bind(fence.attempt_i32())
-            .bind(&seqs)
-            .bind(&kinds)
-            .bind(&payloads)
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(seq) = differing {
@@ -198,8 +218,8 @@ impl Store {
         under_prefix: bool,
     ) -> Result<PublishOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let (live, mode, inserted): (bool, Option<String>, bool) = sqlx::query_as(
-            "WITH fence AS (
+        let published = sqlx::query!(
+            r#"WITH fence AS (
                  SELECT t.id, j.org_id FROM tasks t JOIN jobs j ON j.id = t.job_id
                   WHERE t.id = $1 AND t.job_id = $2 AND t.attempt = $3
                     AND t.state = 'leased' AND t.lease_expires_at > clock_timestamp()
@@ -218,19 +238,21 @@ impl Store {
                  INSERT INTO outbox (topic, payload)
                  SELECT 'buffer', jsonb_build_object('org_id', org_id, 'batch_id', batch_id) FROM ins
              )
-             SELECT EXISTS (SELECT 1 FROM fence), (SELECT mode FROM ds), EXISTS (SELECT 1 FROM ins)",
+             SELECT EXISTS (SELECT 1 FROM fence) AS "live!", (SELECT mode FROM ds) AS mode,
+                    EXISTS (SELECT 1 FROM ins) AS "inserted!""#,
+            fence.task_id,
+            fence.job_id,
+            fence.attempt_i32(),
+            batch.batch_id,
+            &batch.dataset,
+            &batch.object_key,
+            batch.rows,
+            &batch.sha256,
+            under_prefix,
         )
-        .bind(fence.task_id)
-        .bind(fence.job_id)
-        .bind(fence.attempt_i32())
-        .bind(batch.batch_id)
-        .bind(&batch.dataset)
-        .bind(&batch.object_key)
-        .bind(batch.rows)
-        .bind(&batch.sha256)
-        .bind(under_prefix)
         .fetch_one(&mut *tx)
         .await?;
+        let (live, mode, inserted) = (published.live, published.mode, published.inserted);
         if !live {
             let err = fence_error(&mut tx, fence).await;
             tx.rollback().await?;
@@ -261,19 +283,19 @@ impl Store {
         }
         // `None`: no such batch; else whether its body is this one (the
         // checksum and row count an operator replay replaced count too).
-        let same: Option<bool> = sqlx::query_scalar(
-            "SELECT coalesce(b.task_id = $2 AND b.dataset = $3 AND b.object_key = $6
+        let same = sqlx::query_scalar!(
+            r#"SELECT coalesce(b.task_id = $2 AND b.dataset = $3 AND b.object_key = $6
                     AND ((b.sha256 = $5 AND b.rows = $4)
-                         OR (b.replaced_sha256 = $5 AND b.replaced_rows = $4)), false)
+                         OR (b.replaced_sha256 = $5 AND b.replaced_rows = $4)), false) AS "same!"
                FROM buffer_publishes b JOIN tasks t ON t.id = $2 JOIN jobs j ON j.id = t.job_id
-              WHERE b.org_id = j.org_id AND b.batch_id = $1",
+              WHERE b.org_id = j.org_id AND b.batch_id = $1"#,
+            batch.batch_id,
+            fence.task_id,
+            &batch.dataset,
+            batch.rows,
+            &batch.sha256,
+            &batch.object_key,
         )
-        .bind(batch.batch_id)
-        .bind(fence.task_id)
-        .bind(&batch.dataset)
-        .bind(batch.rows)
-        .bind(&batch.sha256)
-        .bind(&batch.object_key)
         .fetch_optional(&mut *tx)
         .await?;
         tx.rollback().await?;

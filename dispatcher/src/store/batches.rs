@@ -69,12 +69,6 @@ pub struct DeadFilter {
     pub batch_ids: Vec<Uuid>,
 }
 
-/// The filter as SQL over `buffer_publishes b`, with binds `$1..$3`.
-const DEAD_WHERE: &str = "b.state = 'dead'
-    AND ($1::uuid IS NULL OR b.org_id = $1)
-    AND ($2::text IS NULL OR b.dataset = $2)
-    AND (cardinality($3::uuid[]) = 0 OR b.batch_id = ANY($3))";
-
 impl Store {
     /// The batch a buffer pointer names, with its dataset's schema; `None`
     /// if there is no such batch (purged by an operator) or its dataset is
@@ -84,28 +78,30 @@ impl Store {
         org_id: Uuid,
         batch_id: Uuid,
     ) -> Result<Option<SinkBatch>, StoreError> {
-        type Row = (
-            Uuid,
-            i32,
-            Uuid,
-            String,
-            serde_json::Value,
-            String,
-            i64,
-            String,
-            String,
-        );
-        let row: Option<Row> = sqlx::query_as(
+        let row = sqlx::query!(
             "SELECT b.task_id, b.attempt, d.id, b.dataset, d.columns, b.object_key, b.rows,
                     b.sha256, b.state
                FROM buffer_publishes b
                JOIN datasets d ON d.org_id = b.org_id AND d.name = b.dataset
               WHERE b.org_id = $1 AND b.batch_id = $2",
+            org_id,
+            batch_id,
         )
-        .bind(org_id)
-        .bind(batch_id)
         .fetch_optional(&self.pool)
-        .await?;
+        .await?
+        .map(|r| {
+            (
+                r.task_id,
+                r.attempt,
+                r.id,
+                r.dataset,
+                r.columns,
+                r.object_key,
+                r.rows,
+                r.sha256,
+                r.state,
+            )
+        });
         let Some((task_id, attempt, dataset_id, dataset, columns, object_key, rows, sha256, state)) =
             row
         else {
@@ -135,12 +131,12 @@ impl Store {
         org_id: Uuid,
         batch_id: Uuid,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE buffer_publishes SET state = 'ingested', ingested_at = now(), last_error = NULL
               WHERE org_id = $1 AND batch_id = $2 AND state = 'pending'",
+            org_id,
+            batch_id,
         )
-        .bind(org_id)
-        .bind(batch_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -154,17 +150,17 @@ impl Store {
         batch_id: Uuid,
         reason: &RowError,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "UPDATE buffer_publishes
                 SET state = 'dead', dead_at = now(), reason_code = $3, reason_line = $4,
                     reason_message = $5
               WHERE org_id = $1 AND batch_id = $2 AND state = 'pending'",
+            org_id,
+            batch_id,
+            reason.code.as_str(),
+            reason.line.and_then(|l| i64::try_from(l).ok()),
+            &reason.message,
         )
-        .bind(org_id)
-        .bind(batch_id)
-        .bind(reason.code.as_str())
-        .bind(reason.line.and_then(|l| i64::try_from(l).ok()))
-        .bind(&reason.message)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -178,15 +174,15 @@ impl Store {
         batch_id: Uuid,
         error: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "UPDATE buffer_publishes
                 SET transient_failures = transient_failures + 1, last_error = left($3, 2000),
                     pointer_at = now()
               WHERE org_id = $1 AND batch_id = $2 AND state = 'pending'",
+            org_id,
+            batch_id,
+            error,
         )
-        .bind(org_id)
-        .bind(batch_id)
-        .bind(error)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -199,16 +195,24 @@ impl Store {
         dataset: &str,
         batch_id: Uuid,
     ) -> Result<BatchView, StoreError> {
-        type Row = (String, i64, Option<String>, Option<i64>, Option<String>);
-        let row: Option<Row> = sqlx::query_as(
+        let row = sqlx::query!(
             "SELECT state, rows, reason_code, reason_line, reason_message
                    FROM buffer_publishes WHERE org_id = $1 AND dataset = $2 AND batch_id = $3",
+            org_id,
+            dataset,
+            batch_id,
         )
-        .bind(org_id)
-        .bind(dataset)
-        .bind(batch_id)
         .fetch_optional(&self.pool)
-        .await?;
+        .await?
+        .map(|r| {
+            (
+                r.state,
+                r.rows,
+                r.reason_code,
+                r.reason_line,
+                r.reason_message,
+            )
+        });
         let (status, rows, code, line, message) = row.ok_or_else(|| {
             StoreError::NotFound(format!("no batch {batch_id} of dataset {dataset:?}"))
         })?;
@@ -232,15 +236,16 @@ impl Store {
         older_than: Duration,
         limit: u32,
     ) -> Result<Vec<PendingBatch>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(sqlx::query_as!(
+            PendingBatch,
             "SELECT org_id, batch_id, dataset, created_at, pointer_at, transient_failures, last_error
                FROM buffer_publishes
               WHERE state = 'pending'
                 AND created_at < now() - make_interval(secs => $1::double precision / 1000)
               ORDER BY created_at LIMIT $2",
+            crate::millis(older_than) as f64,
+            i64::from(limit),
         )
-        .bind(crate::millis(older_than))
-        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -251,17 +256,24 @@ impl Store {
         filter: &DeadFilter,
         limit: u32,
     ) -> Result<Vec<DeadBatch>, StoreError> {
-        Ok(sqlx::query_as(&format!(
-            "SELECT b.org_id, b.batch_id, b.dataset, b.task_id, b.attempt, b.object_key, b.rows,
-                    b.sha256, b.reason_code, b.reason_line, b.reason_message, b.replays,
-                    b.created_at, b.dead_at
-               FROM buffer_publishes b WHERE {DEAD_WHERE}
-              ORDER BY b.dead_at, b.batch_id LIMIT $4"
-        ))
-        .bind(filter.org_id)
-        .bind(&filter.dataset)
-        .bind(&filter.batch_ids)
-        .bind(i64::from(limit))
+        // The filter is written out in each query (a macro takes one
+        // literal); `purge_dead_batches` uses the same one.
+        Ok(sqlx::query_as!(
+            DeadBatch,
+            r#"SELECT b.org_id, b.batch_id, b.dataset, b.task_id, b.attempt, b.object_key, b.rows,
+                    b.sha256, b.reason_code AS "reason_code!", b.reason_line, b.reason_message,
+                    b.replays, b.created_at, b.dead_at
+               FROM buffer_publishes b
+              WHERE b.state = 'dead'
+                AND ($1::uuid IS NULL OR b.org_id = $1)
+                AND ($2::text IS NULL OR b.dataset = $2)
+                AND (cardinality($3::uuid[]) = 0 OR b.batch_id = ANY($3))
+              ORDER BY b.dead_at, b.batch_id LIMIT $4"#,
+            filter.org_id,
+            filter.dataset.as_deref(),
+            &filter.batch_ids,
+            i64::from(limit),
+        )
         .fetch_all(&self.pool)
         .await?)
     }
@@ -279,8 +291,8 @@ impl Store {
         accept: Option<(&str, i64)>,
     ) -> Result<bool, StoreError> {
         let (sha, rows) = accept.unzip();
-        let replayed: bool = sqlx::query_scalar(
-            "WITH up AS (
+        let replayed: bool = sqlx::query_scalar!(
+            r#"WITH up AS (
                  UPDATE buffer_publishes
                     SET state = 'pending', reason_code = NULL, reason_line = NULL,
                         reason_message = NULL, dead_at = NULL, replays = replays + 1,
@@ -296,12 +308,12 @@ impl Store {
                  INSERT INTO outbox (topic, payload)
                  SELECT 'buffer', jsonb_build_object('org_id', org_id, 'batch_id', batch_id) FROM up
              )
-             SELECT EXISTS (SELECT 1 FROM up)",
+             SELECT EXISTS (SELECT 1 FROM up) AS "replayed!""#,
+            org_id,
+            batch_id,
+            sha,
+            rows,
         )
-        .bind(org_id)
-        .bind(batch_id)
-        .bind(sha)
-        .bind(rows)
         .fetch_one(&self.pool)
         .await?;
         Ok(replayed)
@@ -310,12 +322,16 @@ impl Store {
     /// Deletes the records of dead batches matching `filter`; their objects
     /// become unreferenced and retention removes them past its floor.
     pub async fn purge_dead_batches(&self, filter: &DeadFilter) -> Result<u64, StoreError> {
-        let done = sqlx::query(&format!(
-            "DELETE FROM buffer_publishes b WHERE {DEAD_WHERE}"
-        ))
-        .bind(filter.org_id)
-        .bind(&filter.dataset)
-        .bind(&filter.batch_ids)
+        let done = sqlx::query!(
+            "DELETE FROM buffer_publishes b
+              WHERE b.state = 'dead'
+                AND ($1::uuid IS NULL OR b.org_id = $1)
+                AND ($2::text IS NULL OR b.dataset = $2)
+                AND (cardinality($3::uuid[]) = 0 OR b.batch_id = ANY($3))",
+            filter.org_id,
+            filter.dataset.as_deref(),
+            &filter.batch_ids,
+        )
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -329,8 +345,8 @@ impl Store {
         after: Duration,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let n: i64 = sqlx::query_scalar(
-            "WITH stale AS (
+        let n: i64 = sqlx::query_scalar!(
+            r#"WITH stale AS (
                  SELECT org_id, batch_id FROM buffer_publishes
                   WHERE state = 'pending'
                     AND pointer_at < now() - make_interval(secs => $1::double precision / 1000)
@@ -344,10 +360,10 @@ impl Store {
                  INSERT INTO outbox (topic, payload)
                  SELECT 'buffer', jsonb_build_object('org_id', org_id, 'batch_id', batch_id) FROM up
              )
-             SELECT count(*) FROM up",
+             SELECT count(*) AS "n!" FROM up"#,
+            crate::millis(after) as f64,
+            i64::from(limit),
         )
-        .bind(crate::millis(after))
-        .bind(i64::from(limit))
         .fetch_one(&self.pool)
         .await?;
         Ok(u64::try_from(n).unwrap_or(0))

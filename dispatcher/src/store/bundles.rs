@@ -40,13 +40,6 @@ impl BundleRow {
     }
 }
 
-const SELECT: &str = "SELECT b.digest, b.runtime, b.handler, b.memory_mb, b.timeout_seconds,
-                             b.size_bytes, b.created_at,
-                             ARRAY(SELECT t.name FROM bundle_tags t
-                                    WHERE t.org_id = b.org_id AND t.digest = b.digest
-                                    ORDER BY t.name) AS tags
-                        FROM bundles b";
-
 /// A task's bundle as its job is submitted: the digest it runs and the
 /// bundle's default timeout.
 pub struct ResolvedBundle {
@@ -66,29 +59,25 @@ impl Store {
         size_bytes: u64,
         object_key: &str,
     ) -> Result<BundleView, StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO bundles (org_id, digest, runtime, handler, memory_mb, timeout_seconds,
                                   size_bytes, object_key, created_by)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (org_id, digest) DO NOTHING",
-        )
-        .bind(org_id)
-        .bind(digest)
-        .bind(manifest.runtime.as_str())
-        .bind(&manifest.handler)
-        .bind(
+            org_id,
+            digest,
+            manifest.runtime.as_str(),
+            &manifest.handler,
             manifest
                 .memory_mb
                 .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
-        )
-        .bind(
             manifest
                 .timeout_seconds
                 .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
+            i64::try_from(size_bytes).unwrap_or(i64::MAX),
+            object_key,
+            created_by,
         )
-        .bind(i64::try_from(size_bytes).unwrap_or(i64::MAX))
-        .bind(object_key)
-        .bind(created_by)
         .execute(&self.pool)
         .await?;
         self.bundle(org_id, digest)
@@ -98,12 +87,20 @@ impl Store {
 
     /// One of the org's bundles, by digest or tag.
     pub async fn bundle(&self, org_id: Uuid, name: &str) -> Result<Option<BundleView>, StoreError> {
-        let row: Option<BundleRow> = sqlx::query_as(&format!(
-            "{SELECT} WHERE b.org_id = $1
-                AND b.digest = COALESCE((SELECT digest FROM bundle_tags WHERE org_id = $1 AND name = $2), $2)"
-        ))
-        .bind(org_id)
-        .bind(name)
+        let row = sqlx::query_as!(
+            BundleRow,
+            r#"SELECT b.digest, b.runtime, b.handler, b.memory_mb, b.timeout_seconds,
+                      b.size_bytes, b.created_at,
+                      ARRAY(SELECT t.name FROM bundle_tags t
+                             WHERE t.org_id = b.org_id AND t.digest = b.digest
+                             ORDER BY t.name) AS "tags!"
+                 FROM bundles b
+                WHERE b.org_id = $1
+                  AND b.digest = COALESCE((SELECT digest FROM bundle_tags
+                                            WHERE org_id = $1 AND name = $2), $2)"#,
+            org_id,
+            name,
+        )
         .fetch_optional(&self.pool)
         .await?;
         row.map(BundleRow::view).transpose()
@@ -117,14 +114,14 @@ impl Store {
         name: &str,
         digest: &str,
     ) -> Result<BundleView, StoreError> {
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "INSERT INTO bundle_tags (org_id, name, digest)
              SELECT org_id, $2, digest FROM bundles WHERE org_id = $1 AND digest = $3
              ON CONFLICT (org_id, name) DO UPDATE SET digest = EXCLUDED.digest, updated_at = now()",
+            org_id,
+            name,
+            digest,
         )
-        .bind(org_id)
-        .bind(name)
-        .bind(digest)
         .execute(&self.pool)
         .await?;
         if done.rows_affected() == 0 {
@@ -145,15 +142,16 @@ pub(super) async fn resolve(
     runtime: Runtime,
     name: &str,
 ) -> Result<ResolvedBundle, StoreError> {
-    let row: Option<(String, String, Option<i32>)> = sqlx::query_as(
+    let row = sqlx::query!(
         "SELECT b.digest, b.runtime, b.timeout_seconds FROM bundles b
           WHERE b.org_id = $1
             AND b.digest = COALESCE((SELECT digest FROM bundle_tags WHERE org_id = $1 AND name = $2), $2)",
+        org_id,
+        name,
     )
-    .bind(org_id)
-    .bind(name)
     .fetch_optional(&mut *tx)
-    .await?;
+    .await?
+    .map(|r| (r.digest, r.runtime, r.timeout_seconds));
     let Some((digest, bundle_runtime, timeout)) = row else {
         return Err(StoreError::Invalid(Invalid::new(
             field,

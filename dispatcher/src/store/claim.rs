@@ -21,7 +21,6 @@ pub enum Pick<'a> {
     Ready(u32),
 }
 
-#[derive(sqlx::FromRow)]
 struct ClaimRow {
     task_id: Uuid,
     job_id: Uuid,
@@ -37,7 +36,6 @@ struct ClaimRow {
     timeout_seconds: Option<i32>,
 }
 
-#[derive(sqlx::FromRow)]
 struct RefusalRow {
     state: String,
     attempt: i32,
@@ -85,16 +83,17 @@ impl Store {
         };
         // Take the lease (incrementing the attempt), end a reclaimed expired
         // attempt, record the new one, and read what the worker needs.
-        let granted: Vec<ClaimRow> = sqlx::query_as(
-            "WITH ready AS (
+        let granted = sqlx::query_as!(
+            ClaimRow,
+            r#"WITH ready AS (
                  SELECT id FROM tasks
-                  WHERE $4 > 0 AND state = 'ready' AND NOT cancel_requested
+                  WHERE $4::bigint > 0 AND state = 'ready' AND NOT cancel_requested
                     AND attempt < max_attempts
                     -- Written so that no index on not_before matches: the
                     -- oldest first, read in order from tasks_ready_fifo_idx,
                     -- whatever the statistics say (migration 0012).
                     AND coalesce(not_before, '-infinity') <= now()
-                  ORDER BY updated_at LIMIT $4
+                  ORDER BY updated_at LIMIT $4::bigint
                     FOR UPDATE SKIP LOCKED
              ), picked AS (
                  SELECT unnest($1::uuid[]) AS id
@@ -102,8 +101,8 @@ impl Store {
                  SELECT id FROM ready
              ), claimed AS (
                  UPDATE tasks
-                    SET state = 'leased', attempt = attempt + 1, lease_seconds = $2,
-                        lease_expires_at = now() + $2 * interval '1 second',
+                    SET state = 'leased', attempt = attempt + 1, lease_seconds = $2::int,
+                        lease_expires_at = now() + $2::int * interval '1 second',
                         not_before = NULL, updated_at = now()
                   WHERE id IN (SELECT id FROM picked)
                     AND attempt < max_attempts
@@ -119,17 +118,18 @@ impl Store {
                  INSERT INTO attempts (task_id, attempt, worker_id)
                  SELECT id, attempt, $3 FROM claimed
              )
-             SELECT c.id AS task_id, c.job_id, c.attempt, c.lease_expires_at,
+             SELECT c.id AS "task_id!", c.job_id AS "job_id!", c.attempt AS "attempt!",
+                    c.lease_expires_at AS "lease_expires_at!",
                     s.key, s.runtime, s.bundle, s.inputs, s.outputs, s.reads, j.org_id,
                     s.timeout_seconds
                FROM claimed c
                JOIN task_specs s ON s.task_id = c.id
-               JOIN jobs j ON j.id = c.job_id",
+               JOIN jobs j ON j.id = c.job_id"#,
+            &ids,
+            secs_i32(lease),
+            worker_id,
+            limit,
         )
-        .bind(&ids)
-        .bind(secs_i32(lease))
-        .bind(worker_id)
-        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         if !granted.is_empty() {
@@ -173,8 +173,8 @@ impl Store {
     /// when no ready task waits for one. Reads `tasks_retry_due_idx`
     /// (migration 0013), so its cost does not grow with the backlog.
     pub async fn next_retry_due(&self) -> Result<Option<Duration>, StoreError> {
-        let ms: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM min(not_before) - now())::float8 * 1000 FROM tasks
+        let ms = sqlx::query_scalar!(
+            "SELECT extract(epoch FROM min(not_before) - now())::float8 * 1000 AS ms FROM tasks
               WHERE state = 'ready' AND not_before > now() - interval '100 milliseconds'",
         )
         .fetch_one(&self.pool)
@@ -186,12 +186,13 @@ impl Store {
     /// (out of attempts, or cancel requested) is ended here, by the same rules
     /// as the lease reaper, so the task does not linger as `leased`.
     pub async fn claim_refusal(&self, task_id: Uuid) -> StoreError {
-        let row: Result<Option<RefusalRow>, _> = sqlx::query_as(
-            "SELECT state, attempt, max_attempts, pending_deps, cancel_requested, not_before,
-                    lease_expires_at, coalesce(lease_expires_at <= now(), false) AS expired
-               FROM tasks WHERE id = $1",
+        let row = sqlx::query_as!(
+            RefusalRow,
+            r#"SELECT state, attempt, max_attempts, pending_deps, cancel_requested, not_before,
+                      lease_expires_at, coalesce(lease_expires_at <= now(), false) AS "expired!"
+                 FROM tasks WHERE id = $1"#,
+            task_id,
         )
-        .bind(task_id)
         .fetch_optional(&self.pool)
         .await;
         let RefusalRow {

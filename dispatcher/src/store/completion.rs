@@ -1,7 +1,6 @@
 //! Completion: one transaction per call or per batch, a savepoint per
 //! entry; a succeeded completion commits the attempt's dataset versions.
 
-use chrono::{DateTime, Utc};
 use dispatcher_wire::{CommittedVersion, CompleteResponse, TaskState};
 use serde_json::Value;
 use sqlx::PgConnection;
@@ -25,16 +24,19 @@ async fn commit_versions(
     manifests: &[super::datasets::WrittenManifest],
 ) -> Result<Vec<CommittedVersion>, StoreError> {
     let attempt = fence.attempt_i32();
-    let staged: Vec<(Uuid, String, String)> = sqlx::query_as(
+    let staged: Vec<(Uuid, String, String)> = sqlx::query!(
         "SELECT DISTINCT s.dataset_id, d.name, d.mode
            FROM staged_parts s JOIN datasets d ON d.id = s.dataset_id
           WHERE s.task_id = $1 AND s.attempt = $2
           ORDER BY s.dataset_id",
+        fence.task_id,
+        attempt,
     )
-    .bind(fence.task_id)
-    .bind(attempt)
     .fetch_all(&mut *conn)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.dataset_id, r.name, r.mode))
+    .collect();
     let mut committed = Vec::with_capacity(staged.len());
     for (dataset_id, name, mode) in staged {
         let Some(manifest) = manifests.iter().find(|m| m.dataset_id == dataset_id) else {
@@ -43,13 +45,14 @@ async fn commit_versions(
                  committed, retry"
             )));
         };
-        let current: Option<i32> =
-            sqlx::query_scalar("SELECT current_version FROM datasets WHERE id = $1 FOR UPDATE")
-                .bind(dataset_id)
-                .fetch_one(&mut *conn)
-                .await?;
+        let current: Option<i32> = sqlx::query_scalar!(
+            "SELECT current_version FROM datasets WHERE id = $1 FOR UPDATE",
+            dataset_id,
+        )
+        .fetch_one(&mut *conn)
+        .await?;
         let version = current.unwrap_or(0) + 1;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO dataset_versions (dataset_id, version, parent, task_id, attempt, rows, manifest_key)
              SELECT $1, $2, $3, $4, $5,
                     coalesce((SELECT rows FROM dataset_versions
@@ -58,38 +61,49 @@ async fn commit_versions(
                     $7
                FROM staged_parts s
               WHERE s.task_id = $4 AND s.attempt = $5 AND s.dataset_id = $1",
+            dataset_id,
+            version,
+            current,
+            fence.task_id,
+            attempt,
+            &mode,
+            &manifest.key,
         )
-        .bind(dataset_id)
-        .bind(version)
-        .bind(current)
-        .bind(fence.task_id)
-        .bind(attempt)
-        .bind(&mode)
-        .bind(&manifest.key)
         .execute(&mut *conn)
         .await?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO dataset_parts (dataset_id, version, key, rows, bytes, sha256)
              SELECT $1, $2, key, rows, bytes, sha256 FROM staged_parts
               WHERE task_id = $3 AND attempt = $4 AND dataset_id = $1",
+            dataset_id,
+            version,
+            fence.task_id,
+            attempt,
         )
-        .bind(dataset_id)
-        .bind(version)
-        .bind(fence.task_id)
-        .bind(attempt)
         .execute(&mut *conn)
         .await?;
-        sqlx::query("UPDATE datasets SET current_version = $2 WHERE id = $1")
-            .bind(dataset_id)
-            .bind(version)
-            .execute(&mut *conn)
-            .await?;
+        sqlx::query!(
+            "UPDATE datasets SET current_version = $2 WHERE id = $1",
+            dataset_id,
+            version,
+        )
+        .execute(&mut *conn)
+        .await?;
         committed.push(CommittedVersion {
             dataset: name,
             version: u32::try_from(version).unwrap_or(0),
         });
     }
     Ok(committed)
+}
+
+/// The entries of a completion batch, in job order, for its job locks:
+/// each entry's job and task, and whether it is a success.
+#[derive(Clone, Copy)]
+struct JobLocks<'a> {
+    jobs: &'a [Uuid],
+    tasks: &'a [Uuid],
+    succeeded: &'a [bool],
 }
 
 impl Store {
@@ -137,13 +151,12 @@ impl Store {
                 (fence.job_id, fence.task_id, ok)
             })
             .collect();
-        sqlx::query("SELECT lock_completion_jobs($1, $2, $3)")
-            .bind(&jobs)
-            .bind(&tasks)
-            .bind(&succeeded)
-            .execute(&mut *tx)
-            .await?;
-        for (i, response) in self.complete_leaves(&mut tx, entries).await? {
+        let locks = JobLocks {
+            jobs: &jobs,
+            tasks: &tasks,
+            succeeded: &succeeded,
+        };
+        for (i, response) in self.complete_leaves(&mut tx, entries, locks).await? {
             answers[i] = Some(Ok(response));
         }
         for i in order {
@@ -196,19 +209,22 @@ impl Store {
             .collect())
     }
 
-    /// The fast path of a batch: every entry that is the success of a leaf
-    /// (no dependants, nothing staged, not asked to stop) ends its task and
-    /// records its attempt in **one statement** for all of them; the entry
-    /// is then exactly what `complete_step` would have written for it. An
-    /// entry the statement did not end (fenced, a replay, or not a leaf)
-    /// is left to `complete_step`. Runs in a savepoint: if the statement
-    /// fails, or an attempt turns out to have staged parts (committed while
-    /// the statement waited on its task row), nothing of it stays and every
-    /// entry takes the ordinary path. Returns (entry index, answer).
+    /// Takes the batch's job locks (`lock_completion_jobs`, in job id
+    /// order) and runs the fast path of a batch: every entry that is the
+    /// success of a leaf (no dependants, nothing staged, not asked to stop)
+    /// ends its task and records its attempt in **one call** for all of
+    /// them (`complete_leaf_successes`, migration 0015, ADR 0020); the
+    /// entry is then exactly what `complete_step` would have written for
+    /// it. An entry the call did not end (fenced, a replay, or not a leaf)
+    /// is left to `complete_step`. If the update fails, or an attempt turns
+    /// out to have staged parts (committed while the update waited on its
+    /// task row), the function undoes its writes and ends nothing, and
+    /// every entry takes the ordinary path. Returns (entry index, answer).
     async fn complete_leaves(
         &self,
         tx: &mut PgConnection,
         entries: &[(Fence, &Completion, &[super::datasets::WrittenManifest])],
+        locks: JobLocks<'_>,
     ) -> Result<Vec<(usize, CompleteResponse)>, StoreError> {
         // A task named twice in one batch goes the ordinary way, which
         // answers the second entry as a replay (or a conflict).
@@ -227,6 +243,14 @@ impl Store {
             })
             .collect();
         if candidates.is_empty() {
+            sqlx::query!(
+                "SELECT lock_completion_jobs($1, $2, $3)",
+                locks.jobs,
+                locks.tasks,
+                locks.succeeded,
+            )
+            .fetch_one(&mut *tx)
+            .await?;
             return Ok(Vec::new());
         }
         let mut task_ids = Vec::with_capacity(candidates.len());
@@ -254,68 +278,19 @@ impl Store {
             );
             answers.push(response);
         }
-        let mut leaves = sqlx::Connection::begin(&mut *tx).await?;
-        let ended: Result<Vec<Uuid>, sqlx::Error> = sqlx::query_scalar(
-            "WITH input AS (
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::jsonb[], $5::jsonb[])
-                     AS i(task_id, job_id, attempt, completion, response)
-             ), ended AS (
-                 UPDATE tasks t
-                    SET state = 'succeeded', not_before = NULL, lease_expires_at = NULL,
-                        updated_at = now()
-                   FROM input i
-                  WHERE t.id = i.task_id AND t.job_id = i.job_id AND t.attempt = i.attempt
-                    AND t.state = 'leased' AND t.lease_expires_at > clock_timestamp()
-                    AND NOT t.cancel_requested
-                    AND NOT EXISTS (SELECT 1 FROM task_deps d WHERE d.depends_on = t.id)
-                    AND NOT EXISTS (SELECT 1 FROM staged_parts s
-                                     WHERE s.task_id = t.id AND s.attempt = t.attempt)
-              RETURNING t.id, t.attempt
-             )
-             UPDATE attempts a
-                SET finished_at = now(), outcome = 'succeeded',
-                    completion = i.completion, response = i.response
-               FROM ended e JOIN input i ON i.task_id = e.id
-              WHERE a.task_id = e.id AND a.attempt = e.attempt
-          RETURNING a.task_id",
+        let ended: Vec<Uuid> = sqlx::query_scalar!(
+            r#"SELECT complete_leaf_successes($1, $2, $3, $4, $5, $6, $7, $8) AS "ended!""#,
+            locks.jobs,
+            locks.tasks,
+            locks.succeeded,
+            &task_ids,
+            &job_ids,
+            &attempts,
+            &completions,
+            &responses,
         )
-        .bind(&task_ids)
-        .bind(&job_ids)
-        .bind(&attempts)
-        .bind(&completions)
-        .bind(&responses)
-        .fetch_all(&mut *leaves)
-        .await;
-        let ended = match ended {
-            Ok(ended) if !ended.is_empty() => ended,
-            Ok(_) => {
-                leaves.rollback().await?;
-                return Ok(Vec::new());
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "leaf fast path failed; entries go one by one");
-                leaves.rollback().await?;
-                return Ok(Vec::new());
-            }
-        };
-        // Parts staged while the statement waited: the ordinary path then
-        // refuses that completion, retryably, as it would have alone.
-        let staged: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM staged_parts s
-                              JOIN unnest($1::uuid[], $2::int[]) AS i(task_id, attempt)
-                                ON s.task_id = i.task_id AND s.attempt = i.attempt
-                             WHERE s.task_id = ANY($3))",
-        )
-        .bind(&task_ids)
-        .bind(&attempts)
-        .bind(&ended)
-        .fetch_one(&mut *leaves)
+        .fetch_one(&mut *tx)
         .await?;
-        if staged {
-            leaves.rollback().await?;
-            return Ok(Vec::new());
-        }
-        leaves.commit().await?;
         Ok(candidates
             .into_iter()
             .zip(answers)
@@ -342,13 +317,13 @@ impl Store {
         if *completion == Completion::Cancelled {
             // Only a task asked to stop may end as cancelled. The flag only
             // ever goes from false to true, so checking first is safe.
-            let asked: Option<bool> = sqlx::query_scalar(
+            let asked: Option<bool> = sqlx::query_scalar!(
                 "SELECT cancel_requested FROM tasks
                   WHERE id = $1 AND job_id = $2 AND attempt = $3 AND state = 'leased'",
+                fence.task_id,
+                fence.job_id,
+                fence.attempt_i32(),
             )
-            .bind(fence.task_id)
-            .bind(fence.job_id)
-            .bind(fence.attempt_i32())
             .fetch_optional(&mut *tx)
             .await?;
             if asked == Some(false) {
@@ -359,7 +334,7 @@ impl Store {
                 )));
             }
         }
-        let ended: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let ended = sqlx::query!(
             "UPDATE tasks
                 SET state = CASE WHEN cancel_requested THEN 'cancelled'
                                  WHEN $4 THEN 'succeeded'
@@ -372,15 +347,16 @@ impl Store {
               WHERE id = $1 AND job_id = $2 AND attempt = $3
                 AND state = 'leased' AND lease_expires_at > clock_timestamp()
           RETURNING state, not_before",
+            fence.task_id,
+            fence.job_id,
+            fence.attempt_i32(),
+            succeeded,
+            retryable,
+            crate::millis(self.retry_delay(fence.attempt_i32())) as f64,
         )
-        .bind(fence.task_id)
-        .bind(fence.job_id)
-        .bind(fence.attempt_i32())
-        .bind(succeeded)
-        .bind(retryable)
-        .bind(crate::millis(self.retry_delay(fence.attempt_i32())))
         .fetch_optional(&mut *tx)
-        .await?;
+        .await?
+        .map(|r| (r.state, r.not_before));
         let Some((state, retry_at)) = ended else {
             return Ok(None);
         };
@@ -397,20 +373,18 @@ impl Store {
             retry_at,
             versions,
         };
-        sqlx::query(
+        sqlx::query!(
             "UPDATE attempts
                 SET finished_at = now(), outcome = $3, completion = $4, response = $5
               WHERE task_id = $1 AND attempt = $2",
-        )
-        .bind(fence.task_id)
-        .bind(fence.attempt_i32())
-        .bind(match completion {
-            Completion::Succeeded { .. } => "succeeded",
-            Completion::Failed { .. } => "failed",
-            Completion::Cancelled => "cancelled",
-        })
-        .bind(&canonical)
-        .bind(
+            fence.task_id,
+            fence.attempt_i32(),
+            match completion {
+                Completion::Succeeded { .. } => "succeeded",
+                Completion::Failed { .. } => "failed",
+                Completion::Cancelled => "cancelled",
+            },
+            &canonical,
             serde_json::to_value(&response)
                 .map_err(|e| StoreError::Db(sqlx::Error::Encode(e.into())))?,
         )
@@ -437,15 +411,16 @@ impl Store {
         canonical: &Value,
     ) -> Result<CompleteResponse, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        let earlier: Option<(bool, Value)> = sqlx::query_as(
-            "SELECT completion = $3, response FROM attempts
-              WHERE task_id = $1 AND attempt = $2 AND completion IS NOT NULL",
+        let earlier = sqlx::query!(
+            r#"SELECT completion = $3 AS "same!", response AS "response!" FROM attempts
+                WHERE task_id = $1 AND attempt = $2 AND completion IS NOT NULL"#,
+            fence.task_id,
+            fence.attempt_i32(),
+            canonical,
         )
-        .bind(fence.task_id)
-        .bind(fence.attempt_i32())
-        .bind(canonical)
         .fetch_optional(&mut *conn)
-        .await?;
+        .await?
+        .map(|r| (r.same, r.response));
         match earlier {
             Some((true, response)) => serde_json::from_value(response)
                 .map_err(|e| StoreError::Db(sqlx::Error::Decode(e.into()))),

@@ -92,16 +92,19 @@ impl Store {
         task_id: Uuid,
         attempt: u32,
     ) -> Result<Vec<StagedDataset>, StoreError> {
-        let rows: Vec<(Uuid, String, String, i64, i64, String)> = sqlx::query_as(
+        let rows: Vec<(Uuid, String, String, i64, i64, String)> = sqlx::query!(
             "SELECT s.dataset_id, d.name, s.key, s.rows, s.bytes, s.sha256
                FROM staged_parts s JOIN datasets d ON d.id = s.dataset_id
               WHERE s.task_id = $1 AND s.attempt = $2
               ORDER BY s.dataset_id, s.key",
+            task_id,
+            i32::try_from(attempt).unwrap_or(i32::MAX),
         )
-        .bind(task_id)
-        .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.dataset_id, r.name, r.key, r.rows, r.bytes, r.sha256))
+        .collect();
         let mut out: Vec<StagedDataset> = Vec::new();
         for (dataset_id, name, key, rows, bytes, sha256) in rows {
             if out.last().map(|d| d.dataset_id) != Some(dataset_id) {
@@ -138,15 +141,18 @@ impl Store {
             .iter()
             .map(|&(t, a)| (t, i32::try_from(a).unwrap_or(i32::MAX)))
             .unzip();
-        let found: Vec<(Uuid, i32)> = sqlx::query_as(
+        let found: Vec<(Uuid, i32)> = sqlx::query!(
             "SELECT DISTINCT s.task_id, s.attempt
                FROM unnest($1::uuid[], $2::int[]) AS i(task_id, attempt)
                JOIN staged_parts s ON s.task_id = i.task_id AND s.attempt = i.attempt",
+            &tasks,
+            &numbers,
         )
-        .bind(&tasks)
-        .bind(&numbers)
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.task_id, r.attempt))
+        .collect();
         Ok(found
             .into_iter()
             .map(|(t, a)| (t, u32::try_from(a).unwrap_or(0)))
@@ -159,12 +165,12 @@ impl Store {
         &self,
         keys: &[String],
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let found: Vec<String> = sqlx::query_scalar(
-            "SELECT key FROM dataset_parts WHERE key = ANY($1)
-             UNION SELECT manifest_key FROM dataset_versions WHERE manifest_key = ANY($1)
-             UNION SELECT object_key FROM buffer_publishes WHERE object_key = ANY($1)",
+        let found: Vec<String> = sqlx::query_scalar!(
+            r#"SELECT key AS "key!" FROM dataset_parts WHERE key = ANY($1)
+               UNION SELECT manifest_key FROM dataset_versions WHERE manifest_key = ANY($1)
+               UNION SELECT object_key FROM buffer_publishes WHERE object_key = ANY($1)"#,
+            keys,
         )
-        .bind(keys)
         .fetch_all(&self.pool)
         .await?;
         Ok(found.into_iter().collect())
@@ -183,19 +189,22 @@ impl Store {
             .iter()
             .map(|a| i32::try_from(a.1).unwrap_or(i32::MAX))
             .collect();
-        let rows: Vec<(Uuid, i32, bool)> = sqlx::query_as(
-            "SELECT a.task_id, a.attempt,
+        let rows: Vec<(Uuid, i32, bool)> = sqlx::query!(
+            r#"SELECT a.task_id, a.attempt,
                     a.finished_at IS NOT NULL
-                    AND a.finished_at < now() - $3 * interval '1 millisecond'
+                    AND a.finished_at < now() - $3 * interval '1 millisecond' AS "ended!"
                FROM attempts a
                JOIN unnest($1::uuid[], $2::int[]) AS w(task_id, attempt)
-                 ON w.task_id = a.task_id AND w.attempt = a.attempt",
+                 ON w.task_id = a.task_id AND w.attempt = a.attempt"#,
+            &tasks,
+            &numbers,
+            crate::millis(ago) as f64,
         )
-        .bind(&tasks)
-        .bind(&numbers)
-        .bind(crate::millis(ago))
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.task_id, r.attempt, r.ended))
+        .collect();
         Ok(rows
             .into_iter()
             .map(|(t, n, ended)| ((t, u32::try_from(n).unwrap_or(0)), ended))
@@ -223,13 +232,13 @@ impl Store {
         if datasets.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar!(
             "SELECT DISTINCT p.key FROM dataset_parts p
                JOIN datasets d ON d.id = p.dataset_id
               WHERE d.org_id = $1 AND d.name = ANY($2) ORDER BY p.key",
+            org_id,
+            datasets,
         )
-        .bind(org_id)
-        .bind(datasets)
         .fetch_all(&self.pool)
         .await?)
     }
@@ -265,8 +274,8 @@ impl Store {
         let sums: Vec<&str> = parts.iter().map(|p| p.sha256.as_str()).collect();
         let attempt = i32::try_from(fence.attempt).unwrap_or(i32::MAX);
         let mut tx = self.pool.begin().await?;
-        let (live, differing): (bool, Option<String>) = sqlx::query_as(
-            "WITH fence AS (
+        let staged = sqlx::query!(
+            r#"WITH fence AS (
                  SELECT id FROM tasks
                   WHERE id = $1 AND job_id = $2 AND attempt = $3
                     AND state = 'leased' AND lease_expires_at > clock_timestamp()
@@ -281,22 +290,23 @@ impl Store {
                      ON CONFLICT (task_id, attempt, dataset_id, key) DO NOTHING
                  RETURNING key
              )
-             SELECT EXISTS (SELECT 1 FROM fence),
+             SELECT EXISTS (SELECT 1 FROM fence) AS "live!",
                     (SELECT s.key FROM staged_parts s JOIN given g ON g.key = s.key
                       WHERE s.task_id = $1 AND s.attempt = $3 AND s.dataset_id = $4
                         AND (s.rows, s.bytes, s.sha256) IS DISTINCT FROM (g.rows, g.bytes, g.sha256)
-                      LIMIT 1)",
+                      LIMIT 1) AS differing"#,
+            fence.task_id,
+            fence.job_id,
+            attempt,
+            dataset_id,
+            &keys as _,
+            &rows,
+            &bytes,
+            &sums as _,
         )
-        .bind(fence.task_id)
-        .bind(fence.job_id)
-        .bind(attempt)
-        .bind(dataset_id)
-        .bind(&keys)
-        .bind(&rows)
-        .bind(&bytes)
-        .bind(&sums)
         .fetch_one(&mut *tx)
         .await?;
+        let (live, differing) = (staged.live, staged.differing);
         if !live {
             let err = super::tasks::fence_error(&mut tx, fence).await;
             tx.rollback().await?;
@@ -309,12 +319,12 @@ impl Store {
                  or checksum; nothing of this call was staged"
             )));
         }
-        let total: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM staged_parts WHERE task_id = $1 AND attempt = $2 AND dataset_id = $3",
+        let total: i64 = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM staged_parts WHERE task_id = $1 AND attempt = $2 AND dataset_id = $3"#,
+            fence.task_id,
+            attempt,
+            dataset_id,
         )
-        .bind(fence.task_id)
-        .bind(attempt)
-        .bind(dataset_id)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -331,18 +341,19 @@ impl Store {
     ) -> Result<DatasetView, StoreError> {
         let columns = serde_json::to_value(&ds.columns)
             .map_err(|e| StoreError::Db(sqlx::Error::Encode(e.into())))?;
-        let row: Option<DatasetRow> = sqlx::query_as(
+        let row: Option<DatasetRow> = sqlx::query_as!(
+            DatasetRow,
             "INSERT INTO datasets (id, org_id, name, mode, columns, created_by)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (org_id, name) DO NOTHING
              RETURNING id, name, mode, columns, current_version, created_at",
+            Uuid::now_v7(),
+            org_id,
+            &ds.name,
+            ds.mode.as_str(),
+            &columns,
+            created_by,
         )
-        .bind(Uuid::now_v7())
-        .bind(org_id)
-        .bind(&ds.name)
-        .bind(ds.mode.as_str())
-        .bind(&columns)
-        .bind(created_by)
         .fetch_optional(&self.pool)
         .await?;
         match row {
@@ -355,12 +366,13 @@ impl Store {
     }
 
     async fn dataset_row(&self, org_id: Uuid, name: &str) -> Result<DatasetRow, StoreError> {
-        sqlx::query_as(
+        sqlx::query_as!(
+            DatasetRow,
             "SELECT id, name, mode, columns, current_version, created_at
                FROM datasets WHERE org_id = $1 AND name = $2",
+            org_id,
+            name,
         )
-        .bind(org_id)
-        .bind(name)
         .fetch_optional(&self.pool)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("no dataset {name:?}")))
@@ -368,11 +380,12 @@ impl Store {
 
     /// The org's datasets, by name, without their versions.
     pub async fn list_datasets(&self, org_id: Uuid) -> Result<Vec<DatasetView>, StoreError> {
-        let rows: Vec<DatasetRow> = sqlx::query_as(
+        let rows: Vec<DatasetRow> = sqlx::query_as!(
+            DatasetRow,
             "SELECT id, name, mode, columns, current_version, created_at
                FROM datasets WHERE org_id = $1 ORDER BY name",
+            org_id,
         )
-        .bind(org_id)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(|r| r.view(Vec::new())).collect()
@@ -381,13 +394,14 @@ impl Store {
     /// A dataset of the org with its newest versions.
     pub async fn get_dataset(&self, org_id: Uuid, name: &str) -> Result<DatasetView, StoreError> {
         let row = self.dataset_row(org_id, name).await?;
-        let versions: Vec<VersionRow> = sqlx::query_as(
+        let versions: Vec<VersionRow> = sqlx::query_as!(
+            VersionRow,
             "SELECT version, parent, task_id, attempt, rows, committed_at
                FROM dataset_versions WHERE dataset_id = $1
               ORDER BY version DESC LIMIT $2",
+            row.id,
+            VERSIONS_SHOWN,
         )
-        .bind(row.id)
-        .bind(VERSIONS_SHOWN)
         .fetch_all(&self.pool)
         .await?;
         let versions = versions
@@ -415,14 +429,14 @@ impl Store {
         if keys.is_empty() || datasets.is_empty() {
             return Ok(Default::default());
         }
-        let found: Vec<String> = sqlx::query_scalar(
+        let found: Vec<String> = sqlx::query_scalar!(
             "SELECT DISTINCT p.key FROM dataset_parts p
                JOIN datasets d ON d.id = p.dataset_id
               WHERE d.org_id = $1 AND d.name = ANY($2) AND p.key = ANY($3)",
+            org_id,
+            datasets,
+            keys,
         )
-        .bind(org_id)
-        .bind(datasets)
-        .bind(keys)
         .fetch_all(&self.pool)
         .await?;
         Ok(found.into_iter().collect())
@@ -439,29 +453,33 @@ impl Store {
     ) -> Result<ManifestView, StoreError> {
         let row = self.dataset_row(org_id, name).await?;
         let v = i32::try_from(version).unwrap_or(i32::MAX);
-        let head: Option<(Option<i32>, i64)> = sqlx::query_as(
+        let head: Option<(Option<i32>, i64)> = sqlx::query!(
             "SELECT parent, rows FROM dataset_versions WHERE dataset_id = $1 AND version = $2",
+            row.id,
+            v,
         )
-        .bind(row.id)
-        .bind(v)
         .fetch_optional(&self.pool)
-        .await?;
+        .await?
+        .map(|r| (r.parent, r.rows));
         let Some((parent, rows)) = head else {
             return Err(StoreError::NotFound(format!(
                 "dataset {name:?} has no version {version}"
             )));
         };
-        let parts: Vec<(String, i64, i64, String)> = sqlx::query_as(
+        let parts: Vec<(String, i64, i64, String)> = sqlx::query!(
             "SELECT key, rows, bytes, sha256 FROM dataset_parts
               WHERE dataset_id = $1
                 AND CASE WHEN $3 = 'append' THEN version <= $2 ELSE version = $2 END
               ORDER BY version, key",
+            row.id,
+            v,
+            &row.mode,
         )
-        .bind(row.id)
-        .bind(v)
-        .bind(&row.mode)
         .fetch_all(&self.pool)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.key, r.rows, r.bytes, r.sha256))
+        .collect();
         Ok(ManifestView {
             version,
             parent: parent.map(u32_of),

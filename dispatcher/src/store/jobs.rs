@@ -138,33 +138,34 @@ impl Store {
             timeouts.push(i32::try_from(secs).unwrap_or(i32::MAX));
         }
         let deadline_secs: Option<f64> = job.deadline.map(|d| d.as_secs_f64());
-        let (created_at, deadline_at): (DateTime<Utc>, Option<DateTime<Utc>>) = sqlx::query_as(
+        let inserted = sqlx::query!(
             "INSERT INTO jobs (id, org_id, name, state, created_by, tasks_unfinished, deadline_at)
              VALUES ($1, $2, $3, 'running', $4, $5, now() + $6 * interval '1 second')
              RETURNING created_at, deadline_at",
+            job_id,
+            org_id,
+            &job.name,
+            created_by,
+            i32::try_from(n).unwrap_or(i32::MAX),
+            deadline_secs,
         )
-        .bind(job_id)
-        .bind(org_id)
-        .bind(&job.name)
-        .bind(created_by)
-        .bind(i32::try_from(n).unwrap_or(i32::MAX))
-        .bind(deadline_secs)
         .fetch_one(&mut *tx)
         .await?;
-        sqlx::query(
+        let (created_at, deadline_at) = (inserted.created_at, inserted.deadline_at);
+        sqlx::query!(
             "INSERT INTO tasks (id, job_id, state, max_attempts, pending_deps)
              SELECT id, $1, state, max_attempts, pending
                FROM unnest($2::uuid[], $3::text[], $4::int[], $5::int[])
                     AS t(id, state, max_attempts, pending)",
+            job_id,
+            &ids,
+            &states as _,
+            &max_attempts,
+            &pending,
         )
-        .bind(job_id)
-        .bind(&ids)
-        .bind(&states)
-        .bind(&max_attempts)
-        .bind(&pending)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO task_specs (task_id, job_id, ord, key, runtime, bundle, inputs, outputs,
                                      reads, timeout_seconds)
              SELECT id, $1, ord, key, runtime, bundle, inputs,
@@ -173,26 +174,26 @@ impl Store {
                FROM unnest($2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
                            $7::jsonb[], $8::jsonb[], $9::jsonb[], $10::int[])
                     AS s(id, ord, key, runtime, bundle, inputs, outputs, reads, timeout_seconds)",
+            job_id,
+            &ids,
+            &ords,
+            &keys as _,
+            &runtimes as _,
+            &bundles,
+            &inputs as _,
+            &outputs,
+            &reads,
+            &timeouts,
         )
-        .bind(job_id)
-        .bind(&ids)
-        .bind(&ords)
-        .bind(&keys)
-        .bind(&runtimes)
-        .bind(&bundles)
-        .bind(&inputs)
-        .bind(&outputs)
-        .bind(&reads)
-        .bind(&timeouts)
         .execute(&mut *tx)
         .await?;
         if !dep_from.is_empty() {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO task_deps (task_id, depends_on)
                  SELECT * FROM unnest($1::uuid[], $2::uuid[])",
+                &dep_from,
+                &dep_on,
             )
-            .bind(&dep_from)
-            .bind(&dep_on)
             .execute(&mut *tx)
             .await?;
         }
@@ -232,12 +233,13 @@ impl Store {
         page: TaskPage,
     ) -> Result<JobView, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        let job: Option<JobRow> = sqlx::query_as(
+        let job: Option<JobRow> = sqlx::query_as!(
+            JobRow,
             "SELECT name, state, created_at, finished_at, deadline_at
                FROM jobs WHERE id = $1 AND org_id = $2",
+            job_id,
+            org_id,
         )
-        .bind(job_id)
-        .bind(org_id)
         .fetch_optional(&mut *conn)
         .await?;
         let Some(JobRow {
@@ -250,18 +252,21 @@ impl Store {
         else {
             return Err(StoreError::JobNotFound(job_id));
         };
-        let mut rows: Vec<(String, Uuid, String, i32, i32, i32)> = sqlx::query_as(
+        let mut rows: Vec<(String, Uuid, String, i32, i32, i32)> = sqlx::query!(
             "SELECT s.key, t.id, t.state, t.attempt, t.max_attempts, s.ord
                FROM task_specs s JOIN tasks t ON t.id = s.task_id
               WHERE s.job_id = $1 AND s.ord > $2
               ORDER BY s.ord
               LIMIT $3",
+            job_id,
+            page.after.unwrap_or(-1),
+            i64::from(page.limit) + 1,
         )
-        .bind(job_id)
-        .bind(page.after.unwrap_or(-1))
-        .bind(i64::from(page.limit) + 1)
         .fetch_all(&mut *conn)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|r| (r.key, r.id, r.state, r.attempt, r.max_attempts, r.ord))
+        .collect();
         let next_cursor = if rows.len() > page.limit as usize {
             rows.truncate(page.limit as usize);
             rows.last().map(|r| r.5.to_string())
@@ -302,10 +307,10 @@ impl Store {
         page: TaskPage,
     ) -> Result<JobView, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let owner: Option<Uuid> = sqlx::query_scalar("SELECT org_id FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let owner: Option<Uuid> =
+            sqlx::query_scalar!("SELECT org_id FROM jobs WHERE id = $1", job_id,)
+                .fetch_optional(&mut *tx)
+                .await?;
         if owner != Some(org_id) {
             return Err(StoreError::JobNotFound(job_id));
         }
@@ -329,12 +334,12 @@ impl Store {
     /// unfinished tasks end `cancelled`, leased ones are asked to stop), at
     /// most `limit` per call, each in a transaction of its own; how many.
     pub async fn cancel_overdue_jobs(&self, limit: u32) -> Result<u64, StoreError> {
-        let due: Vec<Uuid> = sqlx::query_scalar(
+        let due: Vec<Uuid> = sqlx::query_scalar!(
             "SELECT id FROM jobs
               WHERE state = 'running' AND deadline_at IS NOT NULL AND deadline_at <= now()
               ORDER BY deadline_at LIMIT $1",
+            i64::from(limit),
         )
-        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         let mut cancelled = 0;

@@ -93,8 +93,8 @@ impl Store {
 
     /// Readiness: the database answers.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
+        sqlx::query!("SELECT 1 AS one")
+            .fetch_one(&self.pool)
             .await
             .map(|_| ())
     }

@@ -10,13 +10,13 @@ use crate::error::StoreError;
 impl Store {
     /// Creates an org, or returns the id of the org that has this name.
     pub async fn ensure_org(&self, name: &str) -> Result<Uuid, StoreError> {
-        let id = sqlx::query_scalar(
+        let id = sqlx::query_scalar!(
             "INSERT INTO orgs (id, name) VALUES ($1, $2)
              ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
              RETURNING id",
+            Uuid::now_v7(),
+            name,
         )
-        .bind(Uuid::now_v7())
-        .bind(name)
         .fetch_one(&self.pool)
         .await?;
         Ok(id)
@@ -26,32 +26,34 @@ impl Store {
     /// taken name is a conflict.
     pub async fn create_org(&self, name: &str, admin: Uuid) -> Result<Uuid, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let id: Option<Uuid> = sqlx::query_scalar(
+        let id: Option<Uuid> = sqlx::query_scalar!(
             "INSERT INTO orgs (id, name) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING id",
+            Uuid::now_v7(),
+            name,
         )
-        .bind(Uuid::now_v7())
-        .bind(name)
         .fetch_optional(&mut *tx)
         .await?;
         let id = id.ok_or_else(|| StoreError::Conflict(format!("an org named {name:?} exists")))?;
-        sqlx::query("INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'admin')")
-            .bind(id)
-            .bind(admin)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query!(
+            "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, 'admin')",
+            id,
+            admin,
+        )
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(id)
     }
 
     /// Creates a user, or returns the id of the user with this e-mail.
     pub async fn ensure_user(&self, email: &str) -> Result<Uuid, StoreError> {
-        let id = sqlx::query_scalar(
+        let id = sqlx::query_scalar!(
             "INSERT INTO users (id, email) VALUES ($1, $2)
              ON CONFLICT (email) DO UPDATE SET email = EXCLUDED.email
              RETURNING id",
+            Uuid::now_v7(),
+            email,
         )
-        .bind(Uuid::now_v7())
-        .bind(email)
         .fetch_one(&self.pool)
         .await?;
         Ok(id)
@@ -64,13 +66,13 @@ impl Store {
         user_id: Uuid,
         role: Role,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        sqlx::query!(
             "INSERT INTO memberships (org_id, user_id, role) VALUES ($1, $2, $3)
              ON CONFLICT (org_id, user_id) DO UPDATE SET role = EXCLUDED.role",
+            org_id,
+            user_id,
+            role.as_str(),
         )
-        .bind(org_id)
-        .bind(user_id)
-        .bind(role.as_str())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -93,25 +95,28 @@ impl Store {
         role: Option<Role>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT 1 FROM orgs WHERE id = $1 FOR UPDATE")
-            .bind(org_id)
-            .execute(&mut *tx)
-            .await?;
-        let current: Option<String> =
-            sqlx::query_scalar("SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2")
-                .bind(org_id)
-                .bind(user_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+        sqlx::query!(
+            "SELECT 1 AS locked FROM orgs WHERE id = $1 FOR UPDATE",
+            org_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let current: Option<String> = sqlx::query_scalar!(
+            "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2",
+            org_id,
+            user_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(current) = current.as_deref().and_then(Role::parse) else {
             return Ok(false);
         };
         let stays_admin = role.is_some_and(|r| r >= Role::Admin);
         if current >= Role::Admin && !stays_admin {
-            let admins: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM memberships WHERE org_id = $1 AND role IN ('admin', 'owner')",
+            let admins: i64 = sqlx::query_scalar!(
+                r#"SELECT count(*) AS "n!" FROM memberships WHERE org_id = $1 AND role IN ('admin', 'owner')"#,
+                org_id,
             )
-            .bind(org_id)
             .fetch_one(&mut *tx)
             .await?;
             if admins <= 1 {
@@ -123,19 +128,23 @@ impl Store {
         }
         match role {
             Some(r) => {
-                sqlx::query("UPDATE memberships SET role = $3 WHERE org_id = $1 AND user_id = $2")
-                    .bind(org_id)
-                    .bind(user_id)
-                    .bind(r.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query!(
+                    "UPDATE memberships SET role = $3 WHERE org_id = $1 AND user_id = $2",
+                    org_id,
+                    user_id,
+                    r.as_str(),
+                )
+                .execute(&mut *tx)
+                .await?;
             }
             None => {
-                sqlx::query("DELETE FROM memberships WHERE org_id = $1 AND user_id = $2")
-                    .bind(org_id)
-                    .bind(user_id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query!(
+                    "DELETE FROM memberships WHERE org_id = $1 AND user_id = $2",
+                    org_id,
+                    user_id,
+                )
+                .execute(&mut *tx)
+                .await?;
             }
         }
         tx.commit().await?;
@@ -147,14 +156,17 @@ impl Store {
         &self,
         org_id: Uuid,
     ) -> Result<Vec<(Uuid, String, Option<String>, String)>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(sqlx::query!(
             "SELECT u.id, u.email, u.idp_subject, m.role FROM memberships m
                JOIN users u ON u.id = m.user_id
               WHERE m.org_id = $1 ORDER BY u.email",
+            org_id,
         )
-        .bind(org_id)
         .fetch_all(&self.pool)
-        .await?)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r.email, r.idp_subject, r.role))
+        .collect())
     }
 
     /// Links a user to its identity at the IdP (`issuer`, `subject`).
@@ -164,12 +176,14 @@ impl Store {
         issuer: &str,
         subject: &str,
     ) -> Result<(), StoreError> {
-        let done = sqlx::query("UPDATE users SET idp_issuer = $2, idp_subject = $3 WHERE id = $1")
-            .bind(user_id)
-            .bind(issuer)
-            .bind(subject)
-            .execute(&self.pool)
-            .await;
+        let done = sqlx::query!(
+            "UPDATE users SET idp_issuer = $2, idp_subject = $3 WHERE id = $1",
+            user_id,
+            issuer,
+            subject,
+        )
+        .execute(&self.pool)
+        .await;
         match done {
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Err(
                 StoreError::Conflict(format!("subject {subject:?} belongs to another user")),
@@ -185,22 +199,23 @@ impl Store {
         issuer: &str,
         subject: &str,
     ) -> Result<Option<Uuid>, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT id FROM users WHERE idp_issuer = $1 AND idp_subject = $2")
-                .bind(issuer)
-                .bind(subject)
-                .fetch_optional(&self.pool)
-                .await?,
+        Ok(sqlx::query_scalar!(
+            "SELECT id FROM users WHERE idp_issuer = $1 AND idp_subject = $2",
+            issuer,
+            subject,
         )
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     /// The user's org when it belongs to exactly one.
     pub async fn sole_org(&self, user_id: Uuid) -> Result<Option<Uuid>, StoreError> {
-        let orgs: Vec<Uuid> =
-            sqlx::query_scalar("SELECT org_id FROM memberships WHERE user_id = $1 LIMIT 2")
-                .bind(user_id)
-                .fetch_all(&self.pool)
-                .await?;
+        let orgs: Vec<Uuid> = sqlx::query_scalar!(
+            "SELECT org_id FROM memberships WHERE user_id = $1 LIMIT 2",
+            user_id,
+        )
+        .fetch_all(&self.pool)
+        .await?;
         Ok(if orgs.len() == 1 { Some(orgs[0]) } else { None })
     }
 
@@ -210,12 +225,13 @@ impl Store {
         org_id: Uuid,
         user_id: Uuid,
     ) -> Result<Option<Role>, StoreError> {
-        let role: Option<String> =
-            sqlx::query_scalar("SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2")
-                .bind(org_id)
-                .bind(user_id)
-                .fetch_optional(&self.pool)
-                .await?;
+        let role: Option<String> = sqlx::query_scalar!(
+            "SELECT role FROM memberships WHERE org_id = $1 AND user_id = $2",
+            org_id,
+            user_id,
+        )
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(role.as_deref().and_then(Role::parse))
     }
 }

@@ -50,7 +50,8 @@ impl Store {
         limit: u32,
         hold: Duration,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut rows: Vec<OutboxRow> = sqlx::query_as(
+        let mut rows: Vec<OutboxRow> = sqlx::query_as!(
+            OutboxRow,
             "UPDATE outbox SET available_at = now() + $2 * interval '1 millisecond'
               WHERE id IN (SELECT id FROM outbox
                             WHERE state = 'pending' AND available_at <= now()
@@ -60,9 +61,9 @@ impl Store {
                             ORDER BY available_at, id LIMIT $1
                               FOR UPDATE SKIP LOCKED)
           RETURNING id, topic, payload, tries",
+            i64::from(limit),
+            millis(hold) as f64,
         )
-        .bind(i64::from(limit))
-        .bind(millis(hold))
         .fetch_all(&self.pool)
         .await?;
         rows.sort_by_key(|r| r.id);
@@ -80,11 +81,11 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         if !sent.is_empty() {
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE outbox SET state = 'sent', sent_at = now(), tries = tries + 1, last_error = NULL
                   WHERE id = ANY($1) AND state = 'pending'",
+                sent,
             )
-            .bind(sent)
             .execute(&mut *tx)
             .await?;
         }
@@ -92,18 +93,18 @@ impl Store {
             let ids: Vec<i64> = failed.iter().map(|f| f.0).collect();
             let errors: Vec<&str> = failed.iter().map(|f| f.1.as_str()).collect();
             let delays: Vec<i64> = failed.iter().map(|f| millis(f.2)).collect();
-            sqlx::query(
+            sqlx::query!(
                 "UPDATE outbox o
                     SET tries = o.tries + 1, last_error = f.error,
                         state = CASE WHEN o.tries + 1 >= $4 THEN 'dead' ELSE 'pending' END,
                         available_at = now() + f.delay_ms * interval '1 millisecond'
                    FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms)
                   WHERE o.id = f.id AND o.state = 'pending'",
+                &ids,
+                &errors as _,
+                &delays,
+                i32::try_from(max_tries).unwrap_or(i32::MAX),
             )
-            .bind(&ids)
-            .bind(&errors)
-            .bind(&delays)
-            .bind(i32::try_from(max_tries).unwrap_or(i32::MAX))
             .execute(&mut *tx)
             .await?;
         }
@@ -112,49 +113,48 @@ impl Store {
     }
 
     pub async fn outbox_counts(&self) -> Result<OutboxCounts, StoreError> {
-        let (pending, sent, dead) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'sent'),
-                    count(*) FILTER (WHERE state = 'dead')
-               FROM outbox",
+        Ok(sqlx::query_as!(
+            OutboxCounts,
+            r#"SELECT count(*) FILTER (WHERE state = 'pending') AS "pending!",
+                      count(*) FILTER (WHERE state = 'sent') AS "sent!",
+                      count(*) FILTER (WHERE state = 'dead') AS "dead!"
+                 FROM outbox"#,
         )
         .fetch_one(&self.pool)
-        .await?;
-        Ok(OutboxCounts {
-            pending,
-            sent,
-            dead,
-        })
+        .await?)
     }
 
     /// Dead rows, oldest first: id, topic, payload, tries, last error.
     pub async fn outbox_dead(&self, limit: u32) -> Result<Vec<DeadRow>, StoreError> {
-        Ok(sqlx::query_as(
+        Ok(sqlx::query_as!(
+            DeadRow,
             "SELECT id, topic, payload, tries, last_error, created_at FROM outbox
               WHERE state = 'dead' ORDER BY id LIMIT $1",
+            i64::from(limit),
         )
-        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?)
     }
 
     /// Puts dead outbox rows back to pending (all, or those given).
     pub async fn outbox_requeue_dead(&self, ids: Option<&[i64]>) -> Result<u64, StoreError> {
-        let n = sqlx::query(
+        let n = sqlx::query!(
             "UPDATE outbox SET state = 'pending', tries = 0, available_at = now()
               WHERE state = 'dead' AND ($1::bigint[] IS NULL OR id = ANY($1))",
+            ids,
         )
-        .bind(ids)
         .execute(&self.pool)
         .await?
         .rows_affected();
         Ok(n)
     }
 
-    /// Tasks whose lease has expired, soonest-expired first.
     /// How long until the earliest lease expires (zero if one already
-    /// has); `None` when nothing is leased. One probe of the expiry index.
+    /// has); `None` when nothing is leased. Reads the leased tasks through
+    /// `tasks_leased_idx` (migration 0014: no index holds the lease's end,
+    /// so that heartbeats are HOT updates); they are the running tasks.
     pub async fn next_lease_expiry(&self) -> Result<Option<std::time::Duration>, StoreError> {
-        let ms: Option<f64> = sqlx::query_scalar(
+        let ms: Option<f64> = sqlx::query_scalar!(
             "SELECT (extract(epoch FROM min(lease_expires_at) - clock_timestamp()) * 1000)::float8
                FROM tasks WHERE state = 'leased'",
         )
@@ -163,12 +163,14 @@ impl Store {
         Ok(ms.map(|ms| std::time::Duration::from_micros((ms.max(0.0) * 1000.0) as u64)))
     }
 
+    /// Tasks whose lease has expired, soonest-expired first (read as
+    /// `next_lease_expiry` reads them).
     pub async fn expired_leases(&self, limit: u32) -> Result<Vec<Uuid>, StoreError> {
-        Ok(sqlx::query_scalar(
+        Ok(sqlx::query_scalar!(
             "SELECT id FROM tasks WHERE state = 'leased' AND lease_expires_at <= now()
               ORDER BY lease_expires_at LIMIT $1",
+            i64::from(limit),
         )
-        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?)
     }
@@ -183,7 +185,7 @@ impl Store {
             return Ok(0);
         }
         let mut tx = self.pool.begin().await?;
-        let woken: Vec<Uuid> = sqlx::query_scalar(
+        let woken: Vec<Uuid> = sqlx::query_scalar!(
             "UPDATE tasks SET updated_at = now()
               WHERE id IN (SELECT id FROM tasks
                             WHERE state = 'ready'
@@ -192,9 +194,9 @@ impl Store {
                             LIMIT $2
                             FOR UPDATE SKIP LOCKED)
           RETURNING id",
+            millis(after) as f64,
+            i64::from(limit),
         )
-        .bind(millis(after))
-        .bind(i64::from(limit))
         .fetch_all(&mut *tx)
         .await?;
         super::transitions::enqueue_wakeups(&mut tx, self.settings.wakeups, &woken, None).await?;
@@ -204,12 +206,12 @@ impl Store {
 
     /// Deletes sent outbox rows older than `retention`, a bounded batch.
     pub async fn purge_sent_outbox(&self, retention: Duration) -> Result<u64, StoreError> {
-        Ok(sqlx::query(
+        Ok(sqlx::query!(
             "DELETE FROM outbox WHERE id IN (
                  SELECT id FROM outbox WHERE state = 'sent'
                     AND sent_at < now() - $1 * interval '1 millisecond' LIMIT 1000)",
+            millis(retention) as f64,
         )
-        .bind(millis(retention))
         .execute(&self.pool)
         .await?
         .rows_affected())

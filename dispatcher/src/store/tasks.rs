@@ -80,7 +80,6 @@ pub(super) fn to_u32(n: i32) -> u32 {
 }
 
 /// Explains why a fenced write matched no row. Read-only.
-#[derive(sqlx::FromRow)]
 struct FenceRow {
     state: String,
     attempt: i32,
@@ -90,16 +89,17 @@ struct FenceRow {
 }
 
 pub(crate) async fn fence_error(conn: &mut PgConnection, fence: Fence) -> StoreError {
-    let row: Result<Option<FenceRow>, _> = sqlx::query_as(
-        "SELECT t.state, t.attempt, t.job_id,
-                coalesce(t.lease_expires_at > clock_timestamp(), false) AS live,
-                a.outcome
-           FROM tasks t
-           LEFT JOIN attempts a ON a.task_id = t.id AND a.attempt = $2
-          WHERE t.id = $1",
+    let row = sqlx::query_as!(
+        FenceRow,
+        r#"SELECT t.state, t.attempt, t.job_id,
+                  coalesce(t.lease_expires_at > clock_timestamp(), false) AS "live!",
+                  a.outcome
+             FROM tasks t
+             LEFT JOIN attempts a ON a.task_id = t.id AND a.attempt = $2
+            WHERE t.id = $1"#,
+        fence.task_id,
+        fence.attempt_i32(),
     )
-    .bind(fence.task_id)
-    .bind(fence.attempt_i32())
     .fetch_optional(&mut *conn)
     .await;
     let FenceRow {
@@ -155,8 +155,7 @@ pub(crate) async fn fence_error(conn: &mut PgConnection, fence: Fence) -> StoreE
 impl Store {
     /// A task's current state, if the task exists.
     pub async fn task_state(&self, task_id: Uuid) -> Result<Option<TaskState>, StoreError> {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
-            .bind(task_id)
+        let state = sqlx::query_scalar!("SELECT state FROM tasks WHERE id = $1", task_id)
             .fetch_optional(&self.pool)
             .await?;
         state.as_deref().map(task_state).transpose()
@@ -167,14 +166,14 @@ impl Store {
     /// presigned URLs).
     pub async fn check_fence(&self, fence: Fence) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await?;
-        let live: Option<i32> = sqlx::query_scalar(
-            "SELECT 1 FROM tasks
+        let live = sqlx::query_scalar!(
+            "SELECT 1 AS one FROM tasks
               WHERE id = $1 AND job_id = $2 AND attempt = $3
                 AND state = 'leased' AND lease_expires_at > clock_timestamp()",
+            fence.task_id,
+            fence.job_id,
+            fence.attempt_i32(),
         )
-        .bind(fence.task_id)
-        .bind(fence.job_id)
-        .bind(fence.attempt_i32())
         .fetch_optional(&mut *conn)
         .await?;
         match live {

@@ -29,24 +29,24 @@ pub(crate) async fn enqueue_wakeups(
     }
     match mode {
         Wakeups::Queue => {
-            sqlx::query(
+            sqlx::query!(
                 "INSERT INTO outbox (topic, payload, available_at)
                  SELECT 'wakeup', jsonb_build_object('task_id', id), coalesce($2, now())
                    FROM unnest($1::uuid[]) AS id",
+                task_ids,
+                available_at,
             )
-            .bind(task_ids)
-            .bind(available_at)
             .execute(conn)
             .await?;
         }
         Wakeups::Notify => {
             // A retry's backoff end is judged by the database's clock.
-            sqlx::query(
+            sqlx::query!(
                 "SELECT pg_notify($1, CASE WHEN coalesce($2 > now(), false) THEN $3 ELSE '' END)",
+                crate::ready::CHANNEL,
+                available_at,
+                crate::ready::LATER,
             )
-            .bind(crate::ready::CHANNEL)
-            .bind(available_at)
-            .bind(crate::ready::LATER)
             .execute(conn)
             .await?;
         }
@@ -59,10 +59,12 @@ pub(crate) async fn lock_job(
     conn: &mut PgConnection,
     job_id: Uuid,
 ) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR NO KEY UPDATE")
-        .bind(job_id)
-        .fetch_optional(conn)
-        .await
+    sqlx::query_scalar!(
+        "SELECT state FROM jobs WHERE id = $1 FOR NO KEY UPDATE",
+        job_id,
+    )
+    .fetch_optional(conn)
+    .await
 }
 
 /// Ends a running job as `failed` or `cancelled`: unstarted tasks are
@@ -80,7 +82,7 @@ pub(crate) async fn end_job(
     job_id: Uuid,
     state: &'static str,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
+    sqlx::query!(
         "WITH ended AS (
              UPDATE jobs SET state = $2, finished_at = now()
               WHERE id = $1 AND state = 'running'
@@ -93,9 +95,9 @@ pub(crate) async fn end_job(
                 updated_at = now()
            FROM ended
           WHERE t.job_id = ended.id AND t.state IN ('blocked', 'ready', 'leased')",
+        job_id,
+        state,
     )
-    .bind(job_id)
-    .bind(state)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -115,7 +117,7 @@ pub(super) async fn after_transition(
 ) -> Result<(), sqlx::Error> {
     match state {
         TaskState::Succeeded => {
-            let dependants: Vec<(Uuid, String)> = sqlx::query_as(
+            let dependants = sqlx::query!(
                 "UPDATE tasks t
                     SET pending_deps = t.pending_deps - 1,
                         state = CASE WHEN t.pending_deps = 1 THEN 'ready' ELSE t.state END,
@@ -123,14 +125,14 @@ pub(super) async fn after_transition(
                    FROM task_deps d
                   WHERE d.depends_on = $1 AND t.id = d.task_id AND t.state = 'blocked'
               RETURNING t.id, t.state",
+                task_id,
             )
-            .bind(task_id)
             .fetch_all(&mut *conn)
             .await?;
             let released: Vec<Uuid> = dependants
                 .into_iter()
-                .filter(|(_, s)| s == "ready")
-                .map(|(id, _)| id)
+                .filter(|r| r.state == "ready")
+                .map(|r| r.id)
                 .collect();
             enqueue_wakeups(conn, mode, &released, None).await?;
             // The job's end is judged after the commit (`finish_jobs_if_done`):
@@ -150,21 +152,23 @@ impl Store {
     /// or `None` when the lease was not (or no longer) expired.
     pub async fn expire_lease(&self, task_id: Uuid) -> Result<Option<TaskState>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let Some((job_id, attempt, max_attempts)): Option<(Uuid, i32, i32)> =
-            sqlx::query_as("SELECT job_id, attempt, max_attempts FROM tasks WHERE id = $1")
-                .bind(task_id)
-                .fetch_optional(&mut *tx)
-                .await?
+        let Some(task) = sqlx::query!(
+            "SELECT job_id, attempt, max_attempts FROM tasks WHERE id = $1",
+            task_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?
         else {
             return Err(StoreError::TaskNotFound(task_id));
         };
+        let (job_id, attempt, max_attempts) = (task.job_id, task.attempt, task.max_attempts);
         // Only a final failure touches the job row (to end the job), so only
         // then is the job lock taken, first as the lock order demands. A
         // retry or a cancellation changes the task alone.
         if attempt >= max_attempts {
             lock_job(&mut tx, job_id).await?;
         }
-        let ended: Option<(String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let ended = sqlx::query!(
             "UPDATE tasks
                 SET state = CASE WHEN cancel_requested THEN 'cancelled'
                                  WHEN attempt < max_attempts THEN 'ready'
@@ -177,23 +181,24 @@ impl Store {
                     lease_expires_at = NULL, updated_at = now()
               WHERE id = $1 AND attempt = $2 AND state = 'leased' AND lease_expires_at <= now()
           RETURNING state, not_before",
+            task_id,
+            attempt,
+            crate::millis(self.retry_delay(attempt)),
         )
-        .bind(task_id)
-        .bind(attempt)
-        .bind(crate::millis(self.retry_delay(attempt)))
         .fetch_optional(&mut *tx)
-        .await?;
+        .await?
+        .map(|r| (r.state, r.not_before));
         let Some((state, retry_at)) = ended else {
             tx.rollback().await?;
             return Ok(None);
         };
         let state = task_state(&state)?;
-        sqlx::query(
+        sqlx::query!(
             "UPDATE attempts SET finished_at = now(), outcome = 'lease_expired'
               WHERE task_id = $1 AND attempt = $2 AND finished_at IS NULL",
+            task_id,
+            attempt,
         )
-        .bind(task_id)
-        .bind(attempt)
         .execute(&mut *tx)
         .await?;
         after_transition(
@@ -219,7 +224,7 @@ impl Store {
             return Ok(0);
         }
         // Locked in id order, the order every transaction locks jobs in.
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "UPDATE jobs j SET state = 'succeeded', finished_at = now()
                FROM (SELECT x.id FROM jobs x
                       WHERE x.id = ANY($1) AND x.state = 'running'
@@ -228,8 +233,8 @@ impl Store {
                       ORDER BY x.id
                         FOR NO KEY UPDATE) done
               WHERE j.id = done.id",
+            job_ids,
         )
-        .bind(job_ids)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())
@@ -239,7 +244,7 @@ impl Store {
     /// last success's commit and its `finish_jobs_if_done`); ends up to
     /// `limit` of them. Rows another transaction holds are skipped.
     pub async fn finish_done_jobs(&self, limit: u32) -> Result<u64, StoreError> {
-        let done = sqlx::query(
+        let done = sqlx::query!(
             "UPDATE jobs j SET state = 'succeeded', finished_at = now()
                FROM (SELECT x.id FROM jobs x
                       WHERE x.state = 'running'
@@ -249,8 +254,8 @@ impl Store {
                       LIMIT $1
                         FOR NO KEY UPDATE SKIP LOCKED) done
               WHERE j.id = done.id",
+            i64::from(limit),
         )
-        .bind(i64::from(limit))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected())

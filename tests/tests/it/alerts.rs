@@ -479,11 +479,17 @@ async fn alerts_a_real_dispatcher_sigkilled_mid_delivery_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Three events, each delivered; the one in flight when the process
-    // died was sent again under the same webhook-id.
+    // died was sent again under the same webhook-id. Delivery is at least
+    // once: another call answered 200 just before the kill, but not yet
+    // marked delivered, is sent again too (under load the kill can land
+    // in that gap), never more than once more.
     let seen = receiver.seen();
     let ids: std::collections::BTreeSet<&str> = seen.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids.len(), 3, "{seen:?}");
-    assert_eq!(seen.len(), 4, "{seen:?}");
+    for id in &ids {
+        let n = seen.iter().filter(|s| s.id == *id).count();
+        assert!((1..=2).contains(&n), "{id} sent {n} times: {seen:?}");
+    }
     assert_eq!(
         seen.iter().filter(|s| s.id == seen[0].id).count(),
         2,

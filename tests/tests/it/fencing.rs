@@ -301,3 +301,83 @@ async fn rule_a_heartbeats_relaxed_commit_does_not_outlive_its_transaction() {
             .unwrap();
     assert_eq!(kept, progress, "the heartbeat committed");
 }
+
+/// Updates of `relname` so far, and how many of them were HOT (in place on
+/// the page, no new index entries), once this pool's backend has flushed
+/// its statistics.
+async fn updates_of(pool: &sqlx::PgPool, relname: &str) -> (i64, i64) {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(pool)
+        .await
+        .unwrap();
+    // The flush happens when the backend next goes idle: read from a new
+    // transaction each time, until the counters stop moving.
+    let mut last = (-1, -1);
+    for _ in 0..50 {
+        let now: (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = $1",
+        )
+        .bind(relname)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if now == last {
+            return now;
+        }
+        last = now;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    last
+}
+
+/// ADR 0020: a heartbeat changes no indexed column of the task (nor of the
+/// attempt, for its progress), so Postgres updates both rows in place (HOT)
+/// without writing an entry into any index. Migration 0014 took
+/// `lease_expires_at` out of every index for that.
+#[tokio::test]
+async fn heartbeats_are_hot_updates_of_the_task_and_attempt_rows() {
+    let app = TestApp::spawn().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&app.db.url())
+        .await
+        .unwrap();
+    let store = dispatcher::store::Store::new(pool.clone(), app.settings.clone());
+    let task = app.single_task(3).await;
+    let claimed = store
+        .claim(task, "w", std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let fence = dispatcher::store::Fence {
+        task_id: claimed.task_id,
+        job_id: claimed.job_id,
+        attempt: claimed.attempt,
+    };
+    let (tasks_before, tasks_hot_before) = updates_of(&pool, "tasks").await;
+    let (attempts_before, attempts_hot_before) = updates_of(&pool, "attempts").await;
+    const BEATS: i64 = 20;
+    for i in 0..BEATS {
+        store
+            .heartbeat(fence, Some(&json!({ "pct": i })))
+            .await
+            .unwrap();
+    }
+    let (tasks_after, tasks_hot_after) = updates_of(&pool, "tasks").await;
+    let (attempts_after, attempts_hot_after) = updates_of(&pool, "attempts").await;
+    assert_eq!(
+        tasks_after - tasks_before,
+        BEATS,
+        "one task update per beat"
+    );
+    assert_eq!(
+        tasks_hot_after - tasks_hot_before,
+        BEATS,
+        "every lease extension was a HOT update"
+    );
+    assert_eq!(attempts_after - attempts_before, BEATS);
+    assert_eq!(
+        attempts_hot_after - attempts_hot_before,
+        BEATS,
+        "every progress update was a HOT update"
+    );
+}

@@ -178,7 +178,12 @@ impl Store {
                     not_before = CASE WHEN NOT cancel_requested AND attempt < max_attempts
                                       THEN now() + greatest(0, $3 - lease_seconds * 1000::bigint)
                                                    * interval '1 millisecond' END,
-                    lease_expires_at = NULL, updated_at = now()
+                    -- The ready queue's order (tasks_ready_fifo_idx): the
+                    -- task takes back the place it had when its attempt
+                    -- was claimed, ahead of work that became ready since.
+                    updated_at = coalesce((SELECT a.claimed_at FROM attempts a
+                                            WHERE a.task_id = $1 AND a.attempt = $2), now()),
+                    lease_expires_at = NULL
               WHERE id = $1 AND attempt = $2 AND state = 'leased' AND lease_expires_at <= now()
           RETURNING state, not_before",
             task_id,

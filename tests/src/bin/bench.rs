@@ -28,7 +28,7 @@
 //! may hold —, 0: single calls, and 0: no reports).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -85,9 +85,20 @@ struct Worker {
     credential: String,
     /// Latencies per call, indexed as `CALLS`.
     samples: Vec<Vec<Duration>>,
+    /// When the completion of the run's last task was answered: the end of
+    /// the burn-down, which workers still in a long poll then outlast.
+    last_done: Arc<OnceLock<Instant>>,
 }
 
 impl Worker {
+    /// Counts `n` more tasks done; the call that completes the last one
+    /// marks the end of the burn-down.
+    fn count_done(&self, done: &AtomicUsize, n: usize, total: usize) {
+        if done.fetch_add(n, Ordering::Relaxed) + n >= total {
+            let _ = self.last_done.set(Instant::now());
+        }
+    }
+
     async fn call<B: Serialize, R: DeserializeOwned>(
         &mut self,
         which: usize,
@@ -202,7 +213,7 @@ impl Worker {
                 "a batched completion was refused: {:?}",
                 answer.results.iter().find_map(|r| r.error.as_ref())
             );
-            done.fetch_add(n, Ordering::Relaxed);
+            self.count_done(&done, n, total);
         }
         self.samples
     }
@@ -280,7 +291,7 @@ impl Worker {
                     )
                     .await;
                 self.delete(msg.receipt_handle).await;
-                done.fetch_add(1, Ordering::Relaxed);
+                self.count_done(&done, 1, total);
             }
         }
         self.samples
@@ -437,6 +448,7 @@ async fn main() {
     });
 
     let started = Instant::now();
+    let last_done = Arc::new(OnceLock::new());
     let mut handles = Vec::new();
     for id in 0..args.workers {
         let worker = Worker {
@@ -447,6 +459,7 @@ async fn main() {
                 Utc::now() + chrono::Duration::hours(1),
             ),
             samples: vec![Vec::new(); CALLS.len()],
+            last_done: last_done.clone(),
         };
         handles.push(if args.batch > 0 {
             tokio::spawn(worker.run_batched(id, args.batch, done.clone(), args.tasks))
@@ -460,7 +473,11 @@ async fn main() {
             all.extend(mine);
         }
     }
-    let elapsed = started.elapsed();
+    // The burn-down ends with its last completion, not when the last
+    // worker's long poll (up to 1 s, answered empty) returns.
+    let elapsed = last_done
+        .get()
+        .map_or_else(|| started.elapsed(), |t| t.duration_since(started));
     let (peak, rss_after) = memory(pid);
     for task in [submitter, reporter].into_iter().flatten() {
         task.await.expect("submitter or reporter");

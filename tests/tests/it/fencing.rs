@@ -260,12 +260,17 @@ async fn claim_of_an_unknown_task_is_404() {
     assert_eq!(r.code(), "not_found");
 }
 
-/// ADR 0018: a heartbeat commits without waiting for the WAL flush, and
-/// that relaxation ends with its transaction. On a one-connection pool,
-/// the transactions after a heartbeat (a claim, here) are synchronous again.
-#[tokio::test]
-async fn rule_a_heartbeats_relaxed_commit_does_not_outlive_its_transaction() {
-    let app = TestApp::spawn().await;
+/// A store on a one-connection pool (so the test sees the connection the
+/// store used), and a task it claimed: the pool, the store, the claim, its
+/// fence.
+async fn claimed_on_one_connection(
+    app: &TestApp,
+) -> (
+    sqlx::PgPool,
+    dispatcher::store::Store,
+    dispatcher::store::Claimed,
+    dispatcher::store::Fence,
+) {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .connect(&app.db.url())
@@ -282,6 +287,17 @@ async fn rule_a_heartbeats_relaxed_commit_does_not_outlive_its_transaction() {
         job_id: claimed.job_id,
         attempt: claimed.attempt,
     };
+    (pool, store, claimed, fence)
+}
+
+/// ADR 0018: a heartbeat commits without waiting for the WAL flush, and
+/// that relaxation ends with its transaction. On a one-connection pool,
+/// the transactions after a heartbeat (a claim, here) are synchronous again.
+#[tokio::test]
+async fn rule_a_heartbeats_relaxed_commit_does_not_outlive_its_transaction() {
+    let app = TestApp::spawn().await;
+    let (pool, store, claimed, fence) = claimed_on_one_connection(&app).await;
+    let task = claimed.task_id;
     let progress = json!({"pct": 10});
     let renewal = store.heartbeat(fence, Some(&progress)).await.unwrap();
     assert!(renewal.lease_expires_at > claimed.lease_expires_at - chrono::Duration::seconds(1));
@@ -337,22 +353,7 @@ async fn updates_of(pool: &sqlx::PgPool, relname: &str) -> (i64, i64) {
 #[tokio::test]
 async fn heartbeats_are_hot_updates_of_the_task_and_attempt_rows() {
     let app = TestApp::spawn().await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&app.db.url())
-        .await
-        .unwrap();
-    let store = dispatcher::store::Store::new(pool.clone(), app.settings.clone());
-    let task = app.single_task(3).await;
-    let claimed = store
-        .claim(task, "w", std::time::Duration::from_secs(30))
-        .await
-        .unwrap();
-    let fence = dispatcher::store::Fence {
-        task_id: claimed.task_id,
-        job_id: claimed.job_id,
-        attempt: claimed.attempt,
-    };
+    let (pool, store, _, fence) = claimed_on_one_connection(&app).await;
     let (tasks_before, tasks_hot_before) = updates_of(&pool, "tasks").await;
     let (attempts_before, attempts_hot_before) = updates_of(&pool, "attempts").await;
     const BEATS: i64 = 20;

@@ -328,3 +328,32 @@ async fn invariant_5_notify_mode_every_change_that_makes_work_ready_notifies_at_
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert!(notifications(&mut listener, quiet).await.is_empty());
 }
+
+/// A task whose lease expired takes back its place in the ready queue: a
+/// claim of ready work (oldest first) takes it before work that became
+/// ready after its attempt was claimed, so a dead worker's task waits
+/// behind no backlog that arrived while it ran.
+#[tokio::test]
+async fn a_reclaimed_task_is_taken_before_work_that_became_ready_after_its_claim() {
+    let app = TestApp::spawn().await;
+    let reclaimed = app.single_task(3).await;
+    app.claim(reclaimed).await;
+    let newer = app.single_task(3).await;
+    app.expire_lease(reclaimed).await;
+    assert_eq!(
+        app.store.expire_lease(reclaimed).await.unwrap(),
+        Some(dispatcher_wire::TaskState::Ready)
+    );
+    let taken = app
+        .store
+        .claim_many(
+            dispatcher::store::Pick::Ready(1),
+            "w",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = taken.iter().map(|c| c.task_id).collect();
+    assert_eq!(ids, [reclaimed], "newer ready task: {newer}");
+    assert_eq!(taken[0].attempt, 2);
+}

@@ -255,7 +255,6 @@ impl AlertRouter {
 }
 
 /// A delivery in hand.
-#[derive(sqlx::FromRow)]
 struct Due {
     id: Uuid,
     destination_id: Uuid,
@@ -520,7 +519,6 @@ async fn try_once(store: &Store, http: &reqwest::Client, settings: &Settings, d:
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct DeliveryRow {
     id: Uuid,
     org_id: Uuid,

@@ -30,7 +30,6 @@ pub struct Destination {
     pub secret: String,
 }
 
-#[derive(sqlx::FromRow)]
 struct RouteRow {
     id: Uuid,
     org_id: Uuid,
@@ -42,7 +41,6 @@ struct RouteRow {
     matcher: Option<Value>,
 }
 
-#[derive(sqlx::FromRow)]
 struct RouteViewRow {
     id: Uuid,
     name: String,

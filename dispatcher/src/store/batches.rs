@@ -30,7 +30,7 @@ pub struct SinkBatch {
 }
 
 /// A dead batch, for `dispatcher admin sink dead list`.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct DeadBatch {
     pub org_id: Uuid,
     pub batch_id: Uuid,
@@ -49,7 +49,7 @@ pub struct DeadBatch {
 }
 
 /// A batch still pending, for `dispatcher admin sink pending`.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct PendingBatch {
     pub org_id: Uuid,
     pub batch_id: Uuid,

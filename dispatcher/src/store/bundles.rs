@@ -9,7 +9,6 @@ use super::Store;
 use crate::domain::Invalid;
 use crate::error::StoreError;
 
-#[derive(sqlx::FromRow)]
 struct BundleRow {
     digest: String,
     runtime: String,

@@ -14,7 +14,6 @@ use crate::error::StoreError;
 /// Versions listed by `GET /v1/datasets/{name}`, newest first.
 const VERSIONS_SHOWN: i64 = 1_000;
 
-#[derive(sqlx::FromRow)]
 struct DatasetRow {
     id: Uuid,
     name: String,
@@ -40,7 +39,6 @@ impl DatasetRow {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct VersionRow {
     version: i32,
     parent: Option<i32>,

@@ -19,7 +19,6 @@ fn job_state(s: &str) -> Result<JobState, StoreError> {
     })
 }
 
-#[derive(sqlx::FromRow)]
 struct JobRow {
     name: String,
     state: String,

@@ -12,7 +12,7 @@ use crate::millis;
 
 /// A pending outbox row a relay has taken (hidden from other relays until
 /// its hold ends).
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub id: i64,
     pub topic: String,
@@ -21,7 +21,7 @@ pub struct OutboxRow {
 }
 
 /// An outbox row the relay gave up on.
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone)]
 pub struct DeadRow {
     pub id: i64,
     pub topic: String,

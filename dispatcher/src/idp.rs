@@ -240,10 +240,12 @@ impl Idp {
 
     /// Verifies an IdP token: the key named by `kid` (or the only key),
     /// its pinned algorithm, signature, `exp`, `iss` and `aud`. The user's
-    /// subject (the configured claim, a non-empty string). An unknown `kid`
+    /// subject (the configured claim, a non-empty string) and, when the
+    /// token says the IdP verified it (`email_verified: true`), its `email`
+    /// (used once, to bind a first sign-in to its invitation). An unknown `kid`
     /// makes a URL-sourced key set fetch again (rotation), at most once per
     /// `MIN_REFETCH`.
-    pub async fn verify(&self, token: &str) -> Result<String, TokenError> {
+    pub async fn verify(&self, token: &str) -> Result<IdpIdentity, TokenError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| TokenError::Malformed(e.to_string()))?;
         if let (Some(kid), Some(src)) = (&header.kid, &self.source) {
@@ -283,14 +285,35 @@ impl Idp {
         validation.leeway = self.leeway_secs;
         let data = jsonwebtoken::decode::<HashMap<String, Value>>(token, &key.key, &validation)
             .map_err(|e| TokenError::Invalid(e.to_string()))?;
-        match data.claims.get(&self.subject_claim) {
-            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => Ok(s.clone()),
-            _ => Err(TokenError::Invalid(format!(
-                "claim {:?} is missing or not a string",
-                self.subject_claim
-            ))),
-        }
+        let subject = match data.claims.get(&self.subject_claim) {
+            Some(Value::String(s)) if !s.is_empty() && s.len() <= 512 => s.clone(),
+            _ => {
+                return Err(TokenError::Invalid(format!(
+                    "claim {:?} is missing or not a string",
+                    self.subject_claim
+                )))
+            }
+        };
+        // Only a boolean `true` counts: an IdP that does not say it checked
+        // the address gives no e-mail to bind by.
+        let verified_email = match (data.claims.get("email"), data.claims.get("email_verified")) {
+            (Some(Value::String(e)), Some(Value::Bool(true))) if e.len() <= 320 => Some(e.clone()),
+            _ => None,
+        };
+        Ok(IdpIdentity {
+            subject,
+            verified_email,
+        })
     }
+}
+
+/// Who a verified IdP token names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdpIdentity {
+    /// The configured subject claim.
+    pub subject: String,
+    /// The token's `email`, when its `email_verified` is `true`.
+    pub verified_email: Option<String>,
 }
 
 fn parse_jwks(jwks: &str) -> Result<Vec<IdpKey>, String> {

@@ -695,13 +695,24 @@ enum AdminCommand {
         /// role keeps at least one admin in the org.
         #[arg(long, default_value = "member")]
         role: String,
-        /// Link the user to its identity at the identity provider: the
-        /// provider's issuer (`--idp-issuer` of `serve`) ...
+        /// Link the user to its identity at the identity provider (only a
+        /// user with no identity yet; users are otherwise bound at their
+        /// first sign-in from the token's verified e-mail): the provider's
+        /// issuer (`--idp-issuer` of `serve`) ...
         #[arg(long, requires = "idp_subject")]
         idp_issuer: Option<String>,
         /// ... and the user's subject there.
         #[arg(long, requires = "idp_issuer")]
         idp_subject: Option<String>,
+    },
+    /// Remove the IdP identity bound to a user (its next sign-in binds
+    /// again, from a verified e-mail): for a user whose IdP account was
+    /// replaced. No API call can do this (ADR 0012).
+    UnbindIdentity {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        email: String,
     },
     /// Remove a member (never the org's last admin).
     RemoveMember {
@@ -1377,10 +1388,19 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
             if let (Some(issuer), Some(subject)) = (&idp_issuer, &idp_subject) {
                 store.set_user_subject(user, issuer, subject).await?;
             }
-            if !store.change_membership(org_id, user, Some(role)).await? {
+            if store.change_membership(org_id, user, Some(role)).await? {
+                store.accept_membership(org_id, user).await?;
+            } else {
                 store.set_membership(org_id, user, role).await?;
             }
             println!("{user}");
+        }
+        AdminCommand::UnbindIdentity { db, email } => {
+            let store = connect(&db, settings, 2).await?;
+            match store.unbind_identity(&email).await? {
+                Some(user) => eprintln!("user {user} ({email}) has no identity bound now"),
+                None => bail!("no user has the e-mail {email}, or it has no identity bound"),
+            }
         }
         AdminCommand::RemoveMember { db, org_id, email } => {
             let store = connect(&db, settings, 2).await?;
@@ -1393,10 +1413,18 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
         }
         AdminCommand::ListMembers { db, org_id } => {
             let store = connect(&db, settings, 2).await?;
-            for (id, email, subject, role) in store.list_members(org_id).await? {
+            let members = store.list_members(org_id).await?;
+            if members.is_empty() {
+                eprintln!("org {org_id} has no members");
+            }
+            for m in members {
                 println!(
-                    "{id}  {role:<7} {email}{}",
-                    subject
+                    "{}  {:<7} {}{}{}",
+                    m.user_id,
+                    m.role,
+                    m.email,
+                    if m.accepted { "" } else { "  (invited)" },
+                    m.idp_subject
                         .map(|s| format!("  (idp subject {s})"))
                         .unwrap_or_default()
                 );

@@ -796,24 +796,29 @@ pub struct OrgView {
     pub name: String,
 }
 
-/// `PUT /v1/org/members`: adds a member, or changes a member's role.
+/// `PUT /v1/org/members`: invites a user by e-mail, or changes a member's
+/// role. An identity is never set here: it is bound at the user's first
+/// sign-in (ADR 0012), so the request has no `idp_subject` (it is refused
+/// as an unknown field).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PutMemberRequest {
     pub email: String,
     /// `admin`, `member` or `viewer`.
     pub role: String,
-    /// The user's subject at the configured identity provider.
-    #[serde(default)]
-    pub idp_subject: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MemberView {
     pub user_id: Uuid,
     pub email: String,
+    /// The identity the user signed in with, once it has.
     pub idp_subject: Option<String>,
     pub role: String,
+    /// Whether the user has accepted the membership (named the org in a
+    /// call); until then it is an invitation, never the user's default org.
+    #[serde(default)]
+    pub accepted: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

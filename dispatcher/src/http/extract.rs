@@ -136,16 +136,8 @@ impl FromRequestParts<AppState> for UserAuth {
                 .and_then(|h| h.kid)
                 .is_some_and(|kid| state.keys.knows_kid(&kid));
             if !ours {
-                let subject = idp.verify(token).await?;
-                let user = state
-                    .store
-                    .user_by_subject(idp.issuer(), &subject)
-                    .await?
-                    .ok_or_else(|| {
-                        ApiError::forbidden(format!(
-                            "no user has the identity {subject:?}; an org admin adds members"
-                        ))
-                    })?;
+                let identity = idp.verify(token).await?;
+                let user = signed_in_user(state, idp, &identity).await?;
                 let org = match parts.headers.get(ORG_HEADER) {
                     Some(v) => v
                         .to_str()
@@ -157,7 +149,8 @@ impl FromRequestParts<AppState> for UserAuth {
                     None => state.store.sole_org(user).await?.ok_or_else(|| {
                         ApiError::invalid(
                             ORG_HEADER,
-                            "name the org to act in (the user belongs to none or to several)",
+                            "name the org to act in: the user has accepted no membership or several \
+                             (naming an org accepts its invitation)",
                         )
                     })?,
                 };
@@ -171,6 +164,41 @@ impl FromRequestParts<AppState> for UserAuth {
             sub: claims.sub,
             org: claims.org,
         }))
+    }
+}
+
+/// The user an IdP identity names (ADR 0012). A known identity is its
+/// user. An unknown one is bound here, at its first sign-in, to the one
+/// user whose e-mail is the token's verified e-mail and who has no identity
+/// yet (the invitation it claims); nothing else ever binds an identity.
+async fn signed_in_user(
+    state: &AppState,
+    idp: &crate::idp::Idp,
+    identity: &crate::idp::IdpIdentity,
+) -> Result<uuid::Uuid, ApiError> {
+    let subject = &identity.subject;
+    if let Some(user) = state.store.user_by_subject(idp.issuer(), subject).await? {
+        return Ok(user);
+    }
+    let Some(email) = &identity.verified_email else {
+        return Err(ApiError::forbidden(format!(
+            "no user has the identity {subject:?}, and the token carries no verified e-mail \
+             to claim an invitation with; an org admin invites members by e-mail"
+        )));
+    };
+    match state
+        .store
+        .bind_identity_by_email(idp.issuer(), subject, email)
+        .await?
+    {
+        Some(user) => {
+            tracing::info!(%user, subject = %subject, "identity bound at first sign-in");
+            Ok(user)
+        }
+        None => Err(ApiError::forbidden(format!(
+            "no user has the identity {subject:?}, and no invited user without an identity \
+             has the e-mail {email:?}; an org admin invites members by e-mail"
+        ))),
     }
 }
 

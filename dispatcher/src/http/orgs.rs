@@ -46,6 +46,16 @@ pub async fn create(
     ))
 }
 
+fn view(m: crate::store::MemberRow) -> wire::MemberView {
+    wire::MemberView {
+        user_id: m.user_id,
+        email: m.email,
+        idp_subject: m.idp_subject,
+        role: m.role,
+        accepted: m.accepted,
+    }
+}
+
 /// `GET /v1/org/members`: any member may see who else is.
 pub async fn members(
     State(state): State<AppState>,
@@ -56,19 +66,15 @@ pub async fn members(
         .list_members(user.org)
         .await?
         .into_iter()
-        .map(|(user_id, email, idp_subject, role)| wire::MemberView {
-            user_id,
-            email,
-            idp_subject,
-            role,
-        })
+        .map(view)
         .collect();
     Ok(Json(wire::MemberList { members }))
 }
 
-/// `PUT /v1/org/members` (admin): adds the user with this e-mail (created
-/// if new) or changes its role; with `idp_subject`, links the user to its
-/// identity at the configured identity provider.
+/// `PUT /v1/org/members` (admin): invites the user with this e-mail (a user
+/// row with only the e-mail is made if there is none) or changes a
+/// member's role. It writes only this org's membership, never the user's
+/// row: identities are bound at sign-in (ADR 0012).
 pub async fn put_member(
     State(state): State<AppState>,
     OrgAdmin(admin): OrgAdmin,
@@ -76,37 +82,29 @@ pub async fn put_member(
 ) -> Result<Json<wire::MemberView>, ApiError> {
     let email = email(&req.email)?;
     let role = role(&req.role)?;
-    let subject = match (&req.idp_subject, &state.idp) {
-        (None, _) => None,
-        (Some(s), Some(idp)) if !s.is_empty() && s.len() <= 512 => Some((idp.issuer(), s)),
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid("idp_subject", "must be 1 to 512 bytes"))
-        }
-        (Some(_), None) => {
-            return Err(ApiError::invalid(
-                "idp_subject",
-                "this dispatcher has no identity provider configured",
-            ))
-        }
-    };
     let user_id = state.store.ensure_user(&email).await?;
-    if let Some((issuer, s)) = subject {
-        state.store.set_user_subject(user_id, issuer, s).await?;
-    }
     if !state
         .store
         .change_membership(admin.org, user_id, Some(role))
         .await?
+        && !state
+            .store
+            .invite_member(admin.org, user_id, role, admin.sub)
+            .await?
     {
-        state.store.set_membership(admin.org, user_id, role).await?;
+        // Invited by another admin meanwhile: set the role asked for.
+        state
+            .store
+            .change_membership(admin.org, user_id, Some(role))
+            .await?;
     }
     tracing::info!(org = %admin.org, %user_id, role = role.as_str(), by = %admin.sub, "membership set");
-    Ok(Json(wire::MemberView {
-        user_id,
-        email,
-        idp_subject: req.idp_subject,
-        role: role.as_str().to_owned(),
-    }))
+    let member = state
+        .store
+        .member(admin.org, user_id)
+        .await?
+        .ok_or_else(|| ApiError::conflict("the membership was removed meanwhile; try again"))?;
+    Ok(Json(view(member)))
 }
 
 /// `DELETE /v1/org/members/{user_id}` (admin): `404` if not a member,

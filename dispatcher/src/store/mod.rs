@@ -25,6 +25,7 @@ pub use batches::{DeadBatch, DeadFilter, PendingBatch, SinkBatch};
 pub use bundles::ResolvedBundle;
 pub use datasets::{NewPart, StagedDataset, WrittenManifest};
 pub use jobs::TaskPage;
+pub use orgs::MemberRow;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};
 
 pub use claim::Pick;

@@ -12,17 +12,17 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-const ISS: &str = "https://idp.example.test";
-const AUD: &str = "dispatcher-users";
+pub(crate) const ISS: &str = "https://idp.example.test";
+pub(crate) const AUD: &str = "dispatcher-users";
 
-fn fixture(name: &str) -> String {
+pub(crate) fn fixture(name: &str) -> String {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/idp")
         .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+pub(crate) fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
     let key = match alg {
         Algorithm::RS256 => EncodingKey::from_rsa_pem(fixture("rsa.pem").as_bytes()),
         Algorithm::ES256 => EncodingKey::from_ec_pem(fixture("ec.pem").as_bytes()),
@@ -36,12 +36,12 @@ fn sign(alg: Algorithm, kid: Option<&str>, claims: &Value) -> String {
     jsonwebtoken::encode(&header, claims, &key).expect("sign")
 }
 
-fn claims(sub: &str) -> Value {
+pub(crate) fn claims(sub: &str) -> Value {
     json!({"iss": ISS, "aud": AUD, "sub": sub, "iat": Utc::now().timestamp(),
            "exp": Utc::now().timestamp() + 600})
 }
 
-async fn app_with_jwks() -> TestApp {
+pub(crate) async fn app_with_jwks() -> TestApp {
     let idp = Idp::from_jwks(ISS, AUD, "sub", &fixture("jwks.json"), 5).expect("jwks");
     let app = TestApp::spawn_with_idp(idp).await;
     let ada = app.store.ensure_user("ada@idp.test").await.unwrap();
@@ -373,7 +373,7 @@ async fn two_admins_removing_each_other_at_once_leave_one() {
     );
     let members = app.store.list_members(org).await.unwrap();
     assert_eq!(members.len(), 1);
-    assert_eq!(members[0].3, "admin");
+    assert_eq!(members[0].role, "admin");
 }
 
 /// A JWKS served over HTTP, whose document the test can change.

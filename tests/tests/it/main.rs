@@ -14,6 +14,7 @@ mod e2e;
 mod e2e_datasets;
 mod e2e_sink;
 mod fencing;
+mod identity;
 mod idp;
 mod input;
 mod isolation;

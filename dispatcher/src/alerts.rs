@@ -278,7 +278,9 @@ pub struct AlertDelivery {
     store: Store,
     data: PgPool,
     settings: Arc<Settings>,
+    /// Resolves through `guard` only, no proxy, no redirect.
     http: reqwest::Client,
+    guard: crate::egress::Guard,
 }
 
 /// `Retry-After`: seconds, or an HTTP date.
@@ -295,35 +297,16 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     (at.with_timezone(&Utc) - Utc::now()).to_std().ok()
 }
 
-/// Whether `ip` is one a public webhook should never reach: loopback,
-/// private, link-local (cloud metadata), unspecified.
-fn is_internal(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified()
-        }
-        std::net::IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (v6.segments()[0] & 0xfe00) == 0xfc00
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6.to_ipv4_mapped().is_some_and(|v4| is_internal(v4.into()))
-        }
-    }
-}
-
 impl AlertDelivery {
     pub fn new(store: Store, data: PgPool, settings: Arc<Settings>) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(settings.alert_delivery_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client");
+        let guard = crate::egress::Guard::new(&settings.alert_allow_hosts);
+        let http = guard.client(settings.alert_delivery_timeout);
         AlertDelivery {
             store,
             data,
             settings,
             http,
+            guard,
         }
     }
 
@@ -349,10 +332,9 @@ impl AlertDelivery {
         let n = due.len();
         let mut running = tokio::task::JoinSet::new();
         for d in due {
-            let (store, http, settings) =
-                (self.store.clone(), self.http.clone(), self.settings.clone());
+            let (store, http, guard) = (self.store.clone(), self.http.clone(), self.guard.clone());
             running.spawn(async move {
-                let tried = try_once(&store, &http, &settings, &d).await;
+                let tried = try_once(&store, &http, &guard, &d).await;
                 (d, tried)
             });
         }
@@ -449,7 +431,12 @@ impl AlertDelivery {
     }
 }
 
-async fn try_once(store: &Store, http: &reqwest::Client, settings: &Settings, d: &Due) -> Tried {
+async fn try_once(
+    store: &Store,
+    http: &reqwest::Client,
+    guard: &crate::egress::Guard,
+    d: &Due,
+) -> Tried {
     let dest = match store.alert_destination(d.destination_id).await {
         Ok(Some(dest)) => dest,
         Ok(None) => return Tried::Fatal("the destination was deleted".into()),
@@ -461,33 +448,14 @@ async fn try_once(store: &Store, http: &reqwest::Client, settings: &Settings, d:
             }
         }
     };
-    if !settings.alert_allow_internal {
-        let host_port = reqwest::Url::parse(&dest.url)
-            .ok()
-            .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)));
-        let Some(host_port) = host_port else {
-            return Tried::Fatal(format!("{:?} is not a URL", dest.url));
-        };
-        let resolved = tokio::net::lookup_host(host_port.as_str())
-            .await
-            .map(|addrs| addrs.collect::<Vec<_>>());
-        match resolved {
-            Ok(addrs) => {
-                if addrs.iter().any(|a| is_internal(a.ip())) {
-                    return Tried::Fatal(format!(
-                        "{host_port} resolves to an internal address; not delivered \
-                         (serve --alerts-allow-internal allows it)"
-                    ));
-                }
-            }
-            Err(e) => {
-                return Tried::Failed {
-                    status: None,
-                    error: format!("resolving {host_port}: {e}"),
-                    retry_after: None,
-                }
-            }
-        }
+    let url = match reqwest::Url::parse(&dest.url) {
+        Ok(u) => u,
+        Err(_) => return Tried::Fatal(format!("{:?} is not a URL", dest.url)),
+    };
+    // An IP literal is vetted here; a name is vetted by the client's
+    // resolver, on the addresses it then connects to.
+    if let Err(refused) = guard.check_url(&url) {
+        return Tried::Fatal(refused.to_string());
     }
     let body = serde_json::to_vec(&d.payload).unwrap_or_default();
     let id = d.id.to_string();
@@ -496,7 +464,7 @@ async fn try_once(store: &Store, http: &reqwest::Client, settings: &Settings, d:
         return Tried::Fatal("the destination's secret is not a whsec_ key".into());
     };
     let sent = http
-        .post(&dest.url)
+        .post(url)
         .header("content-type", "application/json")
         .header("webhook-id", &id)
         .header("webhook-timestamp", ts.to_string())
@@ -511,10 +479,13 @@ async fn try_once(store: &Store, http: &reqwest::Client, settings: &Settings, d:
             error: format!("the receiver answered {}", r.status()),
             retry_after: retry_after(r.headers()),
         },
-        Err(e) => Tried::Failed {
-            status: None,
-            error: format!("sending: {e}"),
-            retry_after: None,
+        Err(e) => match crate::egress::Guard::refusal(&e) {
+            Some(refused) => Tried::Fatal(refused.to_string()),
+            None => Tried::Failed {
+                status: None,
+                error: format!("sending: {e}"),
+                retry_after: None,
+            },
         },
     }
 }
@@ -661,22 +632,5 @@ mod tests {
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert!(sign("nope", "x", 1, b"").is_none());
         assert!(secret_key(&new_secret()).is_some());
-    }
-
-    #[test]
-    fn internal_addresses_are_told_apart() {
-        for ip in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "169.254.169.254",
-            "192.168.0.1",
-            "::1",
-            "fd00::1",
-        ] {
-            assert!(is_internal(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["93.184.216.34", "2606:2800:220:1::1"] {
-            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
-        }
     }
 }

@@ -159,7 +159,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     ensure_database(&url).await?;
     // Local webhook receivers are the norm on a dev machine.
     let settings = Arc::new(Settings {
-        alert_allow_internal: true,
+        alert_allow_hosts: ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec(),
         wakeups: args.profile.queues.wakeups()?,
         ..Settings::default()
     });

@@ -7,6 +7,7 @@ pub mod bundles;
 pub mod datadb;
 pub mod dlq;
 pub mod domain;
+pub mod egress;
 pub mod error;
 pub mod http;
 pub mod idp;

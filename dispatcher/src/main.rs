@@ -293,10 +293,13 @@ struct SinkArgs {
     /// Data-database connections of the sink.
     #[arg(long, env = "DISPATCHER_DATA_DB_MAX_CONNECTIONS", default_value_t = 8)]
     data_max_connections: u32,
-    /// Deliver alerts to loopback, private and link-local addresses
-    /// (refused by default: a destination must not reach this network).
-    #[arg(long, env = "DISPATCHER_ALERTS_ALLOW_INTERNAL")]
-    alerts_allow_internal: bool,
+    /// Hosts alerts may reach although they resolve to loopback, private,
+    /// link-local or other internal addresses, comma-separated (names or
+    /// IP literals as written in destination URLs; every other host is
+    /// refused when it resolves there: a destination must not reach this
+    /// network).
+    #[arg(long, env = "DISPATCHER_ALERTS_ALLOW_HOSTS", value_delimiter = ',')]
+    alerts_allow_hosts: Vec<String>,
     /// Tries of an alert delivery before it is dead.
     #[arg(long, env = "DISPATCHER_ALERT_MAX_TRIES", value_parser = clap::value_parser!(u32).range(1..=100))]
     alert_max_tries: Option<u32>,
@@ -312,7 +315,7 @@ struct SinkArgs {
 
 impl SinkArgs {
     fn apply(&self, s: &mut Settings) {
-        s.alert_allow_internal = self.alerts_allow_internal;
+        s.alert_allow_hosts = self.alerts_allow_hosts.clone();
         if let Some(n) = self.alert_max_tries {
             s.alert_delivery_max_tries = n;
         }

@@ -218,9 +218,10 @@ pub struct Settings {
     pub alert_retry_base: Duration,
     /// Longest retry delay (also the bound of a `Retry-After`).
     pub alert_retry_cap: Duration,
-    /// Deliver to loopback, private and link-local addresses (off: a
-    /// destination URL must not reach the dispatcher's own network).
-    pub alert_allow_internal: bool,
+    /// Hosts (names or IP literals, as written in destination URLs) that
+    /// alerts may reach although they are internal; every other host must
+    /// resolve only to public addresses (see `egress`).
+    pub alert_allow_hosts: Vec<String>,
     /// Named crash points (debug builds only; see `failpoint`).
     pub failpoints: Vec<String>,
 }
@@ -305,7 +306,7 @@ impl Default for Settings {
             alert_delivery_max_tries: 8,
             alert_retry_base: Duration::from_secs(1),
             alert_retry_cap: Duration::from_secs(300),
-            alert_allow_internal: false,
+            alert_allow_hosts: Vec::new(),
             task_timeout_max: Duration::from_secs(24 * 3600),
             job_deadline_max: Duration::from_secs(7 * 24 * 3600),
             failpoints: Vec::new(),

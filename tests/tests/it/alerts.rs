@@ -116,7 +116,7 @@ impl Receiver {
 
 fn settings(max_tries: u32) -> Settings {
     Settings {
-        alert_allow_internal: true,
+        alert_allow_hosts: vec!["127.0.0.1".into()],
         alert_retry_base: Duration::from_millis(20),
         alert_retry_cap: Duration::from_secs(2),
         alert_delivery_max_tries: max_tries,
@@ -425,7 +425,7 @@ async fn alerts_a_real_dispatcher_sigkilled_mid_delivery_loses_nothing() {
     .await;
     let mut stack = Stack::new().await;
     for (k, v) in [
-        ("DISPATCHER_ALERTS_ALLOW_INTERNAL", "true"),
+        ("DISPATCHER_ALERTS_ALLOW_HOSTS", "127.0.0.1"),
         ("DISPATCHER_ALERT_LEASE_SECONDS", "2"),
     ] {
         stack.profile_env.push((k.into(), v.into()));
@@ -495,4 +495,144 @@ async fn alerts_a_real_dispatcher_sigkilled_mid_delivery_loses_nothing() {
         2,
         "the interrupted delivery was retried under its webhook-id"
     );
+}
+
+/// A TCP listener on loopback that counts the connections it accepts.
+async fn counting_listener() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let n = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    (port, accepted)
+}
+
+/// One destination and one catch-all route per URL of `urls`, one event
+/// routed to each, every delivery tried until it ends; (url, state,
+/// last_status, last_error) per destination.
+async fn deliver_to(f: &Fixture, urls: &[String]) -> Vec<(String, String, Option<i32>, String)> {
+    let (stream, _, _, _) = f
+        .app
+        .store
+        .dataset_for_query(f.app.org_id, "events")
+        .await
+        .unwrap();
+    for (i, url) in urls.iter().enumerate() {
+        f.app
+            .store
+            .create_alert_destination(
+                f.app.org_id,
+                &format!("d{i}"),
+                url,
+                &dispatcher::alerts::new_secret(),
+            )
+            .await
+            .unwrap();
+        f.app
+            .store
+            .create_alert_route(
+                f.app.org_id,
+                &format!("r{i}"),
+                stream,
+                &format!("d{i}"),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+    events(f, 1).await;
+    let router = AlertRouter::new(f.app.store.clone(), f.data.clone(), f.app.settings.clone());
+    assert_eq!(router.route_once().await.unwrap(), 1);
+    deliver_all(f, Duration::from_secs(30)).await;
+    let ended: Vec<(Uuid, String, Option<i32>, String)> = sqlx::query_as(
+        "SELECT destination_id, state, last_status, coalesce(last_error, '')
+           FROM alert_deliveries",
+    )
+    .fetch_all(&f.data)
+    .await
+    .unwrap();
+    let urls: std::collections::HashMap<Uuid, String> =
+        sqlx::query_as("SELECT id, url FROM alert_destinations")
+            .fetch_all(&f.app.db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    ended
+        .into_iter()
+        .map(|(d, state, status, error)| (urls[&d].clone(), state, status, error))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_a_destination_resolving_to_an_internal_address_is_never_connected_whatever_its_spelling(
+) {
+    // No host is allowed: the production setting.
+    let f = fixture(
+        TestApp::spawn_with(Settings {
+            alert_allow_hosts: vec![],
+            ..settings(2)
+        })
+        .await,
+    )
+    .await;
+    let (port, accepted) = counting_listener().await;
+    let urls: Vec<String> = [
+        "127.0.0.1",
+        "127.1",
+        "2130706433",
+        "0x7f000001",
+        "[::ffff:127.0.0.1]",
+        "0.0.0.0",
+        "localhost",
+    ]
+    .iter()
+    .map(|h| format!("http://{h}:{port}/hook"))
+    .chain(["http://169.254.169.254/latest/meta-data/".to_owned()])
+    .collect();
+    let ended = deliver_to(&f, &urls).await;
+    assert_eq!(ended.len(), urls.len(), "{ended:?}");
+    for (url, state, status, error) in &ended {
+        assert_eq!(state, "dead", "{url}: refused at once, not retried");
+        assert_eq!(*status, None, "{url}");
+        assert!(error.contains("internal address"), "{url}: {error}");
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the loopback listener received nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_a_receiver_redirecting_elsewhere_is_not_followed() {
+    let f = fixture(TestApp::spawn_with(settings(1)).await).await;
+    let (port, accepted) = counting_listener().await;
+    // An allowed receiver that answers 307 to another (allowed) address.
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || async move {
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [("location", format!("http://127.0.0.1:{port}/hook"))],
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let ended = deliver_to(&f, &[url]).await;
+    let [(_, state, status, _)] = &ended[..] else {
+        panic!("{ended:?}")
+    };
+    assert_eq!(state, "dead");
+    assert_eq!(*status, Some(307), "the redirect is the answer");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }

@@ -9,6 +9,16 @@
 //!   bounded sizes, a valid manifest at the root.
 //! * [`unpack`] is what a worker does with an archive whose digest it has
 //!   checked: the same checks, then the files, owned by the task's uid.
+//!
+//! An archive is untrusted input, and its bounds hold before anything is
+//! read into memory (review H3): every byte decompressed goes through
+//! [`Bounded`], which stops at the unpacked bound plus the headers'
+//! share, and at a compression ratio no source tree has; a first pass over
+//! the raw headers refuses a PAX or GNU long-name/long-link record larger
+//! than [`MAX_META_BYTES`] before the tar reader would buffer it, and
+//! counts every entry, metadata records included. What a check costs is
+//! therefore the archive (the body, at most `bundle_max_bytes`) plus a
+//! constant working set of about 1 MiB.
 
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
@@ -19,19 +29,130 @@ use sha2::{Digest as _, Sha256};
 /// The manifest's file name, at the archive's root.
 pub const MANIFEST: &str = "bundle.json";
 
-/// Entries one archive may hold.
-const MAX_ENTRIES: usize = 100_000;
+/// Entries one archive may hold, PAX and long-name records included.
+pub const MAX_ENTRIES: usize = 50_000;
+
+/// The largest PAX (`x`, `g`) or GNU long-name/long-link (`L`, `K`)
+/// record; the tar reader buffers these whole.
+pub const MAX_META_BYTES: u64 = 64 * 1024;
+
+/// The longest path of an entry, in bytes (Linux's `PATH_MAX`).
+pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Decompressed bytes per compressed byte beyond which an archive is a
+/// bomb (source trees compress about 3 to 10 times; zeros 1000 times).
+/// Checked once [`RATIO_FLOOR`] bytes are out, so small archives of
+/// repetitive files pass.
+pub const MAX_RATIO: u64 = 200;
+const RATIO_FLOOR: u64 = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
     #[error("{0}")]
     Invalid(String),
+    /// A size bound: unpacked size, entries, a metadata record, the ratio.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
 fn invalid(msg: impl Into<String>) -> BundleError {
     BundleError::Invalid(msg.into())
+}
+
+fn too_large(msg: impl Into<String>) -> BundleError {
+    BundleError::TooLarge(msg.into())
+}
+
+/// The decompressing reader of an archive, which fails once it has given
+/// out more than `limit` bytes, or more than [`MAX_RATIO`] times the
+/// compressed size; why it stopped is kept in `tripped`, since the tar
+/// reader wraps the I/O error.
+struct Bounded<'a> {
+    inner: flate2::read::GzDecoder<&'a [u8]>,
+    out: u64,
+    limit: u64,
+    compressed: u64,
+    tripped: std::rc::Rc<std::cell::Cell<Option<&'static str>>>,
+}
+
+impl<'a> Bounded<'a> {
+    fn new(archive: &'a [u8], max_unpacked: u64) -> Self {
+        // Each entry's 512-byte header and up to 511 bytes of padding.
+        let headers = MAX_ENTRIES as u64 * 1024 + 1024 * 1024;
+        Bounded {
+            inner: flate2::read::GzDecoder::new(archive),
+            out: 0,
+            limit: max_unpacked.saturating_add(headers),
+            compressed: archive.len() as u64,
+            tripped: Default::default(),
+        }
+    }
+}
+
+impl Read for Bounded<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out += n as u64;
+        let why = if self.out > self.limit {
+            Some("decompressed, the archive is larger than the unpacked bound allows")
+        } else if self.out > RATIO_FLOOR && self.out > self.compressed.saturating_mul(MAX_RATIO) {
+            Some("the archive decompresses more than 200 times its size (a gzip bomb)")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            self.tripped.set(Some(why));
+            return Err(std::io::Error::other(why));
+        }
+        Ok(n)
+    }
+}
+
+/// The first pass: the raw headers (metadata records not interpreted),
+/// with the bounds that must hold before the tar reader buffers any of
+/// them.
+fn prescan(archive: &[u8], max_unpacked: u64) -> Result<(), BundleError> {
+    let reader = Bounded::new(archive, max_unpacked);
+    let tripped = reader.tripped.clone();
+    let mut tar = tar::Archive::new(reader);
+    let bounded = |e: std::io::Error| match tripped.get() {
+        Some(why) => too_large(why),
+        None => invalid(format!("not a gzipped tar: {e}")),
+    };
+    let entries = tar.entries().map_err(bounded)?.raw(true);
+    let mut declared: u64 = 0;
+    for (n, entry) in entries.enumerate() {
+        if n >= MAX_ENTRIES {
+            return Err(too_large(format!(
+                "more than {MAX_ENTRIES} entries (metadata records included)"
+            )));
+        }
+        let entry = entry.map_err(bounded)?;
+        let kind = entry.header().entry_type();
+        let meta = matches!(
+            kind,
+            tar::EntryType::XHeader
+                | tar::EntryType::XGlobalHeader
+                | tar::EntryType::GNULongName
+                | tar::EntryType::GNULongLink
+        );
+        if meta && entry.size() > MAX_META_BYTES {
+            return Err(too_large(format!(
+                "a {kind:?} record of {} bytes is over {MAX_META_BYTES} bytes",
+                entry.size()
+            )));
+        }
+        // Declared sizes first: refused before their bytes are inflated.
+        declared = declared.saturating_add(entry.size());
+        if declared > max_unpacked {
+            return Err(too_large(format!(
+                "unpacked, the bundle is over {max_unpacked} bytes"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -103,6 +224,11 @@ pub fn check_manifest(m: &BundleManifest) -> Result<(), String> {
 /// The path an entry names, checked: relative, no `..`, no root or prefix.
 /// `None` for the archive's root itself (`./`).
 fn entry_path(raw: &Path) -> Result<Option<PathBuf>, BundleError> {
+    if raw.as_os_str().len() > MAX_PATH_BYTES {
+        return Err(invalid(format!(
+            "an entry's path is over {MAX_PATH_BYTES} bytes"
+        )));
+    }
     let mut out = PathBuf::new();
     for c in raw.components() {
         match c {
@@ -124,23 +250,21 @@ fn entry_path(raw: &Path) -> Result<Option<PathBuf>, BundleError> {
 fn walk(
     archive: &[u8],
     max_unpacked: u64,
-    mut each: impl FnMut(
-        &Path,
-        &mut tar::Entry<'_, flate2::read::GzDecoder<&[u8]>>,
-        bool,
-    ) -> Result<(), BundleError>,
+    mut each: impl FnMut(&Path, &mut tar::Entry<'_, Bounded<'_>>, bool) -> Result<(), BundleError>,
 ) -> Result<BundleManifest, BundleError> {
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
+    prescan(archive, max_unpacked)?;
+    let reader = Bounded::new(archive, max_unpacked);
+    let tripped = reader.tripped.clone();
+    let mut tar = tar::Archive::new(reader);
     let mut manifest = None;
     let mut total: u64 = 0;
-    let entries = tar
-        .entries()
-        .map_err(|e| invalid(format!("not a gzipped tar: {e}")))?;
-    for (n, entry) in entries.enumerate() {
-        if n >= MAX_ENTRIES {
-            return Err(invalid(format!("more than {MAX_ENTRIES} entries")));
-        }
-        let mut entry = entry.map_err(|e| invalid(format!("not a gzipped tar: {e}")))?;
+    let bounded = |e: std::io::Error| match tripped.get() {
+        Some(why) => too_large(why),
+        None => invalid(format!("not a gzipped tar: {e}")),
+    };
+    let entries = tar.entries().map_err(bounded)?;
+    for entry in entries {
+        let mut entry = entry.map_err(bounded)?;
         let raw = entry
             .path()
             .map_err(|e| invalid(format!("an entry's path: {e}")))?
@@ -160,7 +284,7 @@ fn walk(
         };
         total = total.saturating_add(entry.size());
         if total > max_unpacked {
-            return Err(invalid(format!(
+            return Err(too_large(format!(
                 "unpacked, the bundle is over {max_unpacked} bytes"
             )));
         }
@@ -176,7 +300,10 @@ fn walk(
             manifest = Some(m);
             continue;
         }
-        each(&path, &mut entry, is_dir)?;
+        each(&path, &mut entry, is_dir).map_err(|e| match tripped.get() {
+            Some(why) => too_large(why),
+            None => e,
+        })?;
     }
     manifest.ok_or_else(|| invalid(format!("no {MANIFEST} at the bundle's root")))
 }
@@ -366,7 +493,9 @@ mod tests {
         assert!(reason(b"not gzip", 1 << 20).contains("gzipped tar"));
         let half = reason(&good[..good.len() / 2], 1 << 20);
         assert!(!half.is_empty(), "a truncated archive is refused");
-        assert!(reason(&good, 10).contains("over 10 bytes"));
+        assert!(
+            matches!(inspect(&good, 10), Err(BundleError::TooLarge(m)) if m.contains("over 10 bytes"))
+        );
         // A path that leaves the bundle, and a symbolic link.
         let evil = |name: &str, kind: tar::EntryType| {
             let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());

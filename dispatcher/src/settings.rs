@@ -196,6 +196,8 @@ pub struct Settings {
     pub bundle_max_bytes: usize,
     /// Largest sum of a bundle's unpacked files (bytes).
     pub bundle_max_unpacked_bytes: u64,
+    /// Bundle uploads held and checked at once (more answer `429`).
+    pub bundle_max_concurrent_pushes: usize,
     /// A task's run bound when neither it nor its bundle names one.
     pub task_timeout_default: Duration,
     /// Largest `timeout_seconds` a task may name.
@@ -298,6 +300,7 @@ impl Default for Settings {
             query_timeout: Duration::from_secs(10),
             bundle_max_bytes: 64 * 1024 * 1024,
             bundle_max_unpacked_bytes: 512 * 1024 * 1024,
+            bundle_max_concurrent_pushes: 2,
             task_timeout_default: Duration::from_secs(15 * 60),
             alert_poll: Duration::from_millis(500),
             alert_delivery_timeout: Duration::from_secs(10),

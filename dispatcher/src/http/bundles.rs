@@ -20,6 +20,7 @@ pub async fn push(
     req: Request,
 ) -> Result<(StatusCode, Json<wire::BundleView>), ApiError> {
     let limit = state.settings.bundle_max_bytes;
+    let _slot = state.limits.bundle_push()?;
     let body = Bytes::from_request(req, &state)
         .await
         .map_err(|rejection| {
@@ -34,14 +35,24 @@ pub async fn push(
     let manifest = tokio::task::spawn_blocking(move || bundles::inspect(&archive, max_unpacked))
         .await
         .map_err(|_| ApiError::internal())?
-        .map_err(|e| ApiError::invalid("body", format!("not a valid bundle: {e}")))?;
+        .map_err(|e| match e {
+            bundles::BundleError::TooLarge(m) => {
+                ApiError::too_large(format!("not a valid bundle: {m}"))
+            }
+            e => ApiError::invalid("body", format!("not a valid bundle: {e}")),
+        })?;
     let digest = bundles::digest(&body);
     let key = bundles::object_key(user.org, &digest);
     let size = body.len() as u64;
-    state.objects.put(&key, body.to_vec()).await.map_err(|e| {
-        tracing::warn!(error = %e, "storing a bundle failed");
-        ApiError::unavailable("the object store could not store the bundle")
-    })?;
+    // The checker's clone is gone: this takes the buffer without a copy.
+    state
+        .objects
+        .put(&key, Vec::from(body))
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "storing a bundle failed");
+            ApiError::unavailable("the object store could not store the bundle")
+        })?;
     let view = state
         .store
         .insert_bundle(user.org, Some(user.sub), &digest, &manifest, size, &key)

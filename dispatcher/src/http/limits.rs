@@ -28,6 +28,7 @@ pub struct Limits {
     clock: DefaultClock,
     requests: Arc<Semaphore>,
     long_polls: Arc<Semaphore>,
+    bundle_pushes: Arc<Semaphore>,
     timeout: Duration,
 }
 
@@ -47,6 +48,7 @@ impl Limits {
             clock: DefaultClock::default(),
             requests: Arc::new(Semaphore::new(settings.max_concurrent_requests.max(1))),
             long_polls: Arc::new(Semaphore::new(settings.max_concurrent_long_polls.max(1))),
+            bundle_pushes: Arc::new(Semaphore::new(settings.bundle_max_concurrent_pushes.max(1))),
             timeout: settings.request_timeout,
         }
     }
@@ -106,6 +108,19 @@ impl Limits {
             ApiError::rate_limited(
                 "overloaded",
                 "too many long-polls are waiting; retry later",
+                Duration::from_secs(1),
+            )
+        })
+    }
+
+    /// A slot for one bundle upload (its body in memory and its check), or
+    /// `429 overloaded`: what bundle pushes hold at once is this many
+    /// archives of at most `bundle_max_bytes`.
+    pub fn bundle_push(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.bundle_pushes.clone().try_acquire_owned().map_err(|_| {
+            ApiError::rate_limited(
+                "overloaded",
+                "too many bundle uploads are in progress; retry later",
                 Duration::from_secs(1),
             )
         })

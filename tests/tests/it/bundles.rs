@@ -199,3 +199,171 @@ async fn a_task_names_its_bundle_by_digest_or_tag_resolved_when_the_job_is_submi
     assert_eq!((deadline - job.created_at).num_seconds(), 60);
     assert_eq!(app.job(job.job_id).await.deadline_at, Some(deadline));
 }
+
+/// A gzipped tar of raw 512-byte headers and data: `(type, path, declared
+/// size, bytes of zeros written)`; the manifest first.
+fn raw_archive(entries: &[(u8, &str, u64, u64)]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let zeros = vec![0u8; 1 << 20];
+    let manifest = br#"{"runtime": "python", "handler": "main.handler"}"#;
+    let mut put = |kind: u8, path: &str, size: u64, data: &[u8], pad_to: u64| {
+        let mut h = tar::Header::new_ustar();
+        h.as_mut_bytes()[156] = kind;
+        h.as_mut_bytes()[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        gz.write_all(h.as_bytes()).unwrap();
+        gz.write_all(data).unwrap();
+        let mut left = pad_to;
+        while left > 0 {
+            let n = left.min(zeros.len() as u64);
+            gz.write_all(&zeros[..n as usize]).unwrap();
+            left -= n;
+        }
+        let written = data.len() as u64 + pad_to;
+        let pad = (512 - written % 512) % 512;
+        gz.write_all(&zeros[..pad as usize]).unwrap();
+    };
+    put(b'0', "bundle.json", manifest.len() as u64, manifest, 0);
+    for (kind, path, size, written) in entries {
+        put(*kind, path, *size, &[], *written);
+    }
+    gz.write_all(&[0u8; 1024]).unwrap();
+    gz.finish().unwrap()
+}
+
+/// The peak resident memory (VmHWM) of a process, in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundle_bombs_are_refused_with_4xx_and_the_dispatchers_memory_stays_bounded() {
+    const MIB: u64 = 1 << 20;
+    let mut stack = dispatcher_tests::stack::Stack::new().await;
+    stack.start_dispatcher("").await;
+    let pid = stack.dispatcher.as_ref().unwrap().id();
+    let many: Vec<(u8, String, u64, u64)> = (0..100_000)
+        .map(|i| (b'0', format!("f/{i}"), 0, 0))
+        .collect();
+    let many: Vec<(u8, &str, u64, u64)> = many
+        .iter()
+        .map(|(k, p, s, w)| (*k, p.as_str(), *s, *w))
+        .collect();
+    let bombs: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        // A PAX record and GNU long-name/long-link records the tar reader
+        // would buffer whole: 256 MiB each.
+        (
+            "pax",
+            raw_archive(&[(b'x', "pax", 256 * MIB, 256 * MIB)]),
+            413,
+            "XHeader record",
+        ),
+        (
+            "pax-global",
+            raw_archive(&[(b'g', "g", 256 * MIB, 256 * MIB)]),
+            413,
+            "XGlobalHeader record",
+        ),
+        (
+            "gnu-long-name",
+            raw_archive(&[(b'L', "././@LongLink", 256 * MIB, 256 * MIB)]),
+            413,
+            "GNULongName record",
+        ),
+        (
+            "gnu-long-link",
+            raw_archive(&[(b'K', "././@LongLink", 256 * MIB, 256 * MIB)]),
+            413,
+            "GNULongLink record",
+        ),
+        // A gzip bomb under the unpacked bound (400 MiB of zeros in a
+        // file): the ratio stops it.
+        (
+            "gzip-bomb",
+            raw_archive(&[(b'0', "zeros", 400 * MIB, 400 * MIB)]),
+            413,
+            "gzip bomb",
+        ),
+        // Over the unpacked bound (512 MiB) by its declared size.
+        (
+            "over-unpacked",
+            raw_archive(&[(b'0', "big", 600 * MIB, 600 * MIB)]),
+            413,
+            "over",
+        ),
+        ("100k-entries", raw_archive(&many), 413, "entries"),
+        // A path past PATH_MAX through a (small) PAX record.
+        (
+            "long-path",
+            {
+                let path = "d/".repeat(2100);
+                let rest = format!(" path={path}\n");
+                let record = format!("{}{rest}", rest.len() + 4);
+                let mut a = Vec::new();
+                {
+                    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+                        &mut a,
+                        flate2::Compression::fast(),
+                    ));
+                    let manifest = br#"{"runtime": "python", "handler": "main.handler"}"#;
+                    let mut h = tar::Header::new_ustar();
+                    h.set_size(manifest.len() as u64);
+                    h.set_mode(0o644);
+                    b.append_data(&mut h, "bundle.json", &manifest[..]).unwrap();
+                    let mut x = tar::Header::new_ustar();
+                    x.set_entry_type(tar::EntryType::XHeader);
+                    x.set_size(record.len() as u64);
+                    x.set_mode(0o644);
+                    b.append_data(&mut x, "pax", record.as_bytes()).unwrap();
+                    let mut f = tar::Header::new_ustar();
+                    f.set_size(0);
+                    f.set_mode(0o644);
+                    b.append_data(&mut f, "short", &[][..]).unwrap();
+                    b.into_inner().unwrap().finish().unwrap();
+                }
+                a
+            },
+            400,
+            "over 4096 bytes",
+        ),
+    ];
+    let client = reqwest::Client::new();
+    let token = stack.user_token();
+    for (name, body, status, reason) in &bombs {
+        let r = client
+            .post(format!("{}/v1/bundles", stack.url()))
+            .bearer_auth(&token)
+            .header("content-type", "application/gzip")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let got = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(got, *status, "{name} ({} bytes): {text}", body.len());
+        let code = if *status == 413 {
+            "payload_too_large"
+        } else {
+            "invalid_request"
+        };
+        assert!(text.contains(code), "{name}: {text}");
+        assert!(text.contains(reason), "{name}: {text}");
+        println!("{name}: {} compressed bytes -> {got}", body.len());
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM bundles")
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "no bomb is stored");
+    // The bound (docs/security-model.md): a push holds its body and about
+    // 1 MiB; these bodies are a few MiB, the bombs 256 MiB to 600 MiB.
+    let peak = peak_rss(pid);
+    println!("dispatcher peak RSS after the bombs: {} MiB", peak / MIB);
+    assert!(peak < 160 * MIB, "peak RSS {} MiB", peak / MIB);
+}

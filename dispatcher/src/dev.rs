@@ -238,6 +238,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .env("DISPATCHER_URL", &url_http)
             .env("WORKER_CREDENTIAL_FILE", &credential)
             .env("WORKER_ID", format!("dev-worker-{i}"))
+            // A dev machine's user is rarely root: tasks then share its
+            // uid (the flag changes nothing for a root wrapper).
+            .env("WORKER_INSECURE_SHARED_UID", "true")
             .env("WORKER_CONCURRENCY", args.concurrency.to_string())
             .env("RUST_LOG", "warn")
             .envs(args.profile.queues.worker_env())

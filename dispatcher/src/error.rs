@@ -109,6 +109,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// `500 integrity_error`: stored data is not what was committed; the
+    /// caller should not retry (an operator must restore the object).
+    pub fn integrity(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "integrity_error",
+            message,
+        )
+    }
+
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }

@@ -553,6 +553,10 @@ pub enum QueryError {
     Objects(crate::objects::ObjectError),
     #[error("data database: {0}")]
     Data(sqlx::Error),
+    /// A committed part's bytes are not the ones its version recorded
+    /// (size or sha256): the store was changed behind the dispatcher.
+    #[error("part {key}: {why}")]
+    Integrity { key: String, why: String },
     /// A committed part no longer parses: the store was tampered with.
     #[error("part {key}: {error}")]
     Corrupt {
@@ -633,6 +637,20 @@ pub async fn read_version(
                 return Err(QueryError::Timeout(limits.timeout));
             }
             let body = objects.get(&part.key).await.map_err(QueryError::Objects)?;
+            // Never rows of other bytes than the version recorded.
+            if body.len() as u64 != part.bytes {
+                return Err(QueryError::Integrity {
+                    key: part.key.clone(),
+                    why: format!("{} bytes, not the {} committed", body.len(), part.bytes),
+                });
+            }
+            let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body));
+            if !sum.eq_ignore_ascii_case(&part.sha256) {
+                return Err(QueryError::Integrity {
+                    key: part.key.clone(),
+                    why: format!("sha256 {sum}, not the {} committed", part.sha256),
+                });
+            }
             crate::rows::parse_rows(&body, &plan.columns, limits.max_row_bytes, |values| {
                 if plan.order_by.is_empty() && kept.len() >= enough {
                     return;

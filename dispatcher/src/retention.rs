@@ -2,8 +2,9 @@
 //! what no version can ever reference, and nothing else.
 //!
 //! Candidates are the objects under an attempt's prefix
-//! (`orgs/{org}/jobs/{job}/tasks/{task}/attempts/{n}/…`: staged parts and
-//! uploads) and manifests (`orgs/{org}/datasets/{name}/manifests/{task}-{n}-{sha}.json`).
+//! (`orgs/{org}/jobs/{job}/tasks/{task}/attempts/{n}/…`: uploads), the
+//! verified copies staging made of them (`orgs/{org}/committed/jobs/…`,
+//! which versions reference) and manifests (`orgs/{org}/datasets/{name}/manifests/{task}-{n}-{sha}.json`).
 //! One is deleted only when
 //! * its attempt **ended** (Postgres says when: `attempts.finished_at`)
 //!   longer ago than the cutoff, which may not be below the floor
@@ -59,7 +60,8 @@ pub enum RetentionError {
 pub fn owner(key: &str) -> Option<(Uuid, u32)> {
     let parts: Vec<&str> = key.split('/').collect();
     match parts.as_slice() {
-        ["orgs", _, "jobs", _, "tasks", task, "attempts", n, _, ..] => {
+        ["orgs", _, "jobs", _, "tasks", task, "attempts", n, _, ..]
+        | ["orgs", _, "committed", "jobs", _, "tasks", task, "attempts", n, _, ..] => {
             Some((task.parse().ok()?, n.parse().ok()?))
         }
         ["orgs", _, "datasets", _, "manifests", file] => {
@@ -134,6 +136,12 @@ mod tests {
         let t = Uuid::now_v7();
         assert_eq!(
             owner(&format!("orgs/o/jobs/j/tasks/{t}/attempts/3/part-0.jsonl")),
+            Some((t, 3))
+        );
+        assert_eq!(
+            owner(&format!(
+                "orgs/o/committed/jobs/j/tasks/{t}/attempts/3/part-0.jsonl"
+            )),
             Some((t, 3))
         );
         assert_eq!(

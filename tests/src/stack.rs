@@ -49,6 +49,9 @@ pub struct WorkerOpts {
     pub credential: Option<String>,
     /// Run the wrapper itself under this (unprivileged) uid and gid.
     pub run_as: Option<u32>,
+    /// Pass `--insecure-shared-uid` (a non-root wrapper refuses to start
+    /// without it).
+    pub insecure_shared_uid: bool,
     /// The dispatcher it talks to; by default the stack's first one.
     pub dispatcher_url: Option<String>,
 }
@@ -62,6 +65,7 @@ impl WorkerOpts {
             visibility_seconds: 5,
             credential: None,
             run_as: None,
+            insecure_shared_uid: false,
             dispatcher_url: None,
         }
     }
@@ -406,6 +410,9 @@ impl Stack {
             std::os::unix::fs::chown(&credential_file, Some(uid), Some(uid))
                 .expect("chown credential");
             cmd.uid(uid).gid(uid);
+        }
+        if opts.insecure_shared_uid {
+            cmd.env("WORKER_INSECURE_SHARED_UID", "true");
         }
         let child = cmd
             .arg("run")

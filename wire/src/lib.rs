@@ -317,6 +317,10 @@ pub struct ClaimBatchRequest {
     pub lease_seconds: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wait_seconds: Option<u32>,
+    /// With `max_tasks`: only tasks of these runtimes (what this worker
+    /// can run); absent, any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtimes: Option<Vec<Runtime>>,
 }
 
 /// One entry of a batch claim's answer: its claim or its error.

@@ -1,10 +1,16 @@
 //! Coalescing of the wrapper's calls into the contract's batched calls:
 //! heartbeats and completions of the running tasks that arrive within a
 //! few milliseconds of each other go as one `heartbeat-batch` or
-//! `complete-batch` call (at most 100 entries), and the wake-ups of one
-//! receive are claimed with one `task-claim-batch`. Each entry is still
-//! fenced and answered on its own; a caller gets exactly the answer (or the
-//! error) the single call would have given it.
+//! `complete-batch` call (at most 100 entries and [`MAX_BATCH_BYTES`]), and
+//! the wake-ups of one receive are claimed with one `task-claim-batch`.
+//! Each entry is still fenced and answered on its own; a caller gets
+//! exactly the answer (or the error) the single call would have given it.
+//!
+//! An error about the whole call (a `413`, a `401` of an expired worker
+//! credential, a `5xx`, a timeout or reset) is never an entry's answer
+//! (review H2, H5): every entry is then sent again alone, with its own
+//! capability token, and answered by that call. Only the dispatcher's
+//! verdict on an entry ends a task.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +26,15 @@ use crate::client::{CallError, Client};
 /// Entries one batch call may hold (the contract's bound).
 const MAX_BATCH: usize = 100;
 
+/// Bytes of entries one batch call may carry: under the dispatcher's
+/// default body limit of 1 MiB, with room for the envelope. An entry
+/// larger than this goes alone (the single call's limit is the same, so
+/// its verdict is the dispatcher's).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024 - 64 * 1024;
+
+/// What an entry adds to a batch body besides its token and body.
+const ENTRY_OVERHEAD: usize = 64;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Heartbeat,
@@ -30,7 +45,25 @@ struct Job {
     kind: Kind,
     token: String,
     body: Value,
+    /// The entry's serialized size.
+    bytes: usize,
     reply: oneshot::Sender<Result<Value, CallError>>,
+}
+
+impl Kind {
+    fn batch_path(self) -> &'static str {
+        match self {
+            Kind::Heartbeat => "/v1/task/heartbeat-batch",
+            Kind::Complete => "/v1/task/complete-batch",
+        }
+    }
+
+    fn single_path(self) -> &'static str {
+        match self {
+            Kind::Heartbeat => "/v1/task/heartbeat",
+            Kind::Complete => "/v1/task/complete",
+        }
+    }
 }
 
 /// The status the single call would have answered with an entry's code.
@@ -100,11 +133,14 @@ impl Calls {
             unreachable!("send is only used when batching");
         };
         let (reply, answer) = oneshot::channel();
+        let bytes =
+            serde_json::to_string(&body).map_or(0, |s| s.len()) + token.len() + ENTRY_OVERHEAD;
         queue
             .send(Job {
                 kind,
                 token: token.to_owned(),
                 body,
+                bytes,
                 reply,
             })
             .await
@@ -213,21 +249,55 @@ async fn run(client: Arc<Client>, mut rx: mpsc::Receiver<Job>, window: Duration)
     }
 }
 
-fn chunks(mut jobs: Vec<Job>) -> Vec<Vec<Job>> {
+/// Chunks of at most [`MAX_BATCH`] entries and [`MAX_BATCH_BYTES`]; an
+/// entry over the byte bound is a chunk of its own (sent alone).
+fn chunks(jobs: Vec<Job>) -> Vec<Vec<Job>> {
+    chunk_sizes(&jobs.iter().map(|j| j.bytes).collect::<Vec<_>>())
+        .into_iter()
+        .scan(jobs.into_iter(), |it, n| {
+            Some(it.by_ref().take(n).collect())
+        })
+        .collect()
+}
+
+/// How many consecutive entries of these sizes each chunk takes.
+fn chunk_sizes(sizes: &[usize]) -> Vec<usize> {
     let mut out = Vec::new();
-    while !jobs.is_empty() {
-        let rest = jobs.split_off(jobs.len().min(MAX_BATCH));
-        out.push(jobs);
-        jobs = rest;
+    let (mut n, mut bytes) = (0, 0);
+    for &s in sizes {
+        if n > 0 && (n == MAX_BATCH || bytes + s > MAX_BATCH_BYTES) {
+            out.push(n);
+            (n, bytes) = (0, 0);
+        }
+        n += 1;
+        bytes += s;
+    }
+    if n > 0 {
+        out.push(n);
     }
     out
 }
 
+/// Each entry alone, with its own token: the answer of the single call.
+async fn send_singly(client: Arc<Client>, kind: Kind, jobs: Vec<Job>) {
+    let mut calls = tokio::task::JoinSet::new();
+    for job in jobs {
+        let client = client.clone();
+        calls.spawn(async move {
+            let answer = client
+                .task_call(kind.single_path(), &job.token, &job.body)
+                .await;
+            let _ = job.reply.send(answer);
+        });
+    }
+    while calls.join_next().await.is_some() {}
+}
+
 async fn send_batch(client: Arc<Client>, kind: Kind, jobs: Vec<Job>) {
-    let path = match kind {
-        Kind::Heartbeat => "/v1/task/heartbeat-batch",
-        Kind::Complete => "/v1/task/complete-batch",
-    };
+    if jobs.len() == 1 && jobs[0].bytes > MAX_BATCH_BYTES {
+        return send_singly(client, kind, jobs).await;
+    }
+    let path = kind.batch_path();
     let req = wire::TaskBatchRequest {
         entries: jobs
             .iter()
@@ -249,19 +319,36 @@ async fn send_batch(client: Arc<Client>, kind: Kind, jobs: Vec<Job>) {
             }
         }
         Ok(resp) => {
-            let e = CallError::Transport(format!(
-                "{} answers for {} entries",
-                resp.results.len(),
-                jobs.len()
-            ));
-            for job in jobs {
-                let _ = job.reply.send(Err(copy(&e)));
-            }
+            tracing::warn!(
+                answers = resp.results.len(),
+                entries = jobs.len(),
+                "a batch call answered the wrong number of entries; sending each alone"
+            );
+            send_singly(client, kind, jobs).await;
         }
         Err(e) => {
-            for job in jobs {
-                let _ = job.reply.send(Err(copy(&e)));
-            }
+            // About the call, not its entries: each goes again alone.
+            tracing::warn!(path, entries = jobs.len(), error = %e, "a batch call failed as a whole; sending each entry alone");
+            send_singly(client, kind, jobs).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_bounded_by_entries_and_by_bytes_and_a_big_entry_goes_alone() {
+        assert_eq!(chunk_sizes(&[10; 250]), vec![100, 100, 50]);
+        let kb100 = 100 * 1024;
+        // Twelve 100 KB outputs: nine fit under the byte bound.
+        assert_eq!(chunk_sizes(&[kb100; 12]), vec![9, 3]);
+        assert_eq!(
+            chunk_sizes(&[10, MAX_BATCH_BYTES + 1, 10]),
+            vec![1, 1, 1],
+            "an entry over the bound is a chunk of its own"
+        );
+        assert!(chunk_sizes(&[]).is_empty());
     }
 }

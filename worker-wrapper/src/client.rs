@@ -1,6 +1,15 @@
 //! The worker's HTTP client for the dispatcher: the worker contract and the
 //! local queue endpoints.
+//!
+//! The worker credential is not fixed for the process's life (review H5):
+//! when it came from a file, the file is read again every minute and
+//! whenever the dispatcher refuses the credential, and a call refused
+//! with an old credential is made once more with the new one. Rotating a
+//! fleet's credential is writing the new one into each file before the
+//! old one expires (`docs/runbooks`: worker credential rotation).
 
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dispatcher_wire as wire;
@@ -56,11 +65,18 @@ impl std::fmt::Display for CallError {
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    credential: String,
+    credential: Arc<RwLock<String>>,
+    /// Where the credential is read again from (`None`: it came from the
+    /// environment and cannot change).
+    credential_file: Option<PathBuf>,
 }
 
 impl Client {
-    pub fn new(base: &str, credential: &str) -> anyhow::Result<Self> {
+    pub fn new(
+        base: &str,
+        credential: &str,
+        credential_file: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(40))
             .connect_timeout(Duration::from_secs(5))
@@ -68,8 +84,74 @@ impl Client {
         Ok(Client {
             http,
             base: base.trim_end_matches('/').to_owned(),
-            credential: credential.to_owned(),
+            credential: Arc::new(RwLock::new(credential.to_owned())),
+            credential_file,
         })
+    }
+
+    fn current_credential(&self) -> String {
+        self.credential
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// Reads the credential file again; whether the credential changed.
+    pub fn reload_credential(&self) -> bool {
+        let Some(path) = &self.credential_file else {
+            return false;
+        };
+        match crate::sandbox::read_credential_file(path) {
+            Ok(new) => {
+                let Ok(mut c) = self.credential.write() else {
+                    return false;
+                };
+                if *c == new {
+                    return false;
+                }
+                *c = new;
+                tracing::info!(file = %path.display(), "worker credential reloaded");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot read the worker credential file again; keeping the current one");
+                false
+            }
+        }
+    }
+
+    /// Re-reads the credential file every `every` while `self` lives.
+    pub fn reload_periodically(self: &Arc<Self>, every: Duration) {
+        if self.credential_file.is_none() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match me.upgrade() {
+                    Some(c) => {
+                        c.reload_credential();
+                    }
+                    None => break,
+                }
+            }
+        });
+    }
+
+    /// A call with the worker credential; refused (401/403), the file is
+    /// read again and, if it holds a new credential, the call made again.
+    async fn post_worker<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, CallError> {
+        match self.post(path, &self.current_credential(), body).await {
+            Err(e) if e.is_credential_refusal() && self.reload_credential() => {
+                self.post(path, &self.current_credential(), body).await
+            }
+            other => other,
+        }
     }
 
     async fn post<B: Serialize, R: DeserializeOwned>(
@@ -122,11 +204,7 @@ impl Client {
             visibility_timeout_seconds: Some(visibility_secs),
         };
         let r: wire::ReceiveResponse = self
-            .post(
-                &format!("/internal/queues/{queue}/receive"),
-                &self.credential,
-                &req,
-            )
+            .post_worker(&format!("/internal/queues/{queue}/receive"), &req)
             .await?;
         Ok(r.messages)
     }
@@ -142,11 +220,7 @@ impl Client {
             visibility_timeout_seconds: secs,
         };
         let r: wire::ReceiptResponse = self
-            .post(
-                &format!("/internal/queues/{queue}/visibility"),
-                &self.credential,
-                &req,
-            )
+            .post_worker(&format!("/internal/queues/{queue}/visibility"), &req)
             .await?;
         Ok(r.ok)
     }
@@ -156,11 +230,7 @@ impl Client {
             receipt_handle: receipt.to_owned(),
         };
         let r: wire::ReceiptResponse = self
-            .post(
-                &format!("/internal/queues/{queue}/delete"),
-                &self.credential,
-                &req,
-            )
+            .post_worker(&format!("/internal/queues/{queue}/delete"), &req)
             .await?;
         Ok(r.ok)
     }
@@ -176,8 +246,7 @@ impl Client {
             worker_id: worker_id.to_owned(),
             lease_seconds,
         };
-        self.post("/internal/task-claim", &self.credential, &req)
-            .await
+        self.post_worker("/internal/task-claim", &req).await
     }
 
     /// `task-claim-batch` by ids.
@@ -193,19 +262,21 @@ impl Client {
             max_tasks: None,
             lease_seconds,
             wait_seconds: None,
+            runtimes: None,
         };
-        self.post("/internal/task-claim-batch", &self.credential, &req)
-            .await
+        self.post_worker("/internal/task-claim-batch", &req).await
     }
 
-    /// `task-claim-batch` of up to `max` ready tasks of any job, waiting up
-    /// to `wait_secs` for some (ADR 0017): the granted claims.
+    /// `task-claim-batch` of up to `max` ready tasks of any job and of the
+    /// given runtimes, waiting up to `wait_secs` for some (ADR 0017): the
+    /// granted claims.
     pub async fn claim_ready(
         &self,
         max: u32,
         worker_id: &str,
         lease_seconds: Option<u32>,
         wait_secs: u32,
+        runtimes: &[wire::Runtime],
     ) -> Result<Vec<wire::ClaimResponse>, CallError> {
         let req = wire::ClaimBatchRequest {
             worker_id: worker_id.to_owned(),
@@ -213,10 +284,10 @@ impl Client {
             max_tasks: Some(max),
             lease_seconds,
             wait_seconds: Some(wait_secs),
+            runtimes: Some(runtimes.to_vec()),
         };
-        let r: wire::ClaimBatchResponse = self
-            .post("/internal/task-claim-batch", &self.credential, &req)
-            .await?;
+        let r: wire::ClaimBatchResponse =
+            self.post_worker("/internal/task-claim-batch", &req).await?;
         Ok(r.claims
             .into_iter()
             .filter_map(|c| c.claim)
@@ -230,7 +301,17 @@ impl Client {
         path: &str,
         req: &wire::TaskBatchRequest,
     ) -> Result<wire::TaskBatchResponse, CallError> {
-        self.post(path, &self.credential, req).await
+        self.post_worker(path, req).await
+    }
+
+    /// A single task call with a body as the batch entry holds it.
+    pub async fn task_call(
+        &self,
+        path: &str,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
+        self.post(path, token, body).await
     }
 
     pub async fn heartbeat(&self, token: &str) -> Result<wire::HeartbeatResponse, CallError> {

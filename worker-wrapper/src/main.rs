@@ -108,6 +108,17 @@ struct RunArgs {
     /// are claimed with one call; 0 sends every call alone.
     #[arg(long, env = "WORKER_BATCH_WINDOW_MS", default_value_t = 5)]
     batch_window_ms: u64,
+    /// Run tasks under this wrapper's own uid when it is not root (local
+    /// development only): tasks of every org then share one uid, can read
+    /// each other's files and reach each other's runners. Without it a
+    /// wrapper that cannot give each task a uid of its own refuses to
+    /// start; the aws profile refuses it always (ADR 0010 §8).
+    #[arg(long, env = "WORKER_INSECURE_SHARED_UID")]
+    insecure_shared_uid: bool,
+    /// Seconds between re-reads of the credential file (it is also read
+    /// again whenever the dispatcher refuses the credential).
+    #[arg(long, env = "WORKER_CREDENTIAL_RELOAD_SECONDS", default_value_t = 60)]
+    credential_reload_seconds: u64,
     /// On SIGTERM, how long running tasks may finish before they are killed.
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -179,8 +190,30 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
     }
     let parent = args.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
     let sandbox = Sandbox::new(&parent, args.udf_uids, &args.udf_lock_dir)?;
-    let client = Arc::new(Client::new(&args.dispatcher_url, &credential)?);
+    if !sandbox.is_isolated() {
+        // Fail closed (review H7): untrusted tasks of different orgs must
+        // not share a uid unless the operator said so, for development.
+        if args.profile.profile == "aws" {
+            bail!(
+                "not running as root: the aws profile runs untrusted tasks, each under a uid of \
+                 its own, which needs root (--insecure-shared-uid is refused on this profile)"
+            );
+        }
+        if !args.insecure_shared_uid {
+            bail!(
+                "not running as root: tasks could not get a uid of their own and would share \
+                 this user's files and credential; run as root, or pass --insecure-shared-uid \
+                 (WORKER_INSECURE_SHARED_UID=true) for local development only"
+            );
+        }
+    }
+    let client = Arc::new(Client::new(
+        &args.dispatcher_url,
+        &credential,
+        args.credential_file.clone(),
+    )?);
     drop(credential);
+    client.reload_periodically(Duration::from_secs(args.credential_reload_seconds.max(1)));
     let default_timeout = Duration::from_secs(args.task_timeout_seconds.max(1));
     let runners = runners::Runners::new(
         runners::RunnerConfig {
@@ -227,7 +260,7 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let mut running: JoinSet<Handled> = JoinSet::new();
     if !sandbox.is_isolated() {
-        tracing::warn!("not running as root: tasks run as this user and are not isolated from each other or from this user's files");
+        tracing::warn!("--insecure-shared-uid: tasks run as this user and are not isolated from each other or from this user's files");
     }
     tracing::info!(
         worker_id,
@@ -266,6 +299,7 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
                     &cfg.worker_id,
                     cfg.lease_seconds,
                     args.wait_seconds,
+                    cfg.runners.runtimes(),
                 )
                 .await;
             match claimed {

@@ -164,7 +164,9 @@ pub async fn handle(
             true,
         )),
         Ended::Invoked(invoked) => Some(invoked_outcome(invoked)),
-        Ended::SpawnFailed(why) => Some(failed(why, false)),
+        // The worker's trouble (no free uid, fork, disk), not the task's:
+        // another attempt, maybe elsewhere, may run it (review H6).
+        Ended::SpawnFailed(why) => Some(failed(why, true)),
     };
     if let Some(req) = request {
         complete(&cfg, &claim, &token, &req).await;
@@ -243,7 +245,9 @@ fn invoked_outcome(invoked: Invoked) -> wire::CompleteRequest {
             error_type,
             message,
         } => failed(format!("{error_type}: {}", last_chars(&message, 2000)), false),
-        Invoked::Unavailable(why) => failed(format!("the worker could not run the bundle: {why}"), false),
+        // The worker's infrastructure (a bundle fetch, a full disk, a
+        // runtime that would not start): retryable (review H6).
+        Invoked::Unavailable(why) => failed(format!("the worker could not run the bundle: {why}"), true),
     }
 }
 
@@ -312,10 +316,16 @@ fn outcome(
     }
 }
 
+/// How long a completion is retried through transient errors. Past it the
+/// lease has long expired, and the dispatcher retries the task anyway.
+const COMPLETE_RETRY_FOR: Duration = Duration::from_secs(15 * 60);
+
 /// Completes, retrying transient errors (a replay is answered with the
-/// original result, so retrying is safe). A completion refused as invalid
-/// (an output the dispatcher cannot store) is replaced by a failure that
-/// says why, so the attempt still ends now.
+/// original result, so retrying is safe) until the dispatcher gives its
+/// verdict: an error about the transport never ends a task. A completion
+/// refused as invalid (an output the dispatcher cannot store, said by the
+/// single call: batches split and resend alone) is replaced by a failure
+/// that says why, so the attempt still ends now.
 async fn complete(
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
@@ -324,7 +334,9 @@ async fn complete(
 ) {
     let mut req = req.clone();
     let mut delay = Duration::from_millis(200);
-    for _ in 0..8 {
+    let give_up = tokio::time::Instant::now() + COMPLETE_RETRY_FOR;
+    let mut refused_output = false;
+    while tokio::time::Instant::now() < give_up {
         match cfg.calls.complete(token, &req).await {
             Ok(r) => {
                 tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, state = r.state.as_str(), "completed");
@@ -337,8 +349,10 @@ async fn complete(
             }
             Err(CallError::Refused { code, message, .. })
                 if matches!(code.as_str(), "invalid_request" | "payload_too_large")
-                    && req.outcome == wire::Outcome::Succeeded =>
+                    && req.outcome == wire::Outcome::Succeeded
+                    && !refused_output =>
             {
+                refused_output = true;
                 tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, message, "the task's output was refused; failing the attempt");
                 req = wire::CompleteRequest {
                     outcome: wire::Outcome::Failed,

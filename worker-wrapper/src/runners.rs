@@ -119,6 +119,8 @@ pub struct Runners {
     http: reqwest::Client,
     /// Serialises fetches of one bundle.
     fetching: tokio::sync::Mutex<()>,
+    /// The runtimes this machine can run (its claims name them).
+    runtimes: Vec<dispatcher_wire::Runtime>,
 }
 
 /// The runtime files, written where runners can read them.
@@ -183,15 +185,29 @@ fn program_for_tasks(name: &str, isolated: bool) -> Option<String> {
 }
 
 impl Runners {
+    /// The runtimes this worker can run.
+    pub fn runtimes(&self) -> &[dispatcher_wire::Runtime] {
+        &self.runtimes
+    }
+
     pub fn new(mut cfg: RunnerConfig, sandbox: Arc<Sandbox>) -> Result<Arc<Runners>> {
         use std::os::unix::fs::DirBuilderExt as _;
-        // Found once; a missing one fails only the tasks that need it.
-        for program in [&mut cfg.python, &mut cfg.node] {
+        // Found once; a runtime whose program is missing is not claimed.
+        use dispatcher_wire::Runtime;
+        let mut runtimes = vec![Runtime::Exec, Runtime::Rust];
+        for (runtime, program) in [
+            (Runtime::Python, &mut cfg.python),
+            (Runtime::Node, &mut cfg.node),
+        ] {
             match program_for_tasks(program, sandbox.is_isolated()) {
-                Some(found) => *program = found,
+                Some(found) => {
+                    *program = found;
+                    runtimes.push(runtime);
+                }
                 None => tracing::warn!(
                     program = %program,
-                    "not found on PATH, or not runnable by task uids: its bundles will fail"
+                    runtime = runtime.as_str(),
+                    "not found on PATH, or not runnable by task uids: this worker claims no task of its runtime"
                 ),
             }
         }
@@ -212,6 +228,7 @@ impl Runners {
                 .timeout(Duration::from_secs(300))
                 .build()?,
             fetching: tokio::sync::Mutex::new(()),
+            runtimes,
         }))
     }
 

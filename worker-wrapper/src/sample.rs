@@ -44,7 +44,7 @@ pub async fn main() -> Result<()> {
     // The token file holds the newest token (the wrapper refreshes it).
     let token = std::fs::read_to_string(env("DISPATCHER_TASK_TOKEN_FILE")?)
         .or_else(|_| env("DISPATCHER_TASK_TOKEN"))?;
-    let client = Client::new(&env("DISPATCHER_URL")?, "")?;
+    let client = Client::new(&env("DISPATCHER_URL")?, "", None)?;
 
     if inputs["events"].as_bool().unwrap_or(true) {
         let req = wire::EventsRequest {

@@ -142,6 +142,12 @@ pub async fn query(
                 tracing::warn!(error = %e, "query failed");
                 ApiError::unavailable("the object store or the data database did not answer")
             }
+            QueryError::Integrity { .. } => {
+                // The metric is this event (`metric` field) until the
+                // telemetry issue exports counters.
+                tracing::error!(metric = "dataset_part_integrity_failures_total", error = %e, "a committed part is not the bytes its version recorded");
+                ApiError::integrity(e.to_string())
+            }
             QueryError::Corrupt { .. } => {
                 tracing::error!(error = %e, "a committed part does not parse");
                 ApiError::internal()

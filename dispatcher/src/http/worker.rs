@@ -115,9 +115,10 @@ pub async fn claim_batch(
         (Some(ids), None) if !ids.is_empty() && ids.len() <= MAX_BATCH => {
             (crate::store::Pick::Ids(ids), ids.clone())
         }
-        (None, Some(n)) if (1..=MAX_BATCH as u32).contains(&n) => {
-            (crate::store::Pick::Ready(n), Vec::new())
-        }
+        (None, Some(n)) if (1..=MAX_BATCH as u32).contains(&n) => (
+            crate::store::Pick::Ready(n, req.runtimes.as_deref()),
+            Vec::new(),
+        ),
         _ => {
             return Err(ApiError::invalid(
                 "body",
@@ -127,6 +128,18 @@ pub async fn claim_batch(
             ))
         }
     };
+    if req.runtimes.is_some() && req.max_tasks.is_none() {
+        return Err(ApiError::invalid(
+            "runtimes",
+            "only a claim of ready work (max_tasks) may name runtimes",
+        ));
+    }
+    if req.runtimes.as_ref().is_some_and(|r| r.is_empty()) {
+        return Err(ApiError::invalid(
+            "runtimes",
+            "name at least one runtime, or leave it out for any",
+        ));
+    }
     let wait = super::limits::Limits::long_poll_wait(&state.settings, req.wait_seconds)?;
     if !wait.is_zero() && req.max_tasks.is_none() {
         return Err(ApiError::invalid(
@@ -679,19 +692,24 @@ pub async fn dataset_stage(
     let mut parts = Vec::with_capacity(req.parts.len());
     for (i, p) in req.parts.iter().enumerate() {
         let field = format!("parts[{i}]");
-        verify_part(&state, &columns, p)
+        let committed = crate::objects::committed_key(claims.org, &p.key);
+        verify_part(&state, &columns, p, &committed)
             .await
             .map_err(|e| match e {
                 PartError::Refused(e) => {
                     ApiError::invalid(&field, format!("{e} (object {:?})", p.key))
                 }
+                PartError::Rewritten => ApiError::conflict(format!(
+                    "{field}: {:?} was staged before with other bytes; a part is staged once",
+                    p.key
+                )),
                 PartError::Store(e) => {
                     tracing::warn!(error = %e, "reading a staged part failed");
                     ApiError::unavailable("the object store is unavailable; nothing was staged")
                 }
             })?;
         parts.push(crate::store::NewPart {
-            key: p.key.clone(),
+            key: committed,
             rows: i64::try_from(p.rows).unwrap_or(i64::MAX),
             bytes: i64::try_from(p.bytes).unwrap_or(i64::MAX),
             sha256: p.sha256.to_ascii_lowercase(),
@@ -709,6 +727,8 @@ pub async fn dataset_stage(
 
 enum PartError {
     Refused(crate::rows::RowError),
+    /// The committed copy exists with other bytes.
+    Rewritten,
     Store(crate::objects::ObjectError),
 }
 
@@ -720,11 +740,15 @@ fn refused(code: crate::rows::ReasonCode, message: String) -> PartError {
     })
 }
 
-/// Checks one part against what the task says of it and the schema.
+/// Checks one part against what the task says of it and the schema, and
+/// writes the bytes it checked to `committed` (create-only): what a version
+/// names is exactly what was verified, whatever the task's URL or
+/// credentials write to the staged key afterwards (no check-then-use gap).
 async fn verify_part(
     state: &AppState,
     columns: &[wire::Column],
     part: &wire::StagedPart,
+    committed: &str,
 ) -> Result<(), PartError> {
     use crate::objects::ObjectError;
     use crate::rows::ReasonCode;
@@ -764,6 +788,22 @@ async fn verify_part(
             ReasonCode::RowCountMismatch,
             format!("the object has {rows} rows, not {}", part.rows),
         ));
+    }
+    match state.objects.put_if_absent(committed, body).await {
+        Ok(()) => {}
+        Err(ObjectError::AlreadyExists(_)) => {
+            // Staged again (a retried call): the same bytes are the same part.
+            let kept = state
+                .objects
+                .get(committed)
+                .await
+                .map_err(PartError::Store)?;
+            let kept_sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&kept));
+            if !kept_sum.eq_ignore_ascii_case(&part.sha256) {
+                return Err(PartError::Rewritten);
+            }
+        }
+        Err(e) => return Err(PartError::Store(e)),
     }
     Ok(())
 }

@@ -57,6 +57,15 @@ pub fn check_key(key: &str) -> Result<(), ObjectError> {
     Ok(())
 }
 
+/// Where a staged part's verified bytes are kept: outside every attempt
+/// prefix (`orgs/<org>/committed/…`), so no presigned URL and no session
+/// policy handed to a task can write it (review H1).
+pub fn committed_key(org: uuid::Uuid, staged: &str) -> String {
+    let own = format!("orgs/{org}/");
+    let rest = staged.strip_prefix(&own).unwrap_or(staged);
+    format!("orgs/{org}/committed/{rest}")
+}
+
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
     /// Writes the object, replacing any object with this key.

@@ -62,12 +62,22 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
-/// Whether an SQS error says the receipt handle is stale or unknown.
-fn stale_receipt(e: &impl std::fmt::Debug) -> bool {
-    let text = format!("{e:?}");
-    text.contains("ReceiptHandleIsInvalid")
-        || text.contains("MessageNotInflight")
-        || text.contains("InvalidParameterValue")
+/// The service error's code, when SQS answered (not a transport error).
+fn service_code<E: aws_sdk_sqs::error::ProvideErrorMetadata, R>(
+    e: &aws_sdk_sqs::error::SdkError<E, R>,
+) -> Option<&str> {
+    e.as_service_error().and_then(|se| se.code())
+}
+
+/// Whether SQS said the receipt handle is stale or unknown: the typed
+/// errors, or the `InvalidParameterValue` code SQS (and its compatible
+/// servers) answer for a handle that was never valid.
+fn stale_receipt_code(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some("ReceiptHandleIsInvalid" | "MessageNotInflight" | "InvalidParameterValue")
+            | Some("AWS.SimpleQueueService.MessageNotInflight")
+    )
 }
 
 impl SqsQueue {
@@ -101,8 +111,12 @@ impl SqsQueue {
                     urls.insert(name, url);
                 }
                 Err(e)
-                    if format!("{e:?}").contains("NonExistentQueue")
-                        || format!("{e:?}").contains("QueueDoesNotExist") =>
+                    if e.as_service_error()
+                        .is_some_and(|se| se.is_queue_does_not_exist())
+                        || matches!(
+                            service_code(&e),
+                            Some("AWS.SimpleQueueService.NonExistentQueue")
+                        ) =>
                 {
                     missing.push(full)
                 }
@@ -286,7 +300,13 @@ impl Queue for SqsQueue {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if stale_receipt(&e) => Ok(false),
+            Err(e)
+                if e.as_service_error().is_some_and(|se| {
+                    se.is_message_not_inflight() || se.is_receipt_handle_is_invalid()
+                }) || stale_receipt_code(service_code(&e)) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
         }
     }
@@ -336,7 +356,13 @@ impl Queue for SqsQueue {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if stale_receipt(&e) => Ok(false),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_receipt_handle_is_invalid())
+                    || stale_receipt_code(service_code(&e)) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
         }
     }

@@ -17,8 +17,9 @@ use crate::error::StoreError;
 pub enum Pick<'a> {
     /// These tasks, each if it is claimable.
     Ids(&'a [Uuid]),
-    /// Up to this many ready tasks of any job.
-    Ready(u32),
+    /// Up to this many ready tasks of any job, of these runtimes only
+    /// when given (what the claiming worker can run).
+    Ready(u32, Option<&'a [dispatcher_wire::Runtime]>),
 }
 
 struct ClaimRow {
@@ -77,9 +78,13 @@ impl Store {
         worker_id: &str,
         lease: Duration,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let (ids, limit): (Vec<Uuid>, i64) = match pick {
-            Pick::Ids(ids) => (ids.to_vec(), 0),
-            Pick::Ready(n) => (Vec::new(), i64::from(n)),
+        let (ids, limit, runtimes): (Vec<Uuid>, i64, Option<Vec<String>>) = match pick {
+            Pick::Ids(ids) => (ids.to_vec(), 0, None),
+            Pick::Ready(n, runtimes) => (
+                Vec::new(),
+                i64::from(n),
+                runtimes.map(|r| r.iter().map(|r| r.as_str().to_owned()).collect()),
+            ),
         };
         // Take the lease (incrementing the attempt), end a reclaimed expired
         // attempt, record the new one, and read what the worker needs.
@@ -93,6 +98,9 @@ impl Store {
                     -- oldest first, read in order from tasks_ready_fifo_idx,
                     -- whatever the statistics say (migration 0012).
                     AND coalesce(not_before, '-infinity') <= now()
+                    AND ($5::text[] IS NULL OR EXISTS (
+                          SELECT 1 FROM task_specs s
+                           WHERE s.task_id = tasks.id AND s.runtime = ANY($5::text[])))
                   ORDER BY updated_at LIMIT $4::bigint
                     FOR UPDATE SKIP LOCKED
              ), picked AS (
@@ -129,6 +137,7 @@ impl Store {
             secs_i32(lease),
             worker_id,
             limit,
+            runtimes.as_deref(),
         )
         .fetch_all(&self.pool)
         .await?;

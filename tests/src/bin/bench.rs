@@ -184,6 +184,7 @@ impl Worker {
                         // A long-poll, as the worker wrapper's: answered
                         // when work is there (ADR 0017).
                         wait_seconds: Some(1),
+                        runtimes: None,
                     },
                 )
                 .await;

@@ -87,6 +87,30 @@ async fn claim_batch_by_max_tasks_takes_ready_work_without_a_wakeup_and_never_tw
 }
 
 #[tokio::test]
+async fn rule_a_claim_of_ready_work_takes_only_tasks_of_the_runtimes_it_names() {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    let ids = flat(&app, 3).await;
+    // A worker without exec (say, a Python-only host) is given none.
+    let (s, none) = claim_batch(
+        &app,
+        json!({"worker_id": "py", "max_tasks": 5, "runtimes": ["python", "node"]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{none}");
+    assert_eq!(none["claims"], json!([]), "{none}");
+    let (_, some) = claim_batch(
+        &app,
+        json!({"worker_id": "ex", "max_tasks": 5, "runtimes": ["node", "exec"]}),
+    )
+    .await;
+    assert_eq!(
+        some["claims"].as_array().unwrap().len(),
+        ids.len(),
+        "{some}"
+    );
+}
+
+#[tokio::test]
 async fn claim_batch_refuses_bad_input_and_non_worker_tokens_and_claims_nothing() {
     let app = TestApp::spawn_with(unthrottled()).await;
     let ids = flat(&app, 2).await;
@@ -98,6 +122,9 @@ async fn claim_batch_refuses_bad_input_and_non_worker_tokens_and_claims_nothing(
         json!({"worker_id": "w", "task_ids": too_many}),
         json!({"worker_id": "w", "max_tasks": 0}),
         json!({"worker_id": "bad id!", "max_tasks": 1}),
+        json!({"worker_id": "w", "max_tasks": 1, "runtimes": []}),
+        json!({"worker_id": "w", "max_tasks": 1, "runtimes": ["cobol"]}),
+        json!({"worker_id": "w", "task_ids": ids, "runtimes": ["exec"]}),
     ] {
         let (s, answer) = claim_batch(&app, body.clone()).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {answer}");

@@ -12,11 +12,13 @@ use serde_json::{json, Value};
 use crate::staging::{create_datasets, part, stage, upload, writer, ROWS};
 
 /// Uploads and stages one part named `name` for `dataset`; its key.
+/// Uploads and stages one part; the key a version then names (staging's
+/// verified copy, outside the attempt's prefix).
 async fn stage_one(app: &TestApp, claim: &ClaimResponse, dataset: &str, name: &str) -> String {
     let key = upload(app, claim, name, ROWS.as_bytes()).await;
     let r = stage(app, claim, dataset, vec![part(&key, ROWS.as_bytes(), 2)]).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    key
+    dispatcher::objects::committed_key(app.org_id, &key)
 }
 
 async fn manifest(app: &TestApp, dataset: &str, version: u32) -> Value {

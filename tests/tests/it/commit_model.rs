@@ -144,7 +144,10 @@ async fn run_case(app: &TestApp, append: bool, ops: Vec<Op>) -> Result<(), TestC
                     )
                     .await;
                 if r.status == StatusCode::OK {
-                    tasks[t].staged.insert(key);
+                    // A version names staging's verified copy.
+                    tasks[t]
+                        .staged
+                        .insert(dispatcher::objects::committed_key(app.org_id, &key));
                 } else {
                     prop_assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
                 }

@@ -13,7 +13,8 @@ use sha2::Digest;
 
 const ROWS: &str = "{\"a\": 1}\n{\"a\": 2}\n";
 
-/// Uploads and stages one part of `clicks`; its key.
+/// Uploads and stages one part of `clicks`; the key a version then names
+/// (staging's verified copy, outside the attempt's prefix).
 async fn stage(caller: &Caller, claim: &Value, name: &str) -> String {
     let token = claim["capability_token"].as_str().unwrap();
     let key = caller.upload(claim, name, ROWS.as_bytes()).await;
@@ -28,7 +29,8 @@ async fn stage(caller: &Caller, claim: &Value, name: &str) -> String {
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
-    key
+    let org: uuid::Uuid = claim["org_id"].as_str().unwrap().parse().unwrap();
+    dispatcher::objects::committed_key(org, &key)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +134,9 @@ async fn invariant_7_a_crash_between_manifest_and_commit_leaves_no_version_and_t
     .unwrap();
     let mut deleted = report.deleted.clone();
     deleted.sort();
-    let mut expected = vec![orphan, lost];
+    // Both attempts' uploads go too: versions name staging's copies.
+    let upload_of = |k: &str| k.replacen("/committed/", "/", 1);
+    let mut expected = vec![upload_of(&lost), upload_of(&kept), orphan, lost];
     expected.sort();
     assert_eq!(deleted, expected);
     assert!(objects.head(&kept).await.is_ok());

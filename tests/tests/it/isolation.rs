@@ -223,11 +223,14 @@ async fn invariant_11_untrusted_code_cannot_reach_the_worker_credential_or_anoth
     drop(worker);
 }
 
-/// Not run as root, the wrapper cannot give tasks uids of their own: its
-/// tasks share its user. Being non-dumpable still keeps its memory and
-/// environment (where `WORKER_CREDENTIAL` may have been) out of their reach.
+/// Not run as root, the wrapper cannot give tasks uids of their own: it
+/// refuses to start unless `--insecure-shared-uid` says tasks may share
+/// its user (review H7). Even then, being non-dumpable keeps its memory
+/// and environment (where `WORKER_CREDENTIAL` may have been) out of its
+/// tasks' reach.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invariant_11_a_non_root_wrapper_is_not_readable_by_its_own_tasks() {
+async fn invariant_11_a_non_root_wrapper_refuses_to_start_without_the_insecure_flag_and_is_not_readable_by_its_own_tasks(
+) {
     assert_eq!(
         euid(),
         0,
@@ -249,8 +252,37 @@ async fn invariant_11_a_non_root_wrapper_is_not_readable_by_its_own_tasks() {
     .unwrap();
     stack.start_dispatcher("").await;
     let uid = 1_899_999_000;
+    // Fails closed: no flag, no start, nothing claimed.
+    let mut refused = stack.start_worker(&WorkerOpts {
+        run_as: Some(uid),
+        ..WorkerOpts::new("unprivileged")
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = refused.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "a non-root wrapper without the flag kept running:\n{}",
+            refused.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    assert!(
+        refused.log_text().contains("--insecure-shared-uid"),
+        "{}",
+        refused.log_text()
+    );
+    let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts")
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(claimed, 0, "a refused wrapper claims nothing");
     let worker = stack.start_worker(&WorkerOpts {
         run_as: Some(uid),
+        insecure_shared_uid: true,
         ..WorkerOpts::new("unprivileged")
     });
     let out = task_output(&stack, ids[0], Duration::from_secs(60)).await;
@@ -269,7 +301,9 @@ async fn invariant_11_a_non_root_wrapper_is_not_readable_by_its_own_tasks() {
             _ => {}
         }
     }
-    assert!(worker.log_text().contains("not running as root"));
+    assert!(worker
+        .log_text()
+        .contains("--insecure-shared-uid: tasks run as this user"));
 }
 
 /// Starts a worker with `credential` against a job whose wake-ups are

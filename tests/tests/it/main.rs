@@ -32,4 +32,5 @@ mod sink;
 mod staging;
 mod task_objects;
 mod tokens;
+mod transport;
 mod wakeups;

@@ -85,7 +85,17 @@ async fn retention_deletes_unreferenced_staging_and_orphan_manifests_and_never_a
     let dry = retention::run(&app.store, &objects, day, true, |_| {})
         .await
         .unwrap();
-    let mut expected = vec![lost.clone(), orphan.clone()];
+    // Staging copied each verified part outside the attempt's prefix; the
+    // version references the copy, so the uploads are garbage, and so is
+    // the failed attempt's copy.
+    let committed = |k: &str| dispatcher::objects::committed_key(app.org_id, k);
+    let (lost_copy, kept_copy) = (committed(&lost), committed(&kept));
+    let mut expected = vec![
+        lost.clone(),
+        orphan.clone(),
+        lost_copy.clone(),
+        kept.clone(),
+    ];
     expected.sort();
     let mut got = dry.deleted.clone();
     got.sort();
@@ -98,18 +108,18 @@ async fn retention_deletes_unreferenced_staging_and_orphan_manifests_and_never_a
     let report = retention::run(&app.store, &objects, day, false, |_| {})
         .await
         .unwrap();
-    assert_eq!(report.deleted.len(), 2);
-    for gone in [&lost, &orphan] {
+    assert_eq!(report.deleted.len(), 4);
+    for gone in [&lost, &orphan, &lost_copy, &kept] {
         assert!(objects.head(gone).await.is_err(), "{gone} was kept");
     }
-    for live in [&kept, &manifest, &in_flight] {
+    for live in [&kept_copy, &manifest, &in_flight] {
         assert!(objects.head(live).await.is_ok(), "{live} was deleted");
     }
     // The committed version still reads whole.
     let m = app
         .get("/v1/datasets/clicks/versions/1", &app.user_token)
         .await;
-    assert_eq!(m.body["parts"][0]["key"], kept.as_str());
+    assert_eq!(m.body["parts"][0]["key"], kept_copy.as_str());
 }
 
 #[tokio::test]

@@ -260,3 +260,83 @@ async fn staging_is_scoped_and_fenced() {
     );
     assert_eq!(staged(&app).await, 1, "only the first, live staging");
 }
+
+/// Commits a version of `clicks` from one staged part, then re-PUTs other
+/// (valid) rows through the very URL the task was given: the committed
+/// version reads back unchanged. Then tampers with the committed object
+/// behind the dispatcher: the query answers `integrity_error`.
+async fn a_committed_version_never_changes(app: &TestApp) {
+    create_datasets(app).await;
+    let claim = writer(app).await;
+    let r = app
+        .post(
+            "/v1/task/objects",
+            &claim.capability_token,
+            &json!({"method": "PUT", "keys": ["part-0.jsonl"]}),
+        )
+        .await;
+    let url = r.body["urls"][0]["url"].as_str().unwrap().to_owned();
+    let key = r.body["urls"][0]["key"].as_str().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let put = |body: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move { http.put(url).body(body).send().await.unwrap().status() }
+    };
+    assert!(put(ROWS).await.is_success());
+    let r = stage(app, &claim, "clicks", vec![part(&key, ROWS.as_bytes(), 2)]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // Between stage and commit, and after the commit, the task rewrites
+    // its staged key with other rows through its URL.
+    const OTHER: &str = "{\"ts\": \"2026-01-01T00:00:00Z\", \"user_id\": \"EVIL\", \"value\": 9}\n\
+                         {\"ts\": \"2026-01-01T00:01:00Z\", \"user_id\": \"EVIL\", \"value\": 9}\n";
+    let _ = put(OTHER).await;
+    let r = app
+        .post(
+            "/v1/task/complete",
+            &claim.capability_token,
+            &json!({"outcome": "succeeded"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let _ = put(OTHER).await;
+    let query =
+        json!({"dataset": "clicks", "select": ["user_id"], "order_by": [{"column": "user_id"}]});
+    let q = app.post("/v1/query", &app.user_token, &query).await;
+    assert_eq!(q.status, StatusCode::OK, "{}", q.body);
+    assert_eq!(q.body["rows"], json!([["a"], ["b"]]), "the committed rows");
+    // The version names a key no URL or session policy of the task covers.
+    let m = app
+        .get("/v1/datasets/clicks/versions/1", &app.user_token)
+        .await;
+    let committed = m.body["parts"][0]["key"].as_str().unwrap().to_owned();
+    assert_ne!(committed, key, "{}", m.body);
+    assert!(!committed.starts_with(&claim.object_prefix), "{committed}");
+    // Staging the same key again with other bytes is refused.
+    let again = stage(app, &claim, "clicks", vec![part(&key, OTHER.as_bytes(), 2)]).await;
+    assert_ne!(again.status, StatusCode::OK, "{}", again.body);
+    // Tampered with behind the dispatcher: detected on read.
+    app.objects
+        .put(&committed, OTHER.as_bytes().to_vec())
+        .await
+        .unwrap();
+    let q = app.post("/v1/query", &app.user_token, &query).await;
+    assert_eq!(q.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", q.body);
+    assert_eq!(q.body["error"]["code"], "integrity_error", "{}", q.body);
+    assert!(!q.body.to_string().contains("EVIL"));
+}
+
+#[tokio::test]
+async fn invariant_7_a_committed_version_never_changes_whatever_the_task_writes_on_the_local_store()
+{
+    a_committed_version_never_changes(&TestApp::spawn().await).await;
+}
+
+#[tokio::test]
+async fn invariant_7_a_committed_version_never_changes_whatever_the_task_writes_on_s3() {
+    let moto = dispatcher_tests::moto::Moto::start().await;
+    let s3 = Arc::new(moto.s3_store().await);
+    a_committed_version_never_changes(
+        &TestApp::spawn_with_objects(Default::default(), Some(s3)).await,
+    )
+    .await;
+}

@@ -347,7 +347,7 @@ async fn a_reclaimed_task_is_taken_before_work_that_became_ready_after_its_claim
     let taken = app
         .store
         .claim_many(
-            dispatcher::store::Pick::Ready(1),
+            dispatcher::store::Pick::Ready(1, None),
             "w",
             Duration::from_secs(30),
         )

@@ -110,28 +110,41 @@ impl AlertRouter {
         if routes.is_empty() {
             return Ok(0);
         }
-        let mut datasets: Vec<Uuid> = routes.iter().map(|r| r.dataset_id).collect();
-        datasets.sort();
-        datasets.dedup();
-        let batches: Vec<(Uuid, Uuid, Uuid)> = sqlx::query!(
-            "SELECT b.org_id, b.batch_id, b.dataset_id FROM sink_batches b
-              WHERE b.dataset_id = ANY($1)
-                AND NOT EXISTS (SELECT 1 FROM alert_routed_batches r
+        // Per dataset, its first route's creation: no batch ingested before
+        // a route exists is ever routed to it (review M3), so the scan
+        // starts there (index sink_batches_ingested_idx).
+        let mut since: std::collections::BTreeMap<Uuid, chrono::DateTime<Utc>> = Default::default();
+        for r in &routes {
+            since
+                .entry(r.dataset_id)
+                .and_modify(|t| *t = (*t).min(r.created_at))
+                .or_insert(r.created_at);
+        }
+        let (datasets, starts): (Vec<Uuid>, Vec<chrono::DateTime<Utc>>) = since.into_iter().unzip();
+        let batches: Vec<(Uuid, Uuid, Uuid, chrono::DateTime<Utc>)> = sqlx::query!(
+            "SELECT b.org_id, b.batch_id, b.dataset_id, b.ingested_at
+               FROM unnest($1::uuid[], $3::timestamptz[]) AS s(dataset_id, since)
+               JOIN sink_batches b ON b.dataset_id = s.dataset_id AND b.ingested_at >= s.since
+              WHERE NOT EXISTS (SELECT 1 FROM alert_routed_batches r
                                  WHERE r.org_id = b.org_id AND r.batch_id = b.batch_id)
               ORDER BY b.ingested_at LIMIT $2",
             &datasets,
             i64::from(self.settings.reaper_batch),
+            &starts,
         )
         .fetch_all(&self.data)
         .await?
         .into_iter()
-        .map(|r| (r.org_id, r.batch_id, r.dataset_id))
+        .map(|r| (r.org_id, r.batch_id, r.dataset_id, r.ingested_at))
         .collect();
         let mut routed = 0;
-        for (org, batch, dataset) in batches {
+        for (org, batch, dataset, ingested_at) in batches {
+            // A route sees the batches ingested after it was created.
             let mine: Vec<&RouteSpec> = routes
                 .iter()
-                .filter(|r| r.org_id == org && r.dataset_id == dataset)
+                .filter(|r| {
+                    r.org_id == org && r.dataset_id == dataset && r.created_at <= ingested_at
+                })
                 .collect();
             if self.route_batch(org, batch, dataset, &mine).await? {
                 routed += 1;

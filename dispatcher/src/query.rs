@@ -662,6 +662,12 @@ pub async fn read_version(
                     .collect();
                 if plan.keeps(&row) {
                     kept.push(row);
+                    // With an order, only the best `limit + 1` can be
+                    // answered: memory stays at twice that (review M4).
+                    if kept.len() >= 2 * enough {
+                        kept.sort_by(|a, b| plan.compare(a, b));
+                        kept.truncate(enough);
+                    }
                 }
             })
             .map_err(|error| QueryError::Corrupt {

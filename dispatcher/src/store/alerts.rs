@@ -21,6 +21,8 @@ pub struct RouteSpec {
     pub columns: Vec<Column>,
     pub destination_id: Uuid,
     pub matcher: Option<Value>,
+    /// A route receives only batches ingested from then on (review M3).
+    pub created_at: DateTime<Utc>,
 }
 
 /// Where a delivery goes.
@@ -39,6 +41,7 @@ struct RouteRow {
     columns: Value,
     destination_id: Uuid,
     matcher: Option<Value>,
+    created_at: DateTime<Utc>,
 }
 
 struct RouteViewRow {
@@ -174,7 +177,7 @@ impl Store {
         let rows: Vec<RouteRow> = sqlx::query_as!(
             RouteRow,
             "SELECT r.id, r.org_id, r.name, r.dataset_id, d.name AS dataset, d.columns,
-                    r.destination_id, r.matcher
+                    r.destination_id, r.matcher, r.created_at
                FROM alert_routes r JOIN datasets d ON d.id = r.dataset_id
               WHERE $1::uuid IS NULL OR r.org_id = $1
               ORDER BY r.org_id, r.name",
@@ -194,6 +197,7 @@ impl Store {
                         .map_err(|e| StoreError::Db(sqlx::Error::Decode(e.to_string().into())))?,
                     destination_id: r.destination_id,
                     matcher: r.matcher,
+                    created_at: r.created_at,
                 })
             })
             .collect()

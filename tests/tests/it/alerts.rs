@@ -636,3 +636,72 @@ async fn alerts_a_receiver_redirecting_elsewhere_is_not_followed() {
     assert_eq!(*status, Some(307), "the redirect is the answer");
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_a_route_receives_only_batches_ingested_after_it_was_created() {
+    let f = fixture(TestApp::spawn_with(settings(2)).await).await;
+    let receiver = Receiver::start(Behaviour::default()).await;
+    // History before any route: never posted, not even to the first route.
+    events(&f, 6).await;
+    let (stream, _, _, _) = f
+        .app
+        .store
+        .dataset_for_query(f.app.org_id, "events")
+        .await
+        .unwrap();
+    let store = &f.app.store;
+    for (name, dest) in [("first", "d1"), ("second", "d2")] {
+        store
+            .create_alert_destination(
+                f.app.org_id,
+                dest,
+                &receiver.url,
+                &dispatcher::alerts::new_secret(),
+            )
+            .await
+            .unwrap();
+        if name == "first" {
+            store
+                .create_alert_route(f.app.org_id, name, stream, dest, None)
+                .await
+                .unwrap();
+        }
+    }
+    let router = AlertRouter::new(f.app.store.clone(), f.data.clone(), f.app.settings.clone());
+    assert_eq!(
+        router.route_once().await.unwrap(),
+        0,
+        "the history is not routed"
+    );
+    let after_first = events(&f, 1).await;
+    store
+        .create_alert_route(f.app.org_id, "second", stream, "d2", None)
+        .await
+        .unwrap();
+    let after_second = events(&f, 1).await;
+    assert_eq!(router.route_once().await.unwrap(), 2);
+    let routed: Vec<(String, Uuid)> =
+        sqlx::query_as("SELECT event_id, route_id FROM alert_deliveries ORDER BY event_id")
+            .fetch_all(&f.data)
+            .await
+            .unwrap();
+    let routes: std::collections::HashMap<Uuid, String> =
+        sqlx::query_as("SELECT id, name FROM alert_routes")
+            .fetch_all(&f.app.db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let mut got: Vec<(String, String)> = routed
+        .into_iter()
+        .map(|(e, r)| (e, routes[&r].clone()))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (format!("{after_first}-1"), "first".to_owned()),
+        (format!("{after_second}-1"), "first".to_owned()),
+        (format!("{after_second}-1"), "second".to_owned()),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+}

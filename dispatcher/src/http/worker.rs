@@ -536,9 +536,12 @@ async fn write_manifests(
             }
             Err(e) => return Err(unavailable(e)),
         }
+        let mut parts: Vec<String> = ds.parts.iter().map(|p| p.key.clone()).collect();
+        parts.sort();
         written.push(crate::store::WrittenManifest {
             dataset_id: ds.dataset_id,
             key,
+            parts,
         });
     }
     Ok(written)

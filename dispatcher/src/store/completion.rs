@@ -16,8 +16,11 @@ use crate::error::{task_state, StoreError};
 /// inside the completion's transaction (after its fenced task update).
 /// Dataset rows are locked in id order (`FOR UPDATE`), which serialises
 /// concurrent commits to one dataset: no appender loses parts, and version
-/// numbers have no gaps. A staged dataset without a written manifest (parts
-/// staged while the completion ran) aborts the whole completion, retryably.
+/// numbers have no gaps. A staged dataset without a written manifest, or
+/// whose staged parts (read under the task row's lock, which a stage also
+/// takes) are not exactly the manifest's (parts staged while the
+/// completion ran), aborts the whole completion, retryably: a version and
+/// its manifest always agree (review M1).
 async fn commit_versions(
     conn: &mut PgConnection,
     fence: Fence,
@@ -45,6 +48,23 @@ async fn commit_versions(
                  committed, retry"
             )));
         };
+        let staged_keys: Vec<String> = sqlx::query_scalar!(
+            "SELECT key FROM staged_parts
+              WHERE task_id = $1 AND attempt = $2 AND dataset_id = $3 ORDER BY key COLLATE \"C\"",
+            fence.task_id,
+            attempt,
+            dataset_id,
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        if staged_keys != manifest.parts {
+            return Err(StoreError::Retry(format!(
+                "parts of dataset {name:?} were staged while the completion ran (the manifest \
+                 lists {}, {} are staged); nothing was committed, retry",
+                manifest.parts.len(),
+                staged_keys.len()
+            )));
+        }
         let current: Option<i32> = sqlx::query_scalar!(
             "SELECT current_version FROM datasets WHERE id = $1 FOR UPDATE",
             dataset_id,

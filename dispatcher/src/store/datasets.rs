@@ -80,6 +80,9 @@ pub struct StagedDataset {
 pub struct WrittenManifest {
     pub dataset_id: Uuid,
     pub key: String,
+    /// The part keys the manifest lists, sorted: the version must hold
+    /// exactly these (review M1).
+    pub parts: Vec<String>,
 }
 
 impl Store {

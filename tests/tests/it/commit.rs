@@ -225,3 +225,60 @@ async fn invariant_7_a_replace_version_holds_only_its_own_parts_and_a_cancelled_
     assert_eq!(r.body["versions"], json!([]));
     assert_eq!(versions(&app).await, 2);
 }
+
+#[tokio::test]
+async fn invariant_7_a_version_and_its_manifest_list_the_same_parts() {
+    let app = TestApp::spawn().await;
+    create_datasets(&app).await;
+    let claim = writer(&app).await;
+    let a = stage_one(&app, &claim, "clicks", "a.jsonl").await;
+    let fence = dispatcher::store::Fence {
+        task_id: claim.task_id,
+        job_id: claim.job_id,
+        attempt: claim.attempt,
+    };
+    let (dataset_id, _, _) = app
+        .store
+        .dataset_schema(app.org_id, "clicks")
+        .await
+        .unwrap();
+    let done = dispatcher::domain::Completion::Succeeded { output: json!({}) };
+    // A manifest written before a second part was staged (a stage racing
+    // the completion): the commit is refused, retryably, and nothing is
+    // committed.
+    let b = stage_one(&app, &claim, "clicks", "b.jsonl").await;
+    let stale = dispatcher::store::WrittenManifest {
+        dataset_id,
+        key: "orgs/x/datasets/clicks/manifests/stale.json".into(),
+        parts: vec![a.clone()],
+    };
+    let r = app.store.complete(fence, &done, &[stale]).await;
+    assert!(
+        matches!(r, Err(dispatcher::error::StoreError::Retry(_))),
+        "{r:?}"
+    );
+    assert_eq!(versions(&app).await, 0);
+    // Through the API: the manifest object lists exactly the version's parts.
+    let r = app.complete_ok(&claim.capability_token, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let m = manifest(&app, "clicks", 1).await;
+    let mut in_version = keys(&m);
+    in_version.sort();
+    let manifest_key: String = sqlx::query_scalar("SELECT manifest_key FROM dataset_versions")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    let object: Value =
+        serde_json::from_slice(&app.objects.get(&manifest_key).await.unwrap()).unwrap();
+    let mut in_manifest: Vec<String> = object["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["key"].as_str().unwrap().to_owned())
+        .collect();
+    in_manifest.sort();
+    let mut want = vec![a, b];
+    want.sort();
+    assert_eq!(in_version, want);
+    assert_eq!(in_manifest, want, "the manifest and the version agree");
+}

@@ -227,7 +227,8 @@ async fn on_s3_a_task_puts_through_a_presigned_url() {
 
 /// `POST /v1/task/credentials` on the aws profile (STS on moto's server):
 /// the session policy names exactly the attempt's prefix (write, read)
-/// and the committed parts of its `reads` (read); a stale attempt gets
+/// and the committed copies of its `reads`' parts (read, never the
+/// staging attempt's keys, which that attempt could still rewrite); a stale attempt gets
 /// nothing; the local profile has no STS. moto's STS returns credentials
 /// without enforcing the policy (nor does its S3 check them), so the
 /// policy is checked as the dispatcher sends it; AWS enforces it.
@@ -271,7 +272,14 @@ async fn invariant_9_sts_credentials_are_scoped_to_the_attempt_prefix_and_readab
     assert_eq!(r.body["policy"]["Statement"][0]["Resource"], json!([own]));
     assert_eq!(
         r.body["policy"]["Statement"][1]["Resource"],
-        json!([own, format!("arn:aws:s3:::{}/{part}", cfg.bucket)])
+        json!([
+            own,
+            format!(
+                "arn:aws:s3:::{}/{}",
+                cfg.bucket,
+                dispatcher::objects::committed_key(app.org_id, &part)
+            )
+        ])
     );
     for field in ["access_key_id", "secret_access_key", "session_token"] {
         assert!(!r.body[field].as_str().unwrap().is_empty(), "{field}");

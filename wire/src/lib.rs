@@ -608,6 +608,9 @@ pub struct TaskCredentialsResponse {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub session_token: String,
+    /// When the credentials stop working: the attempt's lease end (the
+    /// session policy holds only until then) or the STS session's end,
+    /// whichever is first. After a heartbeat renews the lease, ask again.
     pub expires_at: DateTime<Utc>,
     pub region: String,
     pub bucket: String,

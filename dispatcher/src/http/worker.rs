@@ -826,7 +826,7 @@ pub async fn credentials(
              use POST /v1/task/objects",
         )
     })?;
-    state.store.check_fence(fence(&claims)).await?;
+    let lease_end = state.store.lease_end(fence(&claims)).await?;
     let prefix = claims
         .prefixes
         .first()
@@ -836,8 +836,8 @@ pub async fn credentials(
         .store
         .committed_part_keys(claims.org, &claims.reads)
         .await?;
-    let policy =
-        crate::objects::sts::session_policy(&sts.bucket, &prefix, &readable).map_err(|len| {
+    let policy = crate::objects::sts::session_policy(&sts.bucket, &prefix, &readable, lease_end)
+        .map_err(|len| {
             ApiError::too_large(format!(
                 "a session policy for the {} readable parts would be {len} characters; \
                  STS takes {}: read them through POST /v1/task/objects",
@@ -857,7 +857,7 @@ pub async fn credentials(
         access_key_id: creds.access_key_id,
         secret_access_key: creds.secret_access_key,
         session_token: creds.session_token,
-        expires_at: creds.expires_at,
+        expires_at: creds.expires_at.min(lease_end),
         region: sts.region.clone(),
         bucket: sts.bucket.clone(),
         prefix,

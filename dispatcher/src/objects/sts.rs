@@ -22,8 +22,16 @@ pub const MIN_DURATION: Duration = Duration::from_secs(900);
 pub const MAX_DURATION: Duration = Duration::from_secs(3600);
 
 /// The session policy of one attempt, as compact JSON; `Err` (with its
-/// size) when the readable parts make it larger than AWS accepts.
-pub fn session_policy(bucket: &str, prefix: &str, readable: &[String]) -> Result<String, usize> {
+/// size) when the readable parts make it larger than AWS accepts. Every
+/// statement holds only while `aws:CurrentTime` is before `until` (the
+/// attempt's lease end): STS cannot end a session sooner than 15 minutes,
+/// so the policy ends its power with the lease instead.
+pub fn session_policy(
+    bucket: &str,
+    prefix: &str,
+    readable: &[String],
+    until: DateTime<Utc>,
+) -> Result<String, usize> {
     let own = format!("arn:aws:s3:::{bucket}/{prefix}*");
     let mut gets = vec![own.clone()];
     gets.extend(
@@ -31,13 +39,17 @@ pub fn session_policy(bucket: &str, prefix: &str, readable: &[String]) -> Result
             .iter()
             .map(|k| format!("arn:aws:s3:::{bucket}/{k}")),
     );
+    let within = json!({"DateLessThan": {
+        "aws:CurrentTime": until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    }});
     let policy = json!({
         "Version": "2012-10-17",
         "Statement": [
             {"Sid": "WriteOwnPrefix", "Effect": "Allow",
-             "Action": ["s3:PutObject", "s3:AbortMultipartUpload"], "Resource": [own]},
+             "Action": ["s3:PutObject", "s3:AbortMultipartUpload"], "Resource": [own],
+             "Condition": within},
             {"Sid": "ReadOwnAndReadable", "Effect": "Allow",
-             "Action": ["s3:GetObject"], "Resource": gets},
+             "Action": ["s3:GetObject"], "Resource": gets, "Condition": within},
         ]
     })
     .to_string();
@@ -140,11 +152,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_session_policy_names_exactly_the_prefix_and_the_readable_parts() {
+    fn the_session_policy_names_exactly_the_prefix_and_the_readable_parts_until_the_lease_ends() {
+        let until = DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap();
         let p = session_policy(
             "b",
             "orgs/o/jobs/j/tasks/t/attempts/2/",
             &["orgs/o/jobs/x/tasks/y/attempts/1/part.jsonl".into()],
+            until,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();
@@ -165,9 +179,15 @@ mod tests {
         );
         assert_eq!(v["Statement"][1]["Action"], json!(["s3:GetObject"]));
         assert_eq!(v["Statement"].as_array().unwrap().len(), 2);
+        for st in v["Statement"].as_array().unwrap() {
+            assert_eq!(
+                st["Condition"],
+                json!({"DateLessThan": {"aws:CurrentTime": "2027-01-15T08:00:00Z"}})
+            );
+        }
         let many: Vec<String> = (0..100)
             .map(|i| format!("orgs/o/k/{i}/part.jsonl"))
             .collect();
-        assert!(session_policy("b", "p/", &many).is_err());
+        assert!(session_policy("b", "p/", &many, until).is_err());
     }
 }

@@ -161,6 +161,26 @@ impl Store {
         state.as_deref().map(task_state).transpose()
     }
 
+    /// When the fenced attempt's lease ends, if the fence holds now (the
+    /// end bounds what a session credential may do, review H1).
+    pub async fn lease_end(&self, fence: Fence) -> Result<DateTime<Utc>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let end = sqlx::query_scalar!(
+            "SELECT lease_expires_at AS \"end!\" FROM tasks
+              WHERE id = $1 AND job_id = $2 AND attempt = $3
+                AND state = 'leased' AND lease_expires_at > clock_timestamp()",
+            fence.task_id,
+            fence.job_id,
+            fence.attempt_i32(),
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        match end {
+            Some(end) => Ok(end),
+            None => Err(fence_error(&mut conn, fence).await),
+        }
+    }
+
     /// Whether the fence holds now (the current attempt, its lease live):
     /// for calls that write nothing here but act for the attempt (minting
     /// presigned URLs).

@@ -284,9 +284,25 @@ async fn invariant_9_sts_credentials_are_scoped_to_the_attempt_prefix_and_readab
     for field in ["access_key_id", "secret_access_key", "session_token"] {
         assert!(!r.body[field].as_str().unwrap().is_empty(), "{field}");
     }
+    // STS sessions last at least 15 minutes; the policy's power ends with
+    // the lease, and the answer says so.
+    let lease_end = claim
+        .lease_expires_at
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for st in r.body["policy"]["Statement"].as_array().unwrap() {
+        assert_eq!(
+            st["Condition"],
+            json!({"DateLessThan": {"aws:CurrentTime": lease_end}}),
+            "{st}"
+        );
+    }
     let expires: chrono::DateTime<chrono::Utc> =
         serde_json::from_value(r.body["expires_at"].clone()).unwrap();
-    assert!(expires > chrono::Utc::now() + chrono::Duration::minutes(14));
+    assert!(
+        (expires - claim.lease_expires_at).num_seconds().abs() <= 1,
+        "{expires} vs the lease's {}",
+        claim.lease_expires_at
+    );
 
     // A superseded attempt gets nothing.
     app.supersede(task).await;

@@ -100,7 +100,8 @@ impl Runner {
 impl Drop for Runner {
     fn drop(&mut self) {
         // Dropped without `stop` (a cancelled future): the group goes now;
-        // the attempt's own drop removes its directory.
+        // the attempt's own drop then sweeps its uid and removes its
+        // directory.
         if let Some(pgid) = self.pgid.and_then(|p| i32::try_from(p).ok()) {
             // SAFETY: killpg takes plain integers; a gone group is ESRCH.
             unsafe { libc::killpg(pgid, libc::SIGKILL) };

@@ -375,8 +375,18 @@ impl Attempt {
 impl Drop for Attempt {
     fn drop(&mut self) {
         if !self.finished {
-            // Dropped without `finish` (a cancelled future): the directory
-            // goes; the uid's next holder sweeps it before use.
+            // Dropped without `finish` (a cancelled invocation, a lost
+            // lease, a drain's abort): whatever still runs as the attempt's
+            // uid goes now, daemons that left the group included (review
+            // M2), then the directory. The sweep is one fork, a kill and a
+            // wait (about a millisecond), done here so that it happens even
+            // when the runtime is shutting down.
+            if let Some(held) = self.held.take() {
+                if let Err(e) = kill_all_of(held.uid) {
+                    tracing::warn!(error = %e, uid = held.uid,
+                        "sweeping a dropped attempt's uid failed; its next holder sweeps it again");
+                }
+            }
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }

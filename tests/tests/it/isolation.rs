@@ -20,7 +20,7 @@ fn euid() -> u32 {
 
 /// The environment of the process whose environment holds all of `marks`
 /// (read as root), and its pid.
-fn find_process(marks: &[String]) -> Option<(u32, Vec<(String, String)>)> {
+pub(crate) fn find_process(marks: &[String]) -> Option<(u32, Vec<(String, String)>)> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;

@@ -557,3 +557,79 @@ async fn the_mixed_language_example_runs_end_to_end_from_its_readme_command() {
     assert_eq!(alerts["alerts"], 4, "{alerts}");
     let _ = std::fs::remove_dir_all(&state);
 }
+
+/// Review M2: a bundle task cancelled while it runs leaves nothing running
+/// under its uid, not even a daemon that left the runner's process group
+/// (two forks and `setsid`): dropping the attempt sweeps the uid at once,
+/// not when the uid's next holder takes it (hours later on a big range).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant_11_a_cancelled_bundle_task_leaves_no_process_running_under_its_uid() {
+    assert_eq!(
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root: tasks run under uids of their own only then"
+    );
+    let lab = Lab::new("python", &fixture("python-probe")).await;
+    let mark = format!("PROBE_MARK=m2-{}", Uuid::new_v4().simple());
+    let (job, _) = lab
+        .stack
+        .submit(json!({"name": "daemon", "deadline_seconds": 4, "tasks": [
+            {"key": "t", "runtime": "python", "bundle": lab.digest, "max_attempts": 1,
+             "timeout_seconds": 600,
+             "inputs": {"do": "daemon", "mark": mark.trim_start_matches("PROBE_MARK="),
+                        "seconds": 120}}]}))
+        .await;
+    // The daemon starts while the task runs...
+    let marks = [mark.clone()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let daemon = loop {
+        if let Some((pid, _)) = crate::isolation::find_process(&marks) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon never started:\n{}",
+            lab.worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let status = std::fs::read_to_string(format!("/proc/{daemon}/status")).unwrap_or_default();
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        !uid.is_empty() && uid != "0",
+        "the task ran as root: {status}"
+    );
+    // ...and is gone soon after the job's deadline cancels the task.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+            .bind(job)
+            .fetch_one(&lab.stack.db.pool)
+            .await
+            .unwrap();
+        let outcome: Option<String> = sqlx::query_scalar(
+            "SELECT a.outcome FROM attempts a JOIN tasks t ON t.id = a.task_id
+              WHERE t.job_id = $1",
+        )
+        .bind(job)
+        .fetch_one(&lab.stack.db.pool)
+        .await
+        .unwrap();
+        let running = crate::isolation::find_process(&marks).is_some();
+        if state == "cancelled" && outcome.as_deref() == Some("cancelled") && !running {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {state}, attempt {outcome:?}, daemon (uid {uid}) still running: {running}\n{}",
+            lab.worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -213,6 +213,17 @@ impl From<StoreError> for ApiError {
                     tracing::warn!(error = %db, "database unavailable");
                     ApiError::unavailable("database unavailable")
                 }
+                // A deadlock or serialization failure rolled the statement
+                // back: nothing was written, the same call may succeed.
+                sqlx::Error::Database(ref e)
+                    if matches!(e.code().as_deref(), Some("40P01" | "40001")) =>
+                {
+                    tracing::warn!(error = %db, "transaction aborted by the database; retryable");
+                    ApiError::unavailable(
+                        "the database aborted this call's transaction (deadlock or \
+                         serialization failure); nothing was written, retry",
+                    )
+                }
                 other => {
                     tracing::error!(error = %other, "database error");
                     ApiError::internal()

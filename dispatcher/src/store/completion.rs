@@ -179,6 +179,26 @@ impl Store {
         for (i, response) in self.complete_leaves(&mut tx, entries, locks).await? {
             answers[i] = Some(Ok(response));
         }
+        // Then every dataset the remaining entries commit to, once, in id
+        // order: each entry's own `commit_versions` locks only its own
+        // datasets, so two batches naming them in other orders could
+        // deadlock (review M5). After the jobs, as everywhere.
+        let mut datasets: Vec<Uuid> = entries
+            .iter()
+            .zip(&answers)
+            .filter(|(e, a)| a.is_none() && matches!(e.1, Completion::Succeeded { .. }))
+            .flat_map(|(e, _)| e.2.iter().map(|m| m.dataset_id))
+            .collect();
+        if datasets.len() > 1 {
+            datasets.sort();
+            datasets.dedup();
+            sqlx::query!(
+                "SELECT id FROM datasets WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+                &datasets,
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+        }
         for i in order {
             if answers[i].is_some() {
                 continue;

@@ -282,3 +282,87 @@ async fn invariant_7_a_version_and_its_manifest_list_the_same_parts() {
     assert_eq!(in_version, want);
     assert_eq!(in_manifest, want, "the manifest and the version agree");
 }
+
+/// Review M5: two batches whose entries commit to the same two datasets in
+/// opposite orders. Each batch locks every dataset it commits to once, in
+/// id order, after its jobs, so neither waits on the other in a cycle:
+/// every entry of every round commits its version.
+#[tokio::test]
+async fn invariant_7_concurrent_batches_committing_to_the_same_datasets_in_opposite_orders_all_commit(
+) {
+    const ROUNDS: usize = 8;
+    let app = Arc::new(TestApp::spawn().await);
+    let columns = json!([
+        {"name": "ts", "type": "timestamp", "nullable": false},
+        {"name": "user_id", "type": "string", "nullable": false},
+        {"name": "value", "type": "float64", "nullable": true}]);
+    for name in ["d1", "d2"] {
+        app.create_dataset(name, "append", columns.clone()).await;
+    }
+    let mut by_id: Vec<(uuid::Uuid, &str)> = Vec::new();
+    for name in ["d1", "d2"] {
+        let id: uuid::Uuid = sqlx::query_scalar("SELECT id FROM datasets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+        by_id.push((id, name));
+    }
+    by_id.sort();
+    let (low, high) = (by_id[0].1, by_id[1].1);
+    let mut committed = 0;
+    for round in 0..ROUNDS {
+        let mut claims = Vec::new();
+        for _ in 0..4 {
+            let job = app
+                .submit(&json!({"name": "j", "tasks": [
+                    {"key": "w", "runtime": "exec", "bundle": "x", "outputs": ["d1", "d2"]}]}))
+                .await;
+            claims.push((job.job_id, app.claim(job.tasks[0].task_id).await));
+        }
+        // A batch's entries run in job id order: X = the first two jobs
+        // (high, then low), Y = the last two (low, then high).
+        claims.sort_by_key(|(job, _)| *job);
+        let mut batches = vec![Vec::new(), Vec::new()];
+        for (i, (_, claim)) in claims.iter().enumerate() {
+            let dataset = [high, low, low, high][i];
+            let key = upload(&app, claim, &format!("r{round}-{i}.jsonl"), ROWS.as_bytes()).await;
+            let r = stage(&app, claim, dataset, vec![part(&key, ROWS.as_bytes(), 2)]).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            batches[i / 2].push(json!({"capability_token": claim.capability_token,
+                                       "body": {"outcome": "succeeded", "output": {}}}));
+        }
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+        let mut running = tokio::task::JoinSet::new();
+        for entries in batches {
+            let (app, barrier) = (app.clone(), barrier.clone());
+            running.spawn(async move {
+                barrier.wait().await;
+                app.post(
+                    "/v1/task/complete-batch",
+                    &app.worker_token,
+                    &json!({"entries": entries}),
+                )
+                .await
+            });
+        }
+        while let Some(r) = running.join_next().await {
+            let r = r.unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            for entry in r.body["results"].as_array().unwrap() {
+                assert!(
+                    entry["result"]["versions"][0]["version"].is_u64(),
+                    "round {round}: {entry}"
+                );
+                committed += 1;
+            }
+        }
+    }
+    assert_eq!(committed, 4 * ROUNDS);
+    for name in ["d1", "d2"] {
+        let ds = app
+            .get(&format!("/v1/datasets/{name}"), &app.user_token)
+            .await;
+        assert_eq!(ds.body["current_version"], 2 * ROUNDS, "{}", ds.body);
+    }
+}

@@ -496,11 +496,25 @@ async fn try_once(
             Some(refused) => Tried::Fatal(refused.to_string()),
             None => Tried::Failed {
                 status: None,
-                error: format!("sending: {e}"),
+                error: sending_error(e),
                 retry_after: None,
             },
         },
     }
+}
+
+/// Why a send failed, without the URL (its path often holds a token, and
+/// members read `last_error`; review M11), with the causes below it.
+fn sending_error(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut out = format!("sending: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 struct DeliveryRow {

@@ -54,6 +54,9 @@ pub struct WorkerOpts {
     pub insecure_shared_uid: bool,
     /// The dispatcher it talks to; by default the stack's first one.
     pub dispatcher_url: Option<String>,
+    /// `WORKER_EXEC` (`off`, `any` or a list of programs); by default
+    /// `any`, on either profile, since most tests run exec tasks.
+    pub exec: Option<String>,
 }
 
 impl WorkerOpts {
@@ -67,6 +70,7 @@ impl WorkerOpts {
             run_as: None,
             insecure_shared_uid: false,
             dispatcher_url: None,
+            exec: None,
         }
     }
 }
@@ -414,6 +418,7 @@ impl Stack {
         if opts.insecure_shared_uid {
             cmd.env("WORKER_INSECURE_SHARED_UID", "true");
         }
+        cmd.env("WORKER_EXEC", opts.exec.as_deref().unwrap_or("any"));
         let child = cmd
             .arg("run")
             .arg("--wait-seconds")

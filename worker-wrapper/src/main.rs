@@ -119,6 +119,11 @@ struct RunArgs {
     /// again whenever the dispatcher refuses the credential).
     #[arg(long, env = "WORKER_CREDENTIAL_RELOAD_SECONDS", default_value_t = 60)]
     credential_reload_seconds: u64,
+    /// Which host programs `exec` tasks may start: `off` (exec tasks are
+    /// not claimed), `any`, or a comma-separated list of programs, each as
+    /// tasks name it. Default: `off` on the aws profile, `any` on local.
+    #[arg(long, env = "WORKER_EXEC")]
+    exec: Option<String>,
     /// On SIGTERM, how long running tasks may finish before they are killed.
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -215,6 +220,8 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
     drop(credential);
     client.reload_periodically(Duration::from_secs(args.credential_reload_seconds.max(1)));
     let default_timeout = Duration::from_secs(args.task_timeout_seconds.max(1));
+    let exec = runner::ExecPolicy::parse(args.exec.as_deref(), &args.profile.profile)
+        .map_err(anyhow::Error::msg)?;
     let runners = runners::Runners::new(
         runners::RunnerConfig {
             python: args.python.clone(),
@@ -225,6 +232,7 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
             default_timeout,
             worker_id: worker_id.clone(),
             max_unpacked: dispatcher::settings::Settings::default().bundle_max_unpacked_bytes,
+            claim_exec: exec.claims_exec(),
         },
         sandbox.clone(),
     )?;
@@ -250,6 +258,7 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
         sandbox: sandbox.clone(),
         runners: runners.clone(),
         default_timeout,
+        exec,
         calls: batch::Calls::new(
             client.clone(),
             (args.batch_window_ms > 0).then(|| Duration::from_millis(args.batch_window_ms)),

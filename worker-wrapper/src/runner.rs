@@ -27,8 +27,73 @@ pub struct WorkerConfig {
     pub runners: Arc<Runners>,
     /// An exec task's bound when its claim names none.
     pub default_timeout: Duration,
+    /// Which host programs `exec` tasks may start.
+    pub exec: ExecPolicy,
     /// Heartbeats, completions and claims, batched or single.
     pub calls: Arc<crate::batch::Calls>,
+}
+
+/// Which host programs an `exec` task may start on this worker (review
+/// M12): an `exec` task's bundle is a command line, so a member of any org
+/// can run any program the worker can. `--exec` says: `off` (the worker
+/// does not claim `exec` tasks; the aws profile's default), `any` (the
+/// local profile's default), or a comma-separated list of the programs
+/// allowed, each as the task names it (`/usr/bin/python3`, `sh`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExecPolicy {
+    Off,
+    Any,
+    Only(Vec<String>),
+}
+
+impl ExecPolicy {
+    /// `--exec`'s value, or the profile's default when there is none.
+    pub fn parse(value: Option<&str>, profile: &str) -> Result<ExecPolicy, String> {
+        let value = match value.map(str::trim) {
+            None | Some("") => {
+                return Ok(if profile == "aws" {
+                    ExecPolicy::Off
+                } else {
+                    ExecPolicy::Any
+                })
+            }
+            Some(v) => v,
+        };
+        Ok(match value {
+            "off" => ExecPolicy::Off,
+            "any" => ExecPolicy::Any,
+            list => {
+                let programs: Vec<String> = list
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if programs.iter().any(|p| p.chars().any(char::is_whitespace))
+                    || programs.is_empty()
+                {
+                    return Err(format!(
+                        "--exec {value:?}: expected off, any, or a comma-separated list of programs"
+                    ));
+                }
+                ExecPolicy::Only(programs)
+            }
+        })
+    }
+
+    /// Whether this worker claims `exec` tasks at all.
+    pub fn claims_exec(&self) -> bool {
+        *self != ExecPolicy::Off
+    }
+
+    /// Whether an `exec` task may start `program`.
+    pub fn allows(&self, program: &str) -> bool {
+        match self {
+            ExecPolicy::Off => false,
+            ExecPolicy::Any => true,
+            ExecPolicy::Only(list) => list.iter().any(|p| p == program),
+        }
+    }
 }
 
 /// How handling a wake-up ended, as the receive loop needs to know.
@@ -53,6 +118,9 @@ enum Ended {
     /// complete.
     Abandoned(String),
     SpawnFailed(String),
+    /// The task asks for what this worker does not allow: failed, not
+    /// retried (the fleet's policy answers every attempt the same).
+    Refused(String),
 }
 
 /// Why the heartbeat loop stopped.
@@ -167,6 +235,7 @@ pub async fn handle(
         // The worker's trouble (no free uid, fork, disk), not the task's:
         // another attempt, maybe elsewhere, may run it (review H6).
         Ended::SpawnFailed(why) => Some(failed(why, true)),
+        Ended::Refused(why) => Some(failed(why, false)),
     };
     if let Some(req) = request {
         complete(&cfg, &claim, &token, &req).await;
@@ -381,6 +450,11 @@ async fn run(
     let Some(program) = argv.next() else {
         return Ended::SpawnFailed("empty bundle".into());
     };
+    if !cfg.exec.allows(program) {
+        return Ended::Refused(format!(
+            "exec program {program:?} is not allowed on this worker (its --exec list)"
+        ));
+    }
     let attempt = match cfg.sandbox.enter().await {
         Ok(a) => a,
         Err(e) => {
@@ -522,4 +596,25 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: Option<&mut R>) -> Vec<
         }
     }
     out
+}
+
+#[cfg(test)]
+mod exec_policy_tests {
+    use super::ExecPolicy;
+
+    #[test]
+    fn exec_is_off_by_default_on_the_aws_profile_and_an_allow_list_names_programs_exactly() {
+        assert_eq!(ExecPolicy::parse(None, "aws"), Ok(ExecPolicy::Off));
+        assert_eq!(ExecPolicy::parse(None, "local"), Ok(ExecPolicy::Any));
+        assert_eq!(ExecPolicy::parse(Some("any"), "aws"), Ok(ExecPolicy::Any));
+        assert!(!ExecPolicy::Off.claims_exec());
+        let only = ExecPolicy::parse(Some("/bin/true, sh"), "aws").unwrap();
+        assert!(only.claims_exec());
+        assert!(only.allows("/bin/true"));
+        assert!(only.allows("sh"));
+        assert!(!only.allows("/bin/sh"));
+        assert!(!only.allows("true"));
+        assert!(ExecPolicy::parse(Some(","), "local").is_err());
+        assert!(ExecPolicy::parse(Some("/bin/sh -c"), "local").is_err());
+    }
 }

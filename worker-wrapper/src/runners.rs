@@ -13,7 +13,7 @@
 //!   the runner's process group and sweeps its uid; the next task of that
 //!   bundle starts a fresh one.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +46,8 @@ pub struct RunnerConfig {
     pub default_timeout: Duration,
     pub worker_id: String,
     pub max_unpacked: u64,
+    /// Whether `exec` tasks are claimed (`--exec` is not `off`).
+    pub claim_exec: bool,
 }
 
 /// How one invocation ended.
@@ -118,10 +120,31 @@ pub struct Runners {
     cache_dir: PathBuf,
     idle: Mutex<Vec<Runner>>,
     http: reqwest::Client,
-    /// Serialises fetches of one bundle.
-    fetching: tokio::sync::Mutex<()>,
+    /// One lock per digest being fetched, so two cold starts of one bundle
+    /// download it once and a slow download stalls no other bundle
+    /// (review M10).
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The runtimes this machine can run (its claims name them).
     runtimes: Vec<dispatcher_wire::Runtime>,
+}
+
+/// The body at a presigned URL; no error names the URL.
+async fn download(http: &reqwest::Client, url: &str) -> Result<Vec<u8>> {
+    let resp = http
+        .get(url)
+        .send()
+        .await
+        .map_err(reqwest::Error::without_url)
+        .context("fetching the bundle")?;
+    if !resp.status().is_success() {
+        bail!("fetching the bundle answered {}", resp.status());
+    }
+    Ok(resp
+        .bytes()
+        .await
+        .map_err(reqwest::Error::without_url)
+        .context("fetching the bundle")?
+        .to_vec())
 }
 
 /// The runtime files, written where runners can read them.
@@ -195,7 +218,10 @@ impl Runners {
         use std::os::unix::fs::DirBuilderExt as _;
         // Found once; a runtime whose program is missing is not claimed.
         use dispatcher_wire::Runtime;
-        let mut runtimes = vec![Runtime::Exec, Runtime::Rust];
+        let mut runtimes = vec![Runtime::Rust];
+        if cfg.claim_exec {
+            runtimes.push(Runtime::Exec);
+        }
         for (runtime, program) in [
             (Runtime::Python, &mut cfg.python),
             (Runtime::Node, &mut cfg.node),
@@ -228,7 +254,7 @@ impl Runners {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(300))
                 .build()?,
-            fetching: tokio::sync::Mutex::new(()),
+            fetching: Mutex::new(HashMap::new()),
             runtimes,
         }))
     }
@@ -264,21 +290,43 @@ impl Runners {
             .filter(|_| dispatcher::bundles::is_digest(digest))
             .with_context(|| format!("{digest:?} is not a bundle digest"))?;
         let path = self.cache_dir.join(format!("{hex}.tar.gz"));
-        let _one = self.fetching.lock().await;
         if let Ok(bytes) = tokio::fs::read(&path).await {
             return Ok(bytes);
         }
-        let url = url.context("the claim carries no bundle URL")?;
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .context("fetching the bundle")?;
-        if !resp.status().is_success() {
-            bail!("fetching the bundle answered {}", resp.status());
+        let lock = {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            fetching.entry(digest.to_owned()).or_default().clone()
+        };
+        let fetched = async {
+            let _one = lock.lock().await;
+            // Another cold start of this bundle may have fetched it meanwhile.
+            if let Ok(bytes) = tokio::fs::read(&path).await {
+                return Ok(bytes);
+            }
+            self.fetch(digest, hex, &path, url).await
         }
-        let bytes = resp.bytes().await.context("fetching the bundle")?.to_vec();
+        .await;
+        let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        if fetching.get(digest).is_some_and(|l| Arc::ptr_eq(l, &lock))
+            && Arc::strong_count(&lock) == 2
+        {
+            fetching.remove(digest);
+        }
+        fetched
+    }
+
+    /// Downloads, checks and caches one archive. Errors never carry the
+    /// URL: it is presigned, and the message reaches the task's failure
+    /// and the logs (review M11).
+    async fn fetch(
+        &self,
+        digest: &str,
+        hex: &str,
+        path: &Path,
+        url: Option<&str>,
+    ) -> Result<Vec<u8>> {
+        let url = url.context("the claim carries no bundle URL")?;
+        let bytes = download(&self.http, url).await?;
         let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
         if got != digest {
             bail!("the fetched bundle is {got}, not {digest}: refused");
@@ -287,7 +335,7 @@ impl Runners {
             .cache_dir
             .join(format!(".{hex}.{}", Uuid::new_v4().simple()));
         tokio::fs::write(&tmp, &bytes).await?;
-        tokio::fs::rename(&tmp, &path).await?;
+        tokio::fs::rename(&tmp, path).await?;
         Ok(bytes)
     }
 
@@ -646,5 +694,26 @@ async fn log_lines<R: AsyncRead + Unpin>(
                 t.push_back(b);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Review M11: a bundle fetch that fails names neither the presigned
+    /// URL nor its signature, since the message becomes the task's failure.
+    #[tokio::test]
+    async fn a_failed_bundle_fetch_error_does_not_carry_the_presigned_url() {
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("http://127.0.0.1:{closed}/b.tar.gz?X-Amz-Signature=SIGSECRET");
+        let err = super::download(&reqwest::Client::new(), &url)
+            .await
+            .unwrap_err();
+        let shown = format!("{err:#}");
+        assert!(shown.starts_with("fetching the bundle"), "{shown}");
+        assert!(!shown.contains("SIGSECRET"), "{shown}");
+        assert!(!shown.contains("b.tar.gz"), "{shown}");
     }
 }

@@ -35,6 +35,14 @@ impl Store {
         let jobs: Vec<Uuid> = entries.iter().map(|(f, _)| f.job_id).collect();
         let attempts: Vec<i32> = entries.iter().map(|(f, _)| f.attempt_i32()).collect();
         let progress: Vec<Option<&Value>> = entries.iter().map(|(_, p)| *p).collect();
+        // A lease never reaches past the attempt's timeout plus one lease of
+        // grace (review M6): the platform wrapper kills the task at its
+        // timeout and reports it, but a contract worker that keeps
+        // heartbeating must not hold the task for ever. Past that end the
+        // heartbeat answers `lease_expired` and the reaper takes the task
+        // back like any expired lease.
+        let default_timeout =
+            i32::try_from(self.settings.task_timeout_default.as_secs()).unwrap_or(i32::MAX);
         let mut conn = self.pool.acquire().await?;
         // Committed without waiting for the WAL flush (ADR 0018): a
         // heartbeat lost in a database crash shortens a lease, which costs
@@ -48,9 +56,13 @@ impl Store {
                         (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
              ), renewed AS (
                  UPDATE tasks t
-                    SET lease_expires_at = clock_timestamp() + t.lease_seconds * interval '1 second'
-                   FROM (SELECT DISTINCT id, job_id, attempt FROM f) k
+                    SET lease_expires_at = GREATEST(t.lease_expires_at, LEAST(
+                            clock_timestamp() + t.lease_seconds * interval '1 second',
+                            a.claimed_at + (COALESCE(s.timeout_seconds, $5::int) + t.lease_seconds)
+                                           * interval '1 second'))
+                   FROM (SELECT DISTINCT id, job_id, attempt FROM f) k, task_specs s, attempts a
                   WHERE t.id = k.id AND t.job_id = k.job_id AND t.attempt = k.attempt
+                    AND s.task_id = t.id AND a.task_id = t.id AND a.attempt = t.attempt
                     AND t.state = 'leased' AND t.lease_expires_at > clock_timestamp()
               RETURNING t.id, t.job_id, t.attempt, t.lease_expires_at, t.cancel_requested
              ), progressed AS (
@@ -68,6 +80,7 @@ impl Store {
             &jobs,
             &attempts,
             &progress as _,
+            default_timeout,
         )
         .fetch_all(&mut *conn)
         .await?

@@ -705,3 +705,40 @@ async fn alerts_a_route_receives_only_batches_ingested_after_it_was_created() {
     want.sort();
     assert_eq!(got, want);
 }
+
+/// Review M11: a webhook URL's path often is its credential. A failed send
+/// records why without the URL, and only admins read the URL whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_a_destination_url_token_reaches_neither_last_error_nor_a_non_admin() {
+    let f = fixture(TestApp::spawn_with(settings(1)).await).await;
+    // A closed port on an allowed host: the send fails at connect.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{closed}/services/T0/B0/TOKEN-s3cr3t?sig=TOKEN-q");
+    let ended = deliver_to(&f, std::slice::from_ref(&url)).await;
+    let [(_, state, status, error)] = &ended[..] else {
+        panic!("{ended:?}")
+    };
+    assert_eq!(state, "dead");
+    assert_eq!(*status, None);
+    assert!(error.starts_with("sending:"), "{error}");
+    assert!(
+        !error.contains("TOKEN"),
+        "the URL leaked into last_error: {error}"
+    );
+
+    let admin = admin_token(&f.app).await;
+    let whole = f.app.get("/v1/alerts/destinations", &admin).await;
+    assert_eq!(whole.body["destinations"][0]["url"], url.as_str());
+    let member = f
+        .app
+        .get("/v1/alerts/destinations", &f.app.user_token)
+        .await;
+    assert_eq!(member.status, StatusCode::OK, "{}", member.body);
+    assert_eq!(
+        member.body["destinations"][0]["url"],
+        format!("http://127.0.0.1:{closed}/…").as_str()
+    );
+}

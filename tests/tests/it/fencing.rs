@@ -228,6 +228,61 @@ async fn heartbeat_extends_the_lease_and_refreshes_the_token() {
     assert_eq!(progress, json!({"pct": 10}));
 }
 
+/// Review M6: the timeout is the dispatcher's rule too, not only the
+/// platform wrapper's. A worker that keeps heartbeating past its attempt's
+/// `timeout_seconds` plus one lease of grace gets no further lease, then
+/// `lease_expired`, and the task goes to its next attempt.
+#[tokio::test]
+async fn a_heartbeating_worker_cannot_hold_a_task_past_its_timeout_plus_one_lease() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(3).await;
+    let claim = app.claim(task).await;
+    // Claimed an hour ago with a one-second timeout; two seconds of lease left.
+    sqlx::query("UPDATE task_specs SET timeout_seconds = 1 WHERE task_id = $1")
+        .bind(task)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE attempts SET claimed_at = now() - interval '1 hour' WHERE task_id = $1;")
+        .bind(task)
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    let left: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+        "UPDATE tasks SET lease_expires_at = clock_timestamp() + interval '2 seconds'
+          WHERE id = $1 RETURNING lease_expires_at",
+    )
+    .bind(task)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+
+    let r = app
+        .post("/v1/task/heartbeat", &claim.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let hb: dispatcher_wire::HeartbeatResponse = serde_json::from_value(r.body).unwrap();
+    assert_eq!(
+        hb.lease_expires_at, left,
+        "the lease was extended past the timeout"
+    );
+
+    tokio::time::sleep(std::time::Duration::from_millis(2200)).await;
+    let r = app
+        .post("/v1/task/heartbeat", &hb.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.code(), "lease_expired", "{}", r.body);
+    let again = app.claim(task).await;
+    assert_eq!(again.attempt, claim.attempt + 1);
+
+    // A fresh attempt of the same task gets its full lease again.
+    let r = app
+        .post("/v1/task/heartbeat", &again.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+}
+
 #[tokio::test]
 async fn claim_clamps_the_requested_lease_to_configured_bounds() {
     let app = TestApp::spawn().await;

@@ -633,3 +633,64 @@ async fn invariant_11_a_cancelled_bundle_task_leaves_no_process_running_under_it
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Review M12: a member's `exec` task names a host program. A worker with
+/// `--exec off` never claims one; with an allow-list it runs only the
+/// programs named, and fails any other at once, without retrying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_tasks_run_only_programs_the_worker_allows() {
+    let mut stack = Stack::new().await;
+    stack.start_dispatcher("").await;
+    let (_job, ids) = stack
+        .submit(json!({"name": "exec-policy", "tasks": [
+            {"key": "allowed", "runtime": "exec", "bundle": "/bin/true", "max_attempts": 3},
+            {"key": "other", "runtime": "exec", "bundle": "/bin/echo hi", "max_attempts": 3}]}))
+        .await;
+    let off = stack.start_worker(&WorkerOpts {
+        exec: Some("off".into()),
+        ..WorkerOpts::new("exec-off")
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let claimed: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts")
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed,
+        0,
+        "an --exec off worker claimed: {}",
+        off.log_text()
+    );
+
+    let listed = stack.start_worker(&WorkerOpts {
+        exec: Some("/bin/true".into()),
+        ..WorkerOpts::new("exec-listed")
+    });
+    stack.wait_all_finished(Duration::from_secs(30)).await;
+    let rows: Vec<(Uuid, String, i32, Option<Value>)> = sqlx::query_as(
+        "SELECT t.id, t.state, t.attempt, a.completion FROM tasks t
+           JOIN attempts a ON a.task_id = t.id AND a.attempt = t.attempt",
+    )
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    let of = |id: Uuid| rows.iter().find(|r| r.0 == id).expect("task row").clone();
+    let (_, state, attempt, _) = of(ids[0]);
+    assert_eq!(
+        (state.as_str(), attempt),
+        ("succeeded", 1),
+        "{}",
+        listed.log_text()
+    );
+    let (_, state, attempt, completion) = of(ids[1]);
+    assert_eq!((state.as_str(), attempt), ("failed", 1), "not retried");
+    let completion = completion.expect("completion");
+    assert_eq!(completion["error"]["retryable"], false, "{completion}");
+    assert!(
+        completion["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not allowed on this worker"),
+        "{completion}"
+    );
+}

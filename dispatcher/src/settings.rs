@@ -198,6 +198,12 @@ pub struct Settings {
     pub bundle_max_unpacked_bytes: u64,
     /// Bundle uploads held and checked at once (more answer `429`).
     pub bundle_max_concurrent_pushes: usize,
+    /// Queries run at once by one org (more answer `429 overloaded`).
+    pub query_max_concurrent_per_org: usize,
+    /// Queries run at once in all (more answer `429 overloaded`): with the
+    /// largest part each one holds, this bounds what queries take of the
+    /// dispatcher's memory and of the data database.
+    pub query_max_concurrent: usize,
     /// A task's run bound when neither it nor its bundle names one.
     pub task_timeout_default: Duration,
     /// Largest `timeout_seconds` a task may name.
@@ -301,6 +307,8 @@ impl Default for Settings {
             bundle_max_bytes: 64 * 1024 * 1024,
             bundle_max_unpacked_bytes: 512 * 1024 * 1024,
             bundle_max_concurrent_pushes: 2,
+            query_max_concurrent_per_org: 2,
+            query_max_concurrent: 8,
             task_timeout_default: Duration::from_secs(15 * 60),
             alert_poll: Duration::from_millis(500),
             alert_delivery_timeout: Duration::from_secs(10),

@@ -111,6 +111,7 @@ pub async fn query(
     };
     let (id, mode, columns, current) = state.store.dataset_for_query(org, &name).await?;
     let plan = crate::query::plan(&req, &columns, &state.settings.query_limits())?;
+    let _slot = state.limits.query(org)?;
     let limits = state.settings.read_limits();
     let (version, answer) = if mode == wire::DatasetMode::Stream {
         let data = state

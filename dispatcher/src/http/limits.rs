@@ -4,6 +4,7 @@
 //! timeout on every request. Past a limit the caller gets the contract's
 //! error with `Retry-After`; nothing is written.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +30,17 @@ pub struct Limits {
     requests: Arc<Semaphore>,
     long_polls: Arc<Semaphore>,
     bundle_pushes: Arc<Semaphore>,
+    queries: Arc<Semaphore>,
+    /// Query slots per org, made on first use and forgotten when idle.
+    org_queries: std::sync::Mutex<HashMap<Uuid, Arc<Semaphore>>>,
+    org_query_slots: usize,
     timeout: Duration,
+}
+
+/// The slots one running query holds: its org's and the global one.
+pub struct QuerySlot {
+    _org: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
 }
 
 fn quota(rate: Rate) -> Quota {
@@ -49,6 +60,9 @@ impl Limits {
             requests: Arc::new(Semaphore::new(settings.max_concurrent_requests.max(1))),
             long_polls: Arc::new(Semaphore::new(settings.max_concurrent_long_polls.max(1))),
             bundle_pushes: Arc::new(Semaphore::new(settings.bundle_max_concurrent_pushes.max(1))),
+            queries: Arc::new(Semaphore::new(settings.query_max_concurrent.max(1))),
+            org_queries: std::sync::Mutex::new(HashMap::new()),
+            org_query_slots: settings.query_max_concurrent_per_org.max(1),
             timeout: settings.request_timeout,
         }
     }
@@ -126,6 +140,37 @@ impl Limits {
         })
     }
 
+    /// A slot for one query of `org`, or `429 overloaded` when the org
+    /// already runs its share (review M4: a few viewers, or a task with
+    /// `reads`, must not take every core, the memory or the data database).
+    pub fn query(&self, org: Uuid) -> Result<QuerySlot, ApiError> {
+        let busy = |what: &str| {
+            ApiError::rate_limited(
+                "overloaded",
+                format!("{what}; retry later"),
+                Duration::from_secs(1),
+            )
+        };
+        let org_slots = {
+            let mut map = self.org_queries.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(org)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.org_query_slots)))
+                .clone()
+        };
+        let own = org_slots
+            .try_acquire_owned()
+            .map_err(|_| busy("this org already runs as many queries as it may at once"))?;
+        let all = self
+            .queries
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy("too many queries are running"))?;
+        Ok(QuerySlot {
+            _org: own,
+            _all: all,
+        })
+    }
+
     /// Forgets keys that have not been limited lately (their state is
     /// back to full), so the maps do not grow with every task ever seen.
     pub fn prune(&self) {
@@ -135,6 +180,9 @@ impl Limits {
         }
         self.worker.retain_recent();
         self.worker.shrink_to_fit();
+        // An org's query slots are forgotten when none is held.
+        let mut map = self.org_queries.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, s| Arc::strong_count(s) > 1 || s.available_permits() < self.org_query_slots);
     }
 }
 
@@ -158,5 +206,42 @@ pub async fn bound(State(state): State<AppState>, req: Request, next: Next) -> R
             limits.timeout.as_secs()
         ))
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_are_bounded_per_org_and_in_all_and_one_orgs_share_leaves_room_for_another() {
+        let limits = Limits::new(&Settings {
+            query_max_concurrent_per_org: 2,
+            query_max_concurrent: 3,
+            ..Settings::default()
+        });
+        let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let a1 = limits.query(a).unwrap();
+        let _a2 = limits.query(a).unwrap();
+        let refused = limits.query(a).err().expect("a third query of one org");
+        assert_eq!(refused.status, axum::http::StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(refused.code, "overloaded");
+        assert_eq!(refused.retry_after_secs, Some(1));
+        // Another org still runs one; then the global bound holds.
+        let _b1 = limits.query(b).unwrap();
+        assert_eq!(
+            limits.query(c).err().expect("past the global bound").code,
+            "overloaded"
+        );
+        // A finished query gives its slot back.
+        drop(a1);
+        let _a3 = limits.query(a).unwrap();
+        drop(_b1);
+        limits.prune();
+        assert!(limits.org_queries.lock().unwrap().contains_key(&a));
+        assert!(
+            !limits.org_queries.lock().unwrap().contains_key(&b),
+            "an idle org is forgotten"
+        );
     }
 }

@@ -275,3 +275,103 @@ pub(crate) fn task_state(s: &str) -> Result<TaskState, StoreError> {
         ))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// `(status, code)` pairs as the source constructs them: every
+    /// `StatusCode::X, "code"` here and every `rate_limited("code", …)`.
+    fn codes_in_source() -> BTreeSet<(u16, String)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut found = BTreeSet::new();
+        let own = std::fs::read_to_string(dir.join("error.rs")).unwrap();
+        let own = own.split("#[cfg(test)]").next().unwrap();
+        for (i, _) in own.match_indices("StatusCode::") {
+            let rest = &own[i + "StatusCode::".len()..];
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            let after = rest[name.len()..].trim_start();
+            let Some(after) = after.strip_prefix(',') else {
+                continue;
+            };
+            let Some(lit) = after.trim_start().strip_prefix('"') else {
+                continue;
+            };
+            let code: String = lit.chars().take_while(|c| *c != '"').collect();
+            let status = match name.as_str() {
+                "BAD_REQUEST" | "METHOD_NOT_ALLOWED" => 400,
+                "UNAUTHORIZED" => 401,
+                "FORBIDDEN" => 403,
+                "NOT_FOUND" => 404,
+                "CONFLICT" => 409,
+                "PAYLOAD_TOO_LARGE" => 413,
+                "TOO_MANY_REQUESTS" => 429,
+                "INTERNAL_SERVER_ERROR" => 500,
+                "SERVICE_UNAVAILABLE" => 503,
+                other => panic!("a status errors.md does not list: {other}"),
+            };
+            if code.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !code.is_empty() {
+                found.insert((status, code));
+            }
+        }
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&p).unwrap();
+                    let text = text.split("#[cfg(test)]").next().unwrap();
+                    for (i, _) in text.match_indices("rate_limited(") {
+                        let lit = text[i + "rate_limited(".len()..].trim_start();
+                        if let Some(lit) = lit.strip_prefix('"') {
+                            let code: String = lit.chars().take_while(|c| *c != '"').collect();
+                            found.insert((429, code));
+                        }
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    #[test]
+    fn every_error_code_the_api_answers_is_in_errors_md_and_the_openapi_enum_and_no_other() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let source = codes_in_source();
+        assert!(source.len() >= 14, "{source:?}");
+
+        let md = std::fs::read_to_string(root.join("docs/errors.md")).unwrap();
+        let documented: BTreeSet<(u16, String)> = md
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let status: u16 = cells.get(1)?.parse().ok()?;
+                let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((status, code.to_owned()))
+            })
+            .collect();
+        assert_eq!(documented, source, "docs/errors.md and the source disagree");
+
+        let api = std::fs::read_to_string(root.join("docs/openapi.yaml")).unwrap();
+        let at = api.find("    Error:\n").expect("the Error schema");
+        let en = &api[at..];
+        let list = &en[en.find("enum: [").unwrap() + "enum: [".len()..];
+        let list = &list[..list.find(']').unwrap()];
+        let enum_codes: BTreeSet<String> = list
+            .split(',')
+            .map(|c| c.trim().to_owned())
+            .filter(|c| !c.is_empty())
+            .collect();
+        let source_codes: BTreeSet<String> = source.into_iter().map(|(_, c)| c).collect();
+        assert_eq!(
+            enum_codes, source_codes,
+            "openapi Error.code and the source disagree"
+        );
+    }
+}

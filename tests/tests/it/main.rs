@@ -10,6 +10,7 @@ mod commit_model;
 mod completion;
 mod dag;
 mod datasets;
+mod docs;
 mod e2e;
 mod e2e_datasets;
 mod e2e_sink;

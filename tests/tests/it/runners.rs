@@ -641,11 +641,17 @@ async fn invariant_11_a_cancelled_bundle_task_leaves_no_process_running_under_it
 async fn exec_tasks_run_only_programs_the_worker_allows() {
     let mut stack = Stack::new().await;
     stack.start_dispatcher("").await;
-    let (_job, ids) = stack
-        .submit(json!({"name": "exec-policy", "tasks": [
-            {"key": "allowed", "runtime": "exec", "bundle": "/bin/true", "max_attempts": 3},
+    // Two jobs: a failed task fails its job and cancels the job's other
+    // tasks, so one job would race the allowed task against that cancel.
+    let (_, allowed) = stack
+        .submit(json!({"name": "exec-allowed", "tasks": [
+            {"key": "allowed", "runtime": "exec", "bundle": "/bin/true", "max_attempts": 3}]}))
+        .await;
+    let (_, other) = stack
+        .submit(json!({"name": "exec-other", "tasks": [
             {"key": "other", "runtime": "exec", "bundle": "/bin/echo hi", "max_attempts": 3}]}))
         .await;
+    let ids = [allowed[0], other[0]];
     let off = stack.start_worker(&WorkerOpts {
         exec: Some("off".into()),
         ..WorkerOpts::new("exec-off")

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use dispatcher::domain::{self, Role};
-use dispatcher::services::{self, Roles};
+use dispatcher::roles::{self, Roles};
 use dispatcher::settings::Settings;
 use dispatcher::store::Store;
 use dispatcher::tokens::{self, Keyring};
@@ -211,13 +211,13 @@ pub async fn run(args: DevArgs) -> Result<()> {
         })?;
     let url_http = format!("http://{}", listener.local_addr()?);
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(services::run(
+    let server = tokio::spawn(roles::run(
         Some(listener),
         store.clone(),
         keys.clone(),
         settings.clone(),
         Roles::ALL,
-        services::Adapters {
+        roles::Adapters {
             queue,
             objects,
             data: Some(data.clone()),
@@ -423,7 +423,7 @@ async fn show_sample_data(
     let ids: Vec<uuid::Uuid> = batches.iter().map(|(id, _)| *id).collect();
     let ingested: i64 = sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {} WHERE _batch_id = ANY($1)",
-        dispatcher::sink::Sink::table_name(stream)
+        dispatcher::services::sink::Sink::table_name(stream)
     ))
     .bind(&ids)
     .fetch_one(data)

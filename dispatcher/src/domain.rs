@@ -465,12 +465,28 @@ pub struct NewBufferBatch {
     pub sha256: String,
 }
 
+/// Object keys are relative paths of non-empty segments, without `.` or
+/// `..`, so that no key can escape a prefix (or, on disk, the root
+/// directory). The rule every object store applies (`objects::check_key`).
+pub fn object_key_rule(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() || key.len() > 1024 {
+        return Err("must be 1 to 1024 bytes");
+    }
+    if key.starts_with('/') || key.contains('\\') || key.chars().any(char::is_control) {
+        return Err("must be relative, without backslashes or control characters");
+    }
+    if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err("must not have empty, `.` or `..` segments");
+    }
+    Ok(())
+}
+
 pub fn buffer_batch(req: wire::BufferPublishRequest) -> Result<NewBufferBatch, Invalid> {
     let dataset = dataset_name("dataset", &req.dataset)?;
-    crate::objects::check_key(&req.object_key).map_err(|e| match e {
-        crate::objects::ObjectError::InvalidKey(_, why) => Invalid::new("object_key", why),
-        other => Invalid::new("object_key", other.to_string()),
-    })?;
+    object_key_rule(&req.object_key).map_err(|why| Invalid::new("object_key", why))?;
     let rows = i64::try_from(req.rows).map_err(|_| Invalid::new("rows", "is too large"))?;
     if req.sha256.len() != 64 || !req.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(Invalid::new("sha256", "must be 64 hexadecimal characters"));
@@ -565,10 +581,7 @@ pub fn completion(req: wire::CompleteRequest) -> Result<Completion, Invalid> {
 
 /// A batch entry's body as the single call's request: decoded strictly,
 /// errors named `entries[i].body…`.
-pub fn entry_body<T: serde::de::DeserializeOwned>(
-    i: usize,
-    body: Value,
-) -> Result<T, crate::error::ApiError> {
+pub fn entry_body<T: serde::de::DeserializeOwned>(i: usize, body: Value) -> Result<T, Invalid> {
     let body = if body.is_null() {
         Value::Object(Default::default())
     } else {
@@ -581,7 +594,7 @@ pub fn entry_body<T: serde::de::DeserializeOwned>(
         } else {
             format!("entries[{i}].body.{path}")
         };
-        crate::error::ApiError::invalid(&field, e.into_inner())
+        Invalid::new(field, e.into_inner().to_string())
     })
 }
 

@@ -2,10 +2,9 @@
 //!
 //! `docs/architecture.md` is the map of this crate.
 
-pub mod alerts;
+pub mod aws;
 pub mod bundles;
 pub mod datadb;
-pub mod dlq;
 pub mod domain;
 pub mod egress;
 pub mod error;
@@ -13,16 +12,11 @@ pub mod http;
 pub mod idp;
 pub mod objects;
 pub mod profile;
-pub mod query;
 pub mod queue;
-pub mod ready;
-pub mod reaper;
-pub mod relay;
-pub mod retention;
+pub mod roles;
 pub mod rows;
 pub mod services;
 pub mod settings;
-pub mod sink;
 pub mod store;
 pub mod tokens;
 

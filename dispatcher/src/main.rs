@@ -10,7 +10,7 @@ use chrono::Utc;
 use clap::{Args, Parser, Subcommand};
 use dispatcher::domain::Role;
 use dispatcher::queue::SqsQueue;
-use dispatcher::services::{self, Roles};
+use dispatcher::roles::{self, Roles};
 use dispatcher::settings::{Rate, Settings};
 use dispatcher::store::Store;
 use dispatcher::tokens::{self, Keyring};
@@ -916,13 +916,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         let every = std::time::Duration::from_secs(args.idp.idp_jwks_refresh_minutes.max(1) * 60);
         tokio::spawn(idp.clone().refresh_periodically(every, shutdown.clone()));
     }
-    services::run(
+    roles::run(
         listener,
         store,
         keys,
         settings,
         args.roles,
-        services::Adapters {
+        roles::Adapters {
             queue,
             objects,
             data,
@@ -1013,8 +1013,8 @@ async fn alerts(cmd: AlertsCommand, settings: Arc<Settings>) -> Result<()> {
             secret,
         } => {
             let store = connect(&db, settings, 2).await?;
-            let secret = secret.unwrap_or_else(dispatcher::alerts::new_secret);
-            if dispatcher::alerts::secret_key(&secret).is_none() {
+            let secret = secret.unwrap_or_else(dispatcher::services::alerts::new_secret);
+            if dispatcher::services::alerts::secret_key(&secret).is_none() {
                 bail!("--secret must be whsec_ followed by base64 of 24 to 64 bytes");
             }
             let parsed = reqwest::Url::parse(&url).context("--url")?;
@@ -1044,7 +1044,7 @@ async fn alerts(cmd: AlertsCommand, settings: Arc<Settings>) -> Result<()> {
             if mode != dispatcher_wire::DatasetMode::Stream {
                 bail!("{dataset} is not a stream dataset");
             }
-            dispatcher::alerts::matcher_plan(&dataset, &columns, matcher.as_ref())
+            dispatcher::services::alerts::matcher_plan(&dataset, &columns, matcher.as_ref())
                 .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.message))?;
             let id = store
                 .create_alert_route(org_id, &name, dataset_id, &destination, matcher.as_ref())
@@ -1070,7 +1070,8 @@ async fn alerts(cmd: AlertsCommand, settings: Arc<Settings>) -> Result<()> {
         AlertsCommand::Dead(DeadDeliveriesCommand::List { db, org_id, limit }) => {
             let store = connect(&db, settings, 2).await?;
             let data = data_pool(&db).await?;
-            let dead = dispatcher::alerts::dead_deliveries(&store, &data, org_id, limit).await?;
+            let dead =
+                dispatcher::services::alerts::dead_deliveries(&store, &data, org_id, limit).await?;
             for d in &dead {
                 println!(
                     "{} event {} -> {} (route {}): {} tries, last {} {}",
@@ -1094,7 +1095,7 @@ async fn alerts(cmd: AlertsCommand, settings: Arc<Settings>) -> Result<()> {
             dry_run,
         }) => {
             let data = data_pool(&db).await?;
-            let n = dispatcher::alerts::replay_dead(&data, org_id, &ids, dry_run).await?;
+            let n = dispatcher::services::alerts::replay_dead(&data, org_id, &ids, dry_run).await?;
             let verb = if dry_run { "would replay" } else { "replayed" };
             println!("{verb} {n} dead delivery(ies)");
         }
@@ -1121,7 +1122,7 @@ async fn sink_dead(cmd: DeadCommand, settings: Arc<Settings>) -> Result<()> {
         } => {
             let store = connect(&db, settings, 2).await?;
             let objects = operator_objects(&profile).await?;
-            let done = dispatcher::sink::replay_dead(
+            let done = dispatcher::services::sink::replay_dead(
                 &store,
                 objects.as_ref(),
                 &filter.filter(),
@@ -1160,7 +1161,7 @@ async fn sink_dead(cmd: DeadCommand, settings: Arc<Settings>) -> Result<()> {
             let f = filter.filter();
             if dry_run {
                 let dead = store
-                    .dead_batches(&f, dispatcher::sink::ADMIN_BATCH_LIMIT)
+                    .dead_batches(&f, dispatcher::services::sink::ADMIN_BATCH_LIMIT)
                     .await?;
                 for b in &dead {
                     print!("would purge ");
@@ -1266,7 +1267,7 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
         }) => {
             let store = connect(&db, settings.clone(), 4).await?;
             let queue = queues.open(&store, &settings).await?;
-            let r = dispatcher::dlq::replay_wakeups(
+            let r = dispatcher::services::dlq::replay_wakeups(
                 queue.as_ref(),
                 &store,
                 dry_run,
@@ -1326,11 +1327,14 @@ async fn admin(cmd: AdminCommand) -> Result<()> {
             let store = connect(&db, settings, 2).await?;
             let objects = operator_objects(&profile).await?;
             let cutoff = std::time::Duration::from_secs(older_than_hours.saturating_mul(3600));
-            let report =
-                dispatcher::retention::run(&store, objects.as_ref(), cutoff, dry_run, |line| {
-                    eprintln!("{line}")
-                })
-                .await?;
+            let report = dispatcher::services::retention::run(
+                &store,
+                objects.as_ref(),
+                cutoff,
+                dry_run,
+                |line| eprintln!("{line}"),
+            )
+            .await?;
             for key in &report.deleted {
                 println!("{} {key}", if dry_run { "would delete" } else { "deleted" });
             }

@@ -8,37 +8,10 @@
 
 use std::sync::Arc;
 
-use aws_sdk_sqs::config::{Credentials, Region};
-
 use crate::objects::{S3Config, S3Store};
 use crate::queue::{Queue, SqsConfig, SqsQueue};
 use crate::settings::{Settings, Wakeups};
 use crate::store::Store;
-
-/// Static AWS credentials as `Debug` may show them: the key id, never the
-/// secret.
-pub fn redacted_credentials(c: &Option<(String, String)>) -> Option<(String, &'static str)> {
-    c.as_ref().map(|(id, _)| (id.clone(), "[redacted]"))
-}
-
-/// The AWS SDK configuration shared by the SQS and S3 adapters: a region,
-/// an optional endpoint override (an SQS/S3-compatible server), and static
-/// credentials or, without them, the SDK's default chain.
-pub async fn sdk_config(
-    region: &str,
-    endpoint_url: Option<&str>,
-    static_credentials: Option<&(String, String)>,
-) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(Region::new(region.to_owned()));
-    if let Some(url) = endpoint_url {
-        loader = loader.endpoint_url(url);
-    }
-    if let Some((id, secret)) = static_credentials {
-        loader = loader.credentials_provider(Credentials::new(id, secret, None, None, "static"));
-    }
-    loader.load().await
-}
 
 /// The profile and where its queues live: what the admin queue commands and
 /// the worker wrapper (`worker-wrapper run --profile`) need.
@@ -118,7 +91,7 @@ impl QueueProfileArgs {
     pub async fn open(&self, store: &Store, settings: &Settings) -> anyhow::Result<Arc<dyn Queue>> {
         Ok(match self.is_aws() {
             true => Arc::new(SqsQueue::connect(&self.sqs()).await?),
-            false => crate::services::local_queue(store, settings).0,
+            false => local_queue(store, settings).0,
         })
     }
 }
@@ -219,4 +192,19 @@ impl ProfileArgs {
             }
         }
     }
+}
+
+/// The local profile's queue over the store's database, and the task that
+/// forwards its arrival notifications (run it in the same shutdown scope).
+pub fn local_queue(
+    store: &Store,
+    settings: &Settings,
+) -> (Arc<crate::queue::PgQueue>, Arc<tokio::sync::Notify>) {
+    let arrivals = Arc::new(tokio::sync::Notify::new());
+    let queue = Arc::new(crate::queue::PgQueue::new(
+        store.pool().clone(),
+        settings.queue_max_receives,
+        arrivals.clone(),
+    ));
+    (queue, arrivals)
 }

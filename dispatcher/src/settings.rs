@@ -334,6 +334,28 @@ pub fn backoff(base: Duration, cap: Duration, n: u32, unit_random: f64) -> Durat
     half + half.mul_f64(unit_random.clamp(0.0, 1.0))
 }
 
+/// Bounds of one query (defaults in `Settings`).
+#[derive(Debug, Clone, Copy)]
+pub struct QueryLimits {
+    /// `limit` when the request names none.
+    pub default_rows: u32,
+    /// Largest `limit`.
+    pub max_rows: u32,
+    /// Values of one `in` list.
+    pub max_in: usize,
+}
+
+/// Bounds of reading, besides the plan's row limit.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimits {
+    /// Sum of a version's part sizes one query may read.
+    pub max_scan_bytes: u64,
+    /// Bytes of JSON an answer may hold; past it, `truncated`.
+    pub max_answer_bytes: usize,
+    pub max_row_bytes: usize,
+    pub timeout: std::time::Duration,
+}
+
 impl Settings {
     /// The lease actually granted for a requested number of seconds.
     pub fn clamp_lease(&self, requested: Option<u32>) -> Duration {
@@ -368,16 +390,16 @@ impl Settings {
         )
     }
 
-    pub fn query_limits(&self) -> crate::query::QueryLimits {
-        crate::query::QueryLimits {
+    pub fn query_limits(&self) -> QueryLimits {
+        QueryLimits {
             default_rows: self.query_default_rows,
             max_rows: self.query_max_rows,
             max_in: self.query_max_in,
         }
     }
 
-    pub fn read_limits(&self) -> crate::query::ReadLimits {
-        crate::query::ReadLimits {
+    pub fn read_limits(&self) -> ReadLimits {
+        ReadLimits {
             max_scan_bytes: self.query_max_scan_bytes,
             max_answer_bytes: self.query_max_answer_bytes,
             max_row_bytes: self.max_row_bytes,

@@ -22,10 +22,10 @@ fn query(body: &[u8]) {
         return;
     };
     let settings = Settings::default();
-    let Ok(plan) = dispatcher::query::plan(&req, &schema(), &settings.query_limits()) else {
+    let Ok(plan) = dispatcher::services::query::plan(&req, &schema(), &settings.query_limits()) else {
         return;
     };
-    let (sql, _binds) = dispatcher::query::stream_sql(&plan, "stream_x");
+    let (sql, _binds) = dispatcher::services::query::stream_sql(&plan, "stream_x");
     assert!(
         !sql.contains(';') && !sql.contains('\'') && !sql.contains("--"),
         "input text reached the SQL: {sql}"
@@ -33,13 +33,13 @@ fn query(body: &[u8]) {
     // Evaluating over a row of nulls and one of values must not panic.
     let nulls = vec![None; 6];
     let _ = plan.keeps(&nulls);
-    let row: Vec<Option<dispatcher::query::Scalar>> = vec![
-        Some(dispatcher::query::Scalar::Str("a".into())),
-        Some(dispatcher::query::Scalar::Int(1)),
-        Some(dispatcher::query::Scalar::Float(0.5)),
-        Some(dispatcher::query::Scalar::Bool(true)),
+    let row: Vec<Option<dispatcher::services::query::Scalar>> = vec![
+        Some(dispatcher::services::query::Scalar::Str("a".into())),
+        Some(dispatcher::services::query::Scalar::Int(1)),
+        Some(dispatcher::services::query::Scalar::Float(0.5)),
+        Some(dispatcher::services::query::Scalar::Bool(true)),
         None,
-        Some(dispatcher::query::Scalar::Json(serde_json::json!({"k": 1}))),
+        Some(dispatcher::services::query::Scalar::Json(serde_json::json!({"k": 1}))),
     ];
     let _ = plan.keeps(&row);
     let _ = plan.compare(&row, &nulls);

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use chrono::Utc;
-use dispatcher::services::{self, Roles};
+use dispatcher::roles::{self, Roles};
 use dispatcher::settings::Settings;
 use dispatcher::store::Store;
 use dispatcher::tokens::Keyring;
@@ -352,13 +352,13 @@ impl TestApp {
         };
         // The API only: tests of the relay, reaper and sink drive those by
         // hand.
-        tokio::spawn(services::run(
+        tokio::spawn(roles::run(
             Some(listener),
             store.clone(),
             keys.clone(),
             settings.clone(),
             Roles::API,
-            services::Adapters {
+            roles::Adapters {
                 queue: None,
                 // Lazy: only tests that read streams create it (`db.data()`).
                 data: Some(dispatcher::datadb::lazy_pool(db.data_options(), 4)),
@@ -487,9 +487,9 @@ impl TestApp {
 
     /// A buffer sink over this app's store, queue and objects, and the
     /// test's data database; tests drive it with `poll` or `ingest`.
-    pub async fn sink(&self) -> Arc<dispatcher::sink::Sink> {
-        let (queue, _) = services::local_queue(&self.store, &self.settings);
-        dispatcher::sink::Sink::new(
+    pub async fn sink(&self) -> Arc<dispatcher::services::sink::Sink> {
+        let (queue, _) = dispatcher::profile::local_queue(&self.store, &self.settings);
+        dispatcher::services::sink::Sink::new(
             self.store.clone(),
             self.db.data().await,
             queue,

@@ -8,10 +8,10 @@ use axum::Json;
 use dispatcher_wire as wire;
 use uuid::Uuid;
 
+use super::error::ApiError;
 use super::extract::{ApiJson, Member, OrgAdmin};
 use super::AppState;
 use crate::domain::Role;
-use crate::error::ApiError;
 
 fn name(field: &str, s: &str) -> Result<(), ApiError> {
     if s.trim().is_empty() || s.len() > 200 || s.chars().any(char::is_control) {
@@ -38,14 +38,14 @@ pub async fn create_destination(
         ));
     }
     let secret = match req.secret {
-        Some(s) if crate::alerts::secret_key(&s).is_some() => s,
+        Some(s) if crate::services::alerts::secret_key(&s).is_some() => s,
         Some(_) => {
             return Err(ApiError::invalid(
                 "secret",
                 "must be whsec_ followed by base64 of 24 to 64 bytes",
             ))
         }
-        None => crate::alerts::new_secret(),
+        None => crate::services::alerts::new_secret(),
     };
     let view = state
         .store
@@ -88,7 +88,7 @@ pub async fn create_route(
             ),
         ));
     }
-    crate::alerts::matcher_plan(&dataset, &columns, req.matcher.as_ref())?;
+    crate::services::alerts::matcher_plan(&dataset, &columns, req.matcher.as_ref())?;
     let id = state
         .store
         .create_alert_route(
@@ -146,7 +146,7 @@ pub async fn event(
         .as_ref()
         .ok_or_else(|| ApiError::unavailable("the data database is not configured"))?;
     let deliveries =
-        crate::alerts::event_deliveries(&state.store, data, user.org, &event_id).await?;
+        crate::services::alerts::event_deliveries(&state.store, data, user.org, &event_id).await?;
     if deliveries.is_empty() {
         return Err(ApiError::not_found(format!(
             "no deliveries of event {event_id}"

@@ -8,10 +8,10 @@ use axum::http::StatusCode;
 use axum::Json;
 use dispatcher_wire as wire;
 
+use super::error::ApiError;
 use super::extract::{ApiJson, Member, Writer};
 use super::AppState;
 use crate::bundles;
-use crate::error::ApiError;
 
 /// `POST /v1/bundles`: the body is the archive (`bundle push` makes it).
 pub async fn push(

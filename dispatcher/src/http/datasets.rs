@@ -7,10 +7,10 @@ use axum::http::StatusCode;
 use axum::Json;
 use dispatcher_wire as wire;
 
+use super::error::ApiError;
 use super::extract::{ApiJson, Member, Reader, Writer};
 use super::AppState;
 use crate::domain;
-use crate::error::ApiError;
 
 fn name(raw: &str) -> Result<String, ApiError> {
     Ok(domain::dataset_name("name", raw)?)
@@ -110,7 +110,7 @@ pub async fn query(
         }
     };
     let (id, mode, columns, current) = state.store.dataset_for_query(org, &name).await?;
-    let plan = crate::query::plan(&req, &columns, &state.settings.query_limits())?;
+    let plan = crate::services::query::plan(&req, &columns, &state.settings.query_limits())?;
     let _slot = state.limits.query(org)?;
     let limits = state.settings.read_limits();
     let (version, answer) = if mode == wire::DatasetMode::Stream {
@@ -118,10 +118,10 @@ pub async fn query(
             .data
             .as_ref()
             .ok_or_else(|| ApiError::unavailable("this dispatcher has no data database"))?;
-        let table = crate::sink::Sink::table_name(id);
+        let table = crate::services::sink::Sink::table_name(id);
         (
             None,
-            crate::query::read_stream(data, &table, &plan, &limits).await,
+            crate::services::query::read_stream(data, &table, &plan, &limits).await,
         )
     } else {
         let version = req.version.or(current).ok_or_else(|| {
@@ -130,12 +130,17 @@ pub async fn query(
         let manifest = state.store.manifest(org, &name, version).await?;
         (
             Some(version),
-            crate::query::read_version(state.objects.as_ref(), &manifest.parts, &plan, &limits)
-                .await,
+            crate::services::query::read_version(
+                state.objects.as_ref(),
+                &manifest.parts,
+                &plan,
+                &limits,
+            )
+            .await,
         )
     };
     let answer = answer.map_err(|e| {
-        use crate::query::QueryError;
+        use crate::services::query::QueryError;
         match e {
             QueryError::TooLarge(m) => ApiError::too_large(m),
             QueryError::Timeout(_) => ApiError::unavailable(e.to_string()),

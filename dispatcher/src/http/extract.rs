@@ -8,9 +8,9 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use serde::de::DeserializeOwned;
 
+use super::error::ApiError;
 use super::AppState;
 use crate::domain::Role;
-use crate::error::ApiError;
 use crate::tokens::{TaskClaims, TokenKind, UserClaims, WorkerClaims};
 
 /// A JSON body, parsed strictly: `Content-Type` must be JSON, the size limit

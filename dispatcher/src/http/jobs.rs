@@ -9,10 +9,10 @@ use dispatcher_wire as wire;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::error::ApiError;
 use super::extract::{ApiJson, Member, Writer};
 use super::AppState;
 use crate::domain;
-use crate::error::ApiError;
 use crate::store::TaskPage;
 
 fn job_id(raw: &str) -> Result<Uuid, ApiError> {

@@ -17,8 +17,8 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
+use super::error::ApiError;
 use super::AppState;
-use crate::error::ApiError;
 use crate::settings::{Rate, Settings};
 
 pub struct Limits {

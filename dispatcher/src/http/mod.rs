@@ -3,9 +3,11 @@
 mod alerts;
 mod bundles;
 mod datasets;
+pub mod error;
 mod extract;
 mod jobs;
 pub mod limits;
+pub mod objects;
 mod orgs;
 mod queues;
 mod worker;
@@ -19,7 +21,7 @@ use axum::{Json, Router};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::ApiError;
+use self::error::ApiError;
 use crate::objects::{LocalDirStore, ObjectStore};
 use crate::queue::Queue;
 use crate::settings::Settings;
@@ -47,7 +49,7 @@ pub struct AppState {
     /// STS, for `POST /v1/task/credentials` (aws profile with a role).
     pub sts: Option<Arc<crate::objects::sts::StsIssuer>>,
     /// Wakes long-polled claims when tasks may have become ready.
-    pub ready: crate::ready::ReadySignal,
+    pub ready: crate::store::ready::ReadySignal,
 }
 
 impl AppState {
@@ -76,7 +78,7 @@ impl AppState {
     }
 
     /// Long-polled claims wait on this signal.
-    pub fn with_ready(mut self, ready: crate::ready::ReadySignal) -> Self {
+    pub fn with_ready(mut self, ready: crate::store::ready::ReadySignal) -> Self {
         self.ready = ready;
         self
     }
@@ -256,7 +258,7 @@ pub fn router(state: AppState) -> Router {
     let local_objects = state
         .local_objects
         .clone()
-        .map(|s| crate::objects::local::router_with_limit(s, state.settings.max_object_bytes));
+        .map(|s| objects::router_with_limit(s, state.settings.max_object_bytes));
     // One method router per path, merged from the table's entries.
     let mut paths: Vec<(&str, axum::routing::MethodRouter<AppState>)> = Vec::new();
     for spec in ROUTES {

@@ -7,10 +7,10 @@ use axum::http::StatusCode;
 use axum::Json;
 use dispatcher_wire as wire;
 
+use super::error::ApiError;
 use super::extract::{ApiJson, Member, OrgAdmin, UserAuth};
 use super::AppState;
 use crate::domain::Role;
-use crate::error::ApiError;
 
 fn role(raw: &str) -> Result<Role, ApiError> {
     Role::parse(raw)

@@ -9,9 +9,9 @@ use axum::extract::{Path, State};
 use axum::Json;
 use dispatcher_wire as wire;
 
+use super::error::ApiError;
 use super::extract::{ApiJson, WorkerAuth};
 use super::AppState;
-use crate::error::ApiError;
 use crate::queue::{is_known_queue, QueueError, WAKEUPS};
 
 const MAX_VISIBILITY_SECS: u32 = 43_200;

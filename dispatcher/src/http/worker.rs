@@ -7,10 +7,10 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use dispatcher_wire as wire;
 
+use super::error::ApiError;
 use super::extract::{ApiJson, TaskAuth, WorkerAuth};
 use super::AppState;
 use crate::domain;
-use crate::error::ApiError;
 use crate::settings::Settings;
 use crate::store::{Fence, PublishOutcome};
 use crate::tokens::{TaskClaims, TaskScope};
@@ -240,7 +240,7 @@ pub async fn heartbeat_batch(
     for (i, e) in req.entries.into_iter().enumerate() {
         checked.push(check_entry(&state, i, e).and_then(|(claims, body)| {
             let req: wire::HeartbeatRequest =
-                domain::entry_body(i, body).map_err(|e| (Some(claims.sub), e))?;
+                domain::entry_body(i, body).map_err(|e| (Some(claims.sub), e.into()))?;
             if let Some(progress) = &req.progress {
                 domain::storable_json(&format!("entries[{i}].body.progress"), progress)
                     .map_err(|e| (Some(claims.sub), e.into()))?;
@@ -447,6 +447,7 @@ pub async fn complete_batch(
         checked.push(check_entry(&state, i, e).and_then(|(claims, body)| {
             let task = Some(claims.sub);
             let completion = domain::entry_body(i, body)
+                .map_err(ApiError::from)
                 .and_then(|req: wire::CompleteRequest| {
                     domain::completion(req).map_err(|mut e| {
                         e.field = format!("entries[{i}].body.{}", e.field);

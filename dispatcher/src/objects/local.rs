@@ -6,23 +6,16 @@
 //! `{base_url}/objects/{key}?method=GET&expires={unix}&sig={hex}`, where
 //! `sig` is HMAC-SHA256 over method, key and expiry with the store's secret
 //! (at least [`MIN_SECRET_BYTES`] bytes), and each segment of the key is
-//! percent-encoded; [`router`] serves them.
+//! percent-encoded; `http::objects::router` serves them.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{Method, StatusCode};
-use axum::routing::get;
-use axum::Router;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::{check_key, ObjectError, ObjectMeta, ObjectStore};
-use crate::error::ApiError;
 
 /// The shortest secret a local store accepts: 256 bits, HMAC-SHA256's
 /// strength.
@@ -121,7 +114,7 @@ impl LocalDirStore {
     }
 
     /// Whether `sig` signs `method` on `key` until `expires`, still valid.
-    fn verify(&self, method: &str, key: &str, expires: i64, sig: &str) -> bool {
+    pub fn verify(&self, method: &str, key: &str, expires: i64, sig: &str) -> bool {
         if chrono::Utc::now().timestamp() > expires {
             return false;
         }
@@ -230,56 +223,4 @@ impl ObjectStore for LocalDirStore {
     async fn presign_put(&self, key: &str, expires_in: Duration) -> Result<String, ObjectError> {
         self.presign("PUT", key, expires_in)
     }
-}
-
-#[derive(serde::Deserialize)]
-struct Signed {
-    method: String,
-    expires: i64,
-    sig: String,
-}
-
-/// Serves presigned URLs of `store` at `/objects/{key}` (GET and PUT). A
-/// URL works for its one key and method until it expires; anything else is
-/// `403 forbidden`.
-pub fn router(store: Arc<LocalDirStore>) -> Router {
-    router_with_limit(store, 256 * 1024 * 1024)
-}
-
-/// [`router`] with a bound on the size of a `PUT` (`413` past it).
-pub fn router_with_limit(store: Arc<LocalDirStore>, max_bytes: usize) -> Router {
-    Router::new()
-        .route("/objects/{*key}", get(serve).put(serve))
-        .layer(axum::extract::DefaultBodyLimit::max(max_bytes))
-        .with_state(store)
-}
-
-async fn serve(
-    State(store): State<Arc<LocalDirStore>>,
-    method: Method,
-    UrlPath(key): UrlPath<String>,
-    Query(q): Query<Signed>,
-    body: Bytes,
-) -> Result<(StatusCode, Vec<u8>), ApiError> {
-    if q.method != method.as_str() || !store.verify(&q.method, &key, q.expires, &q.sig) {
-        return Err(ApiError::forbidden(
-            "the URL is not signed for this key and method, or has expired",
-        ));
-    }
-    let outcome = if method == Method::PUT {
-        store
-            .put(&key, body.to_vec())
-            .await
-            .map(|()| (StatusCode::OK, Vec::new()))
-    } else {
-        store.get(&key).await.map(|b| (StatusCode::OK, b))
-    };
-    outcome.map_err(|e| match e {
-        ObjectError::NotFound(k) => ApiError::not_found(format!("no object {k:?}")),
-        ObjectError::InvalidKey(k, why) => ApiError::invalid("key", format!("{k:?} {why}")),
-        other => {
-            tracing::warn!(error = %other, "object store failed");
-            ApiError::unavailable("object store unavailable")
-        }
-    })
 }

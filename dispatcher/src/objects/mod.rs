@@ -38,23 +38,9 @@ pub enum ObjectError {
     Unavailable(String),
 }
 
-/// Keys are relative paths of non-empty segments, without `.` or `..`, so
-/// that no key can escape a prefix (or, on disk, the root directory).
+/// Whether `key` is a key (`domain::object_key_rule`).
 pub fn check_key(key: &str) -> Result<(), ObjectError> {
-    let bad = |why| Err(ObjectError::InvalidKey(key.to_owned(), why));
-    if key.is_empty() || key.len() > 1024 {
-        return bad("must be 1 to 1024 bytes");
-    }
-    if key.starts_with('/') || key.contains('\\') || key.chars().any(char::is_control) {
-        return bad("must be relative, without backslashes or control characters");
-    }
-    if key
-        .split('/')
-        .any(|s| s.is_empty() || s == "." || s == "..")
-    {
-        return bad("must not have empty, `.` or `..` segments");
-    }
-    Ok(())
+    crate::domain::object_key_rule(key).map_err(|why| ObjectError::InvalidKey(key.to_owned(), why))
 }
 
 /// Where a staged part's verified bytes are kept: outside every attempt

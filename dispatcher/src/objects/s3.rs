@@ -30,7 +30,7 @@ impl std::fmt::Debug for S3Config {
             .field("bucket", &self.bucket)
             .field(
                 "static_credentials",
-                &crate::profile::redacted_credentials(&self.static_credentials),
+                &crate::aws::redacted_credentials(&self.static_credentials),
             )
             .finish()
     }
@@ -56,7 +56,7 @@ fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<
 
 impl S3Store {
     pub async fn client(cfg: &S3Config) -> Client {
-        let shared = crate::profile::sdk_config(
+        let shared = crate::aws::sdk_config(
             &cfg.region,
             cfg.endpoint_url.as_deref(),
             cfg.static_credentials.as_ref(),

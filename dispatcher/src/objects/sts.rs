@@ -100,7 +100,7 @@ impl StsIssuer {
     /// STS in the S3 profile's region and endpoint (an S3/STS-compatible
     /// test server speaks both), assuming `role_arn`.
     pub async fn new(cfg: &S3Config, role_arn: &str) -> Self {
-        let shared = crate::profile::sdk_config(
+        let shared = crate::aws::sdk_config(
             &cfg.region,
             cfg.endpoint_url.as_deref(),
             cfg.static_credentials.as_ref(),

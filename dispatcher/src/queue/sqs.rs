@@ -42,7 +42,7 @@ impl std::fmt::Debug for SqsConfig {
             .field("queue_prefix", &self.queue_prefix)
             .field(
                 "static_credentials",
-                &crate::profile::redacted_credentials(&self.static_credentials),
+                &crate::aws::redacted_credentials(&self.static_credentials),
             )
             .finish()
     }
@@ -82,7 +82,7 @@ fn stale_receipt_code(code: Option<&str>) -> bool {
 
 impl SqsQueue {
     pub async fn client(cfg: &SqsConfig) -> Client {
-        let shared = crate::profile::sdk_config(
+        let shared = crate::aws::sdk_config(
             &cfg.region,
             cfg.endpoint_url.as_deref(),
             cfg.static_credentials.as_ref(),

@@ -1,5 +1,5 @@
 //! Alert destinations and routes (state database). Events and deliveries
-//! live in the data database (`crate::alerts`).
+//! live in the data database (`crate::services::alerts`).
 
 use chrono::{DateTime, Utc};
 use dispatcher_wire::{AlertDestinationView, AlertRouteView, Column};

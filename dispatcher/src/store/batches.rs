@@ -1,7 +1,7 @@
 //! Buffer batches as the sink, the API and operators see them (ADR 0006).
 //! The state database holds each batch's verdict (`pending`, `ingested`,
 //! `dead` with its reason); the rows and the per-batch dedup record are in
-//! the data database (`crate::sink`).
+//! the data database (`crate::services::sink`).
 
 use std::time::Duration;
 

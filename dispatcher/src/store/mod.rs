@@ -17,6 +17,7 @@ mod datasets;
 mod jobs;
 mod orgs;
 mod outbox;
+pub mod ready;
 mod tasks;
 mod transitions;
 

@@ -43,9 +43,9 @@ pub(crate) async fn enqueue_wakeups(
             // A retry's backoff end is judged by the database's clock.
             sqlx::query!(
                 "SELECT pg_notify($1, CASE WHEN coalesce($2 > now(), false) THEN $3 ELSE '' END)",
-                crate::ready::CHANNEL,
+                crate::store::ready::CHANNEL,
                 available_at,
-                crate::ready::LATER,
+                crate::store::ready::LATER,
             )
             .execute(conn)
             .await?;

@@ -143,7 +143,7 @@ async fn world() -> World {
             app.org_id,
             "ops",
             "http://example.com/hook",
-            &dispatcher::alerts::new_secret(),
+            &dispatcher::services::alerts::new_secret(),
         )
         .await
         .unwrap();

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use dispatcher::alerts::{sign, AlertDelivery, AlertRouter};
 use dispatcher::domain::Role;
+use dispatcher::services::alerts::{sign, AlertDelivery, AlertRouter};
 use dispatcher::settings::Settings;
 use dispatcher_tests::{unthrottled, TestApp};
 use serde_json::{json, Value};
@@ -437,7 +437,7 @@ async fn alerts_a_real_dispatcher_sigkilled_mid_delivery_loses_nothing() {
             stack.org_id,
             "ops",
             &receiver.url,
-            &dispatcher::alerts::new_secret(),
+            &dispatcher::services::alerts::new_secret(),
         )
         .await
         .unwrap();
@@ -529,7 +529,7 @@ async fn deliver_to(f: &Fixture, urls: &[String]) -> Vec<(String, String, Option
                 f.app.org_id,
                 &format!("d{i}"),
                 url,
-                &dispatcher::alerts::new_secret(),
+                &dispatcher::services::alerts::new_secret(),
             )
             .await
             .unwrap();
@@ -656,7 +656,7 @@ async fn alerts_a_route_receives_only_batches_ingested_after_it_was_created() {
                 f.app.org_id,
                 dest,
                 &receiver.url,
-                &dispatcher::alerts::new_secret(),
+                &dispatcher::services::alerts::new_secret(),
             )
             .await
             .unwrap();

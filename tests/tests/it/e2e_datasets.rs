@@ -123,7 +123,7 @@ async fn invariant_7_a_crash_between_manifest_and_commit_leaves_no_version_and_t
         .execute(&stack.db.pool)
         .await
         .unwrap();
-    let report = dispatcher::retention::run(
+    let report = dispatcher::services::retention::run(
         &store,
         &objects,
         Duration::from_secs(24 * 3600),

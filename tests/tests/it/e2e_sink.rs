@@ -102,7 +102,7 @@ async fn invariant_8_a_sink_killed_between_its_insert_and_its_queue_delete_inser
         .fetch_one(&stack.db.pool)
         .await
         .unwrap();
-    let table = dispatcher::sink::Sink::table_name(stream);
+    let table = dispatcher::services::sink::Sink::table_name(stream);
     let count = || async {
         sqlx::query_scalar::<_, i64>(&format!(
             "SELECT count(*) FROM {table} WHERE _batch_id = $1"

@@ -1,13 +1,13 @@
 //! One conformance suite for the `ObjectStore` trait, run against every
 //! implementation: a directory on disk (its presigned URLs served by
-//! `objects::local::router` on a loopback port) and S3, against two
+//! `http::objects::router` on a loopback port) and S3, against two
 //! S3-compatible servers: moto's, and s3s-fs, which also enforces
 //! signatures, presigned URL expiry and conditional writes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatcher::objects::{local, LocalDirStore, ObjectError, ObjectStore, S3Config, S3Store};
+use dispatcher::objects::{LocalDirStore, ObjectError, ObjectStore, S3Config, S3Store};
 use dispatcher_tests::moto::Moto;
 use dispatcher_tests::s3s::{self, S3sFs};
 use reqwest::StatusCode;
@@ -165,7 +165,9 @@ async fn object_store_conformance_local_dir() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     let secret = b"a test secret of at least 32 bytes".to_vec();
     let store = Arc::new(LocalDirStore::new(&root, &base, secret.clone()).unwrap());
-    let server = tokio::spawn(async move { axum::serve(listener, local::router(store)).await });
+    let server = tokio::spawn(async move {
+        axum::serve(listener, dispatcher::http::objects::router(store)).await
+    });
     let client_side = LocalDirStore::new(&root, &base, secret).unwrap();
     conformance(
         &client_side,
@@ -192,7 +194,7 @@ async fn rule_local_presigned_urls_need_a_strong_secret_and_encode_keys() {
     let store = Arc::new(LocalDirStore::new(&root, &base, secret).unwrap());
     let server = tokio::spawn({
         let store = store.clone();
-        async move { axum::serve(listener, local::router(store)).await }
+        async move { axum::serve(listener, dispatcher::http::objects::router(store)).await }
     });
     assert!(
         !format!("{store:?}").contains("7, 7"),

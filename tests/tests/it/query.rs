@@ -250,7 +250,7 @@ fn sha(body: &[u8]) -> String {
 }
 
 /// Loads the case's rows as version 1 of `v<n>` and as the stream `s<n>`.
-async fn load(app: &TestApp, sink: &Arc<dispatcher::sink::Sink>, n: usize, case: &Case) {
+async fn load(app: &TestApp, sink: &Arc<dispatcher::services::sink::Sink>, n: usize, case: &Case) {
     let columns: Vec<Value> = case
         .cols
         .iter()
@@ -292,8 +292,8 @@ async fn load(app: &TestApp, sink: &Arc<dispatcher::sink::Sink>, n: usize, case:
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let r = app.complete_ok(token, json!({})).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
-    dispatcher::relay::Relay::new(app.store.clone(), queue, app.settings.clone())
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
+    dispatcher::roles::relay::Relay::new(app.store.clone(), queue, app.settings.clone())
         .relay_once()
         .await
         .unwrap();

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use dispatcher::objects::{LocalDirStore, ObjectStore};
-use dispatcher::retention;
+use dispatcher::services::retention;
 use dispatcher_tests::TestApp;
 use reqwest::StatusCode;
 use serde_json::json;

@@ -5,10 +5,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dispatcher::dlq::replay_wakeups;
 use dispatcher::queue::{Delivery, PgQueue, Queue, SqsQueue};
-use dispatcher::reaper::Reaper;
-use dispatcher::relay::Relay;
+use dispatcher::roles::reaper::Reaper;
+use dispatcher::roles::relay::Relay;
+use dispatcher::services::dlq::replay_wakeups;
 use dispatcher::settings::Settings;
 use dispatcher_tests::moto::Moto;
 use dispatcher_tests::{TestApp, TestDb};
@@ -361,7 +361,7 @@ async fn conformance_dlq_replay(app: &TestApp, q: &dyn Queue) {
 #[tokio::test]
 async fn dlq_replay_pg() {
     let app = TestApp::spawn_queued().await;
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
     conformance_dlq_replay(&app, queue.as_ref()).await;
 }
 
@@ -411,7 +411,7 @@ async fn queue_http_endpoints_need_a_worker_credential_and_serve_the_queue() {
         .await;
     assert_eq!(r.status, reqwest::StatusCode::UNAUTHORIZED);
     // The API-only test server runs no relay: publish the outbox by hand.
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
     Relay::new(app.store.clone(), queue, app.settings.clone())
         .relay_once()
         .await
@@ -466,7 +466,7 @@ async fn queue_http_endpoints_need_a_worker_credential_and_serve_the_queue() {
 #[tokio::test]
 async fn rule_worker_credentials_reach_the_wakeup_queue_only() {
     let app = TestApp::spawn_queued().await;
-    let queue = dispatcher::services::local_queue(&app.store, &app.settings).0;
+    let queue = dispatcher::profile::local_queue(&app.store, &app.settings).0;
     for q in [
         "buffers",
         "alerts",
@@ -652,7 +652,7 @@ async fn relay_publishes_pending_rows_and_marks_them_sent() {
     for _ in 0..3 {
         app.single_task(1).await;
     }
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
     let relay = Relay::new(app.store.clone(), queue, app.settings.clone());
     assert_eq!(relay.relay_once().await.unwrap(), 3);
     let counts = app.store.outbox_counts().await.unwrap();
@@ -671,7 +671,7 @@ async fn invariant_5_relay_batch_entry_failures_retry_only_the_refused_rows() {
     for _ in 0..3 {
         app.single_task(1).await;
     }
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
     let relay = Relay::new(
         app.store.clone(),
         Arc::new(FaultyQueue(queue, Fault::RefuseAllButFirst)),
@@ -727,7 +727,7 @@ async fn invariant_5_relay_retries_with_backoff_then_dead_letters_visibly_and_op
     assert_eq!(counts.dead, 1, "dead after max tries, visible to operators");
 
     assert_eq!(app.store.outbox_requeue_dead(None).await.unwrap(), 1);
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
     Relay::new(app.store.clone(), queue, settings)
         .relay_once()
         .await
@@ -749,7 +749,7 @@ async fn make_outbox_due(app: &TestApp) {
 async fn invariant_5_relay_crash_between_publish_and_mark_sent_duplicates_but_never_loses() {
     let app = TestApp::spawn_queued().await;
     let task = app.single_task(1).await;
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
     // A relay that takes the rows, publishes them and dies before marking
     // them: they stay pending, hidden until their hold ends.
     let rows = app
@@ -796,7 +796,7 @@ async fn rule_relay_marks_sent_only_rows_the_queue_answered_success_for() {
     for _ in 0..3 {
         app.single_task(1).await;
     }
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
     let short = Relay::new(
         app.store.clone(),
         Arc::new(FaultyQueue(queue.clone(), Fault::AnswerOnlyFirst)),
@@ -826,7 +826,7 @@ async fn rule_relay_holds_no_transaction_open_across_a_publish() {
     for _ in 0..3 {
         app.single_task(1).await;
     }
-    let (queue, _) = dispatcher::services::local_queue(&app.store, &app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&app.store, &app.settings);
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
     let relay = Relay::new(
         app.store.clone(),

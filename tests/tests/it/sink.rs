@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dispatcher::queue::{Queue, BUFFERS};
-use dispatcher::sink::{Outcome, Sink};
+use dispatcher::services::sink::{Outcome, Sink};
 use dispatcher::store::DeadFilter;
 use dispatcher_tests::{Response, TestApp};
 use dispatcher_wire::ClaimResponse;
@@ -127,11 +127,15 @@ impl Fixture {
     /// Moves outbox rows to the local queue (the API-only app runs no
     /// relay).
     pub async fn relay(&self) {
-        let (queue, _) = dispatcher::services::local_queue(&self.app.store, &self.app.settings);
-        dispatcher::relay::Relay::new(self.app.store.clone(), queue, self.app.settings.clone())
-            .relay_once()
-            .await
-            .unwrap();
+        let (queue, _) = dispatcher::profile::local_queue(&self.app.store, &self.app.settings);
+        dispatcher::roles::relay::Relay::new(
+            self.app.store.clone(),
+            queue,
+            self.app.settings.clone(),
+        )
+        .relay_once()
+        .await
+        .unwrap();
     }
 }
 
@@ -168,7 +172,7 @@ async fn ingests_once(f: Fixture, sink: Arc<Sink>) {
     let r = f.publish(batch, &key, 3, &sha(ROWS.as_bytes())).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let pointer = json!({"org_id": f.app.org_id, "batch_id": batch});
-    let (queue, _) = dispatcher::services::local_queue(&f.app.store, &f.app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&f.app.store, &f.app.settings);
     queue.send(BUFFERS, &pointer, Duration::ZERO).await.unwrap();
     assert_eq!(
         sink.ingest(f.app.org_id, batch).await.unwrap(),
@@ -209,10 +213,14 @@ async fn invariant_8_buffered_sinks_a_batch_is_ingested_once_and_wholly_on_s3_an
     let queue: Arc<dyn Queue> = Arc::new(dispatcher::queue::SqsQueue::connect(&sqs).await.unwrap());
     // The relay moves pointers to SQS; the sink consumes them there.
     let batch = f.publish_batch(ROWS.as_bytes(), 3).await;
-    dispatcher::relay::Relay::new(f.app.store.clone(), queue.clone(), f.app.settings.clone())
-        .relay_once()
-        .await
-        .unwrap();
+    dispatcher::roles::relay::Relay::new(
+        f.app.store.clone(),
+        queue.clone(),
+        f.app.settings.clone(),
+    )
+    .relay_once()
+    .await
+    .unwrap();
     let sink = Sink::new(
         f.app.store.clone(),
         f.data.clone(),
@@ -262,7 +270,7 @@ async fn a_thousand_batches_each_delivered_twice_in_shuffled_order_are_ingested_
         })
         .collect();
     pointers.shuffle(&mut rand::thread_rng());
-    let (queue, _) = dispatcher::services::local_queue(&f.app.store, &f.app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&f.app.store, &f.app.settings);
     for chunk in pointers.chunks(100) {
         queue.send_batch(BUFFERS, chunk).await.unwrap();
     }
@@ -454,7 +462,7 @@ async fn every_malformed_kind_is_dead_with_its_reason_and_line_then_a_replay_aft
     assert_eq!(dead.len(), published.len(), "every dead batch is listed");
 
     // A dry replay changes nothing.
-    let dry = dispatcher::sink::replay_dead(
+    let dry = dispatcher::services::sink::replay_dead(
         &f.app.store,
         f.app.objects.as_ref(),
         &DeadFilter::default(),
@@ -481,7 +489,7 @@ async fn every_malformed_kind_is_dead_with_its_reason_and_line_then_a_replay_aft
             ..Default::default()
         };
         for round in 0..2 {
-            let done = dispatcher::sink::replay_dead(
+            let done = dispatcher::services::sink::replay_dead(
                 &f.app.store,
                 f.app.objects.as_ref(),
                 &filter,
@@ -520,7 +528,7 @@ async fn a_transient_failure_retries_with_backoff_and_never_dead_letters() {
     let f = fixture(TestApp::spawn().await).await;
     let batch = f.publish_batch(ROWS.as_bytes(), 3).await;
     f.relay().await;
-    let (queue, _) = dispatcher::services::local_queue(&f.app.store, &f.app.settings);
+    let (queue, _) = dispatcher::profile::local_queue(&f.app.store, &f.app.settings);
 
     // A data database that does not answer (nothing listens there), then
     // an object store that does not.
@@ -592,7 +600,8 @@ async fn a_transient_failure_retries_with_backoff_and_never_dead_letters() {
 async fn a_batch_left_pending_gets_a_new_pointer_from_the_reaper() {
     let f = fixture(TestApp::spawn().await).await;
     let batch = f.publish_batch(ROWS.as_bytes(), 3).await;
-    let reaper = dispatcher::reaper::Reaper::new(f.app.store.clone(), f.app.settings.clone());
+    let reaper =
+        dispatcher::roles::reaper::Reaper::new(f.app.store.clone(), f.app.settings.clone());
     assert_eq!(
         reaper.reap_once().await.unwrap().repointed,
         0,

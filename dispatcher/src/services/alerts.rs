@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::error::StoreError;
-use crate::query::{self, Scalar};
+use crate::services::query::{self, Scalar};
 use crate::settings::{backoff, Settings};
 use crate::store::{RouteSpec, Store};
 
@@ -174,7 +174,7 @@ impl AlertRouter {
         if marked.rows_affected() == 0 {
             return Ok(false);
         }
-        let table = crate::sink::Sink::table_name(dataset);
+        let table = crate::services::sink::Sink::table_name(dataset);
         let rows: Vec<(i32, Value)> = sqlx::query_as(&format!(
             "SELECT _line, to_jsonb(t) - '_batch_id' - '_line' FROM {table} t
               WHERE _batch_id = $1 ORDER BY _line"

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Store;
+use super::Store;
 
 /// The channel of ready-task notifications.
 pub const CHANNEL: &str = "tasks_ready";

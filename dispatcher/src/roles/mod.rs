@@ -4,10 +4,12 @@
 //! Every role drains on shutdown; nothing is global, so several dispatchers
 //! can run in one process (tests do).
 
+pub mod reaper;
+pub mod relay;
+
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -15,10 +17,10 @@ use crate::http::{self, AppState};
 use crate::objects::LocalDirStore;
 use crate::profile::Objects;
 use crate::queue::{PgQueue, Queue};
-use crate::reaper::Reaper;
-use crate::relay::Relay;
+use crate::roles::reaper::Reaper;
+use crate::roles::relay::Relay;
+use crate::services::sink::Sink;
 use crate::settings::Settings;
-use crate::sink::Sink;
 use crate::store::Store;
 use crate::tokens::Keyring;
 
@@ -88,18 +90,6 @@ impl Roles {
     }
 }
 
-/// The local profile's queue over the store's database, and the task that
-/// forwards its arrival notifications (run it in the same shutdown scope).
-pub fn local_queue(store: &Store, settings: &Settings) -> (Arc<PgQueue>, Arc<Notify>) {
-    let arrivals = Arc::new(Notify::new());
-    let queue = Arc::new(PgQueue::new(
-        store.pool().clone(),
-        settings.queue_max_receives,
-        arrivals.clone(),
-    ));
-    (queue, arrivals)
-}
-
 /// The profile's queue and object store, and the data database.
 pub struct Adapters {
     /// SQS on the aws profile; `None` is the local Postgres queue.
@@ -141,7 +131,7 @@ pub async fn run(
     let queue = match queue {
         Some(q) => q,
         None => {
-            let (local, arrivals) = local_queue(&store, &settings);
+            let (local, arrivals) = crate::profile::local_queue(&store, &settings);
             tasks.spawn(PgQueue::listen(
                 store.pool().clone(),
                 arrivals,
@@ -196,19 +186,25 @@ pub async fn run(
             std::io::Error::other("the router and delivery roles need the data database")
         })?;
         if roles.router {
-            let router =
-                crate::alerts::AlertRouter::new(store.clone(), data.clone(), settings.clone());
+            let router = crate::services::alerts::AlertRouter::new(
+                store.clone(),
+                data.clone(),
+                settings.clone(),
+            );
             tasks.spawn(router.run(shutdown.clone()));
         }
         if roles.delivery {
-            let delivery =
-                crate::alerts::AlertDelivery::new(store.clone(), data.clone(), settings.clone());
+            let delivery = crate::services::alerts::AlertDelivery::new(
+                store.clone(),
+                data.clone(),
+                settings.clone(),
+            );
             tasks.spawn(delivery.run(shutdown.clone()));
         }
     }
     let served = match (roles.api, listener) {
         (true, Some(listener)) => {
-            let ready = crate::ready::ReadySignal::default();
+            let ready = crate::store::ready::ReadySignal::default();
             if settings.wakeups == crate::settings::Wakeups::Notify {
                 tasks.spawn(ready.clone().listen(store.clone(), shutdown.clone()));
             }

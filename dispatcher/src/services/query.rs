@@ -15,6 +15,7 @@ use dispatcher_wire::{Column, ColumnType, QueryRequest};
 use serde_json::{Map, Value};
 
 use crate::domain::Invalid;
+pub use crate::settings::{QueryLimits, ReadLimits};
 
 /// Deepest nesting of `and` / `or` / `not` (a leaf at the top is depth 1).
 pub const MAX_DEPTH: usize = 8;
@@ -189,17 +190,6 @@ impl Expr {
             Expr::IsNull { column, is_null } => Some(row[*column].is_none() == *is_null),
         }
     }
-}
-
-/// Bounds of one query (defaults in `Settings`).
-#[derive(Debug, Clone, Copy)]
-pub struct QueryLimits {
-    /// `limit` when the request names none.
-    pub default_rows: u32,
-    /// Largest `limit`.
-    pub max_rows: u32,
-    /// Values of one `in` list.
-    pub max_in: usize,
 }
 
 /// A query checked against its dataset's schema.
@@ -571,17 +561,6 @@ pub enum QueryError {
 pub struct Answer {
     pub rows: Vec<Vec<Value>>,
     pub truncated: bool,
-}
-
-/// Bounds of reading, besides the plan's row limit.
-#[derive(Debug, Clone, Copy)]
-pub struct ReadLimits {
-    /// Sum of a version's part sizes one query may read.
-    pub max_scan_bytes: u64,
-    /// Bytes of JSON an answer may hold; past it, `truncated`.
-    pub max_answer_bytes: usize,
-    pub max_row_bytes: usize,
-    pub timeout: std::time::Duration,
 }
 
 fn finish(plan: &Plan, rows: Vec<Vec<Option<Scalar>>>, more: bool, max_bytes: usize) -> Answer {

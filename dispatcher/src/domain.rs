@@ -579,6 +579,62 @@ pub fn completion(req: wire::CompleteRequest) -> Result<Completion, Invalid> {
     }
 }
 
+/// Entries one batch call may hold (the contract's bound).
+pub const MAX_BATCH: usize = 100;
+
+/// What a batch claim asks for: these tasks, or up to `max` ready ones
+/// (of these runtimes when given, waiting when `wait`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimAsk {
+    Ids(Vec<Uuid>),
+    Ready {
+        max: u32,
+        runtimes: Option<Vec<wire::Runtime>>,
+    },
+}
+
+/// The ask of `POST /internal/task-claim-batch`: `task_ids` or
+/// `max_tasks`, each 1 to [`MAX_BATCH`]; runtimes and a wait only with
+/// `max_tasks`, runtimes never an empty list.
+pub fn claim_ask(req: &wire::ClaimBatchRequest, waits: bool) -> Result<ClaimAsk, Invalid> {
+    let ask = match (&req.task_ids, req.max_tasks) {
+        (Some(ids), None) if !ids.is_empty() && ids.len() <= MAX_BATCH => {
+            ClaimAsk::Ids(ids.clone())
+        }
+        (None, Some(n)) if (1..=MAX_BATCH as u32).contains(&n) => ClaimAsk::Ready {
+            max: n,
+            runtimes: req.runtimes.clone(),
+        },
+        _ => {
+            return Err(Invalid::new(
+                "body",
+                format!(
+                    "name task_ids (1 to {MAX_BATCH}) or max_tasks (1 to {MAX_BATCH}), not both"
+                ),
+            ))
+        }
+    };
+    if req.runtimes.is_some() && req.max_tasks.is_none() {
+        return Err(Invalid::new(
+            "runtimes",
+            "only a claim of ready work (max_tasks) may name runtimes",
+        ));
+    }
+    if req.runtimes.as_ref().is_some_and(|r| r.is_empty()) {
+        return Err(Invalid::new(
+            "runtimes",
+            "name at least one runtime, or leave it out for any",
+        ));
+    }
+    if waits && req.max_tasks.is_none() {
+        return Err(Invalid::new(
+            "wait_seconds",
+            "only a claim of ready work (max_tasks) may wait",
+        ));
+    }
+    Ok(ask)
+}
+
 /// A batch entry's body as the single call's request: decoded strictly,
 /// errors named `entries[i].body…`.
 pub fn entry_body<T: serde::de::DeserializeOwned>(i: usize, body: Value) -> Result<T, Invalid> {

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use crate::domain::Invalid;
 
-/// Outcomes of store operations other than success.
+/// Outcomes of store and service operations other than success.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("no task {0}")]
@@ -47,6 +47,10 @@ pub enum StoreError {
     /// of the call was written.
     #[error("{0}")]
     Limit(String),
+    /// A bug or broken stored data, logged where it is found; the caller
+    /// sees only that it happened.
+    #[error("internal: {0}")]
+    Internal(String),
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
 }

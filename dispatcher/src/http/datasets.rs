@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, Member, Reader, Writer};
 use super::AppState;
 use crate::domain;
+use crate::services::{self, query};
 
 fn name(raw: &str) -> Result<String, ApiError> {
     Ok(domain::dataset_name("name", raw)?)
@@ -98,73 +99,38 @@ pub async fn query(
                     "dataset {name:?} is not among the task's reads"
                 )));
             }
-            state
-                .store
-                .check_fence(crate::store::Fence {
-                    task_id: claims.sub,
-                    job_id: claims.job,
-                    attempt: claims.att,
-                })
-                .await?;
+            state.store.check_fence(services::fence(claims)).await?;
             claims.org
         }
     };
-    let (id, mode, columns, current) = state.store.dataset_for_query(org, &name).await?;
-    let plan = crate::services::query::plan(&req, &columns, &state.settings.query_limits())?;
     let _slot = state.limits.query(org)?;
-    let limits = state.settings.read_limits();
-    let (version, answer) = if mode == wire::DatasetMode::Stream {
-        let data = state
-            .data
-            .as_ref()
-            .ok_or_else(|| ApiError::unavailable("this dispatcher has no data database"))?;
-        let table = crate::services::sink::Sink::table_name(id);
-        (
-            None,
-            crate::services::query::read_stream(data, &table, &plan, &limits).await,
-        )
-    } else {
-        let version = req.version.or(current).ok_or_else(|| {
-            ApiError::not_found(format!("dataset {name:?} has no committed version yet"))
+    let answer = query::answer(state.ctx(), state.data.as_ref(), org, name, &req)
+        .await
+        .map_err(|e| match e {
+            query::Failed::Refused(e) => ApiError::from(e),
+            query::Failed::Read(e) => read_error(e),
         })?;
-        let manifest = state.store.manifest(org, &name, version).await?;
-        (
-            Some(version),
-            crate::services::query::read_version(
-                state.objects.as_ref(),
-                &manifest.parts,
-                &plan,
-                &limits,
-            )
-            .await,
-        )
-    };
-    let answer = answer.map_err(|e| {
-        use crate::services::query::QueryError;
-        match e {
-            QueryError::TooLarge(m) => ApiError::too_large(m),
-            QueryError::Timeout(_) => ApiError::unavailable(e.to_string()),
-            QueryError::Objects(_) | QueryError::Data(_) => {
-                tracing::warn!(error = %e, "query failed");
-                ApiError::unavailable("the object store or the data database did not answer")
-            }
-            QueryError::Integrity { .. } => {
-                // The metric is this event (`metric` field) until the
-                // telemetry issue exports counters.
-                tracing::error!(metric = "dataset_part_integrity_failures_total", error = %e, "a committed part is not the bytes its version recorded");
-                ApiError::integrity(e.to_string())
-            }
-            QueryError::Corrupt { .. } => {
-                tracing::error!(error = %e, "a committed part does not parse");
-                ApiError::internal()
-            }
+    Ok(Json(answer))
+}
+
+fn read_error(e: query::QueryError) -> ApiError {
+    use query::QueryError;
+    match e {
+        QueryError::TooLarge(m) => ApiError::too_large(m),
+        QueryError::Timeout(_) => ApiError::unavailable(e.to_string()),
+        QueryError::Objects(_) | QueryError::Data(_) => {
+            tracing::warn!(error = %e, "query failed");
+            ApiError::unavailable("the object store or the data database did not answer")
         }
-    })?;
-    Ok(Json(wire::QueryResponse {
-        dataset: name,
-        version,
-        columns: plan.column_names(),
-        rows: answer.rows,
-        truncated: answer.truncated,
-    }))
+        QueryError::Integrity { .. } => {
+            // The metric is this event (`metric` field) until the
+            // telemetry issue exports counters.
+            tracing::error!(metric = "dataset_part_integrity_failures_total", error = %e, "a committed part is not the bytes its version recorded");
+            ApiError::integrity(e.to_string())
+        }
+        QueryError::Corrupt { .. } => {
+            tracing::error!(error = %e, "a committed part does not parse");
+            ApiError::internal()
+        }
+    }
 }

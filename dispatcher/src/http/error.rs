@@ -151,6 +151,10 @@ impl From<StoreError> for ApiError {
             StoreError::Invalid(e) => e.into(),
             StoreError::Retry(_) => ApiError::unavailable(message),
             StoreError::Limit(_) => ApiError::too_large(message),
+            StoreError::Internal(why) => {
+                tracing::error!(why, "internal error");
+                ApiError::internal()
+            }
             StoreError::Db(db) => match db {
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
                     tracing::warn!(error = %db, "database unavailable");

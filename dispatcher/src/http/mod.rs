@@ -53,6 +53,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// What the worker-contract services borrow from this state.
+    pub fn ctx(&self) -> crate::services::Ctx<'_> {
+        crate::services::Ctx {
+            store: &self.store,
+            keys: &self.keys,
+            objects: self.objects.as_ref(),
+            settings: &self.settings,
+        }
+    }
+
     pub fn new(
         store: Store,
         keys: Arc<Keyring>,

@@ -15,6 +15,7 @@ use dispatcher_wire::{Column, ColumnType, QueryRequest};
 use serde_json::{Map, Value};
 
 use crate::domain::Invalid;
+use crate::error::StoreError;
 pub use crate::settings::{QueryLimits, ReadLimits};
 
 /// Deepest nesting of `and` / `or` / `not` (a leaf at the top is depth 1).
@@ -431,6 +432,58 @@ fn value_of(kind: ColumnType, v: &Value, at: &str) -> Result<Scalar, Invalid> {
             )
         }
         ColumnType::Json => return Err(bad()),
+    })
+}
+
+/// Why [`answer`] did not answer: the store refused (no such dataset or
+/// version, a bad plan), or reading failed.
+#[derive(Debug)]
+pub enum Failed {
+    Refused(StoreError),
+    Read(QueryError),
+}
+
+impl From<StoreError> for Failed {
+    fn from(e: StoreError) -> Self {
+        Failed::Refused(e)
+    }
+}
+
+/// Answers a query of the dataset `name` of `org`: a stream dataset is read
+/// from its table in the data database, any other from the parts of the
+/// version asked for (by default the current one).
+pub async fn answer(
+    ctx: crate::services::Ctx<'_>,
+    data: Option<&sqlx::PgPool>,
+    org: uuid::Uuid,
+    name: String,
+    req: &QueryRequest,
+) -> Result<dispatcher_wire::QueryResponse, Failed> {
+    let (id, mode, columns, current) = ctx.store.dataset_for_query(org, &name).await?;
+    let plan = plan(req, &columns, &ctx.settings.query_limits()).map_err(StoreError::Invalid)?;
+    let limits = ctx.settings.read_limits();
+    let (version, answer) = if mode == dispatcher_wire::DatasetMode::Stream {
+        let data =
+            data.ok_or_else(|| StoreError::Retry("this dispatcher has no data database".into()))?;
+        let table = crate::services::sink::Sink::table_name(id);
+        (None, read_stream(data, &table, &plan, &limits).await)
+    } else {
+        let version = req.version.or(current).ok_or_else(|| {
+            StoreError::NotFound(format!("dataset {name:?} has no committed version yet"))
+        })?;
+        let manifest = ctx.store.manifest(org, &name, version).await?;
+        (
+            Some(version),
+            read_version(ctx.objects, &manifest.parts, &plan, &limits).await,
+        )
+    };
+    let answer = answer.map_err(Failed::Read)?;
+    Ok(dispatcher_wire::QueryResponse {
+        dataset: name,
+        version,
+        columns: plan.column_names(),
+        rows: answer.rows,
+        truncated: answer.truncated,
     })
 }
 

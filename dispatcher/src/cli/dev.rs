@@ -95,7 +95,7 @@ fn dev_key(dir: &Path) -> Result<String> {
     if !path.exists() {
         let (private, public) = tokens::generate_key_pem();
         // Created 0600 from the start, as `dispatcher token keygen` does.
-        crate::write_private(&path, &private)?;
+        super::write_private(&path, &private)?;
         std::fs::write(dir.join("signing.pem.pub"), public)?;
     }
     std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
@@ -106,7 +106,7 @@ fn dev_key(dir: &Path) -> Result<String> {
 fn credential_file(dir: &Path, credential: &str) -> Result<PathBuf> {
     let path = dir.join("worker.credential");
     let _ = std::fs::remove_file(&path);
-    crate::write_private(&path, credential)?;
+    super::write_private(&path, credential)?;
     Ok(path)
 }
 
@@ -265,7 +265,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .await?;
         store.set_membership(org, user, Role::Owner).await?;
         user_token = keys.mint_user(user, org, expires);
-        let api = crate::ApiArgs {
+        let api = super::ApiArgs {
             url: url_http.clone(),
             token: user_token.clone(),
             org: None,
@@ -491,7 +491,7 @@ async fn example_job(
     user: uuid::Uuid,
     example: Example,
     base: &Path,
-    api: &crate::ApiArgs,
+    api: &super::ApiArgs,
     settings: &Settings,
 ) -> Result<uuid::Uuid> {
     for req in example.datasets {
@@ -502,7 +502,7 @@ async fn example_job(
         }
     }
     for (tag, dir) in &example.bundles {
-        let view = crate::push_bundle(api, &base.join(dir), Some(tag))
+        let view = super::push_bundle(api, &base.join(dir), Some(tag))
             .await
             .with_context(|| format!("pushing bundle {tag} ({})", dir.display()))?;
         println!(

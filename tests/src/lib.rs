@@ -117,10 +117,104 @@ pub fn numeric_flags(usage: &str, flags: &mut [(&str, &mut usize)]) {
 }
 
 /// A database of its own, migrated, dropped (with its connections) on drop.
+/// It is a copy of a template migrated once per set of migrations (named
+/// by their checksums), so a test pays for `CREATE DATABASE … TEMPLATE`,
+/// not for every migration.
 pub struct TestDb {
     pub pool: PgPool,
     name: String,
     admin: PgConnectOptions,
+}
+
+/// The migrated template of this process's tests, made once (across
+/// processes too: an advisory lock guards the making).
+static TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
+async fn template(admin: &PgConnectOptions) -> String {
+    use sha2::Digest;
+    let mut sum = sha2::Sha256::new();
+    for m in dispatcher::store::MIGRATOR.iter() {
+        sum.update(m.version.to_le_bytes());
+        sum.update(&*m.checksum);
+    }
+    let digest = sum.finalize();
+    let name = format!("test_tmpl_{}", hex::encode(&digest[..8]));
+    let lock = i64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+    let mut conn = admin
+        .connect()
+        .await
+        .expect("connecting to make the template");
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(lock)
+        .execute(&mut conn)
+        .await
+        .expect("the template lock");
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut conn)
+            .await
+            .expect("looking for the template");
+    if !exists {
+        // Built under another name and renamed: a run killed mid-way
+        // leaves no half-migrated template behind.
+        let building = format!("{name}_building");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            sqlx::query(&sql).execute(&mut conn).await.expect(&sql);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(admin.clone().database(&building))
+            .await
+            .expect("connecting to the template");
+        dispatcher::store::MIGRATOR
+            .run(&pool)
+            .await
+            .expect("applying migrations to the template");
+        pool.close().await;
+        // A closed pool's sessions end asynchronously; a rename (and a
+        // copy) needs the database to have none.
+        for _ in 0..100 {
+            let sessions: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
+                    .bind(&building)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("counting the template's sessions");
+            if sessions == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        sqlx::query(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("naming the template");
+        // Templates of other migrations are stale.
+        let stale: Vec<String> = sqlx::query_scalar(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'test\\_tmpl\\_%' AND datname <> $1",
+        )
+        .bind(&name)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_default();
+        for db in stale {
+            sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+                .execute(&mut conn)
+                .await
+                .ok();
+        }
+    }
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(lock)
+        .execute(&mut conn)
+        .await
+        .ok();
+    conn.close().await.ok();
+    name
 }
 
 impl TestDb {
@@ -136,7 +230,8 @@ impl TestDb {
                  Start Postgres or point DATABASE_URL at one."
             )
         });
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        let template = TEMPLATE.get_or_init(|| template(&admin)).await;
+        sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .execute(&mut conn)
             .await
             .expect("CREATE DATABASE");
@@ -146,10 +241,6 @@ impl TestDb {
             .connect_with(admin.clone().database(&name))
             .await
             .expect("connecting to the test database");
-        dispatcher::store::MIGRATOR
-            .run(&pool)
-            .await
-            .expect("applying migrations");
         TestDb { pool, name, admin }
     }
 

@@ -49,3 +49,72 @@ fn every_test_the_security_model_cites_exists() {
         "only {cited} citations found: the parser is broken"
     );
 }
+
+/// `scripts/check-layers <tree>`: its exit status and what it printed.
+fn check_layers(files: &[(&str, &str)]) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("layers-{}", uuid::Uuid::new_v4().simple()));
+    for (path, text) in files {
+        let file = dir.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+    let out = std::process::Command::new("python3")
+        .arg(root().join("scripts/check-layers"))
+        .arg("--root")
+        .arg(&dir)
+        .output()
+        .expect("python3 runs scripts/check-layers");
+    std::fs::remove_dir_all(&dir).ok();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Issue 24: the house rule fails CI on an upward import, on a circle, on
+/// a module with no layer and on a long handler, and passes the real tree.
+#[test]
+fn the_layer_check_fails_on_an_upward_import_a_circle_and_a_long_handler() {
+    let (ok, text) = check_layers(&[
+        ("lib.rs", "pub mod domain;\npub mod http;\n"),
+        ("domain.rs", "use crate::http::error::ApiError;\n"),
+        ("http/mod.rs", "pub mod error;\n"),
+        ("http/error.rs", "pub struct ApiError;\n"),
+    ]);
+    assert!(
+        !ok && text.contains("imports `http` (roles), a higher layer"),
+        "{text}"
+    );
+
+    let (ok, text) = check_layers(&[
+        ("store/mod.rs", "use crate::objects::ObjectStore;\n"),
+        ("objects/mod.rs", "fn f() { crate::store::Store::new(); }\n"),
+    ]);
+    assert!(!ok && text.contains("import circle"), "{text}");
+
+    let (ok, text) = check_layers(&[("newroom.rs", "")]);
+    assert!(!ok && text.contains("`newroom` is in no layer"), "{text}");
+
+    let long = format!(
+        "pub async fn handler() {{\n{}}}\n",
+        "    let _ = 1;\n".repeat(61)
+    );
+    let (ok, text) = check_layers(&[("http/jobs.rs", &long)]);
+    assert!(!ok && text.contains("is 62 lines"), "{text}");
+
+    // Below the fence line: tests may import anything.
+    let (ok, text) = check_layers(&[(
+        "domain.rs",
+        "fn f() {}\n#[cfg(test)]\nmod tests {\n    use crate::http::X;\n}\n",
+    )]);
+    assert!(ok, "{text}");
+
+    let real = std::process::Command::new("python3")
+        .arg(root().join("scripts/check-layers"))
+        .output()
+        .unwrap();
+    assert!(
+        real.status.success(),
+        "{}",
+        String::from_utf8_lossy(&real.stderr)
+    );
+}

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use chrono::{DateTime, Utc};
 use dispatcher_wire as wire;
 use serde_json::Value;
 use uuid::Uuid;
@@ -577,6 +578,100 @@ pub fn completion(req: wire::CompleteRequest) -> Result<Completion, Invalid> {
             Ok(Completion::Cancelled)
         }
     }
+}
+
+/// The filters of a job listing, checked.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobFilter {
+    pub state: Option<wire::JobState>,
+    /// A `LIKE` pattern: the prefix with `%`, `_` and `\\` escaped, then `%`.
+    pub name_like: Option<String>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+    pub finished_after: Option<DateTime<Utc>>,
+    pub finished_before: Option<DateTime<Utc>>,
+    pub has_failed_tasks: Option<bool>,
+}
+
+/// Where a job listing's page starts: after this job, newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobCursor {
+    pub created_at: DateTime<Utc>,
+    pub job_id: Uuid,
+}
+
+impl JobCursor {
+    /// `<microseconds since the epoch>.<job id>`.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_at.timestamp_micros(), self.job_id)
+    }
+
+    pub fn decode(raw: &str) -> Option<JobCursor> {
+        let (micros, id) = raw.split_once('.')?;
+        Some(JobCursor {
+            created_at: DateTime::from_timestamp_micros(micros.parse().ok()?)?,
+            job_id: Uuid::parse_str(id).ok()?,
+        })
+    }
+}
+
+/// A job listing's query: its filters, page start and size (1 to `max`,
+/// default `max`).
+pub fn job_listing(
+    q: &wire::JobListQuery,
+    max: u32,
+) -> Result<(JobFilter, Option<JobCursor>, u32), Invalid> {
+    let name_like = match &q.name_prefix {
+        None => None,
+        Some(p) if p.len() > 200 => {
+            return Err(Invalid::new("name_prefix", "must be at most 200 bytes"))
+        }
+        Some(p) => {
+            let mut like = String::with_capacity(p.len() + 1);
+            for c in p.chars() {
+                if matches!(c, '%' | '_' | '\\') {
+                    like.push('\\');
+                }
+                like.push(c);
+            }
+            like.push('%');
+            Some(like)
+        }
+    };
+    for (field, from, to) in [
+        ("created_after", q.created_after, q.created_before),
+        ("finished_after", q.finished_after, q.finished_before),
+    ] {
+        if let (Some(from), Some(to)) = (from, to) {
+            if from > to {
+                return Err(Invalid::new(field, "is later than its `_before`"));
+            }
+        }
+    }
+    let limit = q.limit.unwrap_or(max);
+    if limit == 0 || limit > max {
+        return Err(Invalid::new("limit", format!("must be 1 to {max}")));
+    }
+    let after = match &q.after {
+        None => None,
+        Some(raw) => Some(
+            JobCursor::decode(raw)
+                .ok_or_else(|| Invalid::new("after", "is not a cursor this API gave"))?,
+        ),
+    };
+    Ok((
+        JobFilter {
+            state: q.state,
+            name_like,
+            created_after: q.created_after,
+            created_before: q.created_before,
+            finished_after: q.finished_after,
+            finished_before: q.finished_before,
+            has_failed_tasks: q.has_failed_tasks,
+        },
+        after,
+        limit,
+    ))
 }
 
 /// Entries one batch call may hold (the contract's bound).

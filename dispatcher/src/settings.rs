@@ -100,6 +100,11 @@ pub struct Settings {
     pub max_deps_per_task: usize,
     /// Tasks per page of `GET /v1/jobs/{id}` (default and largest).
     pub job_page_size: u32,
+    /// Jobs per page of `GET /v1/jobs` (default and largest).
+    pub job_list_page_size: u32,
+    /// Events per page of `GET /v1/jobs/{id}/tasks/{key}/events` (default
+    /// and largest).
+    pub event_page_size: u32,
     /// Requests per worker credential (a pool of workers shares one).
     pub rate_per_worker: Rate,
     /// Requests per capability token's task (all its attempts).
@@ -252,6 +257,8 @@ impl Default for Settings {
             max_event_bytes_per_attempt: 16 * 1024 * 1024,
             max_deps_per_task: 1_000,
             job_page_size: 1_000,
+            job_list_page_size: 100,
+            event_page_size: 500,
             rate_per_worker: Rate {
                 per_second: 5_000,
                 burst: 10_000,

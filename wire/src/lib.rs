@@ -568,6 +568,149 @@ pub struct TaskView {
     pub max_attempts: u32,
 }
 
+/// How many of a job's tasks are in each state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskCounts {
+    pub blocked: u32,
+    pub ready: u32,
+    pub leased: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub cancelled: u32,
+}
+
+/// The query of `GET /v1/jobs` (every filter optional; times RFC 3339).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobListQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+    /// Jobs whose name starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_after: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_before: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_after: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_before: Option<DateTime<Utc>>,
+    /// Only jobs with (true) or without (false) a failed task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub has_failed_tasks: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+}
+
+/// One job of `GET /v1/jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobSummary {
+    pub job_id: Uuid,
+    pub name: String,
+    pub state: JobState,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    pub tasks: TaskCounts,
+}
+
+/// `GET /v1/jobs`: the org's jobs matching the filters, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobListResponse {
+    pub jobs: Vec<JobSummary>,
+    /// Pass as `after` for the next page; `null` on the last one.
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+}
+
+/// A dataset version an attempt committed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProducedVersion {
+    pub dataset: String,
+    pub version: u32,
+    pub rows: u64,
+}
+
+/// A buffer batch an attempt published, and where the sink has it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProducedBatch {
+    pub batch_id: Uuid,
+    pub dataset: String,
+    pub rows: u64,
+    /// `pending`, `ingested` or `dead`.
+    pub state: String,
+}
+
+/// One attempt of a task, as `GET /v1/jobs/{id}/tasks/{key}` answers it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AttemptView {
+    pub attempt: u32,
+    pub worker_id: String,
+    pub claimed_at: DateTime<Utc>,
+    #[serde(default)]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// `finished_at - claimed_at`, when finished.
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// `succeeded`, `failed`, `lease_expired` or `cancelled`; `null` while
+    /// the attempt runs.
+    #[serde(default)]
+    pub outcome: Option<String>,
+    /// What a failed attempt reported (a lease expiry has code
+    /// `lease_expired`; a task's own failure `task_failed`).
+    #[serde(default)]
+    pub error: Option<ErrorDetail>,
+    /// The output a succeeded attempt committed.
+    #[serde(default)]
+    pub output: Option<Value>,
+    /// The last progress a heartbeat reported.
+    #[serde(default)]
+    pub progress: Option<Value>,
+    pub events: u32,
+    pub dataset_versions: Vec<ProducedVersion>,
+    pub buffer_batches: Vec<ProducedBatch>,
+}
+
+/// `GET /v1/jobs/{job_id}/tasks/{key}`: the task's spec, its state, the
+/// keys it depends on, and every attempt, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskDetail {
+    pub job_id: Uuid,
+    pub task_id: Uuid,
+    pub state: TaskState,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// When a retry may be claimed (a backoff), if it waits.
+    #[serde(default)]
+    pub not_before: Option<DateTime<Utc>>,
+    pub spec: TaskSpec,
+    pub depends_on: Vec<String>,
+    pub attempts: Vec<AttemptView>,
+}
+
+/// One event a task emitted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventView {
+    pub attempt: u32,
+    pub seq: u64,
+    pub kind: String,
+    pub payload: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/jobs/{job_id}/tasks/{key}/events`: a page of the task's
+/// events, by attempt then sequence number.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EventPage {
+    pub events: Vec<EventView>,
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+}
+
 // -------------------------------------------------------------- objects ---
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,6 +1,7 @@
-//! The minimal jobs API. Every call checks the caller's membership and role
-//! in Postgres (in the extractors, before the body is read); another org's
-//! job answers 404, never its contents.
+//! The jobs API: submit, read, list, cancel, and a task's detail and
+//! events. Every call checks the caller's membership and role in Postgres
+//! (in the extractors, before the body is read); another org's job answers
+//! 404, never its contents, and is in no listing.
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -87,4 +88,78 @@ pub async fn cancel(
         .await?;
     tracing::info!(job_id = %id, org = %user.org, "job cancelled");
     Ok(Json(view))
+}
+
+/// A query string of the type `T`, or `400 invalid_request` naming it.
+fn query_of<T>(
+    q: Result<Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    q.map(|q| q.0)
+        .map_err(|e| ApiError::invalid("query", e.body_text()))
+}
+
+/// `GET /v1/jobs`: the org's jobs matching the filters, newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+    query: Result<Query<wire::JobListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<wire::JobListResponse>, ApiError> {
+    let q = query_of(query)?;
+    let (filter, after, limit) = domain::job_listing(&q, state.settings.job_list_page_size)?;
+    let (jobs, next) = state
+        .store
+        .list_jobs(user.org, &filter, after, limit)
+        .await?;
+    Ok(Json(wire::JobListResponse {
+        jobs,
+        next_cursor: next.map(|c| c.encode()),
+    }))
+}
+
+/// `GET /v1/jobs/{job_id}/tasks/{key}`: the task's spec and every attempt.
+pub async fn task(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+    Path((raw, key)): Path<(String, String)>,
+) -> Result<Json<wire::TaskDetail>, ApiError> {
+    let id = job_id(&raw)?;
+    Ok(Json(state.store.task_detail(user.org, id, &key).await?))
+}
+
+/// Paging of a task's events: `?limit=N&after=<next_cursor>`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    limit: Option<u32>,
+    after: Option<String>,
+}
+
+/// `GET /v1/jobs/{job_id}/tasks/{key}/events`: a page of the task's events.
+pub async fn events(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+    Path((raw, key)): Path<(String, String)>,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<wire::EventPage>, ApiError> {
+    let id = job_id(&raw)?;
+    let q = query_of(query)?;
+    let max = state.settings.event_page_size;
+    let limit = q.limit.unwrap_or(max);
+    if limit == 0 || limit > max {
+        return Err(ApiError::invalid("limit", format!("must be 1 to {max}")));
+    }
+    let after = match q.after {
+        None => None,
+        Some(c) => Some(
+            c.split_once('.')
+                .and_then(|(a, s)| Some((a.parse().ok()?, s.parse().ok()?)))
+                .ok_or_else(|| ApiError::invalid("after", "is not a cursor this API gave"))?,
+        ),
+    };
+    Ok(Json(
+        state
+            .store
+            .task_events(user.org, id, &key, after, limit)
+            .await?,
+    ))
 }

@@ -11,7 +11,7 @@ use super::Store;
 use crate::domain::NewJob;
 use crate::error::{task_state, StoreError};
 
-fn job_state(s: &str) -> Result<JobState, StoreError> {
+pub(super) fn job_state(s: &str) -> Result<JobState, StoreError> {
     JobState::parse(s).ok_or_else(|| {
         StoreError::Db(sqlx::Error::Decode(
             format!("unknown job state {s:?}").into(),

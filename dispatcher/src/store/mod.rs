@@ -14,6 +14,7 @@ mod bundles;
 mod claim;
 mod completion;
 mod datasets;
+mod inspection;
 mod jobs;
 mod orgs;
 mod outbox;
@@ -30,6 +31,7 @@ pub use orgs::MemberRow;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};
 
 pub use claim::Pick;
+pub use inspection::EventCursor;
 pub use tasks::*;
 
 use std::sync::Arc;

@@ -192,7 +192,12 @@ async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Body>
             j(json!({"name": "m", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x"}]})),
             false,
         ),
+        ("GET", "/v1/jobs") => (spec.path.into(), None, false),
         ("GET", "/v1/jobs/{job_id}") => (format!("/v1/jobs/{}", w.job), None, true),
+        ("GET", "/v1/jobs/{job_id}/tasks/{key}") => (format!("/v1/jobs/{}/tasks/w", w.job), None, true),
+        ("GET", "/v1/jobs/{job_id}/tasks/{key}/events") => {
+            (format!("/v1/jobs/{}/tasks/w/events", w.job), None, true)
+        }
         ("POST", "/v1/jobs/{job_id}/cancel") => {
             let fresh = app
                 .submit(&json!({"name": "c", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x"}]}))
@@ -346,4 +351,41 @@ async fn every_user_endpoint_answers_each_caller_as_documented_and_no_other_org_
         }
     }
     assert!(checked >= 5 * 13, "only {checked} calls checked");
+}
+
+/// Issue 25: a task's detail names the dataset version it committed and
+/// the buffer batch it published (the world's task `w` did both).
+#[tokio::test]
+async fn a_tasks_detail_names_the_dataset_versions_and_buffer_batches_it_produced() {
+    let w = world().await;
+    let (s, answer) = call(
+        &w.app,
+        "GET",
+        &format!("/v1/jobs/{}/tasks/w", w.job),
+        &w.app.user_token,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{answer}");
+    let attempts = answer["attempts"].as_array().unwrap();
+    let produced: Vec<(&Value, &Value)> = attempts
+        .iter()
+        .map(|a| (&a["dataset_versions"], &a["buffer_batches"]))
+        .collect();
+    assert!(
+        attempts.iter().any(|a| a["dataset_versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["dataset"] == "clicks" && v["version"] == 1)),
+        "{produced:?}"
+    );
+    assert!(
+        attempts.iter().any(|a| a["buffer_batches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["batch_id"] == json!(w.batch) && b["dataset"] == "events")),
+        "{produced:?}"
+    );
 }

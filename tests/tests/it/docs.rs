@@ -118,3 +118,23 @@ fn the_layer_check_fails_on_an_upward_import_a_circle_and_a_long_handler() {
         String::from_utf8_lossy(&real.stderr)
     );
 }
+
+/// Every route the router serves is in `docs/openapi.yaml`, with its
+/// method.
+#[test]
+fn every_route_is_in_the_openapi_document_with_its_method() {
+    let api = std::fs::read_to_string(root().join("docs/openapi.yaml")).unwrap();
+    let mut missing = Vec::new();
+    for spec in dispatcher::http::ROUTES {
+        let head = format!("\n  {}:\n", spec.path);
+        let found = api.find(&head).is_some_and(|at| {
+            let block = &api[at + head.len()..];
+            let end = block.find("\n  /").unwrap_or(block.len());
+            block[..end].contains(&format!("    {}:", spec.method.to_lowercase()))
+        });
+        if !found {
+            missing.push(format!("{} {}", spec.method, spec.path));
+        }
+    }
+    assert!(missing.is_empty(), "not in docs/openapi.yaml: {missing:?}");
+}

@@ -18,6 +18,7 @@ mod fencing;
 mod identity;
 mod idp;
 mod input;
+mod inspection;
 mod isolation;
 mod limits;
 mod model;

@@ -583,7 +583,8 @@ pub fn completion(req: wire::CompleteRequest) -> Result<Completion, Invalid> {
 /// The filters of a job listing, checked.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JobFilter {
-    pub state: Option<wire::JobState>,
+    /// Jobs in one of these states; empty: any.
+    pub states: Vec<wire::JobState>,
     /// A `LIKE` pattern: the prefix with `%`, `_` and `\\` escaped, then `%`.
     pub name_like: Option<String>,
     pub created_after: Option<DateTime<Utc>>,
@@ -661,7 +662,7 @@ pub fn job_listing(
     };
     Ok((
         JobFilter {
-            state: q.state,
+            states: q.state.into_iter().collect(),
             name_like,
             created_after: q.created_after,
             created_before: q.created_before,

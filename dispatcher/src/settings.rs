@@ -105,6 +105,8 @@ pub struct Settings {
     /// Events per page of `GET /v1/jobs/{id}/tasks/{key}/events` (default
     /// and largest).
     pub event_page_size: u32,
+    /// Jobs one bulk action (`POST /v1/job-actions`) acts on at most.
+    pub job_action_max: u32,
     /// Requests per worker credential (a pool of workers shares one).
     pub rate_per_worker: Rate,
     /// Requests per capability token's task (all its attempts).
@@ -259,6 +261,7 @@ impl Default for Settings {
             job_page_size: 1_000,
             job_list_page_size: 100,
             event_page_size: 500,
+            job_action_max: 1_000,
             rate_per_worker: Rate {
                 per_second: 5_000,
                 burst: 10_000,

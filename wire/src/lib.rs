@@ -627,6 +627,73 @@ pub struct JobListResponse {
     pub next_cursor: Option<String>,
 }
 
+/// What a bulk action does to the jobs it selects.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JobActionKind {
+    /// Failed and cancelled jobs run their failed and cancelled tasks again.
+    Retry,
+    /// Running jobs are cancelled.
+    Cancel,
+}
+
+impl JobActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobActionKind::Retry => "retry",
+            JobActionKind::Cancel => "cancel",
+        }
+    }
+}
+
+/// `POST /v1/job-actions`: retry or cancel every job the filter selects
+/// (the listing's filters, without `limit` and `after`), at most
+/// `job_action_max` per call; `dry_run` only counts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobActionRequest {
+    pub action: JobActionKind,
+    #[serde(default)]
+    pub filter: JobListQuery,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a bulk action did (or, dry, would do).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobActionResponse {
+    /// The audit record; `null` for a dry run.
+    #[serde(default)]
+    pub action_id: Option<Uuid>,
+    pub action: JobActionKind,
+    pub dry_run: bool,
+    /// Jobs acted on (or that would be).
+    pub jobs: u32,
+    /// Their tasks that run again (retry) or are stopped (cancel).
+    pub tasks: u32,
+    /// More jobs matched than one call acts on: call again.
+    pub capped: bool,
+}
+
+/// One audit record of `GET /v1/job-actions`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobActionView {
+    pub action_id: Uuid,
+    pub action: JobActionKind,
+    #[serde(default)]
+    pub user_id: Option<Uuid>,
+    pub target: Value,
+    pub jobs: u32,
+    pub tasks: u32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `GET /v1/job-actions`: the org's audit records, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobActionList {
+    pub actions: Vec<JobActionView>,
+}
+
 /// A dataset version an attempt committed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ProducedVersion {

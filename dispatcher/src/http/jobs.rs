@@ -163,3 +163,97 @@ pub async fn events(
             .await?,
     ))
 }
+
+/// `POST /v1/jobs/{job_id}/retry`: the job's failed and cancelled tasks run
+/// again (`store::actions`); answers the job.
+pub async fn retry(
+    State(state): State<AppState>,
+    Writer(user): Writer,
+    Path(raw): Path<String>,
+) -> Result<Json<wire::JobView>, ApiError> {
+    let id = job_id(&raw)?;
+    let scope = crate::store::RetryScope::Job;
+    state
+        .store
+        .retry(user.org, Some(user.sub), id, scope)
+        .await?;
+    Ok(Json(
+        state
+            .store
+            .get_job(user.org, id, page(&state, None)?)
+            .await?,
+    ))
+}
+
+/// `POST /v1/jobs/{job_id}/tasks/{key}/retry`: the task and the job's
+/// cancelled tasks run again; answers the job.
+pub async fn retry_task(
+    State(state): State<AppState>,
+    Writer(user): Writer,
+    Path((raw, key)): Path<(String, String)>,
+) -> Result<Json<wire::JobView>, ApiError> {
+    let id = job_id(&raw)?;
+    let scope = crate::store::RetryScope::Task(&key);
+    state
+        .store
+        .retry(user.org, Some(user.sub), id, scope)
+        .await?;
+    Ok(Json(
+        state
+            .store
+            .get_job(user.org, id, page(&state, None)?)
+            .await?,
+    ))
+}
+
+/// `POST /v1/job-actions`: a bulk retry or cancel by the listing's
+/// filters, at most `job_action_max` jobs per call, recorded.
+pub async fn bulk(
+    State(state): State<AppState>,
+    Writer(user): Writer,
+    ApiJson(req): ApiJson<wire::JobActionRequest>,
+) -> Result<Json<wire::JobActionResponse>, ApiError> {
+    if req.filter.limit.is_some() || req.filter.after.is_some() {
+        return Err(ApiError::invalid(
+            "filter",
+            "takes the listing's filters, not limit or after (a call acts on at most job_action_max jobs)",
+        ));
+    }
+    let max = state.settings.job_list_page_size;
+    let (filter, _, _) = domain::job_listing(&req.filter, max).map_err(|mut e| {
+        e.field = format!("filter.{}", e.field);
+        e
+    })?;
+    let described = serde_json::to_value(&req.filter).map_err(|_| ApiError::internal())?;
+    let (jobs, tasks, capped, action_id) = state
+        .store
+        .bulk_action(
+            user.org,
+            Some(user.sub),
+            &crate::store::BulkAction {
+                action: req.action,
+                filter: &filter,
+                described: &described,
+                cap: state.settings.job_action_max,
+                dry_run: req.dry_run,
+            },
+        )
+        .await?;
+    Ok(Json(wire::JobActionResponse {
+        action_id,
+        action: req.action,
+        dry_run: req.dry_run,
+        jobs,
+        tasks,
+        capped,
+    }))
+}
+
+/// `GET /v1/job-actions`: the org's last 100 recorded actions.
+pub async fn actions(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+) -> Result<Json<wire::JobActionList>, ApiError> {
+    let actions = state.store.job_actions(user.org, 100).await?;
+    Ok(Json(wire::JobActionList { actions }))
+}

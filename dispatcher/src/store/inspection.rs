@@ -34,7 +34,7 @@ impl Store {
             r#"SELECT j.id, j.name, j.state, j.created_at, j.finished_at
                  FROM jobs j
                 WHERE j.org_id = $1
-                  AND ($2::text IS NULL OR j.state = $2)
+                  AND (cardinality($2::text[]) = 0 OR j.state = ANY($2))
                   AND ($3::text IS NULL OR j.name LIKE $3)
                   AND ($4::timestamptz IS NULL OR j.created_at >= $4)
                   AND ($5::timestamptz IS NULL OR j.created_at < $5)
@@ -46,7 +46,11 @@ impl Store {
                 ORDER BY j.created_at DESC, j.id DESC
                 LIMIT $11"#,
             org_id,
-            filter.state.map(|s| s.as_str()),
+            &filter
+                .states
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect::<Vec<_>>(),
             filter.name_like.as_deref(),
             filter.created_after,
             filter.created_before,

@@ -7,6 +7,7 @@
 //! (claim, heartbeat, events, publishes) take no job lock; the successes
 //! of tasks without dependants share theirs (`FOR SHARE`, ADR 0016).
 
+mod actions;
 mod alerts;
 mod attempt_writes;
 mod batches;
@@ -30,6 +31,7 @@ pub use jobs::TaskPage;
 pub use orgs::MemberRow;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};
 
+pub use actions::{BulkAction, RetryScope};
 pub use claim::Pick;
 pub use inspection::EventCursor;
 pub use tasks::*;

@@ -204,6 +204,27 @@ async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Body>
                 .await;
             (format!("/v1/jobs/{}/cancel", fresh.job_id), j(json!({})), true)
         }
+        ("POST", "/v1/jobs/{job_id}/retry") | ("POST", "/v1/jobs/{job_id}/tasks/{key}/retry") => {
+            // A job of its own per call, failed, so each allowed retry
+            // succeeds.
+            let fresh = app
+                .submit(&json!({"name": "r", "tasks": [{"key": "a", "runtime": "exec", "bundle": "x", "max_attempts": 1}]}))
+                .await;
+            let c = app.claim(fresh.tasks[0].task_id).await;
+            app.complete_failed(&c.capability_token, "no", false).await;
+            let path = if spec.path.contains("/tasks/") {
+                format!("/v1/jobs/{}/tasks/a/retry", fresh.job_id)
+            } else {
+                format!("/v1/jobs/{}/retry", fresh.job_id)
+            };
+            (path, j(json!({})), true)
+        }
+        ("POST", "/v1/job-actions") => (
+            spec.path.into(),
+            j(json!({"action": "retry", "dry_run": true, "filter": {"state": "failed"}})),
+            false,
+        ),
+        ("GET", "/v1/job-actions") => (spec.path.into(), None, false),
         ("POST", "/v1/datasets") => (
             spec.path.into(),
             j(json!({"name": format!("d{n}"), "mode": "append", "columns": [{"name": "a", "type": "string"}]})),

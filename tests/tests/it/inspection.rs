@@ -284,3 +284,288 @@ async fn the_job_listing_filters_and_pages_over_thousands_of_jobs_newest_first()
         assert!(message.starts_with(field), "{query}: {message}");
     }
 }
+
+/// Claims every ready task through `POST /internal/task-claim-batch`, 100
+/// at a time, until none is left; each claim's (task, attempt, token).
+async fn claim_all(app: &TestApp) -> Vec<(Uuid, u32, String)> {
+    let mut all = Vec::new();
+    loop {
+        let r = app
+            .post(
+                "/internal/task-claim-batch",
+                &app.worker_token,
+                &json!({"worker_id": "bulk-worker", "max_tasks": 100}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        let claims = r.body["claims"].as_array().unwrap();
+        if claims.is_empty() {
+            return all;
+        }
+        for c in claims {
+            let claim = &c["claim"];
+            all.push((
+                serde_json::from_value(claim["task_id"].clone()).unwrap(),
+                claim["attempt"].as_u64().unwrap() as u32,
+                claim["capability_token"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+}
+
+/// Completes each claim as failed (not retryable) through
+/// `POST /v1/task/complete-batch`, 100 at a time.
+async fn fail_all(app: &TestApp, claims: &[(Uuid, u32, String)]) {
+    for chunk in claims.chunks(100) {
+        let entries: Vec<Value> = chunk
+            .iter()
+            .map(|(_, _, token)| {
+                json!({"capability_token": token,
+                       "body": {"outcome": "failed", "error": {"message": "boom", "retryable": false}}})
+            })
+            .collect();
+        let r = app
+            .post(
+                "/v1/task/complete-batch",
+                &app.worker_token,
+                &json!({"entries": entries}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        assert!(
+            r.body["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["error"].is_null()),
+            "{}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_retried_task_runs_again_with_its_cancelled_dependants_and_the_job_can_succeed() {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    let job = app
+        .submit(&json!({"name": "retry-me", "tasks": [
+            {"key": "a", "runtime": "exec", "bundle": "x", "max_attempts": 1},
+            {"key": "b", "runtime": "exec", "bundle": "x", "depends_on": ["a"]},
+            {"key": "c", "runtime": "exec", "bundle": "x"}]}))
+        .await;
+    let id = |key: &str| job.tasks.iter().find(|t| t.key == key).unwrap().task_id;
+    let a = app.claim(id("a")).await;
+    app.complete_failed(&a.capability_token, "flaky upstream", false)
+        .await;
+    assert_eq!(
+        app.job(job.job_id).await.state,
+        dispatcher_wire::JobState::Failed
+    );
+    let retry = format!("/v1/jobs/{}/tasks/a/retry", job.job_id);
+
+    // A viewer reads only; another org does not find the job.
+    let viewer = app.store.ensure_user("viewer@acme.test").await.unwrap();
+    app.store
+        .set_membership(app.org_id, viewer, Role::Viewer)
+        .await
+        .unwrap();
+    let viewer = app
+        .keys
+        .mint_user(viewer, app.org_id, Utc::now() + chrono::Duration::hours(1));
+    let r = app.post(&retry, &viewer, &json!({})).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = app
+        .post(&retry, &other_org_admin(&app).await, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    // A task that did not fail is not retried alone.
+    let r = app
+        .post(
+            &format!("/v1/jobs/{}/tasks/nope/retry", job.job_id),
+            &app.user_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+
+    let r = app.post(&retry, &app.user_token, &json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["state"], "running");
+    let states: Vec<(&str, &str)> = r.body["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["key"].as_str().unwrap(), t["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(states, [("a", "ready"), ("b", "blocked"), ("c", "ready")]);
+    // One more attempt for a task that had used them all; the fence goes on.
+    let again = app.claim(id("a")).await;
+    assert_eq!(again.attempt, 2);
+    assert!(app
+        .complete_ok(&a.capability_token, json!({}))
+        .await
+        .status
+        .is_client_error());
+    let r = app
+        .complete_ok(&again.capability_token, json!({"ok": 1}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    app.run_ok(id("c")).await;
+    app.run_ok(id("b")).await;
+    assert_eq!(
+        app.job(job.job_id).await.state,
+        dispatcher_wire::JobState::Succeeded
+    );
+    let r = app
+        .get(&format!("/v1/jobs/{}/tasks/a", job.job_id), &app.user_token)
+        .await;
+    let outcomes: Vec<&str> = r.body["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["failed", "succeeded"]);
+    // A succeeded job is not retried; the retry was recorded.
+    let r = app
+        .post(
+            &format!("/v1/jobs/{}/retry", job.job_id),
+            &app.user_token,
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "conflict"),
+        "{}",
+        r.body
+    );
+    let r = app.get("/v1/job-actions", &app.user_token).await;
+    assert_eq!(r.body["actions"].as_array().unwrap().len(), 1, "{}", r.body);
+    assert_eq!(
+        r.body["actions"][0]["target"],
+        json!({"job_id": job.job_id, "task": "a"})
+    );
+    assert_eq!(r.body["actions"][0]["tasks"], 3);
+    assert_eq!(r.body["actions"][0]["user_id"], json!(app.user_id));
+}
+
+#[tokio::test]
+async fn a_bulk_retry_of_a_thousand_failed_tasks_counts_them_dry_runs_each_once_and_is_recorded() {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    for i in 0..1000 {
+        app.submit(&json!({"name": format!("batch-{}", i % 2), "tasks": [
+            {"key": "only", "runtime": "exec", "bundle": "x", "max_attempts": 1}]}))
+            .await;
+    }
+    // A job that must not be touched: running, same prefix.
+    let untouched = app
+        .submit(&json!({"name": "batch-x", "tasks": [
+            {"key": "only", "runtime": "exec", "bundle": "x", "depends_on": []}]}))
+        .await;
+    let first = claim_all(&app).await;
+    assert_eq!(first.len(), 1001);
+    let failing: Vec<_> = first
+        .into_iter()
+        .filter(|(t, _, _)| *t != untouched.tasks[0].task_id)
+        .collect();
+    fail_all(&app, &failing).await;
+
+    let ask = |dry_run: bool| {
+        json!({"action": "retry", "dry_run": dry_run,
+                                     "filter": {"name_prefix": "batch-"}})
+    };
+    let r = app
+        .post("/v1/job-actions", &app.user_token, &ask(true))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        (
+            &r.body["jobs"],
+            &r.body["tasks"],
+            &r.body["capped"],
+            &r.body["action_id"]
+        ),
+        (&json!(1000), &json!(1000), &json!(false), &Value::Null)
+    );
+    let r = app
+        .get("/v1/jobs?state=failed&limit=1", &app.user_token)
+        .await;
+    assert_eq!(
+        r.body["jobs"].as_array().unwrap().len(),
+        1,
+        "a dry run changes nothing"
+    );
+
+    let r = app
+        .post("/v1/job-actions", &app.user_token, &ask(false))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        (&r.body["jobs"], &r.body["tasks"]),
+        (&json!(1000), &json!(1000))
+    );
+    let action_id = r.body["action_id"].clone();
+    assert!(action_id.is_string(), "{}", r.body);
+
+    // Every one runs again exactly once: 1 000 distinct claims at attempt 2.
+    let second = claim_all(&app).await;
+    let mut ids: Vec<Uuid> = second.iter().map(|(t, _, _)| *t).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((second.len(), ids.len()), (1000, 1000));
+    assert!(second.iter().all(|(_, attempt, _)| *attempt == 2));
+    let failed: std::collections::HashSet<Uuid> = failing.iter().map(|(t, _, _)| *t).collect();
+    assert!(ids.iter().all(|t| failed.contains(t)));
+
+    let r = app.get("/v1/job-actions", &app.user_token).await;
+    let record = &r.body["actions"][0];
+    assert_eq!(record["action_id"], action_id);
+    assert_eq!(record["action"], "retry");
+    assert_eq!(
+        record["target"],
+        json!({"filter": {"name_prefix": "batch-"}})
+    );
+    assert_eq!(
+        (&record["jobs"], &record["tasks"]),
+        (&json!(1000), &json!(1000))
+    );
+
+    // Bulk cancel by the same filters.
+    let r = app
+        .post(
+            "/v1/job-actions",
+            &app.user_token,
+            &json!({"action": "cancel", "filter": {"name_prefix": "batch-1"}}),
+        )
+        .await;
+    assert_eq!(
+        (&r.body["jobs"], &r.body["tasks"]),
+        (&json!(500), &json!(500)),
+        "{}",
+        r.body
+    );
+    let r = app
+        .get(
+            "/v1/jobs?state=cancelled&name_prefix=batch-&limit=100",
+            &app.user_token,
+        )
+        .await;
+    assert!(r.body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|j| j["name"] == "batch-1"));
+    // Bad input changes nothing.
+    let r = app
+        .post(
+            "/v1/job-actions",
+            &app.user_token,
+            &json!({"action": "retry", "filter": {"limit": 5}}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+}

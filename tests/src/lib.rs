@@ -530,6 +530,30 @@ impl TestApp {
         Self::read(resp).await
     }
 
+    /// PUTs an empty JSON object with a bearer token.
+    pub async fn put_json(&self, path: &str, token: &str) -> Response {
+        let resp = self
+            .client
+            .put(self.url(path))
+            .bearer_auth(token)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("request");
+        Self::read(resp).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Response {
+        let resp = self
+            .client
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request");
+        Self::read(resp).await
+    }
+
     pub async fn read(resp: reqwest::Response) -> Response {
         let status = resp.status();
         let text = resp.text().await.expect("body");

@@ -622,6 +622,9 @@ pub struct JobSummary {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobListResponse {
     pub jobs: Vec<JobSummary>,
+    /// The org's paused runtimes: their ready tasks are not claimed.
+    #[serde(default)]
+    pub paused_runtimes: Vec<Runtime>,
     /// Pass as `after` for the next page; `null` on the last one.
     #[serde(default)]
     pub next_cursor: Option<String>,
@@ -692,6 +695,23 @@ pub struct JobActionView {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobActionList {
     pub actions: Vec<JobActionView>,
+}
+
+/// A paused runtime of the org (`GET /v1/pauses`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PauseView {
+    pub runtime: Runtime,
+    #[serde(default)]
+    pub paused_by: Option<Uuid>,
+    pub paused_at: DateTime<Utc>,
+    /// Its tasks waiting `ready` while it is paused.
+    pub ready_tasks: u64,
+}
+
+/// `GET /v1/pauses`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PauseList {
+    pub paused: Vec<PauseView>,
 }
 
 /// A dataset version an attempt committed.

@@ -110,8 +110,10 @@ pub async fn list(
         .store
         .list_jobs(user.org, &filter, after, limit)
         .await?;
+    let paused = state.store.pauses(user.org).await?;
     Ok(Json(wire::JobListResponse {
         jobs,
+        paused_runtimes: paused.into_iter().map(|p| p.runtime).collect(),
         next_cursor: next.map(|c| c.encode()),
     }))
 }
@@ -256,4 +258,53 @@ pub async fn actions(
 ) -> Result<Json<wire::JobActionList>, ApiError> {
     let actions = state.store.job_actions(user.org, 100).await?;
     Ok(Json(wire::JobActionList { actions }))
+}
+
+fn runtime(raw: &str) -> Result<wire::Runtime, ApiError> {
+    wire::Runtime::parse(raw)
+        .ok_or_else(|| ApiError::invalid("runtime", "must be exec, node, python or rust"))
+}
+
+/// `PUT /v1/pauses/{runtime}`: the org's ready tasks of the runtime are no
+/// longer claimed (leased ones run on); answers the org's pauses.
+pub async fn pause(
+    State(state): State<AppState>,
+    Writer(user): Writer,
+    Path(raw): Path<String>,
+) -> Result<Json<wire::PauseList>, ApiError> {
+    let runtime = runtime(&raw)?;
+    if state.store.pause(user.org, runtime, Some(user.sub)).await? {
+        tracing::info!(org = %user.org, runtime = runtime.as_str(), "runtime paused");
+    }
+    let paused = state.store.pauses(user.org).await?;
+    Ok(Json(wire::PauseList { paused }))
+}
+
+/// `DELETE /v1/pauses/{runtime}`: claims resume and the waiting tasks are
+/// woken; `404` if it was not paused.
+pub async fn resume(
+    State(state): State<AppState>,
+    Writer(user): Writer,
+    Path(raw): Path<String>,
+) -> Result<Json<wire::PauseList>, ApiError> {
+    let runtime = runtime(&raw)?;
+    let woken = state
+        .store
+        .resume(user.org, runtime)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(format!("runtime {:?} is not paused", runtime.as_str()))
+        })?;
+    tracing::info!(org = %user.org, runtime = runtime.as_str(), woken, "runtime resumed");
+    let paused = state.store.pauses(user.org).await?;
+    Ok(Json(wire::PauseList { paused }))
+}
+
+/// `GET /v1/pauses`: the org's paused runtimes.
+pub async fn pauses(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+) -> Result<Json<wire::PauseList>, ApiError> {
+    let paused = state.store.pauses(user.org).await?;
+    Ok(Json(wire::PauseList { paused }))
 }

@@ -101,6 +101,12 @@ impl Store {
                     AND ($5::text[] IS NULL OR EXISTS (
                           SELECT 1 FROM task_specs s
                            WHERE s.task_id = tasks.id AND s.runtime = ANY($5::text[])))
+                    -- Not of a paused runtime of its org (migration 0019).
+                    AND (NOT EXISTS (SELECT 1 FROM paused_runtimes)
+                         OR NOT EXISTS (SELECT 1 FROM paused_runtimes p
+                                          JOIN jobs j ON j.org_id = p.org_id
+                                          JOIN task_specs s ON s.runtime = p.runtime
+                                         WHERE j.id = tasks.job_id AND s.task_id = tasks.id))
                   ORDER BY updated_at LIMIT $4::bigint
                     FOR UPDATE SKIP LOCKED
              ), picked AS (
@@ -117,6 +123,11 @@ impl Store {
                     AND NOT cancel_requested
                     AND ((state = 'ready' AND (not_before IS NULL OR not_before <= now()))
                       OR (state = 'leased' AND lease_expires_at <= now()))
+                    AND (NOT EXISTS (SELECT 1 FROM paused_runtimes)
+                         OR NOT EXISTS (SELECT 1 FROM paused_runtimes p
+                                          JOIN jobs j ON j.org_id = p.org_id
+                                          JOIN task_specs s ON s.runtime = p.runtime
+                                         WHERE j.id = tasks.job_id AND s.task_id = tasks.id))
               RETURNING id, job_id, attempt, lease_expires_at
              ), ended AS (
                  UPDATE attempts a SET finished_at = now(), outcome = 'lease_expired'
@@ -238,7 +249,13 @@ impl Store {
                 "retry backoff until {}",
                 not_before.map(|t| t.to_rfc3339()).unwrap_or_default()
             ),
-            "ready" => "the task changed concurrently; try again".to_owned(),
+            "ready" => match self.paused_runtime_of(task_id).await {
+                Ok(Some(runtime)) => format!(
+                    "runtime {runtime:?} is paused in this org (DELETE /v1/pauses/{runtime} resumes it)"
+                ),
+                Ok(None) => "the task changed concurrently; try again".to_owned(),
+                Err(e) => return e,
+            },
             other => format!("the task is {other}"),
         };
         StoreError::NotClaimable { task_id, reason }

@@ -19,6 +19,7 @@ mod inspection;
 mod jobs;
 mod orgs;
 mod outbox;
+mod pauses;
 pub mod ready;
 mod tasks;
 mod transitions;

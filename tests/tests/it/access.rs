@@ -225,6 +225,13 @@ async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Body>
             false,
         ),
         ("GET", "/v1/job-actions") => (spec.path.into(), None, false),
+        ("GET", "/v1/pauses") => (spec.path.into(), None, false),
+        ("PUT", "/v1/pauses/{runtime}") => ("/v1/pauses/python".into(), j(json!({})), false),
+        ("DELETE", "/v1/pauses/{runtime}") => {
+            // Paused anew for each call, so each allowed resume finds it.
+            app.store.pause(app.org_id, dispatcher_wire::Runtime::Node, None).await.unwrap();
+            ("/v1/pauses/node".into(), None, true)
+        }
         ("POST", "/v1/datasets") => (
             spec.path.into(),
             j(json!({"name": format!("d{n}"), "mode": "append", "columns": [{"name": "a", "type": "string"}]})),

@@ -569,3 +569,91 @@ async fn a_bulk_retry_of_a_thousand_failed_tasks_counts_them_dry_runs_each_once_
         (StatusCode::BAD_REQUEST, "invalid_request")
     );
 }
+
+#[tokio::test]
+async fn a_paused_runtime_keeps_its_tasks_ready_and_unclaimed_in_its_org_only_and_resume_claims_them(
+) {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    let job = app
+        .submit(&json!({"name": "paused", "tasks": [
+            {"key": "running", "runtime": "exec", "bundle": "x"},
+            {"key": "a", "runtime": "exec", "bundle": "x"},
+            {"key": "b", "runtime": "exec", "bundle": "x"}]}))
+        .await;
+    let id = |key: &str| job.tasks.iter().find(|t| t.key == key).unwrap().task_id;
+    let running = app.claim(id("running")).await;
+
+    let r = app.put_json("/v1/pauses/exec", &app.user_token).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["paused"][0]["runtime"], "exec");
+    assert_eq!(r.body["paused"][0]["ready_tasks"], 2);
+    // Another org's exec work is not paused.
+    let other = other_org_admin(&app).await;
+    let r = app
+        .post(
+            "/v1/jobs",
+            &other,
+            &json!({"name": "theirs", "tasks": [
+            {"key": "t", "runtime": "exec", "bundle": "x"}]}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    let theirs: Uuid = serde_json::from_value(r.body["tasks"][0]["task_id"].clone()).unwrap();
+
+    // For as long as the pause lasts, neither a wake-up's claim nor a
+    // claim of ready work takes ours.
+    for _ in 0..3 {
+        let r = app.try_claim(id("a"), "w").await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::CONFLICT, "not_claimable"),
+            "{}",
+            r.body
+        );
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("paused"),
+            "{}",
+            r.body
+        );
+        let claimed = claim_all(&app).await;
+        assert!(claimed.iter().all(|(t, _, _)| *t == theirs), "{claimed:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    // The running task finishes.
+    let r = app
+        .post("/v1/task/heartbeat", &running.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = app.complete_ok(&running.capability_token, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    // Visible in the listing; the tasks wait ready.
+    let r = app.get("/v1/jobs", &app.user_token).await;
+    assert_eq!(r.body["paused_runtimes"], json!(["exec"]));
+    assert_eq!(r.body["jobs"][0]["tasks"]["ready"], 2, "{}", r.body);
+    let r = app.get("/v1/jobs", &other).await;
+    assert_eq!(r.body["paused_runtimes"], json!([]));
+
+    let r = app.delete("/v1/pauses/exec", &app.user_token).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["paused"], json!([]));
+    let claimed: Vec<Uuid> = claim_all(&app)
+        .await
+        .into_iter()
+        .map(|(t, _, _)| t)
+        .collect();
+    let mut want = vec![id("a"), id("b")];
+    want.sort();
+    let mut got = claimed.clone();
+    got.sort();
+    assert_eq!(got, want);
+    let r = app.delete("/v1/pauses/exec", &app.user_token).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+    let r = app.put_json("/v1/pauses/cobol", &app.user_token).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, "invalid_request")
+    );
+}

@@ -6,6 +6,7 @@ mod admin;
 mod alerts;
 mod bundle;
 mod dev;
+mod jobs;
 mod serve;
 mod sink;
 mod token;
@@ -18,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use dispatcher::settings::Settings;
 use dispatcher::store::Store;
 use dispatcher::tokens::Keyring;
+use jobs::*;
 use serve::*;
 use sink::*;
 use std::path::PathBuf;
@@ -54,6 +56,19 @@ pub(crate) enum Command {
     /// UDF bundles: pack and push a directory, tag a bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// The org's jobs through the API: list, show, retry, cancel, bulk
+    /// actions and their record.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// A task's detail and events, through the API.
+    #[command(subcommand)]
+    Tasks(TasksCommand),
+    /// Pause a runtime in the org: its ready tasks are not claimed.
+    Pause(PauseArgs),
+    /// Resume a paused runtime.
+    Resume(PauseArgs),
+    /// The org's paused runtimes.
+    Pauses(PausesArgs),
 }
 
 /// Where the API is and who calls it (a user token of the org).
@@ -177,6 +192,11 @@ pub async fn main() -> Result<()> {
         Command::Token(cmd) => token(cmd),
         Command::Admin(cmd) => admin(cmd).await,
         Command::Bundle(cmd) => bundle(cmd).await,
+        Command::Jobs(cmd) => jobs::jobs(cmd).await,
+        Command::Tasks(cmd) => tasks(cmd).await,
+        Command::Pause(args) => pause(args, true).await,
+        Command::Resume(args) => pause(args, false).await,
+        Command::Pauses(args) => pauses(args).await,
     }
 }
 

@@ -657,3 +657,91 @@ async fn a_paused_runtime_keeps_its_tasks_ready_and_unclaimed_in_its_org_only_an
         (StatusCode::BAD_REQUEST, "invalid_request")
     );
 }
+
+/// Runs the `dispatcher` binary against the app with `token` (without
+/// blocking the runtime that serves the app); its exit status, stdout and
+/// stderr.
+async fn cli(app: &TestApp, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(dispatcher_tests::stack::binary("dispatcher"))
+        .args(args)
+        .env("DISPATCHER_URL", format!("http://{}", app.addr))
+        .env("DISPATCHER_TOKEN", token)
+        .env_remove("DISPATCHER_ORG")
+        .output()
+        .await
+        .expect("the dispatcher binary runs (cargo build --workspace --bins)");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_cli_lists_shows_retries_and_pauses_through_the_api_with_a_user_token() {
+    let app = TestApp::spawn_with(unthrottled()).await;
+    let job = app
+        .submit(&json!({"name": "cli-job", "tasks": [
+            {"key": "load", "runtime": "exec", "bundle": "x", "max_attempts": 1}]}))
+        .await;
+    let c = app.claim(job.tasks[0].task_id).await;
+    app.complete_failed(&c.capability_token, "disk full", false)
+        .await;
+    let token = app.user_token.clone();
+    let job_id = job.job_id.to_string();
+
+    let (ok, out, err) = cli(&app, &token, &["jobs", "list", "--json"]).await;
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["jobs"][0]["job_id"], json!(job.job_id), "{out}");
+    let (ok, out, err) = cli(&app, &token, &["jobs", "list", "--state", "failed"]).await;
+    assert!(
+        ok && out.contains(&job_id) && out.contains("failed"),
+        "{out}{err}"
+    );
+
+    let (ok, out, err) = cli(&app, &token, &["tasks", "show", &job_id, "load"]).await;
+    assert!(ok && out.contains("task_failed: disk full"), "{out}{err}");
+    let (ok, out, _) = cli(&app, &token, &["tasks", "show", &job_id, "load", "--json"]).await;
+    assert!(ok);
+    let detail: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(detail["attempts"][0]["error"]["message"], "disk full");
+
+    let (ok, out, err) = cli(
+        &app,
+        &token,
+        &["jobs", "bulk", "retry", "--state", "failed", "--dry-run"],
+    )
+    .await;
+    assert!(ok && out.contains("1 jobs, 1 tasks"), "{out}{err}");
+    assert!(
+        err.contains("would act on 1 jobs"),
+        "a progress line: {err}"
+    );
+    let (ok, out, err) = cli(&app, &token, &["jobs", "retry", &job_id]).await;
+    assert!(ok && out.contains("running"), "{out}{err}");
+
+    let (ok, out, err) = cli(&app, &token, &["pause", "exec"]).await;
+    assert!(
+        ok && out.contains("exec") && out.contains("1 tasks waiting"),
+        "{out}{err}"
+    );
+    let (ok, out, _) = cli(&app, &token, &["pauses", "--json"]).await;
+    assert!(ok && out.contains("\"exec\""), "{out}");
+    let (ok, out, err) = cli(&app, &token, &["resume", "exec"]).await;
+    assert!(ok && out.contains("no runtime is paused"), "{out}{err}");
+
+    // A viewer reads but does not act; the refusal is an error exit.
+    let viewer = app.store.ensure_user("viewer@acme.test").await.unwrap();
+    app.store
+        .set_membership(app.org_id, viewer, Role::Viewer)
+        .await
+        .unwrap();
+    let viewer = app
+        .keys
+        .mint_user(viewer, app.org_id, Utc::now() + chrono::Duration::hours(1));
+    let (ok, _, err) = cli(&app, &viewer, &["jobs", "cancel", &job_id]).await;
+    assert!(!ok && err.contains("403"), "{err}");
+    let (ok, out, _) = cli(&app, &viewer, &["jobs", "actions"]).await;
+    assert!(ok && out.contains("retry"), "{out}");
+}

@@ -107,6 +107,15 @@ pub struct Settings {
     pub event_page_size: u32,
     /// Jobs one bulk action (`POST /v1/job-actions`) acts on at most.
     pub job_action_max: u32,
+    /// Finished jobs older than this (by `finished_at`) are pruned with
+    /// their tasks, attempts, events and publishes (the `pruner` role).
+    pub job_retention: Duration,
+    /// Jobs one pruning statement deletes at most.
+    pub job_prune_batch: u32,
+    /// How often the pruner looks for expired jobs.
+    pub job_prune_interval: Duration,
+    /// The pruner's pause between two batches of one pass.
+    pub job_prune_pause: Duration,
     /// Requests per worker credential (a pool of workers shares one).
     pub rate_per_worker: Rate,
     /// Requests per capability token's task (all its attempts).
@@ -262,6 +271,10 @@ impl Default for Settings {
             job_list_page_size: 100,
             event_page_size: 500,
             job_action_max: 1_000,
+            job_retention: Duration::from_secs(7 * 24 * 3600),
+            job_prune_batch: 200,
+            job_prune_interval: Duration::from_secs(60),
+            job_prune_pause: Duration::from_millis(100),
             rate_per_worker: Rate {
                 per_second: 5_000,
                 burst: 10_000,

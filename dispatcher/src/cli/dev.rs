@@ -227,7 +227,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
         shutdown.clone(),
     ));
     eprintln!(
-        "dispatcher serving at {url_http} (api, relay, reaper, sink, router, delivery; {} profile)",
+        "dispatcher serving at {url_http} (api, relay, reaper, sink, router, delivery, pruner; {} profile)",
         args.profile.queues.profile
     );
 

@@ -27,7 +27,8 @@ pub(crate) struct ServeArgs {
     max_connections: u32,
     #[command(flatten)]
     profile: dispatcher::profile::ProfileArgs,
-    /// Roles to run: any of api, relay, reaper, sink, router, delivery, or all.
+    /// Roles to run: any of api, relay, reaper, sink, router, delivery,
+    /// pruner, or all.
     #[arg(long, env = "DISPATCHER_ROLES", default_value = "all", value_parser = Roles::parse)]
     roles: Roles,
     #[command(flatten)]
@@ -215,10 +216,18 @@ pub(crate) struct LimitArgs {
     /// A capability token outlives its lease by this many seconds.
     #[arg(long, env = "DISPATCHER_TOKEN_GRACE_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     token_grace_seconds: Option<u64>,
+    /// Finished jobs are deleted (with their tasks, attempts, events and
+    /// publishes) this many hours after they finished (the pruner role;
+    /// default 168, a week).
+    #[arg(long, env = "DISPATCHER_JOB_RETENTION_HOURS", value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    job_retention_hours: Option<u64>,
 }
 
 impl LimitArgs {
     fn apply(&self, s: &mut Settings) {
+        if let Some(h) = self.job_retention_hours {
+            s.job_retention = std::time::Duration::from_secs(h * 3600);
+        }
         if let Some(r) = self.rate_per_org {
             s.rate_per_org = r;
         }

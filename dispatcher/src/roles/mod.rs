@@ -4,6 +4,7 @@
 //! Every role drains on shutdown; nothing is global, so several dispatchers
 //! can run in one process (tests do).
 
+pub mod pruner;
 pub mod reaper;
 pub mod relay;
 
@@ -35,6 +36,8 @@ pub struct Roles {
     pub router: bool,
     /// Alert delivery (webhooks; needs the data database).
     pub delivery: bool,
+    /// Deletes finished jobs past their retention.
+    pub pruner: bool,
 }
 
 impl Roles {
@@ -45,6 +48,7 @@ impl Roles {
         sink: false,
         router: false,
         delivery: false,
+        pruner: false,
     };
     pub const ALL: Roles = Roles {
         api: true,
@@ -53,6 +57,7 @@ impl Roles {
         sink: true,
         router: true,
         delivery: true,
+        pruner: true,
     };
     pub const API: Roles = Roles {
         api: true,
@@ -64,7 +69,8 @@ impl Roles {
         self.api || self.sink || self.router || self.delivery
     }
 
-    /// Parses `api,relay,reaper,sink,router,delivery` (any subset, or `all`).
+    /// Parses `api,relay,reaper,sink,router,delivery,pruner` (any subset,
+    /// or `all`).
     pub fn parse(s: &str) -> Result<Roles, String> {
         let mut roles = Roles::NONE;
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -76,9 +82,10 @@ impl Roles {
                 "sink" => roles.sink = true,
                 "router" => roles.router = true,
                 "delivery" => roles.delivery = true,
+                "pruner" => roles.pruner = true,
                 other => {
                     return Err(format!(
-                        "unknown role {other:?} (api, relay, reaper, sink, router, delivery, all)"
+                        "unknown role {other:?} (api, relay, reaper, sink, router, delivery, pruner, all)"
                     ))
                 }
             }
@@ -167,6 +174,10 @@ pub async fn run(
     if roles.reaper {
         let reaper = Reaper::new(store.clone(), settings.clone());
         tasks.spawn(reaper.run(shutdown.clone()));
+    }
+    if roles.pruner {
+        let pruner = pruner::Pruner::new(store.clone(), settings.clone());
+        tasks.spawn(pruner.run(shutdown.clone()));
     }
     if roles.sink {
         let data = data.as_ref().ok_or_else(|| {

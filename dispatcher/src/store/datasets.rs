@@ -178,8 +178,9 @@ impl Store {
     }
 
     /// For each attempt, whether it ended longer than `ago` ago (by
-    /// Postgres' clock). Attempts still running, or unknown, are absent or
-    /// false.
+    /// Postgres' clock). Attempts still running, or not yet recorded, are
+    /// false; one whose job the pruner deleted (no task row is left) counts
+    /// as ended.
     pub async fn attempts_ended_before(
         &self,
         attempts: &[(Uuid, u32)],
@@ -191,12 +192,15 @@ impl Store {
             .map(|a| i32::try_from(a.1).unwrap_or(i32::MAX))
             .collect();
         let rows: Vec<(Uuid, i32, bool)> = sqlx::query!(
-            r#"SELECT a.task_id, a.attempt,
-                    a.finished_at IS NOT NULL
-                    AND a.finished_at < now() - $3 * interval '1 millisecond' AS "ended!"
-               FROM attempts a
-               JOIN unnest($1::uuid[], $2::int[]) AS w(task_id, attempt)
-                 ON w.task_id = a.task_id AND w.attempt = a.attempt"#,
+            r#"SELECT w.task_id AS "task_id!", w.attempt AS "attempt!",
+                    CASE WHEN a.task_id IS NOT NULL
+                         THEN a.finished_at IS NOT NULL
+                              AND a.finished_at < now() - $3 * interval '1 millisecond'
+                         -- The job was pruned (it finished a retention ago).
+                         ELSE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = w.task_id)
+                    END AS "ended!"
+               FROM unnest($1::uuid[], $2::int[]) AS w(task_id, attempt)
+               LEFT JOIN attempts a ON a.task_id = w.task_id AND a.attempt = w.attempt"#,
             &tasks,
             &numbers,
             crate::millis(ago) as f64,

@@ -354,4 +354,34 @@ impl Store {
         }
         Ok(cancelled)
     }
+
+    /// Deletes up to `limit` jobs that finished more than `older_than`
+    /// ago, oldest first, with everything of theirs (ON DELETE CASCADE),
+    /// except a job with a buffer batch the sink has not ingested (pending,
+    /// or dead and awaiting an operator's replay or purge). Rows another
+    /// transaction holds are skipped. How many jobs it deleted.
+    pub async fn prune_finished_jobs(
+        &self,
+        older_than: std::time::Duration,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        let done = sqlx::query!(
+            "DELETE FROM jobs j
+              USING (SELECT x.id FROM jobs x
+                      WHERE x.state <> 'running'
+                        AND x.finished_at < now() - $1 * interval '1 millisecond'
+                        AND NOT EXISTS (
+                              SELECT 1 FROM tasks t JOIN buffer_publishes b ON b.task_id = t.id
+                               WHERE t.job_id = x.id AND b.state <> 'ingested')
+                      ORDER BY x.finished_at
+                      LIMIT $2
+                        FOR UPDATE SKIP LOCKED) old
+              WHERE j.id = old.id",
+            crate::millis(older_than) as f64,
+            i64::from(limit),
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
 }

@@ -745,3 +745,133 @@ async fn the_cli_lists_shows_retries_and_pauses_through_the_api_with_a_user_toke
     let (ok, out, _) = cli(&app, &viewer, &["jobs", "actions"]).await;
     assert!(ok && out.contains("retry"), "{out}");
 }
+
+#[tokio::test]
+async fn the_pruner_deletes_exactly_the_finished_jobs_older_than_the_retention_and_nothing_running()
+{
+    let settings = dispatcher::settings::Settings {
+        job_retention: std::time::Duration::from_secs(3600),
+        job_prune_batch: 7,
+        job_prune_pause: std::time::Duration::from_millis(1),
+        ..unthrottled()
+    };
+    let app = TestApp::spawn_with(settings).await;
+    let pool = &app.db.pool;
+    let one = |name: &str| {
+        json!({"name": name, "tasks": [
+        {"key": "a", "runtime": "exec", "bundle": "x", "max_attempts": 1},
+        {"key": "b", "runtime": "exec", "bundle": "x", "depends_on": ["a"]}]})
+    };
+    // 20 finished two hours ago (half succeeded, half failed), with events.
+    let mut old = Vec::new();
+    for i in 0..20 {
+        let job = app.submit(&one(&format!("old-{i}"))).await;
+        let a = app.claim(job.tasks[0].task_id).await;
+        app.post(
+            "/v1/task/events",
+            &a.capability_token,
+            &json!({"events": [{"seq": 0, "kind": "k", "payload": {}}]}),
+        )
+        .await;
+        if i % 2 == 0 {
+            app.complete_ok(&a.capability_token, json!({})).await;
+            app.run_ok(job.tasks[1].task_id).await;
+        } else {
+            app.complete_failed(&a.capability_token, "no", false).await;
+        }
+        old.push(job.job_id);
+    }
+    // Kept: one finished a minute ago, one running for two hours, and one
+    // finished two hours ago whose buffer batch the sink has not ingested.
+    let recent = app.submit(&one("recent")).await;
+    app.run_ok(recent.tasks[0].task_id).await;
+    app.run_ok(recent.tasks[1].task_id).await;
+    let running = app.submit(&one("running")).await;
+    let pending = app.submit(&one("pending")).await;
+    let p = app.claim(pending.tasks[0].task_id).await;
+    app.complete_failed(&p.capability_token, "no", false).await;
+    sqlx::query(
+        "INSERT INTO buffer_publishes (batch_id, org_id, task_id, attempt, dataset, object_key, rows, sha256)
+         VALUES (gen_random_uuid(), $1, $2, 1, 'events', 'k', 1, repeat('a', 64))",
+    )
+    .bind(app.org_id)
+    .bind(pending.tasks[0].task_id)
+    .execute(pool)
+    .await
+    .unwrap();
+    let mut backdated = old.clone();
+    backdated.push(pending.job_id);
+    sqlx::query(
+        "UPDATE jobs SET created_at = now() - interval '3 hours',
+                         finished_at = now() - interval '2 hours' WHERE id = ANY($1)",
+    )
+    .bind(&backdated)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE jobs SET created_at = now() - interval '2 hours' WHERE id = $1")
+        .bind(running.job_id)
+        .execute(pool)
+        .await
+        .unwrap();
+    let finished: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE id = ANY($1) AND state <> 'running'")
+            .bind(&old)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(finished, 20);
+
+    let pruner = dispatcher::roles::pruner::Pruner::new(app.store.clone(), app.settings.clone());
+    let deleted = pruner
+        .prune_once(&tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!(deleted, 20, "in batches of 7");
+    let mut left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs")
+        .fetch_all(pool)
+        .await
+        .unwrap();
+    left.sort();
+    let mut want = vec![recent.job_id, running.job_id, pending.job_id];
+    want.sort();
+    assert_eq!(left, want);
+    for table in ["tasks", "task_specs", "attempts", "task_events"] {
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {table} x WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = x.{})",
+            if table == "tasks" { "id" } else { "task_id" }
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 0, "{table} rows of pruned tasks");
+    }
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        events, 0,
+        "the pruned jobs' events are gone (the kept jobs emitted none)"
+    );
+    assert_eq!(
+        pruner
+            .prune_once(&tokio_util::sync::CancellationToken::new())
+            .await
+            .unwrap(),
+        0,
+        "a second pass finds nothing"
+    );
+    // What is kept is still readable.
+    let r = app
+        .get(
+            &format!("/v1/jobs/{}/tasks/a", recent.job_id),
+            &app.user_token,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = app
+        .get(&format!("/v1/jobs/{}", old[0]), &app.user_token)
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+}

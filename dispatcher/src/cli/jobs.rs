@@ -250,6 +250,15 @@ fn print_job(job: &wire::JobView) {
     }
 }
 
+fn answer_job(job: &wire::JobView, json: bool) -> Result<()> {
+    if json {
+        print_json(job)
+    } else {
+        print_job(job);
+        Ok(())
+    }
+}
+
 pub(crate) async fn jobs(cmd: JobsCommand) -> Result<()> {
     match cmd {
         JobsCommand::List {
@@ -298,11 +307,7 @@ pub(crate) async fn jobs(cmd: JobsCommand) -> Result<()> {
         }
         JobsCommand::Show { job_id, json, api } => {
             let job: wire::JobView = get(&api, &format!("/v1/jobs/{job_id}"), &[]).await?;
-            if json {
-                print_json(&job)?;
-            } else {
-                print_job(&job);
-            }
+            answer_job(&job, json)?;
         }
         JobsCommand::Retry {
             job_id,
@@ -315,20 +320,12 @@ pub(crate) async fn jobs(cmd: JobsCommand) -> Result<()> {
                 None => format!("/v1/jobs/{job_id}/retry"),
             };
             let job: wire::JobView = send(&api, reqwest::Method::POST, &path, json!({})).await?;
-            if json {
-                print_json(&job)?;
-            } else {
-                print_job(&job);
-            }
+            answer_job(&job, json)?;
         }
         JobsCommand::Cancel { job_id, json, api } => {
             let path = format!("/v1/jobs/{job_id}/cancel");
             let job: wire::JobView = send(&api, reqwest::Method::POST, &path, json!({})).await?;
-            if json {
-                print_json(&job)?;
-            } else {
-                print_job(&job);
-            }
+            answer_job(&job, json)?;
         }
         JobsCommand::Bulk {
             action,

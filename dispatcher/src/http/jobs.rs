@@ -166,6 +166,19 @@ pub async fn events(
     ))
 }
 
+/// Retries `scope` of the org's job `raw` and answers the job.
+async fn retried(
+    state: &AppState,
+    user: &super::extract::UserIdentity,
+    raw: &str,
+    scope: crate::store::RetryScope<'_>,
+) -> Result<Json<wire::JobView>, ApiError> {
+    let id = job_id(raw)?;
+    let store = &state.store;
+    store.retry(user.org, Some(user.sub), id, scope).await?;
+    Ok(Json(store.get_job(user.org, id, page(state, None)?).await?))
+}
+
 /// `POST /v1/jobs/{job_id}/retry`: the job's failed and cancelled tasks run
 /// again (`store::actions`); answers the job.
 pub async fn retry(
@@ -173,18 +186,7 @@ pub async fn retry(
     Writer(user): Writer,
     Path(raw): Path<String>,
 ) -> Result<Json<wire::JobView>, ApiError> {
-    let id = job_id(&raw)?;
-    let scope = crate::store::RetryScope::Job;
-    state
-        .store
-        .retry(user.org, Some(user.sub), id, scope)
-        .await?;
-    Ok(Json(
-        state
-            .store
-            .get_job(user.org, id, page(&state, None)?)
-            .await?,
-    ))
+    retried(&state, &user, &raw, crate::store::RetryScope::Job).await
 }
 
 /// `POST /v1/jobs/{job_id}/tasks/{key}/retry`: the task and the job's
@@ -194,18 +196,7 @@ pub async fn retry_task(
     Writer(user): Writer,
     Path((raw, key)): Path<(String, String)>,
 ) -> Result<Json<wire::JobView>, ApiError> {
-    let id = job_id(&raw)?;
-    let scope = crate::store::RetryScope::Task(&key);
-    state
-        .store
-        .retry(user.org, Some(user.sub), id, scope)
-        .await?;
-    Ok(Json(
-        state
-            .store
-            .get_job(user.org, id, page(&state, None)?)
-            .await?,
-    ))
+    retried(&state, &user, &raw, crate::store::RetryScope::Task(&key)).await
 }
 
 /// `POST /v1/job-actions`: a bulk retry or cancel by the listing's

@@ -96,6 +96,8 @@ pub struct Settings {
     pub max_events_per_attempt: u32,
     /// Largest total size (bytes of JSON payload) of one attempt's events.
     pub max_event_bytes_per_attempt: u64,
+    /// Largest attempt log (`POST /v1/task/logs`), in bytes of text.
+    pub max_log_bytes: usize,
     /// Largest number of dependencies of one task.
     pub max_deps_per_task: usize,
     /// Tasks per page of `GET /v1/jobs/{id}` (default and largest).
@@ -266,6 +268,7 @@ impl Default for Settings {
             max_events_per_call: 1_000,
             max_events_per_attempt: 10_000,
             max_event_bytes_per_attempt: 16 * 1024 * 1024,
+            max_log_bytes: 1024 * 1024,
             max_deps_per_task: 1_000,
             job_page_size: 1_000,
             job_list_page_size: 100,

@@ -760,6 +760,52 @@ pub struct AttemptView {
     pub events: u32,
     pub dataset_versions: Vec<ProducedVersion>,
     pub buffer_batches: Vec<ProducedBatch>,
+    /// The captured output the attempt's worker stored, if any
+    /// (`GET …/attempts/{n}/logs` serves it).
+    #[serde(default)]
+    pub log: Option<LogInfo>,
+}
+
+/// How big an attempt's stored log is, and whether it was cut.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LogInfo {
+    /// Bytes stored (after redaction).
+    pub bytes: u64,
+    /// Bytes the worker dropped from the middle to keep within its bound
+    /// (0: the log is whole).
+    pub dropped_bytes: u64,
+}
+
+/// `POST /v1/task/logs` (capability token): what the attempt printed, as
+/// the worker captured it (an `exec` task's stderr; a bundle runner's
+/// stdout and stderr during the invocation). A log already stored for the
+/// attempt is replaced. Fenced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskLogRequest {
+    pub log: String,
+    /// Bytes the worker left out (it marks the cut in `log` itself).
+    #[serde(default)]
+    pub dropped_bytes: u64,
+}
+
+/// `POST /v1/task/logs`'s answer: what was stored.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TaskLogResponse {
+    pub bytes: u64,
+    pub dropped_bytes: u64,
+    /// Secrets replaced by `[REDACTED]` before storing.
+    pub redactions: u64,
+}
+
+/// `GET /v1/jobs/{job_id}/tasks/{key}/attempts/{n}/logs`: an attempt's log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AttemptLog {
+    pub task_key: String,
+    pub attempt: u32,
+    pub bytes: u64,
+    pub dropped_bytes: u64,
+    pub log: String,
 }
 
 /// `GET /v1/jobs/{job_id}/tasks/{key}`: the task's spec, its state, the

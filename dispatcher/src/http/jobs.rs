@@ -128,6 +128,31 @@ pub async fn task(
     Ok(Json(state.store.task_detail(user.org, id, &key).await?))
 }
 
+/// `GET /v1/jobs/{job_id}/tasks/{key}/attempts/{attempt}/logs`: what the
+/// attempt printed, as its worker stored it (`services::logs::read`).
+pub async fn logs(
+    State(state): State<AppState>,
+    Member { user, .. }: Member,
+    Path((raw, key, attempt)): Path<(String, String, String)>,
+) -> Result<Json<wire::AttemptLog>, ApiError> {
+    let id = job_id(&raw)?;
+    let attempt = attempt
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| ApiError::invalid("attempt", "must be a whole number from 1"))?;
+    let log = crate::services::logs::read(
+        &state.store,
+        state.objects.as_ref(),
+        user.org,
+        id,
+        &key,
+        attempt,
+    )
+    .await?;
+    Ok(Json(log))
+}
+
 /// Paging of a task's events: `?limit=N&after=<next_cursor>`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -183,6 +183,7 @@ pub const ROUTES: &[RouteSpec] = &[
     route("POST", "/v1/task/buffer-publish", Access::Task),
     route("POST", "/v1/task/complete", Access::Task),
     route("POST", "/v1/task/objects", Access::Task),
+    route("POST", "/v1/task/logs", Access::Task),
     route("POST", "/v1/task/dataset-stage", Access::Task),
     route("POST", "/v1/task/credentials", Access::Task),
     route("POST", "/v1/jobs", WRITER),
@@ -190,6 +191,11 @@ pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/v1/jobs/{job_id}", VIEWER),
     route("GET", "/v1/jobs/{job_id}/tasks/{key}", VIEWER),
     route("GET", "/v1/jobs/{job_id}/tasks/{key}/events", VIEWER),
+    route(
+        "GET",
+        "/v1/jobs/{job_id}/tasks/{key}/attempts/{attempt}/logs",
+        VIEWER,
+    ),
     route("POST", "/v1/jobs/{job_id}/cancel", WRITER),
     route("POST", "/v1/jobs/{job_id}/retry", WRITER),
     route("POST", "/v1/jobs/{job_id}/tasks/{key}/retry", WRITER),
@@ -243,6 +249,10 @@ fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter
         ("POST", "/v1/task/buffer-publish") => post(worker::buffer_publish),
         ("POST", "/v1/task/complete") => post(worker::complete),
         ("POST", "/v1/task/objects") => post(worker::objects),
+        // A log's text may be escaped up to six times its size in JSON.
+        ("POST", "/v1/task/logs") => post(worker::logs).layer(DefaultBodyLimit::max(
+            settings.max_log_bytes.saturating_mul(6) + 64 * 1024,
+        )),
         ("POST", "/v1/task/dataset-stage") => post(worker::dataset_stage),
         ("POST", "/v1/task/credentials") => post(worker::credentials),
         ("POST", "/v1/jobs") => post(jobs::submit),
@@ -250,6 +260,7 @@ fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter
         ("GET", "/v1/jobs/{job_id}") => get(jobs::get),
         ("GET", "/v1/jobs/{job_id}/tasks/{key}") => get(jobs::task),
         ("GET", "/v1/jobs/{job_id}/tasks/{key}/events") => get(jobs::events),
+        ("GET", "/v1/jobs/{job_id}/tasks/{key}/attempts/{attempt}/logs") => get(jobs::logs),
         ("POST", "/v1/jobs/{job_id}/cancel") => post(jobs::cancel),
         ("POST", "/v1/jobs/{job_id}/retry") => post(jobs::retry),
         ("POST", "/v1/jobs/{job_id}/tasks/{key}/retry") => post(jobs::retry_task),

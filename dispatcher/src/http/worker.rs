@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::extract::{ApiJson, TaskAuth, WorkerAuth};
 use super::AppState;
 use crate::domain::{self, MAX_BATCH};
-use crate::services::{fence, leases, staging, task_objects};
+use crate::services::{fence, leases, logs, staging, task_objects};
 use crate::store::PublishOutcome;
 use crate::tokens::TaskClaims;
 
@@ -355,6 +355,16 @@ pub async fn objects(
 ) -> Result<Json<wire::ObjectsResponse>, ApiError> {
     let urls = task_objects::urls(state.ctx(), &claims, &req).await?;
     Ok(Json(wire::ObjectsResponse { urls }))
+}
+
+/// Stores what the attempt printed (`services::logs::store`): bounded,
+/// redacted, fenced.
+pub async fn logs(
+    State(state): State<AppState>,
+    TaskAuth(claims): TaskAuth,
+    ApiJson(req): ApiJson<wire::TaskLogRequest>,
+) -> Result<Json<wire::TaskLogResponse>, ApiError> {
+    Ok(Json(logs::store(state.ctx(), &claims, &req).await?))
 }
 
 /// Stages parts of a dataset the task may write (contract: "Staging and

@@ -176,7 +176,7 @@ pub async fn run(
         tasks.spawn(reaper.run(shutdown.clone()));
     }
     if roles.pruner {
-        let pruner = pruner::Pruner::new(store.clone(), settings.clone());
+        let pruner = pruner::Pruner::new(store.clone(), objects.clone(), settings.clone());
         tasks.spawn(pruner.run(shutdown.clone()));
     }
     if roles.sink {

@@ -12,6 +12,7 @@ use crate::tokens::Keyring;
 pub mod alerts;
 pub mod dlq;
 pub mod leases;
+pub mod logs;
 pub mod query;
 pub mod retention;
 pub mod sink;

@@ -138,7 +138,7 @@ impl Store {
         .await?;
         let attempts = sqlx::query!(
             r#"SELECT attempt, worker_id, claimed_at, finished_at, outcome, progress,
-                      completion, events
+                      completion, events, log_bytes, log_dropped_bytes
                  FROM attempts WHERE task_id = $1 ORDER BY attempt"#,
             t.id,
         )
@@ -196,6 +196,10 @@ impl Store {
                             state: b.state.clone(),
                         })
                         .collect(),
+                    log: a.log_bytes.map(|bytes| wire::LogInfo {
+                        bytes: bytes as u64,
+                        dropped_bytes: a.log_dropped_bytes.unwrap_or(0) as u64,
+                    }),
                 }
             })
             .collect();

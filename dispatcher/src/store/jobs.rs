@@ -365,23 +365,34 @@ impl Store {
         older_than: std::time::Duration,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let done = sqlx::query!(
-            "DELETE FROM jobs j
-              USING (SELECT x.id FROM jobs x
-                      WHERE x.state <> 'running'
-                        AND x.finished_at < now() - $1 * interval '1 millisecond'
-                        AND NOT EXISTS (
-                              SELECT 1 FROM tasks t JOIN buffer_publishes b ON b.task_id = t.id
-                               WHERE t.job_id = x.id AND b.state <> 'ingested')
-                      ORDER BY x.finished_at
-                      LIMIT $2
-                        FOR UPDATE SKIP LOCKED) old
-              WHERE j.id = old.id",
+        // One statement: the jobs go (their tasks, attempts, events and
+        // publishes by cascade) and their attempts' logs join the deletion
+        // queue, which the same snapshot still sees.
+        let pruned = sqlx::query_scalar!(
+            r#"WITH gone AS (
+                 DELETE FROM jobs j
+                  USING (SELECT x.id FROM jobs x
+                          WHERE x.state <> 'running'
+                            AND x.finished_at < now() - $1 * interval '1 millisecond'
+                            AND NOT EXISTS (
+                                  SELECT 1 FROM tasks t JOIN buffer_publishes b ON b.task_id = t.id
+                                   WHERE t.job_id = x.id AND b.state <> 'ingested')
+                          ORDER BY x.finished_at
+                          LIMIT $2
+                            FOR UPDATE SKIP LOCKED) old
+                  WHERE j.id = old.id
+              RETURNING j.id),
+               logs AS (
+                 INSERT INTO object_deletions (key)
+                 SELECT a.log_key FROM attempts a JOIN tasks t ON t.id = a.task_id
+                  WHERE t.job_id IN (SELECT id FROM gone) AND a.log_key IS NOT NULL
+                 ON CONFLICT DO NOTHING)
+             SELECT count(*) AS "n!" FROM gone"#,
             crate::millis(older_than) as f64,
             i64::from(limit),
         )
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(done.rows_affected())
+        Ok(pruned as u64)
     }
 }

@@ -17,6 +17,7 @@ mod completion;
 mod datasets;
 mod inspection;
 mod jobs;
+mod logs;
 mod orgs;
 mod outbox;
 mod pauses;
@@ -29,6 +30,7 @@ pub use batches::{DeadBatch, DeadFilter, PendingBatch, SinkBatch};
 pub use bundles::ResolvedBundle;
 pub use datasets::{NewPart, StagedDataset, WrittenManifest};
 pub use jobs::TaskPage;
+pub use logs::StoredLog;
 pub use orgs::MemberRow;
 pub use outbox::{DeadRow, OutboxCounts, OutboxRow};
 

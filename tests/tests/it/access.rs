@@ -83,8 +83,8 @@ async fn world() -> World {
         }
         tokens.push((caller, app.keys.mint_user(user, org_of_token, exp)));
     }
-    // The org's resources: a job, a committed version of `clicks`, a
-    // batch of the stream `events`.
+    // The org's resources: a job with an attempt's log, a committed version
+    // of `clicks`, a batch of the stream `events`.
     app.create_dataset("clicks", "append", json!([{"name": "a", "type": "string"}]))
         .await;
     app.create_dataset("events", "stream", json!([{"name": "a", "type": "string"}]))
@@ -114,6 +114,14 @@ async fn world() -> World {
             "/v1/task/buffer-publish",
             &claim.capability_token,
             &json!({"batch_id": batch, "dataset": "events", "object_key": key, "rows": 1, "sha256": sum}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let r = app
+        .post(
+            "/v1/task/logs",
+            &claim.capability_token,
+            &json!({"log": "hello\n"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -197,6 +205,9 @@ async fn request(w: &World, spec: &RouteSpec, n: usize) -> (String, Option<Body>
         ("GET", "/v1/jobs/{job_id}/tasks/{key}") => (format!("/v1/jobs/{}/tasks/w", w.job), None, true),
         ("GET", "/v1/jobs/{job_id}/tasks/{key}/events") => {
             (format!("/v1/jobs/{}/tasks/w/events", w.job), None, true)
+        }
+        ("GET", "/v1/jobs/{job_id}/tasks/{key}/attempts/{attempt}/logs") => {
+            (format!("/v1/jobs/{}/tasks/w/attempts/1/logs", w.job), None, true)
         }
         ("POST", "/v1/jobs/{job_id}/cancel") => {
             let fresh = app

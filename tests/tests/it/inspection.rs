@@ -754,8 +754,8 @@ async fn the_cli_lists_shows_retries_and_pauses_through_the_api_with_a_user_toke
 }
 
 #[tokio::test]
-async fn the_pruner_deletes_exactly_the_finished_jobs_older_than_the_retention_and_nothing_running()
-{
+async fn the_pruner_deletes_exactly_the_finished_jobs_older_than_the_retention_with_their_logs_and_nothing_running(
+) {
     let settings = dispatcher::settings::Settings {
         job_retention: std::time::Duration::from_secs(3600),
         job_prune_batch: 7,
@@ -780,6 +780,14 @@ async fn the_pruner_deletes_exactly_the_finished_jobs_older_than_the_retention_a
             &json!({"events": [{"seq": 0, "kind": "k", "payload": {}}]}),
         )
         .await;
+        let r = app
+            .post(
+                "/v1/task/logs",
+                &a.capability_token,
+                &json!({"log": format!("old job {i} printed this\n")}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
         if i % 2 == 0 {
             app.complete_ok(&a.capability_token, json!({})).await;
             app.run_ok(job.tasks[1].task_id).await;
@@ -829,12 +837,41 @@ async fn the_pruner_deletes_exactly_the_finished_jobs_older_than_the_retention_a
             .unwrap();
     assert_eq!(finished, 20);
 
-    let pruner = dispatcher::roles::pruner::Pruner::new(app.store.clone(), app.settings.clone());
+    let logs_of = |org: Uuid| format!("orgs/{org}/logs/");
+    assert_eq!(
+        app.objects.list(&logs_of(app.org_id)).await.unwrap().len(),
+        20
+    );
+    let pruner = dispatcher::roles::pruner::Pruner::new(
+        app.store.clone(),
+        app.objects.clone(),
+        app.settings.clone(),
+    );
     let deleted = pruner
         .prune_once(&tokio_util::sync::CancellationToken::new())
         .await
         .unwrap();
-    assert_eq!(deleted, 20, "in batches of 7");
+    assert_eq!(
+        deleted,
+        dispatcher::roles::pruner::Pruned {
+            jobs: 20,
+            objects: 20
+        },
+        "in batches of 7, with the pruned attempts' logs"
+    );
+    assert!(
+        app.objects
+            .list(&logs_of(app.org_id))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the pruned jobs' logs are gone from the object store"
+    );
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM object_deletions")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "the deletion queue is drained");
     let mut left: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM jobs")
         .fetch_all(pool)
         .await
@@ -866,7 +903,7 @@ async fn the_pruner_deletes_exactly_the_finished_jobs_older_than_the_retention_a
             .prune_once(&tokio_util::sync::CancellationToken::new())
             .await
             .unwrap(),
-        0,
+        dispatcher::roles::pruner::Pruned::default(),
         "a second pass finds nothing"
     );
     // What is kept is still readable.
@@ -881,4 +918,136 @@ async fn the_pruner_deletes_exactly_the_finished_jobs_older_than_the_retention_a
         .get(&format!("/v1/jobs/{}", old[0]), &app.user_token)
         .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn an_attempts_log_is_stored_bounded_and_redacted_and_served_to_its_org_only() {
+    let settings = dispatcher::settings::Settings {
+        max_log_bytes: 4096,
+        ..unthrottled()
+    };
+    let app = TestApp::spawn_with(settings).await;
+    let job = app
+        .submit(&json!({"name": "logged", "tasks": [
+            {"key": "a", "runtime": "exec", "bundle": "x", "max_attempts": 3}]}))
+        .await;
+    let task = job.tasks[0].task_id;
+    let logs = |n: u32| format!("/v1/jobs/{}/tasks/a/attempts/{n}/logs", job.job_id);
+    let first = app.claim(task).await;
+    // Running and silent so far: no log yet.
+    let r = app.get(&logs(1), &app.user_token).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let printed = format!(
+        "starting\nmy token is {}\nGET http://x/objects/k?method=GET&expires=1&sig=abcdef0123\n\
+         [... 900 bytes dropped ...]\ndone\n",
+        first.capability_token
+    );
+    let r = app
+        .post(
+            "/v1/task/logs",
+            &first.capability_token,
+            &json!({"log": printed, "dropped_bytes": 900}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["redactions"], 2, "{}", r.body);
+    assert_eq!(r.body["dropped_bytes"], 900);
+    // Too big: refused, and the stored log is unchanged.
+    let r = app
+        .post(
+            "/v1/task/logs",
+            &first.capability_token,
+            &json!({"log": "x".repeat(4097)}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
+    app.complete_failed(&first.capability_token, "boom", true)
+        .await;
+
+    let r = app.get(&logs(1), &app.user_token).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let text = r.body["log"].as_str().unwrap().to_owned();
+    assert!(
+        text.starts_with("starting\nmy token is [REDACTED]\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sig=[REDACTED]") && text.ends_with("done\n"),
+        "{text}"
+    );
+    assert!(!text.contains(first.capability_token.as_str()) && !text.contains("abcdef0123"));
+    assert_eq!(r.body["dropped_bytes"], 900);
+    assert_eq!(r.body["bytes"], text.len());
+    // The task's detail says which attempts have a log, and how big.
+    let detail = app
+        .get(&format!("/v1/jobs/{}/tasks/a", job.job_id), &app.user_token)
+        .await;
+    assert_eq!(
+        detail.body["attempts"][0]["log"],
+        json!({"bytes": text.len(), "dropped_bytes": 900})
+    );
+
+    // A superseded attempt's upload is fenced and changes nothing.
+    app.skip_backoff(task).await;
+    let second = app.claim(task).await;
+    let r = app
+        .post(
+            "/v1/task/logs",
+            &first.capability_token,
+            &json!({"log": "zombie\n"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(r.code(), "stale_attempt");
+    let again = app.get(&logs(1), &app.user_token).await;
+    assert_eq!(again.body["log"], text);
+    let r = app.get(&logs(2), &app.user_token).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "no log for attempt 2 yet");
+    // An upload again replaces the attempt's log.
+    for body in ["one\n", "two\n"] {
+        let r = app
+            .post(
+                "/v1/task/logs",
+                &second.capability_token,
+                &json!({"log": body}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    }
+    let r = app.get(&logs(2), &app.user_token).await;
+    assert_eq!(r.body["log"], "two\n");
+
+    // Bad attempt numbers, unknown tasks, and another org: clear errors.
+    for (path, status) in [
+        (
+            format!("/v1/jobs/{}/tasks/a/attempts/0/logs", job.job_id),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            format!("/v1/jobs/{}/tasks/a/attempts/x/logs", job.job_id),
+            StatusCode::BAD_REQUEST,
+        ),
+        (logs(9), StatusCode::NOT_FOUND),
+        (
+            format!("/v1/jobs/{}/tasks/zz/attempts/1/logs", job.job_id),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let r = app.get(&path, &app.user_token).await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+    }
+    let other = app.store.ensure_org("globex").await.unwrap();
+    let stranger = app.store.ensure_user("admin@globex.test").await.unwrap();
+    app.store
+        .set_membership(other, stranger, Role::Admin)
+        .await
+        .unwrap();
+    let stranger = app
+        .keys
+        .mint_user(stranger, other, Utc::now() + chrono::Duration::hours(1));
+    let r = app.get(&logs(1), &stranger).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    // The log lies outside every attempt's writable prefix.
+    let key = dispatcher::services::logs::log_key(app.org_id, job.job_id, task, 1);
+    assert!(!key.starts_with(&first.object_prefix) && !key.starts_with(&second.object_prefix));
 }

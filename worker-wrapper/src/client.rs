@@ -374,6 +374,14 @@ impl Client {
         }
     }
 
+    pub async fn log(
+        &self,
+        token: &str,
+        req: &wire::TaskLogRequest,
+    ) -> Result<wire::TaskLogResponse, CallError> {
+        self.post("/v1/task/logs", token, req).await
+    }
+
     pub async fn buffer_publish(
         &self,
         token: &str,

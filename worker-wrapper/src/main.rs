@@ -3,6 +3,7 @@
 //! only their own capability token (`sandbox`, ADR 0010).
 
 mod batch;
+mod capture;
 mod client;
 mod runner;
 mod runners;
@@ -124,6 +125,12 @@ struct RunArgs {
     /// tasks name it. Default: `off` on the aws profile, `any` on local.
     #[arg(long, env = "WORKER_EXEC")]
     exec: Option<String>,
+    /// Bytes of each attempt's output kept for its log (an exec task's
+    /// stderr, a bundle's stdout and stderr; past it the head and the tail
+    /// are kept and the cut is marked); 0 stores no logs. The dispatcher
+    /// refuses a log past its own bound (1 MiB by default).
+    #[arg(long, env = "WORKER_LOG_MAX_BYTES", default_value_t = 1024 * 1024)]
+    log_max_bytes: usize,
     /// On SIGTERM, how long running tasks may finish before they are killed.
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 30)]
     drain_seconds: u64,
@@ -263,6 +270,7 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
             client.clone(),
             (args.batch_window_ms > 0).then(|| Duration::from_millis(args.batch_window_ms)),
         ),
+        log_max_bytes: args.log_max_bytes,
     });
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

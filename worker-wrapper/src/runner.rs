@@ -8,6 +8,7 @@ use dispatcher_wire as wire;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::capture::{LogBuffer, Shared};
 use crate::client::CallError;
 use crate::runners::{Invoked, Runners};
 use crate::runtime_api::{Answer, MAX_RESPONSE_BYTES};
@@ -31,6 +32,8 @@ pub struct WorkerConfig {
     pub exec: ExecPolicy,
     /// Heartbeats, completions and claims, batched or single.
     pub calls: Arc<crate::batch::Calls>,
+    /// Bytes of an attempt's output kept for its log (0: no logs).
+    pub log_max_bytes: usize,
 }
 
 /// Which host programs an `exec` task may start on this worker (review
@@ -106,7 +109,9 @@ pub enum Handled {
 
 /// How a run ended.
 enum Ended {
-    Exited(std::process::ExitStatus, Vec<u8>, Vec<u8>),
+    /// An exec task exited: its status, its stdout (the output), and the
+    /// end of its stderr.
+    Exited(std::process::ExitStatus, Vec<u8>, String),
     /// An exec task ran past its timeout and was killed.
     TimedOut(u64),
     /// A bundle task's invocation ended.
@@ -207,12 +212,18 @@ pub async fn handle(
     tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, key = claim.task.key, "claimed");
     // The newest capability token: heartbeats refresh it, completion uses it.
     let token = Arc::new(Mutex::new(claim.capability_token.clone()));
+    // What the attempt prints, whichever way it ends.
+    let log = LogBuffer::shared(cfg.log_max_bytes);
     let ended = if claim.task.runtime == wire::Runtime::Exec {
-        run(&cfg, &claim, receipt, &token).await
+        run(&cfg, &claim, receipt, &token, &log).await
     } else {
-        invoke(&cfg, &claim, receipt, &token).await
+        invoke(&cfg, &claim, receipt, &token, &log).await
     };
     let token = token.lock().map(|t| t.clone()).unwrap_or_default();
+    if !matches!(ended, Ended::Abandoned(_)) {
+        // Before the completion ends the lease, which fences the upload.
+        store_log(&cfg, &claim, &token, &log).await;
+    }
     let request = match ended {
         Ended::Abandoned(why) => {
             tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, why, "attempt abandoned without completing");
@@ -226,7 +237,7 @@ pub async fn handle(
                 error: None,
             })
         }
-        Ended::Exited(status, stdout, stderr) => Some(outcome(status, &stdout, &stderr)),
+        Ended::Exited(status, stdout, stderr) => Some(outcome(status, &stdout, stderr)),
         Ended::TimedOut(secs) => Some(failed(
             format!("Sandbox.Timedout: Task timed out after {secs}.00 seconds"),
             true,
@@ -237,11 +248,48 @@ pub async fn handle(
         Ended::SpawnFailed(why) => Some(failed(why, true)),
         Ended::Refused(why) => Some(failed(why, false)),
     };
-    if let Some(req) = request {
+    if let Some(mut req) = request {
+        // A failure message is the end of what the task printed: the
+        // tokens it was handed do not go with it.
+        if let Some(error) = req.error.as_mut() {
+            for secret in [token.as_str(), claim.capability_token.as_str()] {
+                if !secret.is_empty() {
+                    error.message = error.message.replace(secret, "[REDACTED]");
+                }
+            }
+        }
         complete(&cfg, &claim, &token, &req).await;
     }
     cfg.wakeups.delete(receipt).await;
     Handled::Done
+}
+
+/// Uploads what the attempt printed, if anything (`POST /v1/task/logs`),
+/// with the tokens it was handed replaced. A log that cannot be stored is
+/// not worth holding the completion for: it is reported and dropped.
+async fn store_log(cfg: &WorkerConfig, claim: &wire::ClaimResponse, token: &str, log: &Shared) {
+    let req = {
+        let buffer = log.lock().unwrap_or_else(|p| p.into_inner());
+        buffer.request(&[token, &claim.capability_token])
+    };
+    let Some(req) = req else { return };
+    let call = cfg.calls.client().log(token, &req);
+    match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(stored)) => tracing::debug!(
+            task_id = %claim.task_id,
+            attempt = claim.attempt,
+            bytes = stored.bytes,
+            dropped_bytes = stored.dropped_bytes,
+            redactions = stored.redactions,
+            "log stored"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, error = %e, "the task's log could not be stored")
+        }
+        Err(_) => {
+            tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, "storing the task's log timed out")
+        }
+    }
 }
 
 fn failed(message: String, retryable: bool) -> wire::CompleteRequest {
@@ -331,9 +379,10 @@ async fn invoke(
     claim: &wire::ClaimResponse,
     receipt: Option<&str>,
     token: &Arc<Mutex<String>>,
+    log: &Shared,
 ) -> Ended {
     tokio::select! {
-        invoked = cfg.runners.invoke(claim, &cfg.dispatcher_url, token.clone()) => Ended::Invoked(invoked),
+        invoked = cfg.runners.invoke(claim, &cfg.dispatcher_url, token.clone(), log.clone()) => Ended::Invoked(invoked),
         stop = keep_alive(cfg, claim, receipt, None, token) => match stop {
             // The invocation's future is dropped: its runner's group is killed.
             Stop::Cancel => Ended::Cancelled,
@@ -348,7 +397,7 @@ async fn invoke(
 fn outcome(
     status: std::process::ExitStatus,
     stdout: &[u8],
-    stderr: &[u8],
+    stderr_tail: String,
 ) -> wire::CompleteRequest {
     if status.success() {
         // Postgres stores no NUL character; a stray one is replaced.
@@ -365,15 +414,7 @@ fn outcome(
             error: None,
         }
     } else {
-        let err = String::from_utf8_lossy(stderr).replace('\0', "\u{FFFD}");
-        let tail: String = err
-            .chars()
-            .rev()
-            .take(2000)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
+        let tail = stderr_tail.replace('\0', "\u{FFFD}");
         wire::CompleteRequest {
             outcome: wire::Outcome::Failed,
             output: None,
@@ -445,6 +486,7 @@ async fn run(
     claim: &wire::ClaimResponse,
     receipt: Option<&str>,
     token: &Mutex<String>,
+    log: &Shared,
 ) -> Ended {
     let mut argv = claim.task.bundle.split_whitespace();
     let Some(program) = argv.next() else {
@@ -506,18 +548,21 @@ async fn run(
         drop(stdin);
     };
     let read_out = async move { read_capped(stdout.as_mut()).await };
-    let read_err = async move { read_capped(stderr.as_mut()).await };
+    let read_err = async move { pump(stderr.as_mut(), log).await };
     let child_done = async {
-        let (_, out, err, status) = tokio::join!(feed, read_out, read_err, child.wait());
-        (status, out, err)
+        let (_, out, (), status) = tokio::join!(feed, read_out, read_err, child.wait());
+        (status, out)
     };
     let secs = match claim.task.timeout_seconds {
         0 => cfg.default_timeout.as_secs(),
         s => u64::from(s),
     };
     let ended = tokio::select! {
-        (status, out, err) = child_done => match status {
-            Ok(status) => Ended::Exited(status, out, err),
+        (status, out) = child_done => match status {
+            Ok(status) => {
+                let tail = log.lock().unwrap_or_else(|p| p.into_inner()).tail_text(2000);
+                Ended::Exited(status, out, tail)
+            }
             Err(e) => Ended::SpawnFailed(format!("waiting for the task failed: {e}")),
         },
         _ = tokio::time::sleep(Duration::from_secs(secs)) => Ended::TimedOut(secs),
@@ -575,6 +620,22 @@ async fn keep_alive(
             }
             Err(e) => {
                 tracing::warn!(task_id = %claim.task_id, error = %e, "heartbeat failed; retrying")
+            }
+        }
+    }
+}
+
+/// Copies a stream into the attempt's log buffer until it ends.
+async fn pump<R: tokio::io::AsyncRead + Unpin>(r: Option<&mut R>, log: &Shared) {
+    if let Some(r) = r {
+        let mut buf = [0u8; 8192];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(&buf[..n]),
             }
         }
     }

@@ -22,9 +22,10 @@ use anyhow::{bail, Context as _, Result};
 use dispatcher_wire as wire;
 use serde_json::json;
 use sha2::Digest as _;
-use tokio::io::{AsyncBufReadExt as _, AsyncRead};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 use uuid::Uuid;
 
+use crate::capture::Shared;
 use crate::runtime_api::{Answer, Host, InitError, Invocation};
 use crate::sandbox::{Attempt, Sandbox};
 
@@ -78,10 +79,31 @@ struct Runner {
     host: Host,
     attempt: Option<Attempt>,
     tail: Arc<Mutex<VecDeque<u8>>>,
+    /// The log of the attempt the runner serves now: its output goes there.
+    capture: Slot,
+    /// Copies of the read ends of its stdout and stderr, to see what is
+    /// still unread when an invocation ends.
+    pipes: Vec<std::os::fd::OwnedFd>,
     idle_since: Instant,
 }
 
+/// Where a runner's output goes: the log of the attempt it serves, if any.
+type Slot = Arc<Mutex<Option<Shared>>>;
+
 impl Runner {
+    /// Waits (briefly) until what the runner wrote before its answer has
+    /// been read into the log: the pipes are empty, and the readers have
+    /// had a moment to file what they took.
+    async fn settle(&self) {
+        for _ in 0..50 {
+            if self.pipes.iter().all(|fd| unread(fd) == 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
     fn tail(&self) -> String {
         let t = self.tail.lock().unwrap_or_else(|p| p.into_inner());
         let (a, b) = t.as_slices();
@@ -378,7 +400,7 @@ impl Runners {
     }
 
     /// Starts a runner of this bundle and waits for its init to end.
-    async fn start(&self, claim: &wire::ClaimResponse) -> Result<Runner, Invoked> {
+    async fn start(&self, claim: &wire::ClaimResponse, log: &Shared) -> Result<Runner, Invoked> {
         let digest = &claim.task.bundle;
         let archive = self
             .archive(digest, claim.bundle_url.as_deref())
@@ -469,12 +491,22 @@ impl Runners {
             }
         };
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_BYTES)));
+        // The cold start's init output is the first attempt's.
+        let capture: Slot = Arc::new(Mutex::new(Some(log.clone())));
         let short = digest.get(7..19).unwrap_or(digest).to_owned();
+        let mut pipes = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(log_lines(out, short.clone(), None));
+            pipes.extend(std::os::fd::AsFd::as_fd(&out).try_clone_to_owned());
+            tokio::spawn(log_lines(out, short.clone(), None, capture.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(log_lines(err, short.clone(), Some(tail.clone())));
+            pipes.extend(std::os::fd::AsFd::as_fd(&err).try_clone_to_owned());
+            tokio::spawn(log_lines(
+                err,
+                short.clone(),
+                Some(tail.clone()),
+                capture.clone(),
+            ));
         }
         let mut runner = Runner {
             org: claim.org_id,
@@ -484,6 +516,8 @@ impl Runners {
             host,
             attempt: Some(attempt),
             tail,
+            capture,
+            pipes,
             idle_since: Instant::now(),
         };
         let started = tokio::select! {
@@ -520,12 +554,14 @@ impl Runners {
     }
 
     /// Runs one invocation of the claimed task: on a warm runner of its
-    /// bundle if one is idle, else on a new one.
+    /// bundle if one is idle, else on a new one. What the runner prints
+    /// meanwhile goes to `log`.
     pub async fn invoke(
         &self,
         claim: &wire::ClaimResponse,
         dispatcher_url: &str,
         token: Arc<Mutex<String>>,
+        log: Shared,
     ) -> Invoked {
         let began = Instant::now();
         let warm = self.take_warm(claim.org_id, &claim.task.bundle);
@@ -533,9 +569,10 @@ impl Runners {
         let mut runner = match warm {
             Some(r) => {
                 tracing::info!(digest = %claim.task.bundle, "runner reused (warm)");
+                *r.capture.lock().unwrap_or_else(|p| p.into_inner()) = Some(log.clone());
                 r
             }
-            None => match self.start(claim).await {
+            None => match self.start(claim, &log).await {
                 Ok(r) => r,
                 Err(e) => return e,
             },
@@ -603,6 +640,13 @@ impl Runners {
             ms = began.elapsed().as_secs_f64() * 1000.0,
             "invocation ended"
         );
+        runner.settle().await;
+        // Output between invocations is no attempt's.
+        runner
+            .capture
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         match &ended {
             Invoked::Answered(_) => self.keep(runner).await,
             _ => runner.stop().await,
@@ -676,25 +720,74 @@ pub fn runner_env(e: &RunnerEnv<'_>) -> Vec<(String, String)> {
     env
 }
 
-/// Logs a runner's output line by line; keeps the end of stderr.
+/// Bytes waiting unread in a pipe.
+fn unread(fd: &std::os::fd::OwnedFd) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer; the descriptor
+    // is ours (a duplicate) and open while `fd` lives.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            libc::FIONREAD,
+            &mut n as *mut libc::c_int,
+        )
+    };
+    if rc == 0 {
+        n
+    } else {
+        0
+    }
+}
+
+/// Longest line of a runner's output logged whole; a longer one is split.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Copies a runner's output into the log of the attempt it serves as it
+/// arrives, logs it line by line (bytes that are not UTF-8 shown replaced;
+/// a line past [`MAX_LINE`] split), and keeps the end of stderr.
 async fn log_lines<R: AsyncRead + Unpin>(
-    r: R,
+    mut r: R,
     bundle: String,
     tail: Option<Arc<Mutex<VecDeque<u8>>>>,
+    capture: Slot,
 ) {
-    let mut lines = tokio::io::BufReader::new(r).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        tracing::info!(target: "udf", bundle, "{line}");
+    let mut buf = [0u8; 8192];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        if let Some(log) = capture.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            log.lock().unwrap_or_else(|p| p.into_inner()).push(chunk);
+        }
         if let Some(tail) = &tail {
             let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
-            for b in line.bytes().chain(std::iter::once(b'\n')) {
+            for &b in chunk {
                 if t.len() == TAIL_BYTES {
                     t.pop_front();
                 }
                 t.push_back(b);
             }
         }
+        pending.extend_from_slice(chunk);
+        while let Some(i) = pending.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            trace_line(&bundle, &line[..i]);
+        }
+        if pending.len() > MAX_LINE {
+            trace_line(&bundle, &pending);
+            pending.clear();
+        }
     }
+    if !pending.is_empty() {
+        trace_line(&bundle, &pending);
+    }
+}
+
+fn trace_line(bundle: &str, line: &[u8]) {
+    tracing::info!(target: "udf", bundle, "{}", String::from_utf8_lossy(line));
 }
 
 #[cfg(test)]

@@ -148,6 +148,18 @@ pub(crate) enum TasksCommand {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// What an attempt printed (its stored log): the newest attempt that
+    /// has one, or `--attempt N`.
+    Logs {
+        job_id: String,
+        key: String,
+        #[arg(long)]
+        attempt: Option<u32>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// A task's events, every page.
     Events {
         job_id: String,
@@ -450,7 +462,62 @@ pub(crate) async fn tasks(cmd: TasksCommand) -> Result<()> {
                         b.batch_id, b.dataset, b.rows, b.state
                     );
                 }
+                if let Some(log) = &a.log {
+                    let cut = match log.dropped_bytes {
+                        0 => String::new(),
+                        n => format!(", {n} bytes dropped"),
+                    };
+                    println!(
+                        "    log {} bytes{cut} (dispatcher tasks logs {job_id} {key} --attempt {})",
+                        log.bytes, a.attempt
+                    );
+                }
             }
+        }
+        TasksCommand::Logs {
+            job_id,
+            key,
+            attempt,
+            json,
+            api,
+        } => {
+            let attempt = match attempt {
+                Some(n) => n,
+                None => {
+                    let t: wire::TaskDetail =
+                        get(&api, &format!("/v1/jobs/{job_id}/tasks/{key}"), &[]).await?;
+                    t.attempts
+                        .iter()
+                        .rev()
+                        .find(|a| a.log.is_some())
+                        .map(|a| a.attempt)
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "no attempt of task {key:?} has a log ({} attempts; a log is \
+                                 stored when an attempt that printed something ends)",
+                                t.attempts.len()
+                            )
+                        })?
+                }
+            };
+            let log: wire::AttemptLog = get(
+                &api,
+                &format!("/v1/jobs/{job_id}/tasks/{key}/attempts/{attempt}/logs"),
+                &[],
+            )
+            .await?;
+            if json {
+                return print_json(&log);
+            }
+            eprintln!(
+                "attempt {attempt} of {key}: {} bytes{}",
+                log.bytes,
+                match log.dropped_bytes {
+                    0 => String::new(),
+                    n => format!(", {n} bytes dropped from the middle"),
+                }
+            );
+            print!("{}", log.log);
         }
         TasksCommand::Events {
             job_id,

@@ -692,6 +692,14 @@ async fn the_cli_lists_shows_retries_and_pauses_through_the_api_with_a_user_toke
             {"key": "load", "runtime": "exec", "bundle": "x", "max_attempts": 1}]}))
         .await;
     let c = app.claim(job.tasks[0].task_id).await;
+    let r = app
+        .post(
+            "/v1/task/logs",
+            &c.capability_token,
+            &json!({"log": "writing /data/out\nENOSPC\n"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     app.complete_failed(&c.capability_token, "disk full", false)
         .await;
     let token = app.user_token.clone();
@@ -709,6 +717,21 @@ async fn the_cli_lists_shows_retries_and_pauses_through_the_api_with_a_user_toke
 
     let (ok, out, err) = cli(&app, &token, &["tasks", "show", &job_id, "load"]).await;
     assert!(ok && out.contains("task_failed: disk full"), "{out}{err}");
+    assert!(out.contains("log 25 bytes"), "{out}");
+    // The newest attempt's log, as it was printed.
+    let (ok, out, err) = cli(&app, &token, &["tasks", "logs", &job_id, "load"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "writing /data/out\nENOSPC\n");
+    let (ok, _, err) = cli(
+        &app,
+        &token,
+        &["tasks", "logs", &job_id, "load", "--attempt", "2"],
+    )
+    .await;
+    assert!(
+        !ok && err.contains("404") && err.contains("no attempt 2"),
+        "{err}"
+    );
     let (ok, out, _) = cli(&app, &token, &["tasks", "show", &job_id, "load", "--json"]).await;
     assert!(ok);
     let detail: Value = serde_json::from_str(&out).unwrap();

@@ -118,6 +118,27 @@ impl Lab {
             .collect()
     }
 
+    /// The log of attempt `n` of the newest job's task, as the API serves it.
+    async fn log_of_newest(&self, n: u32) -> Value {
+        let job: Uuid = sqlx::query_scalar("SELECT id FROM jobs ORDER BY created_at DESC LIMIT 1")
+            .fetch_one(&self.stack.db.pool)
+            .await
+            .unwrap();
+        let resp = reqwest::Client::new()
+            .get(format!(
+                "{}/v1/jobs/{job}/tasks/t/attempts/{n}/logs",
+                self.stack.url()
+            ))
+            .bearer_auth(self.stack.user_token())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(status, 200, "{body}\n{}", self.worker.log_text());
+        body
+    }
+
     async fn ok(&self, inputs: Value) -> Value {
         let attempts = self.run(&self.digest, inputs, json!({})).await;
         let last = attempts.last().expect("an attempt");
@@ -190,6 +211,25 @@ async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str, init_e
         .unwrap();
     assert_eq!(events, 3, "each call emitted one event through the client");
 
+    // What a warm runner prints during an invocation is that attempt's log
+    // (stdout and stderr), with the token it printed redacted; the next
+    // invocation's log holds only its own lines.
+    for _ in 0..2 {
+        let calls = lab.ok(json!({"do": "print"})).await["calls"]
+            .as_i64()
+            .unwrap();
+        let log = lab.log_of_newest(1).await;
+        let text = log["log"].as_str().unwrap();
+        assert!(
+            text.contains(&format!("probe stdout call {calls}\n")),
+            "{text}"
+        );
+        assert!(text.contains("probe stderr token=[REDACTED]\n"), "{text}");
+        assert!(!text.contains("eyJ"), "a token survived: {text}");
+        assert_eq!(text.matches("probe stdout").count(), 1, "{text}");
+        assert_eq!(log["dropped_bytes"], 0);
+    }
+
     // A handler exception: classified from the error body; the process
     // survives (the next task runs warm on it).
     let failed = lab
@@ -205,7 +245,7 @@ async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str, init_e
     let after = lab.ok(json!({})).await;
     assert_eq!(
         (after["pid"].as_i64(), after["calls"].as_i64()),
-        (Some(pid), Some(5))
+        (Some(pid), Some(7))
     );
 
     // Timeout: the group is killed, the attempt fails retryably, and the
@@ -699,4 +739,80 @@ async fn exec_tasks_run_only_programs_the_worker_allows() {
             .contains("not allowed on this worker"),
         "{completion}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exec_tasks_stderr_is_its_attempts_log_bounded_with_its_token_redacted() {
+    let mut stack = Stack::new().await;
+    stack
+        .profile_env
+        .push(("WORKER_LOG_MAX_BYTES".into(), "2048".into()));
+    stack.start_dispatcher("").await;
+    // A script any task uid can read: 500 lines on stderr, then the token.
+    let dir = std::env::temp_dir().join(format!("exec-log-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("noisy.sh");
+    std::fs::write(
+        &script,
+        "echo '{\"ignored\": true}'\n\
+         i=1; while [ $i -le 500 ]; do echo \"err line $i\" >&2; i=$((i+1)); done\n\
+         echo \"token=$DISPATCHER_TASK_TOKEN\" >&2\nexit 3\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in [(&dir, 0o755), (&script, 0o644)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let (job, ids) = stack
+        .submit(
+            json!({"name": "noisy", "tasks": [{"key": "t", "runtime": "exec",
+            "bundle": format!("/bin/sh {}", script.display()), "max_attempts": 1}]}),
+        )
+        .await;
+    let worker = stack.start_worker(&WorkerOpts::new("exec-log"));
+    stack.wait_all_finished(Duration::from_secs(30)).await;
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "{}/v1/jobs/{job}/tasks/t/attempts/1/logs",
+            stack.url()
+        ))
+        .bearer_auth(stack.user_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", worker.log_text());
+    let log: Value = resp.json().await.unwrap();
+    let text = log["log"].as_str().unwrap();
+    assert!(text.len() <= 2048, "{} bytes", text.len());
+    assert!(
+        text.starts_with("err line 1\nerr line 2\n"),
+        "the head: {text}"
+    );
+    assert!(
+        text.ends_with("err line 500\ntoken=[REDACTED]\n"),
+        "the tail: {text}"
+    );
+    let dropped = log["dropped_bytes"].as_u64().unwrap();
+    assert!(dropped > 3000, "{log}");
+    assert!(
+        text.contains(&format!("[… {dropped} bytes dropped …]\n")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("ignored"),
+        "stdout is the output, not the log"
+    );
+    assert!(!text.contains("eyJ"), "{text}");
+    // The failure message, the end of stderr, does not carry the token
+    // either.
+    let completion: Value =
+        sqlx::query_scalar("SELECT completion FROM attempts WHERE task_id = $1")
+            .bind(ids[0])
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    let message = completion["error"]["message"].as_str().unwrap();
+    assert!(message.contains("token=[REDACTED]"), "{message}");
+    assert!(!message.contains("eyJ"), "{message}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

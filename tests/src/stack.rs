@@ -588,18 +588,36 @@ impl Stack {
     /// exactly one committed success; no write of an attempt was accepted
     /// after the next attempt was claimed; every outbox row was published.
     pub async fn assert_clean(&self, expected_tasks: i64) {
+        self.assert_clean_after_pruning(expected_tasks, false).await
+    }
+
+    /// [`Stack::assert_clean`] when the pruner may have deleted finished
+    /// jobs (`pruned`): the tasks still there and those deleted
+    /// (`pg_stat_user_tables.n_tup_del`, which may lag a moment) make
+    /// `expected_tasks`, and every task still there succeeded exactly once.
+    pub async fn assert_clean_after_pruning(&self, expected_tasks: i64, pruned: bool) {
         let pool = &self.db.pool;
-        let (tasks, succeeded): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE state = 'succeeded') FROM tasks",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        assert_eq!(
-            (tasks, succeeded),
-            (expected_tasks, expected_tasks),
-            "every task succeeded"
-        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (tasks, succeeded, deleted): (i64, i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE state = 'succeeded'),
+                        (SELECT n_tup_del FROM pg_stat_user_tables WHERE relname = 'tasks')
+                   FROM tasks",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            let deleted = if pruned { deleted } else { 0 };
+            if !pruned || tasks + deleted == expected_tasks || Instant::now() > deadline {
+                assert_eq!(
+                    (tasks + deleted, succeeded),
+                    (expected_tasks, tasks),
+                    "every task succeeded ({deleted} pruned)"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let not_once: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM (SELECT t.id FROM tasks t LEFT JOIN attempts a
                  ON a.task_id = t.id AND a.response->>'state' = 'succeeded'

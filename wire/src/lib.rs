@@ -789,6 +789,18 @@ pub struct TaskLogRequest {
     pub dropped_bytes: u64,
 }
 
+/// `POST /v1/task/release`'s body: empty.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {}
+
+/// `POST /v1/task/release`'s answer: the task's state after the hand-back
+/// (`ready`, or `cancelled` when a cancel was requested).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReleaseResponse {
+    pub state: TaskState,
+}
+
 /// `POST /v1/task/logs`'s answer: what was stored.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskLogResponse {

@@ -374,6 +374,11 @@ impl Client {
         }
     }
 
+    pub async fn release(&self, token: &str) -> Result<wire::ReleaseResponse, CallError> {
+        self.post("/v1/task/release", token, &wire::ReleaseRequest {})
+            .await
+    }
+
     pub async fn log(
         &self,
         token: &str,

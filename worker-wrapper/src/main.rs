@@ -131,8 +131,12 @@ struct RunArgs {
     /// refuses a log past its own bound (1 MiB by default).
     #[arg(long, env = "WORKER_LOG_MAX_BYTES", default_value_t = 1024 * 1024)]
     log_max_bytes: usize,
-    /// On SIGTERM, how long running tasks may finish before they are killed.
-    #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 30)]
+    /// On SIGTERM, how long running tasks may finish; then those still
+    /// running are stopped and handed back to the dispatcher (ready for
+    /// another worker at once; within 5 s more), and the worker exits with
+    /// status 75. The default, with those 5 s, ends within the 30 s that
+    /// Kubernetes and ECS wait after SIGTERM by default.
+    #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 20)]
     drain_seconds: u64,
     #[command(flatten)]
     profile: dispatcher::profile::QueueProfileArgs,
@@ -163,7 +167,10 @@ fn main() -> Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
-            rt.block_on(run(*args, credential.unwrap_or_default()))
+            match rt.block_on(run(*args, credential.unwrap_or_default()))? {
+                Stopped::Drained => Ok(()),
+                Stopped::HandedBack => std::process::exit(HANDED_BACK_EXIT),
+            }
         }
         Command::SampleTask => rt.block_on(sample::main()),
     }
@@ -188,7 +195,7 @@ fn credential(args: &RunArgs) -> Result<String> {
     }
 }
 
-async fn run(args: RunArgs, credential: String) -> Result<()> {
+async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
     let worker_id = args
         .worker_id
         .clone()
@@ -271,6 +278,7 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
             (args.batch_window_ms > 0).then(|| Duration::from_millis(args.batch_window_ms)),
         ),
         log_max_bytes: args.log_max_bytes,
+        hand_back: CancellationToken::new(),
     });
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -395,20 +403,41 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
         drain_seconds = args.drain_seconds,
         "draining"
     );
+    let mut handed_back = 0usize;
+    let mut note = |done: Result<Handled, tokio::task::JoinError>| match done {
+        Ok(Handled::CredentialRefused(why)) => {
+            refused.get_or_insert(why);
+        }
+        Ok(Handled::HandedBack) => handed_back += 1,
+        _ => {}
+    };
     let drained = tokio::time::timeout(Duration::from_secs(args.drain_seconds), async {
         while let Some(done) = running.join_next().await {
-            if let Ok(Handled::CredentialRefused(why)) = done {
-                refused.get_or_insert(why);
-            }
+            note(done);
         }
     })
     .await;
     if drained.is_err() {
+        // The rest are stopped and handed back: ready for another worker
+        // now, not when their leases would expire.
         tracing::warn!(
             left = running.len(),
-            "drain bound reached; stopping the remaining tasks (their leases will expire)"
+            "drain bound reached; stopping the remaining tasks and handing them back"
         );
-        running.shutdown().await;
+        cfg.hand_back.cancel();
+        let handed = tokio::time::timeout(HAND_BACK_BOUND, async {
+            while let Some(done) = running.join_next().await {
+                note(done);
+            }
+        })
+        .await;
+        if handed.is_err() {
+            tracing::warn!(
+                left = running.len(),
+                "tasks not handed back in time; their leases will expire"
+            );
+            running.shutdown().await;
+        }
     }
     runners.stop_all().await;
     sandbox.remove();
@@ -423,8 +452,30 @@ async fn run(args: RunArgs, credential: String) -> Result<()> {
              `dispatcher token worker` and check WORKER_CREDENTIAL_FILE"
         );
     }
+    if handed_back > 0 {
+        tracing::warn!(
+            handed_back,
+            "worker stopped; tasks it was running were handed back (exit status {HANDED_BACK_EXIT})"
+        );
+        return Ok(Stopped::HandedBack);
+    }
     tracing::info!("worker stopped");
-    Ok(())
+    Ok(Stopped::Drained)
+}
+
+/// How long stopping and handing back the tasks still running after the
+/// drain may take (killing each, storing its log, one call).
+const HAND_BACK_BOUND: Duration = Duration::from_secs(5);
+
+/// The exit status of a worker that handed unfinished tasks back (EX_TEMPFAIL).
+const HANDED_BACK_EXIT: i32 = 75;
+
+/// How a worker's run ended.
+enum Stopped {
+    /// Every task it claimed ended.
+    Drained,
+    /// Some tasks were stopped and handed back.
+    HandedBack,
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -34,6 +34,9 @@ pub struct WorkerConfig {
     pub calls: Arc<crate::batch::Calls>,
     /// Bytes of an attempt's output kept for its log (0: no logs).
     pub log_max_bytes: usize,
+    /// Cancelled when a drain's bound is reached: running tasks are
+    /// stopped and handed back (`POST /v1/task/release`).
+    pub hand_back: tokio_util::sync::CancellationToken,
 }
 
 /// Which host programs an `exec` task may start on this worker (review
@@ -105,6 +108,8 @@ pub enum Handled {
     /// The dispatcher refused the worker credential (401/403): the worker
     /// must stop; the wake-up was left in the queue.
     CredentialRefused(String),
+    /// The worker was stopping: the task was stopped and handed back.
+    HandedBack,
 }
 
 /// How a run ended.
@@ -122,6 +127,8 @@ enum Ended {
     /// The lease is gone: the task was killed and the attempt must not
     /// complete.
     Abandoned(String),
+    /// The worker is stopping: the task was killed, to be handed back.
+    HandBack,
     SpawnFailed(String),
     /// The task asks for what this worker does not allow: failed, not
     /// retried (the fleet's policy answers every attempt the same).
@@ -132,6 +139,7 @@ enum Ended {
 enum Stop {
     Cancel,
     Lost(String),
+    HandBack,
 }
 
 const MAX_OUTPUT: usize = 1024 * 1024;
@@ -224,7 +232,13 @@ pub async fn handle(
         // Before the completion ends the lease, which fences the upload.
         store_log(&cfg, &claim, &token, &log).await;
     }
+    if matches!(ended, Ended::HandBack) {
+        release(&cfg, &claim, &token).await;
+        cfg.wakeups.delete(receipt).await;
+        return Handled::HandedBack;
+    }
     let request = match ended {
+        Ended::HandBack => None,
         Ended::Abandoned(why) => {
             tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, why, "attempt abandoned without completing");
             None
@@ -262,6 +276,31 @@ pub async fn handle(
     }
     cfg.wakeups.delete(receipt).await;
     Handled::Done
+}
+
+/// Hands the task back (`POST /v1/task/release`), retrying transient
+/// errors for a few seconds: it is ready for another worker at once rather
+/// than when its lease would have expired. If the call never lands, the
+/// lease expires as it would have.
+async fn release(cfg: &WorkerConfig, claim: &wire::ClaimResponse, token: &str) {
+    let mut delay = Duration::from_millis(100);
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match cfg.calls.client().release(token).await {
+            Ok(r) => {
+                tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, state = r.state.as_str(), "handed back");
+                return;
+            }
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < give_up => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, error = %e, "handing the task back failed; its lease will expire");
+                return;
+            }
+        }
+    }
 }
 
 /// Uploads what the attempt printed, if anything (`POST /v1/task/logs`),
@@ -387,6 +426,7 @@ async fn invoke(
             // The invocation's future is dropped: its runner's group is killed.
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
+            Stop::HandBack => Ended::HandBack,
         },
     }
 }
@@ -569,6 +609,7 @@ async fn run(
         stop = keep_alive(cfg, claim, receipt, Some(&attempt), token) => match stop {
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
+            Stop::HandBack => Ended::HandBack,
         },
     };
     // The task's whole process group goes (and, under a uid of its own,
@@ -590,7 +631,10 @@ async fn keep_alive(
     let interval = Duration::from_secs(u64::from(claim.heartbeat_interval_seconds.max(1)));
     let visibility = claim.heartbeat_interval_seconds.saturating_mul(3).max(1);
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = cfg.hand_back.cancelled() => return Stop::HandBack,
+        }
         let token = current.lock().map(|t| t.clone()).unwrap_or_default();
         match cfg.calls.heartbeat(&token).await {
             Ok(hb) => {

@@ -5,7 +5,8 @@
 //!
 //! Inputs (all optional):
 //! * `fail_attempts` (n): fail (exit 1) while `DISPATCHER_ATTEMPT` <= n;
-//! * `sleep_ms`: work this long before finishing;
+//! * `sleep_ms`: work this long before finishing (with `sleep_attempts`
+//!   (n): only while `DISPATCHER_ATTEMPT` <= n);
 //! * `events` (bool, default true): report one `log` event;
 //! * `stage` (list of dataset names): stage one part of `rows` rows into
 //!   each (they must be among the task's outputs), committed as a version
@@ -59,7 +60,10 @@ pub async fn main() -> Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("events: {e}"))?;
     }
-    if let Some(ms) = inputs["sleep_ms"].as_u64() {
+    let sleeps = inputs["sleep_attempts"]
+        .as_u64()
+        .is_none_or(|n| u64::from(attempt) <= n);
+    if let Some(ms) = inputs["sleep_ms"].as_u64().filter(|_| sleeps) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     if u64::from(attempt) <= inputs["fail_attempts"].as_u64().unwrap_or(0) {

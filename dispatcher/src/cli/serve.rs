@@ -221,12 +221,27 @@ pub(crate) struct LimitArgs {
     /// default 168, a week).
     #[arg(long, env = "DISPATCHER_JOB_RETENTION_HOURS", value_parser = clap::value_parser!(u64).range(1..=87_600))]
     job_retention_hours: Option<u64>,
+    /// The same retention in seconds, for soaks and drills that must see
+    /// jobs go within minutes (not for production: a failed job is gone
+    /// before anyone looks at it).
+    #[arg(long, env = "DISPATCHER_JOB_RETENTION_SECONDS", conflicts_with = "job_retention_hours",
+          value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
+    job_retention_seconds: Option<u64>,
+    /// Seconds between the pruner's passes (default 60).
+    #[arg(long, env = "DISPATCHER_JOB_PRUNE_INTERVAL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    job_prune_interval_seconds: Option<u64>,
 }
 
 impl LimitArgs {
     fn apply(&self, s: &mut Settings) {
         if let Some(h) = self.job_retention_hours {
             s.job_retention = std::time::Duration::from_secs(h * 3600);
+        }
+        if let Some(secs) = self.job_retention_seconds {
+            s.job_retention = std::time::Duration::from_secs(secs);
+        }
+        if let Some(secs) = self.job_prune_interval_seconds {
+            s.job_prune_interval = std::time::Duration::from_secs(secs);
         }
         if let Some(r) = self.rate_per_org {
             s.rate_per_org = r;

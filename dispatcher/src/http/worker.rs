@@ -357,6 +357,18 @@ pub async fn objects(
     Ok(Json(wire::ObjectsResponse { urls }))
 }
 
+/// Hands the attempt's task back: its worker is stopping
+/// (`Store::release`). Fenced; the body is empty (`{}`).
+pub async fn release(
+    State(state): State<AppState>,
+    TaskAuth(claims): TaskAuth,
+    ApiJson(_): ApiJson<wire::ReleaseRequest>,
+) -> Result<Json<wire::ReleaseResponse>, ApiError> {
+    let task_state = state.store.release(fence(&claims)).await?;
+    tracing::info!(task_id = %claims.sub, attempt = claims.att, state = task_state.as_str(), "task handed back by its worker");
+    Ok(Json(wire::ReleaseResponse { state: task_state }))
+}
+
 /// Stores what the attempt printed (`services::logs::store`): bounded,
 /// redacted, fenced.
 pub async fn logs(

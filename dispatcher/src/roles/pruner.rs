@@ -69,7 +69,8 @@ impl Pruner {
 
     pub async fn run(self, shutdown: CancellationToken) {
         tracing::info!(
-            retention_hours = self.settings.job_retention.as_secs() / 3600,
+            retention_seconds = self.settings.job_retention.as_secs(),
+            interval_seconds = self.settings.job_prune_interval.as_secs(),
             "job pruner started"
         );
         loop {

@@ -314,6 +314,14 @@ fn what_it_reported(
                 None,
             )
         }
+        Some("released") => (
+            Some(wire::ErrorDetail {
+                code: "released".into(),
+                message: "the worker was stopping and handed the task back; it ran again".into(),
+                retryable: true,
+            }),
+            None,
+        ),
         Some("lease_expired") => (
             Some(wire::ErrorDetail {
                 code: "lease_expired".into(),

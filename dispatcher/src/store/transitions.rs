@@ -6,7 +6,7 @@ use dispatcher_wire::TaskState;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::Store;
+use super::{Fence, Store};
 use crate::error::{task_state, StoreError};
 use crate::settings::Wakeups;
 
@@ -217,6 +217,58 @@ impl Store {
         .await?;
         tx.commit().await?;
         Ok(Some(state))
+    }
+
+    /// Hands a leased task back because its worker is stopping (fenced):
+    /// the attempt ends `released` and the task is `ready` at once, in the
+    /// place it had in the queue, with the attempt given back (its
+    /// `max_attempts` grows by one, so a drain costs the task no try); a
+    /// task whose cancel was requested ends `cancelled`. The new state.
+    pub async fn release(&self, fence: Fence) -> Result<TaskState, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ended = sqlx::query_scalar!(
+            "UPDATE tasks
+                SET state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'ready' END,
+                    max_attempts = CASE WHEN cancel_requested THEN max_attempts
+                                        ELSE max_attempts + 1 END,
+                    not_before = NULL,
+                    updated_at = coalesce((SELECT a.claimed_at FROM attempts a
+                                            WHERE a.task_id = $1 AND a.attempt = $3), now()),
+                    lease_expires_at = NULL
+              WHERE id = $1 AND job_id = $2 AND attempt = $3
+                AND state = 'leased' AND lease_expires_at > clock_timestamp()
+          RETURNING state",
+            fence.task_id,
+            fence.job_id,
+            fence.attempt_i32(),
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(state) = ended else {
+            let e = super::tasks::fence_error(&mut tx, fence).await;
+            tx.rollback().await?;
+            return Err(e);
+        };
+        let state = task_state(&state)?;
+        sqlx::query!(
+            "UPDATE attempts SET finished_at = now(), outcome = 'released'
+              WHERE task_id = $1 AND attempt = $2 AND finished_at IS NULL",
+            fence.task_id,
+            fence.attempt_i32(),
+        )
+        .execute(&mut *tx)
+        .await?;
+        after_transition(
+            &mut tx,
+            self.settings.wakeups,
+            fence.task_id,
+            fence.job_id,
+            state,
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(state)
     }
 
     /// Ends each of `job_ids` that is running with no unfinished task as

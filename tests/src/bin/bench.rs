@@ -23,8 +23,12 @@
 //! tasks/s, the dispatcher's RSS, and the dead tuples and size of the hot
 //! tables.
 //!
+//! With `--retention-seconds S`, the dispatcher's pruner deletes finished
+//! jobs S seconds after they finished (a pass every 5 s), and the reports
+//! show whether the tables stop growing.
+//!
 //! Usage: `bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B]
-//! [--report-every R]` (defaults 5000, 32, 10 000 — one job, the most a job
+//! [--report-every R] [--retention-seconds S]` (defaults 5000, 32, 10 000 — one job, the most a job
 //! may hold —, 0: single calls, and 0: no reports).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -53,6 +57,7 @@ struct Args {
     workers: usize,
     batch: usize,
     report_every: usize,
+    retention_seconds: usize,
 }
 
 fn args() -> Args {
@@ -62,15 +67,17 @@ fn args() -> Args {
         workers: 32,
         batch: 0,
         report_every: 0,
+        retention_seconds: 0,
     };
     dispatcher_tests::numeric_flags(
-        "bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B] [--report-every R]",
+        "bench [--tasks N] [--workers W] [--tasks-per-job J] [--batch B] [--report-every R] [--retention-seconds S]",
         &mut [
             ("tasks", &mut a.tasks),
             ("tasks-per-job", &mut a.tasks_per_job),
             ("workers", &mut a.workers),
             ("batch", &mut a.batch),
             ("report-every", &mut a.report_every),
+            ("retention-seconds", &mut a.retention_seconds),
         ],
     );
     a.tasks_per_job = a.tasks_per_job.min(10_000);
@@ -352,10 +359,10 @@ async fn submit_all(
 }
 
 /// Every `every` tasks: the interval's rate, the dispatcher's RSS, and the
-/// dead tuples and size of the hot tables.
+/// live and dead tuples and size of the hot tables.
 async fn report(pool: sqlx::PgPool, pid: u32, every: usize, total: usize, done: Arc<AtomicUsize>) {
     println!(
-        "  {:>9} {:>9} {:>9}   dead tuples / size MiB of tasks, attempts, jobs, outbox",
+        "  {:>9} {:>9} {:>9}   live / dead tuples / size MiB of tasks, attempts, jobs, outbox",
         "tasks", "tasks/s", "RSS MiB"
     );
     let (mut next, mut last_at, mut last_n) = (every, Instant::now(), 0);
@@ -367,8 +374,8 @@ async fn report(pool: sqlx::PgPool, pid: u32, every: usize, total: usize, done: 
         }
         let rate = (n - last_n) as f64 / last_at.elapsed().as_secs_f64();
         (last_at, last_n) = (Instant::now(), n);
-        let tables: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT relname::text, n_dead_tup, pg_total_relation_size(relid)
+        let tables: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT relname::text, n_live_tup, n_dead_tup, pg_total_relation_size(relid)
                FROM pg_stat_user_tables
               WHERE relname IN ('tasks', 'attempts', 'jobs', 'outbox')
               ORDER BY array_position(ARRAY['tasks', 'attempts', 'jobs', 'outbox'], relname::text)",
@@ -378,7 +385,9 @@ async fn report(pool: sqlx::PgPool, pid: u32, every: usize, total: usize, done: 
         .expect("table statistics");
         let tables: Vec<String> = tables
             .iter()
-            .map(|(_, dead, size)| format!("{dead} / {:.1}", *size as f64 / 1048576.0))
+            .map(|(_, live, dead, size)| {
+                format!("{live} / {dead} / {:.1}", *size as f64 / 1048576.0)
+            })
             .collect();
         println!(
             "  {n:>9} {rate:>9.0} {:>9.1}   {}",
@@ -434,6 +443,17 @@ async fn main() {
         ("DISPATCHER_RATE_PER_WORKER", "1000000"),
     ] {
         stack.profile_env.push((k.to_owned(), v.to_owned()));
+    }
+    if args.retention_seconds > 0 {
+        for (k, v) in [
+            (
+                "DISPATCHER_JOB_RETENTION_SECONDS",
+                args.retention_seconds.to_string(),
+            ),
+            ("DISPATCHER_JOB_PRUNE_INTERVAL_SECONDS", "5".to_owned()),
+        ] {
+            stack.profile_env.push((k.to_owned(), v));
+        }
     }
     stack.start_dispatcher("").await;
     let pid = stack.dispatcher.as_ref().expect("dispatcher").id();
@@ -547,8 +567,14 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model()
     );
-    stack.assert_clean(args.tasks as i64).await;
-    println!("  checked: every task succeeded exactly once; every outbox row published");
+    let pruned = args.retention_seconds > 0;
+    stack
+        .assert_clean_after_pruning(args.tasks as i64, pruned)
+        .await;
+    println!(
+        "  checked: every task {}succeeded exactly once; every outbox row published",
+        if pruned { "not yet pruned " } else { "" }
+    );
 }
 
 async fn pending_outbox(stack: &Stack) -> i64 {

@@ -390,6 +390,81 @@ async fn e2e_sigterm_drains_running_tasks_then_the_worker_exits() {
     stack.assert_clean(n as i64).await;
 }
 
+/// Issue 30: a worker whose drain bound passes with tasks still running
+/// stops them and hands them back; another worker claims them within a
+/// second of the hand-back, not a lease later, and the first exits 75.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_a_drained_worker_hands_its_running_tasks_back_and_another_claims_them_at_once() {
+    const LEASE: u32 = 30;
+    let mut stack = Stack::new().await;
+    let n = 3;
+    // Long on the first attempt only, so the second worker's run ends.
+    let (_, ids) = stack
+        .submit(stack.flat_job(n, json!({"sleep_ms": 60000, "sleep_attempts": 1})))
+        .await;
+    stack
+        .profile_env
+        .push(("WORKER_DRAIN_SECONDS".into(), "1".into()));
+    stack.start_dispatcher("").await;
+    let first = stack.start_worker(&WorkerOpts {
+        concurrency: n,
+        lease_seconds: LEASE,
+        ..WorkerOpts::new("leaving")
+    });
+    wait_leased(&stack, n as i64).await;
+    // Another worker, idle: nothing is ready until the first hands back.
+    let second = stack.start_worker(&WorkerOpts {
+        concurrency: n,
+        lease_seconds: LEASE,
+        ..WorkerOpts::new("arriving")
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.signal(libc::SIGTERM);
+    let mut first = first;
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = first.child.wait().expect("wait");
+        (status, first)
+    });
+    let (status, first) = tokio::time::timeout(Duration::from_secs(15), exited)
+        .await
+        .expect("the worker exits within its drain and hand-back bounds")
+        .unwrap();
+    assert_eq!(status.code(), Some(75), "{}", first.log_text());
+    stack.wait_all_finished(Duration::from_secs(30)).await;
+    // Each task: attempt 1 ended `released` by the first worker, attempt 2
+    // claimed by the second within a second of that, and succeeded; the
+    // released attempt was given back (max_attempts 10 + 1).
+    let rows: Vec<(String, String, String, f64, i32)> = sqlx::query_as(
+        "SELECT t.state, a1.outcome, a2.worker_id,
+                extract(epoch FROM a2.claimed_at - a1.finished_at)::float8, t.max_attempts
+           FROM tasks t
+           JOIN attempts a1 ON a1.task_id = t.id AND a1.attempt = 1
+           JOIN attempts a2 ON a2.task_id = t.id AND a2.attempt = 2
+          WHERE t.id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), n, "{}\n{}", first.log_text(), second.log_text());
+    for (state, outcome, worker, gap, max_attempts) in rows {
+        assert_eq!(
+            (
+                state.as_str(),
+                outcome.as_str(),
+                worker.as_str(),
+                max_attempts
+            ),
+            ("succeeded", "released", "arriving", 11)
+        );
+        assert!(
+            gap < 1.0,
+            "claimed {gap:.3} s after the hand-back, not within a second (the lease is {LEASE} s)"
+        );
+    }
+    assert!(first.log_text().contains("handed back"));
+}
+
 /// A cancelled running task ends `cancelled` within a heartbeat interval,
 /// not a lease: the heartbeat answers `cancel_requested`, the wrapper kills
 /// the task's process group and completes the attempt as `cancelled`.

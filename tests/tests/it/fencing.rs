@@ -5,7 +5,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-/// The four fenced writes, each with a valid body for `claim`'s attempt.
+/// The fenced writes, each with a valid body for `claim`'s attempt.
 fn fenced_calls(claim: &dispatcher_wire::ClaimResponse) -> Vec<(&'static str, serde_json::Value)> {
     vec![
         ("/v1/task/heartbeat", json!({"progress": {"pct": 50}})),
@@ -17,6 +17,8 @@ fn fenced_calls(claim: &dispatcher_wire::ClaimResponse) -> Vec<(&'static str, se
             "/v1/task/buffer-publish",
             batch_body(claim, Uuid::new_v4(), 3),
         ),
+        ("/v1/task/logs", json!({"log": "late\n"})),
+        ("/v1/task/release", json!({})),
         (
             "/v1/task/complete",
             json!({"outcome": "succeeded", "output": {"stale": true}}),
@@ -103,7 +105,7 @@ async fn invariant_1_fencing_finished_attempt_cannot_write_again() {
             .status,
         StatusCode::OK
     );
-    for (path, body) in fenced_calls(&claim).into_iter().take(3) {
+    for (path, body) in fenced_calls(&claim).into_iter().take(5) {
         let before = app.snapshot(task).await;
         let r = app.post(path, &claim.capability_token, &body).await;
         assert_eq!(r.code(), "stale_attempt", "{path}: {}", r.body);
@@ -436,4 +438,51 @@ async fn heartbeats_are_hot_updates_of_the_task_and_attempt_rows() {
         BEATS,
         "every progress update was a HOT update"
     );
+}
+
+/// Issue 30: `POST /v1/task/release` hands a leased task back at once:
+/// the attempt ends `released`, the task is ready and claimable now with
+/// its attempt given back, and the released token is fenced out.
+#[tokio::test]
+async fn a_released_task_is_ready_at_once_with_its_attempt_given_back_and_the_old_token_fenced() {
+    let app = TestApp::spawn().await;
+    let task = app.single_task(1).await;
+    let first = app.claim(task).await;
+    let r = app
+        .post("/v1/task/release", &first.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(r.body["state"], "ready");
+    let (state, max_attempts): (String, i32) =
+        sqlx::query_as("SELECT state, max_attempts FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), max_attempts), ("ready", 2));
+    // The released token can do nothing more, releasing again included.
+    for path in ["/v1/task/release", "/v1/task/heartbeat"] {
+        let r = app.post(path, &first.capability_token, &json!({})).await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{path}: {}", r.body);
+    }
+    // Claimable now (no backoff), as attempt 2, which may still succeed
+    // although the task allowed one attempt.
+    let second = app.claim(task).await;
+    assert_eq!(second.attempt, 2);
+    let r = app.complete_ok(&second.capability_token, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let view = app.job(second.job_id).await;
+    let detail = app
+        .get(
+            &format!("/v1/jobs/{}/tasks/{}", view.job_id, second.task.key),
+            &app.user_token,
+        )
+        .await;
+    assert_eq!(
+        detail.body["attempts"][0]["outcome"], "released",
+        "{}",
+        detail.body
+    );
+    assert_eq!(detail.body["attempts"][0]["error"]["code"], "released");
+    assert_eq!(detail.body["state"], "succeeded");
 }

@@ -298,6 +298,10 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
 
     // Set when the dispatcher refuses the credential: stop and fail.
     let mut refused: Option<String> = None;
+    // How long to wait after a failed claim or receive: doubling from 1 s
+    // to 30 s while the dispatcher (or queue) stays unreachable, back to
+    // 1 s after a call that works.
+    let mut backoff = Backoff::default();
     while !shutdown.is_cancelled() {
         while let Some(done) = running.try_join_next() {
             if let Ok(Handled::CredentialRefused(why)) = done {
@@ -328,20 +332,23 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
                 )
                 .await;
             match claimed {
-                Ok(claims) => claims
-                    .into_iter()
-                    .map(|c| (None, c.task_id, Ok(c)))
-                    .collect(),
+                Ok(claims) => {
+                    backoff.reset();
+                    claims
+                        .into_iter()
+                        .map(|c| (None, c.task_id, Ok(c)))
+                        .collect()
+                }
                 Err(e) if e.is_credential_refusal() => {
                     refused = Some(e.to_string());
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "claiming ready work failed; backing off");
+                    let wait = backoff.failed("claiming ready work", &e.to_string());
                     drop(first);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = tokio::time::sleep(wait) => continue,
                     }
                 }
             }
@@ -351,17 +358,20 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
                 r = cfg.wakeups.receive(free.min(10) as u32, args.wait_seconds, args.visibility_seconds) => r,
             };
             let messages = match received {
-                Ok(m) => m,
+                Ok(m) => {
+                    backoff.reset();
+                    m
+                }
                 Err(ReceiveError::CredentialRefused(why)) => {
                     refused = Some(why);
                     break;
                 }
                 Err(ReceiveError::Other(e)) => {
-                    tracing::warn!(error = %e, "receive failed; backing off");
+                    let wait = backoff.failed("receiving wake-ups", &e.to_string());
                     drop(first);
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = tokio::time::sleep(wait) => continue,
                     }
                 }
             };
@@ -463,6 +473,41 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
     Ok(Stopped::Drained)
 }
 
+/// The wait after failed claims or receives: tries 1, 2, 4 … then 30 s
+/// apart, each with one warning (so at most one every 30 s while the
+/// dispatcher stays away, not one a second); an info line when calls work
+/// again.
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn failed(&mut self, doing: &str, error: &str) -> Duration {
+        self.failures += 1;
+        let wait = Self::FIRST
+            .saturating_mul(1 << (self.failures - 1).min(5))
+            .min(Self::MAX);
+        tracing::warn!(
+            error,
+            failures = self.failures,
+            retry_in_seconds = wait.as_secs(),
+            "{doing} failed; backing off"
+        );
+        wait
+    }
+
+    fn reset(&mut self) {
+        if self.failures > 0 {
+            tracing::info!(failures = self.failures, "the dispatcher answers again");
+            self.failures = 0;
+        }
+    }
+}
+
 /// How long stopping and handing back the tasks still running after the
 /// drain may take (killing each, storing its log, one call).
 const HAND_BACK_BOUND: Duration = Duration::from_secs(5);
@@ -486,4 +531,22 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = term.recv() => {}
     }
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn an_unreachable_dispatcher_is_retried_ever_less_often_up_to_30_s_and_from_1_s_once_it_answers(
+    ) {
+        let mut b = Backoff::default();
+        let waits: Vec<u64> = (0..8)
+            .map(|_| b.failed("claiming", "down").as_secs())
+            .collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        b.reset();
+        assert_eq!(b.failed("claiming", "down"), Duration::from_secs(1));
+    }
 }

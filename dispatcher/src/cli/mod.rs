@@ -13,7 +13,7 @@ mod token;
 
 use admin::*;
 use alerts::*;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bundle::*;
 use clap::{Args, Parser, Subcommand};
 use dispatcher::settings::Settings;
@@ -84,16 +84,15 @@ pub(crate) struct ApiArgs {
     pub(crate) org: Option<String>,
 }
 
+/// Databases a Postgres server makes for itself; never the dispatcher's.
+const MAINTENANCE_DATABASES: [&str; 3] = ["postgres", "template0", "template1"];
+
 #[derive(Args)]
 pub(crate) struct DbArgs {
-    /// Postgres connection URL.
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        hide_env_values = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    database_url: String,
+    /// Postgres URL of the dispatcher's own database (required; never the
+    /// server's maintenance database `postgres`).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// The data database, where the buffer sink ingests stream rows.
     /// Default: the state database's name with `_data` appended, on the
     /// same server (created by `migrate`).
@@ -102,8 +101,40 @@ pub(crate) struct DbArgs {
 }
 
 impl DbArgs {
+    /// The database URL: given, a Postgres URL, and not a maintenance
+    /// database (a forgotten `DATABASE_URL` must not put the schema into
+    /// `postgres`, nor read it there and fail on a missing table).
+    fn url(&self) -> Result<&str> {
+        let Some(url) = self
+            .database_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+        else {
+            bail!(
+                "no database: set DATABASE_URL (or --database-url) to the dispatcher's own \
+                 database, e.g. postgres://postgres@127.0.0.1:5432/dispatcher \
+                 (`createdb dispatcher`, then `dispatcher migrate`)"
+            );
+        };
+        let opts: sqlx::postgres::PgConnectOptions = url
+            .parse()
+            .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a Postgres URL"))?;
+        let name = opts
+            .get_database()
+            .map(str::to_owned)
+            .unwrap_or_else(|| opts.get_username().to_owned());
+        if MAINTENANCE_DATABASES.contains(&name.as_str()) {
+            bail!(
+                "DATABASE_URL names the maintenance database {name:?}: the dispatcher's tables do \
+                 not belong there; create a database of its own (`createdb dispatcher`) and name \
+                 it in DATABASE_URL"
+            );
+        }
+        Ok(url)
+    }
+
     fn data_options(&self) -> Result<sqlx::postgres::PgConnectOptions> {
-        dispatcher::datadb::options(&self.database_url, self.data_database_url.as_deref())
+        dispatcher::datadb::options(self.url()?, self.data_database_url.as_deref())
             .context("DATA_DATABASE_URL is not a Postgres URL")
     }
 
@@ -112,7 +143,7 @@ impl DbArgs {
     async fn migrate(&self, store: &Store) -> Result<()> {
         store.migrate().await.context("applying migrations")?;
         let server: sqlx::postgres::PgConnectOptions = self
-            .database_url
+            .url()?
             .parse()
             .context("DATABASE_URL is not a Postgres URL")?;
         dispatcher::datadb::ensure(&server, &self.data_options()?)
@@ -160,7 +191,7 @@ impl KeyArgs {
 }
 
 pub(crate) async fn connect(db: &DbArgs, settings: Arc<Settings>, max: u32) -> Result<Store> {
-    Store::connect(&db.database_url, max, settings)
+    Store::connect(db.url()?, max, settings)
         .await
         .context("connecting to Postgres (set DATABASE_URL)")
 }

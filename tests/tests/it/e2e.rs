@@ -25,6 +25,23 @@ async fn wait_leased(stack: &Stack, n: i64) {
 }
 const FINISH: Duration = Duration::from_secs(180);
 
+/// Sends SIGTERM to the worker alone and waits (at most `within`) for it
+/// to exit; its status, and the worker (for its log).
+async fn terminate(
+    mut worker: dispatcher_tests::stack::Worker,
+    within: Duration,
+) -> (std::process::ExitStatus, dispatcher_tests::stack::Worker) {
+    worker.signal(libc::SIGTERM);
+    let exited = tokio::task::spawn_blocking(move || {
+        let status = worker.child.wait().expect("wait");
+        (status, worker)
+    });
+    tokio::time::timeout(within, exited)
+        .await
+        .unwrap_or_else(|_| panic!("the worker did not exit within {within:?} of SIGTERM"))
+        .unwrap()
+}
+
 async fn counts(stack: &Stack, sql: &str) -> i64 {
     sqlx::query_scalar(sql)
         .fetch_one(&stack.db.pool)
@@ -362,16 +379,7 @@ async fn e2e_sigterm_drains_running_tasks_then_the_worker_exits() {
     });
     wait_leased(&stack, n as i64).await;
     // SIGTERM to the wrapper alone: it stops receiving and lets its tasks finish.
-    worker.signal(libc::SIGTERM);
-    let mut worker = worker;
-    let exited = tokio::task::spawn_blocking(move || {
-        let status = worker.child.wait().expect("wait");
-        (status, worker)
-    });
-    let (status, worker) = tokio::time::timeout(Duration::from_secs(30), exited)
-        .await
-        .expect("worker exits")
-        .unwrap();
+    let (status, worker) = terminate(worker, Duration::from_secs(30)).await;
     assert!(
         status.success(),
         "worker exit status {status}:\n{}",
@@ -419,16 +427,8 @@ async fn e2e_a_drained_worker_hands_its_running_tasks_back_and_another_claims_th
         ..WorkerOpts::new("arriving")
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    first.signal(libc::SIGTERM);
-    let mut first = first;
-    let exited = tokio::task::spawn_blocking(move || {
-        let status = first.child.wait().expect("wait");
-        (status, first)
-    });
-    let (status, first) = tokio::time::timeout(Duration::from_secs(15), exited)
-        .await
-        .expect("the worker exits within its drain and hand-back bounds")
-        .unwrap();
+    // It must exit within its drain (1 s) and hand-back (5 s) bounds.
+    let (status, first) = terminate(first, Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(75), "{}", first.log_text());
     stack.wait_all_finished(Duration::from_secs(30)).await;
     // Each task: attempt 1 ended `released` by the first worker, attempt 2

@@ -23,6 +23,7 @@ mod isolation;
 mod limits;
 mod model;
 mod objects;
+mod operator;
 mod orgs;
 mod query;
 mod races;

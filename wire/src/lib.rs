@@ -789,12 +789,17 @@ pub struct TaskLogRequest {
     pub dropped_bytes: u64,
 }
 
-/// `POST /v1/task/release`'s body: empty.
+/// `POST /internal/task-release` (worker credential): the attempt to hand
+/// back, by its capability token. The worker credential is required, not
+/// the task token alone: a task's own code holds its token, and must not
+/// hand itself back (each hand-back gives the attempt back).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ReleaseRequest {}
+pub struct ReleaseRequest {
+    pub capability_token: String,
+}
 
-/// `POST /v1/task/release`'s answer: the task's state after the hand-back
+/// `POST /internal/task-release`'s answer: the task's state after the hand-back
 /// (`ready`, or `cancelled` when a cancel was requested).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReleaseResponse {

@@ -374,9 +374,15 @@ impl Client {
         }
     }
 
+    /// Hands an attempt back (worker credential; the attempt by its token).
     pub async fn release(&self, token: &str) -> Result<wire::ReleaseResponse, CallError> {
-        self.post("/v1/task/release", token, &wire::ReleaseRequest {})
-            .await
+        self.post_worker(
+            "/internal/task-release",
+            &wire::ReleaseRequest {
+                capability_token: token.to_owned(),
+            },
+        )
+        .await
     }
 
     pub async fn log(

@@ -35,7 +35,7 @@ pub struct WorkerConfig {
     /// Bytes of an attempt's output kept for its log (0: no logs).
     pub log_max_bytes: usize,
     /// Cancelled when a drain's bound is reached: running tasks are
-    /// stopped and handed back (`POST /v1/task/release`).
+    /// stopped and handed back (`POST /internal/task-release`).
     pub hand_back: tokio_util::sync::CancellationToken,
 }
 
@@ -278,7 +278,7 @@ pub async fn handle(
     Handled::Done
 }
 
-/// Hands the task back (`POST /v1/task/release`), retrying transient
+/// Hands the task back (`POST /internal/task-release`), retrying transient
 /// errors for a few seconds: it is ready for another worker at once rather
 /// than when its lease would have expired. If the call never lands, the
 /// lease expires as it would have.

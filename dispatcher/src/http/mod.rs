@@ -169,6 +169,7 @@ pub const ROUTES: &[RouteSpec] = &[
     route("GET", "/.well-known/jwks.json", Access::Public),
     route("POST", "/internal/task-claim", Access::Worker),
     route("POST", "/internal/task-claim-batch", Access::Worker),
+    route("POST", "/internal/task-release", Access::Worker),
     route("POST", "/v1/task/heartbeat-batch", Access::Worker),
     route("POST", "/v1/task/complete-batch", Access::Worker),
     route("POST", "/internal/queues/{queue}/receive", Access::Worker),
@@ -184,7 +185,6 @@ pub const ROUTES: &[RouteSpec] = &[
     route("POST", "/v1/task/complete", Access::Task),
     route("POST", "/v1/task/objects", Access::Task),
     route("POST", "/v1/task/logs", Access::Task),
-    route("POST", "/v1/task/release", Access::Task),
     route("POST", "/v1/task/dataset-stage", Access::Task),
     route("POST", "/v1/task/credentials", Access::Task),
     route("POST", "/v1/jobs", WRITER),
@@ -250,7 +250,7 @@ fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter
         ("POST", "/v1/task/buffer-publish") => post(worker::buffer_publish),
         ("POST", "/v1/task/complete") => post(worker::complete),
         ("POST", "/v1/task/objects") => post(worker::objects),
-        ("POST", "/v1/task/release") => post(worker::release),
+        ("POST", "/internal/task-release") => post(worker::release),
         // A log's text may be escaped up to six times its size in JSON.
         ("POST", "/v1/task/logs") => post(worker::logs).layer(DefaultBodyLimit::max(
             settings.max_log_bytes.saturating_mul(6) + 64 * 1024,

@@ -357,13 +357,24 @@ pub async fn objects(
     Ok(Json(wire::ObjectsResponse { urls }))
 }
 
-/// Hands the attempt's task back: its worker is stopping
-/// (`Store::release`). Fenced; the body is empty (`{}`).
+/// Hands an attempt's task back: its worker is stopping
+/// (`Store::release`). The worker credential authenticates the call and
+/// the capability token in the body names the attempt (fenced); a task's
+/// own code, which holds only its token, cannot hand itself back.
 pub async fn release(
     State(state): State<AppState>,
-    TaskAuth(claims): TaskAuth,
-    ApiJson(_): ApiJson<wire::ReleaseRequest>,
+    WorkerAuth(_worker): WorkerAuth,
+    ApiJson(req): ApiJson<wire::ReleaseRequest>,
 ) -> Result<Json<wire::ReleaseResponse>, ApiError> {
+    let claims: TaskClaims = state
+        .keys
+        .verify(&req.capability_token, crate::tokens::TokenKind::Task)
+        .map_err(|e| {
+            let mut api = ApiError::from(e);
+            api.message = format!("capability_token: {}", api.message);
+            api
+        })?;
+    state.limits.admit_task(claims.sub, claims.org)?;
     let task_state = state.store.release(fence(&claims)).await?;
     tracing::info!(task_id = %claims.sub, attempt = claims.att, state = task_state.as_str(), "task handed back by its worker");
     Ok(Json(wire::ReleaseResponse { state: task_state }))

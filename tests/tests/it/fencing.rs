@@ -18,7 +18,6 @@ fn fenced_calls(claim: &dispatcher_wire::ClaimResponse) -> Vec<(&'static str, se
             batch_body(claim, Uuid::new_v4(), 3),
         ),
         ("/v1/task/logs", json!({"log": "late\n"})),
-        ("/v1/task/release", json!({})),
         (
             "/v1/task/complete",
             json!({"outcome": "succeeded", "output": {"stale": true}}),
@@ -105,7 +104,7 @@ async fn invariant_1_fencing_finished_attempt_cannot_write_again() {
             .status,
         StatusCode::OK
     );
-    for (path, body) in fenced_calls(&claim).into_iter().take(5) {
+    for (path, body) in fenced_calls(&claim).into_iter().take(4) {
         let before = app.snapshot(task).await;
         let r = app.post(path, &claim.capability_token, &body).await;
         assert_eq!(r.code(), "stale_attempt", "{path}: {}", r.body);
@@ -440,16 +439,38 @@ async fn heartbeats_are_hot_updates_of_the_task_and_attempt_rows() {
     );
 }
 
-/// Issue 30: `POST /v1/task/release` hands a leased task back at once:
-/// the attempt ends `released`, the task is ready and claimable now with
-/// its attempt given back, and the released token is fenced out.
+/// Issue 30: `POST /internal/task-release` (worker credential, the attempt
+/// by its token) hands a leased task back at once: the attempt ends
+/// `released`, the task is ready and claimable now with its attempt given
+/// back, and the released token is fenced out. A task's own token alone
+/// cannot hand its task back.
 #[tokio::test]
 async fn a_released_task_is_ready_at_once_with_its_attempt_given_back_and_the_old_token_fenced() {
     let app = TestApp::spawn().await;
     let task = app.single_task(1).await;
     let first = app.claim(task).await;
+    let release = |token: &str| json!({"capability_token": token});
+    // The task's own code holds its token, not the worker credential.
     let r = app
-        .post("/v1/task/release", &first.capability_token, &json!({}))
+        .post(
+            "/internal/task-release",
+            &first.capability_token,
+            &release(&first.capability_token),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+        .bind(task)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(state, "leased", "the task's token alone changed nothing");
+    let r = app
+        .post(
+            "/internal/task-release",
+            &app.worker_token,
+            &release(&first.capability_token),
+        )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(r.body["state"], "ready");
@@ -461,10 +482,18 @@ async fn a_released_task_is_ready_at_once_with_its_attempt_given_back_and_the_ol
             .unwrap();
     assert_eq!((state.as_str(), max_attempts), ("ready", 2));
     // The released token can do nothing more, releasing again included.
-    for path in ["/v1/task/release", "/v1/task/heartbeat"] {
-        let r = app.post(path, &first.capability_token, &json!({})).await;
-        assert_eq!(r.status, StatusCode::CONFLICT, "{path}: {}", r.body);
-    }
+    let r = app
+        .post(
+            "/internal/task-release",
+            &app.worker_token,
+            &release(&first.capability_token),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "release again: {}", r.body);
+    let r = app
+        .post("/v1/task/heartbeat", &first.capability_token, &json!({}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     // Claimable now (no backoff), as attempt 2, which may still succeed
     // although the task allowed one attempt.
     let second = app.claim(task).await;

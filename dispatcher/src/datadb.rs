@@ -39,6 +39,16 @@ pub fn lazy_pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
 /// server through `server`, any database on it), then applies the data
 /// migrations. Idempotent, and safe when several processes run it at once.
 pub async fn ensure(server: &PgConnectOptions, data: &PgConnectOptions) -> anyhow::Result<()> {
+    ensure_reporting(server, data, |_| {}).await
+}
+
+/// `ensure`, telling `report` what it does (the data database created,
+/// the migrations pending, applied): `dispatcher migrate`'s progress.
+pub async fn ensure_reporting(
+    server: &PgConnectOptions,
+    data: &PgConnectOptions,
+    mut report: impl FnMut(&str),
+) -> anyhow::Result<()> {
     match data.connect().await {
         Ok(conn) => {
             conn.close().await.ok();
@@ -52,7 +62,10 @@ pub async fn ensure(server: &PgConnectOptions, data: &PgConnectOptions) -> anyho
                 .await;
             conn.close().await.ok();
             match created {
-                Ok(_) => tracing::info!(database = %name, "created the data database"),
+                Ok(_) => {
+                    tracing::info!(database = %name, "created the data database");
+                    report(&format!("data database: created {name}"));
+                }
                 // 42P04 duplicate_database, 23505: another process won the race.
                 Err(sqlx::Error::Database(e))
                     if matches!(e.code().as_deref(), Some("42P04") | Some("23505")) => {}
@@ -65,7 +78,17 @@ pub async fn ensure(server: &PgConnectOptions, data: &PgConnectOptions) -> anyho
         .max_connections(1)
         .connect_with(data.clone())
         .await?;
+    let pending = crate::store::pending_migrations(&DATA_MIGRATOR, &pool).await?;
+    report(&progress_line("data database", &pending));
+    let started = std::time::Instant::now();
     DATA_MIGRATOR.run(&pool).await?;
+    if !pending.is_empty() {
+        report(&format!(
+            "data database: applied {} in {:.1} s",
+            pending.len(),
+            started.elapsed().as_secs_f64()
+        ));
+    }
     pool.close().await;
     Ok(())
 }
@@ -73,6 +96,20 @@ pub async fn ensure(server: &PgConnectOptions, data: &PgConnectOptions) -> anyho
 /// `"name"`, with any `"` doubled.
 pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// What `dispatcher migrate` says before it applies `pending` to `db`.
+pub fn progress_line(db: &str, pending: &[String]) -> String {
+    match pending {
+        [] => format!("{db}: up to date"),
+        [one] => format!("{db}: applying {one}"),
+        many => format!(
+            "{db}: applying {} migrations ({} … {})",
+            many.len(),
+            many[0],
+            many[many.len() - 1]
+        ),
+    }
 }
 
 #[cfg(test)]

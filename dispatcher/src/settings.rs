@@ -133,6 +133,12 @@ pub struct Settings {
     pub max_concurrent_long_polls: usize,
     /// A request that has not answered after this gets `503 unavailable`.
     pub request_timeout: Duration,
+    /// On SIGTERM `/readyz` answers `503 draining` this long while the
+    /// listener still accepts, so load balancers stop routing here first.
+    pub drain_not_ready: Duration,
+    /// After the listener closes, requests in flight get this long to
+    /// answer; the rest are cut (long-polls answer at once when it closes).
+    pub drain_timeout: Duration,
     /// Keys per `POST /v1/task/objects` call.
     pub max_object_keys_per_call: usize,
     /// Presigned URLs live this long (never past the token's expiry).
@@ -297,6 +303,8 @@ impl Default for Settings {
             max_concurrent_requests: 1_024,
             max_concurrent_long_polls: 512,
             request_timeout: Duration::from_secs(30),
+            drain_not_ready: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(10),
             max_object_keys_per_call: 100,
             object_url_ttl: Duration::from_secs(15 * 60),
             max_object_bytes: 256 * 1024 * 1024,

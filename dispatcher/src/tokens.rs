@@ -273,6 +273,19 @@ impl Keyring {
         &self.signing_kid
     }
 
+    /// The `kid` of every key this keyring verifies (the signing key's too).
+    pub fn verifying_kids(&self) -> Vec<String> {
+        self.verifying.keys().cloned().collect()
+    }
+
+    /// The signing key's public half as SPKI PEM (what `--verify-key` reads).
+    pub fn signing_public_pem(&self) -> String {
+        ed25519_dalek::VerifyingKey::from_bytes(&self.signing_public_key())
+            .expect("the signing key's own public half is a valid key")
+            .to_public_key_pem(Default::default())
+            .expect("encoding an Ed25519 public key cannot fail")
+    }
+
     /// The raw public key of the signing key.
     pub fn signing_public_key(&self) -> [u8; 32] {
         self.verifying[&self.signing_kid].public

@@ -285,8 +285,14 @@ impl Stack {
     }
 
     fn spawn_dispatcher(&self, port: u16, failpoints: &str, log: std::fs::File) -> Child {
-        Command::new(binary("dispatcher"))
-            .arg("serve")
+        self.dispatcher_command(port, failpoints, log)
+            .spawn()
+            .expect("start dispatcher")
+    }
+
+    fn dispatcher_command(&self, port: u16, failpoints: &str, log: std::fs::File) -> Command {
+        let mut cmd = Command::new(binary("dispatcher"));
+        cmd.arg("serve")
             .env("DATABASE_URL", self.db.url())
             .env("DISPATCHER_SIGNING_KEY_FILE", &self.key_file)
             .env("DISPATCHER_BIND", format!("127.0.0.1:{port}"))
@@ -299,23 +305,15 @@ impl Stack {
             .env("RUST_LOG", "info,sqlx=warn")
             .envs(self.profile_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start dispatcher")
+            .stderr(log);
+        cmd
     }
 
     /// Starts another `dispatcher serve` (all roles) on the same database,
     /// keys and objects, on `port` or a free one, and waits until it answers.
     /// It is killed when the returned replica is dropped.
     pub async fn start_replica(&self, name: &str, port: Option<u16>) -> Replica {
-        let port = port.unwrap_or_else(free_port);
-        let log =
-            std::fs::File::create(self.dir.join(format!("dispatcher-{name}.log"))).expect("log");
-        let mut replica = Replica {
-            child: self.spawn_dispatcher(port, "", log),
-            url: format!("http://127.0.0.1:{port}"),
-            port,
-        };
+        let mut replica = self.spawn_replica(name, port, &[]);
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -332,6 +330,22 @@ impl Stack {
             }
             assert!(Instant::now() < deadline, "replica {name} did not answer");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Spawns another `dispatcher serve` like `start_replica`, with `env`
+    /// on top of the stack's, without waiting for it; its stderr goes to
+    /// `dispatcher-{name}.log` in the stack's directory.
+    pub fn spawn_replica(&self, name: &str, port: Option<u16>, env: &[(&str, &str)]) -> Replica {
+        let port = port.unwrap_or_else(free_port);
+        let log =
+            std::fs::File::create(self.dir.join(format!("dispatcher-{name}.log"))).expect("log");
+        let mut cmd = self.dispatcher_command(port, "", log);
+        cmd.envs(env.iter().copied());
+        Replica {
+            child: cmd.spawn().expect("start dispatcher replica"),
+            url: format!("http://127.0.0.1:{port}"),
+            port,
         }
     }
 

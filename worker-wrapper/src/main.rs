@@ -83,8 +83,9 @@ struct RunArgs {
     /// Lease to ask for (the dispatcher clamps it; default: its default).
     #[arg(long, env = "WORKER_LEASE_SECONDS")]
     lease_seconds: Option<u32>,
-    /// Long-poll wait of one receive or claim of ready work.
-    #[arg(long, default_value_t = 10)]
+    /// Long-poll wait of one receive or claim of ready work (an idle
+    /// worker logs nothing between them).
+    #[arg(long, env = "WORKER_WAIT_SECONDS", default_value_t = 10)]
     wait_seconds: u32,
     /// Visibility timeout of received wake-ups (heartbeats extend it).
     #[arg(long, default_value_t = 30)]

@@ -32,7 +32,8 @@ pub(crate) enum DlqCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum SqsCommand {
-    /// Create every queue and its DLQ with a redrive policy (idempotent).
+    /// Create every SQS queue and its DLQ with a redrive policy
+    /// (idempotent; aws profile only: the local queues are tables).
     CreateQueues {
         #[command(flatten)]
         queues: QueueArgs,
@@ -84,22 +85,24 @@ pub(crate) enum RetentionCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum AdminCommand {
-    /// Alert destinations, routes, and dead deliveries (ADR 0014).
+    /// Alert destinations, routes, and dead deliveries (ADR 0014):
+    /// add-destination, add-route, list, dead.
     #[command(subcommand)]
     Alerts(Box<AlertsCommand>),
-    /// The buffer sink's dead batches.
+    /// The buffer sink's batches: dead ones (list, replay, purge) and
+    /// pending ones.
     #[command(subcommand)]
     Sink(SinkCommand),
-    /// Dataset object retention.
+    /// Dataset object retention: run it (or a dry run).
     #[command(subcommand)]
     Retention(RetentionCommand),
-    /// Dead-letter queues.
+    /// Dead-letter queues: replay the wake-ups DLQ.
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// SQS set-up.
+    /// SQS set-up (aws profile): create-queues.
     #[command(subcommand)]
     Sqs(SqsCommand),
-    /// Inspect and requeue outbox rows the relay dead-lettered.
+    /// Outbox rows the relay dead-lettered: status, requeue.
     #[command(subcommand)]
     Outbox(OutboxCommand),
     /// Create an org (or find it by name); prints its id.
@@ -187,11 +190,23 @@ pub(crate) async fn admin(cmd: AdminCommand) -> Result<()> {
         }) => {
             let store = connect(&db, settings.clone(), 4).await?;
             let queue = queues.open(&store, &settings).await?;
-            let r = dispatcher::services::dlq::replay_wakeups(
+            let mut every = Every::second();
+            let r = dispatcher::services::dlq::replay_wakeups_reporting(
                 queue.as_ref(),
                 &store,
                 dry_run,
                 std::time::Duration::from_secs(hold_seconds),
+                |r| {
+                    every.say(|| {
+                        format!(
+                            "… {} {}, {} skipped, {} malformed so far",
+                            r.replayed,
+                            if dry_run { "to replay" } else { "replayed" },
+                            r.skipped_finished + r.skipped_unknown,
+                            r.malformed
+                        )
+                    })
+                },
             )
             .await?;
             let verb = if dry_run { "would replay" } else { "replayed" };
@@ -204,6 +219,11 @@ pub(crate) async fn admin(cmd: AdminCommand) -> Result<()> {
             queues,
             max_receives,
         }) => {
+            if !queues.is_aws() {
+                bail!(
+                    "create-queues makes SQS queues, and the profile is local (its queues are                      tables `dispatcher migrate` makes): pass --profile aws (or                      DISPATCHER_PROFILE=aws) to create them in SQS"
+                );
+            }
             SqsQueue::create_queues(&queues.sqs(), max_receives).await?;
             SqsQueue::connect(&queues.sqs()).await?;
             println!("queues ready (prefix {:?})", queues.sqs_queue_prefix);

@@ -130,10 +130,19 @@ pub(crate) async fn alerts(cmd: AlertsCommand, settings: Arc<Settings>) -> Resul
         }
         AlertsCommand::List { db, org_id } => {
             let store = connect(&db, settings, 2).await?;
-            for d in store.alert_destinations(org_id).await? {
+            let (destinations, routes) = (
+                store.alert_destinations(org_id).await?,
+                store.alert_route_views(org_id).await?,
+            );
+            if destinations.is_empty() && routes.is_empty() {
+                eprintln!(
+                    "org {org_id} has no alert destinations and no routes                      (`dispatcher admin alerts add-destination`)"
+                );
+            }
+            for d in destinations {
                 println!("destination {} {} {}", d.id, d.name, d.url);
             }
-            for r in store.alert_route_views(org_id).await? {
+            for r in routes {
                 let m = r
                     .matcher
                     .map(|m| m.to_string())
@@ -172,7 +181,15 @@ pub(crate) async fn alerts(cmd: AlertsCommand, settings: Arc<Settings>) -> Resul
             dry_run,
         }) => {
             let data = data_pool(&db).await?;
-            let n = dispatcher::services::alerts::replay_dead(&data, org_id, &ids, dry_run).await?;
+            let n = if dry_run {
+                dispatcher::services::alerts::replay_dead(&data, org_id, &ids, true).await?
+            } else {
+                let mut every = super::Every::second();
+                dispatcher::services::alerts::replay_dead_reporting(&data, org_id, &ids, |n| {
+                    every.say(|| format!("… {n} dead delivery(ies) replayed so far"))
+                })
+                .await?
+            };
             let verb = if dry_run { "would replay" } else { "replayed" };
             println!("{verb} {n} dead delivery(ies)");
         }

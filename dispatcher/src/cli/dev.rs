@@ -161,6 +161,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let settings = Arc::new(Settings {
         alert_allow_hosts: ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec(),
         wakeups: args.profile.queues.wakeups()?,
+        // No load balancer routes here: close at once on Ctrl-C.
+        drain_not_ready: Duration::ZERO,
         ..Settings::default()
     });
     let store = Store::connect(&url, 16, settings.clone()).await?;

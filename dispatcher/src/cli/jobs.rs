@@ -315,6 +315,8 @@ pub(crate) async fn jobs(cmd: JobsCommand) -> Result<()> {
                 }))?;
             } else if let Some(a) = after {
                 eprintln!("more: --after {a}");
+            } else if pages.iter().all(|p| p.jobs.is_empty()) {
+                eprintln!("no jobs match");
             }
         }
         JobsCommand::Show { job_id, json, api } => {
@@ -350,6 +352,9 @@ pub(crate) async fn jobs(cmd: JobsCommand) -> Result<()> {
             let list: wire::JobActionList = get(&api, "/v1/job-actions", &[]).await?;
             if json {
                 return print_json(&list);
+            }
+            if list.actions.is_empty() {
+                eprintln!("no bulk actions recorded");
             }
             for a in list.actions {
                 println!(
@@ -539,6 +544,9 @@ pub(crate) async fn tasks(cmd: TasksCommand) -> Result<()> {
             }
             if json {
                 return print_json(&all);
+            }
+            if all.is_empty() {
+                eprintln!("no events");
             }
             for e in all {
                 println!(

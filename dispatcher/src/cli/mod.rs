@@ -31,7 +31,9 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "dispatcher",
     version,
-    about = "Lease-based task dispatcher backed by Postgres"
+    about = "Lease-based task dispatcher backed by Postgres",
+    // Ours below: clap's own `help` refuses `dispatcher help --help`.
+    disable_help_subcommand = true
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
@@ -47,20 +49,24 @@ pub(crate) enum Command {
     Dev(dev::DevArgs),
     /// Apply pending database migrations and exit.
     Migrate(DbArgs),
-    /// Signing keys and credentials.
+    /// Signing keys and credentials: keygen, worker, user.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Operator commands: orgs, users, memberships.
+    /// Operator commands on the database: orgs and their members
+    /// (create-org, add-member, remove-member, list-members,
+    /// unbind-identity), alerts, the sink's batches, dataset retention, the
+    /// wake-ups dlq, sqs set-up, the outbox.
     #[command(subcommand)]
     Admin(AdminCommand),
-    /// UDF bundles: pack and push a directory, tag a bundle.
+    /// UDF bundles: push a directory, print its digest, tag a bundle.
     #[command(subcommand)]
     Bundle(BundleCommand),
     /// The org's jobs through the API: list, show, retry, cancel, bulk
     /// actions and their record.
     #[command(subcommand)]
     Jobs(JobsCommand),
-    /// A task's detail and events, through the API.
+    /// A task through the API: show its detail and attempts, its attempts'
+    /// logs, its events.
     #[command(subcommand)]
     Tasks(TasksCommand),
     /// Pause a runtime in the org: its ready tasks are not claimed.
@@ -69,6 +75,12 @@ pub(crate) enum Command {
     Resume(PauseArgs),
     /// The org's paused runtimes.
     Pauses(PausesArgs),
+    /// Print the help of a command: `dispatcher help admin alerts` is
+    /// `dispatcher admin alerts --help`.
+    Help {
+        /// The command's path (none: this program's help).
+        command: Vec<String>,
+    },
 }
 
 /// Where the API is and who calls it (a user token of the org).
@@ -141,14 +153,32 @@ impl DbArgs {
     /// Applies the state migrations through `store`, then creates the data
     /// database if needed and applies its migrations.
     async fn migrate(&self, store: &Store) -> Result<()> {
+        let pending = store
+            .pending_migrations()
+            .await
+            .context("reading the applied migrations")?;
+        eprintln!(
+            "{}",
+            dispatcher::datadb::progress_line("state database", &pending)
+        );
+        let started = std::time::Instant::now();
         store.migrate().await.context("applying migrations")?;
+        if !pending.is_empty() {
+            eprintln!(
+                "state database: applied {} in {:.1} s",
+                pending.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
         let server: sqlx::postgres::PgConnectOptions = self
             .url()?
             .parse()
             .context("DATABASE_URL is not a Postgres URL")?;
-        dispatcher::datadb::ensure(&server, &self.data_options()?)
-            .await
-            .context("creating or migrating the data database")
+        dispatcher::datadb::ensure_reporting(&server, &self.data_options()?, |line| {
+            eprintln!("{line}")
+        })
+        .await
+        .context("creating or migrating the data database")
     }
 }
 
@@ -228,6 +258,46 @@ pub async fn main() -> Result<()> {
         Command::Pause(args) => pause(args, true).await,
         Command::Resume(args) => pause(args, false).await,
         Command::Pauses(args) => pauses(args).await,
+        Command::Help { command } => {
+            // Parsing `dispatcher PATH… --help` prints that command's help
+            // (and exits), or says which part of the path is unknown.
+            let argv = std::iter::once("dispatcher".to_owned())
+                .chain(command)
+                .chain(std::iter::once("--help".to_owned()));
+            match Cli::try_parse_from(argv) {
+                Err(e) => e.exit(),
+                Ok(_) => unreachable!("--help never parses"),
+            }
+        }
+    }
+}
+
+/// Progress of a long command on stderr, at most one line per period (the
+/// first after one period: a quick command prints only its final line).
+/// The period is 1 s, or `DISPATCHER_PROGRESS_SECONDS` (0: every step).
+pub(crate) struct Every {
+    period: std::time::Duration,
+    last: std::time::Instant,
+}
+
+impl Every {
+    pub(crate) fn second() -> Self {
+        let secs = std::env::var("DISPATCHER_PROGRESS_SECONDS")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .unwrap_or(1.0);
+        Every {
+            period: std::time::Duration::from_secs_f64(secs),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    pub(crate) fn say(&mut self, line: impl FnOnce() -> String) {
+        if self.last.elapsed() >= self.period {
+            self.last = std::time::Instant::now();
+            eprintln!("{}", line());
+        }
     }
 }
 
@@ -251,4 +321,165 @@ pub(crate) async fn stop_on_signal(shutdown: CancellationToken) {
     let _ = ctrl_c.await;
     tracing::info!("shutdown requested; draining");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+
+    /// Every group's one-line description (what its parent's listing
+    /// shows) names each of its commands, so `--help` at any level says
+    /// what the group holds.
+    #[test]
+    fn every_command_group_says_what_it_holds() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                let here = format!("{path} {}", sub.get_name());
+                let children: Vec<&str> = sub
+                    .get_subcommands()
+                    .map(|c| c.get_name())
+                    .filter(|n| *n != "help")
+                    .collect();
+                if !children.is_empty() {
+                    let about = sub
+                        .get_about()
+                        .map(|a| a.to_string().to_lowercase())
+                        .unwrap_or_default();
+                    let words: Vec<String> = about
+                        .split(|c: char| !(c.is_alphanumeric() || c == '-'))
+                        .map(str::to_owned)
+                        .collect();
+                    for child in children {
+                        let spaced = child.replace('-', " ");
+                        if !words.iter().any(|w| w == child) && !about.contains(&spaced) {
+                            missing.push(format!("{here}: {child} (about: {about:?})"));
+                        }
+                    }
+                }
+                walk(sub, &here, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "dispatcher", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "groups that do not name a command:\n{}",
+            missing.join("\n")
+        );
+    }
+
+    /// The commands the runbooks, operations.md and the README quote: each
+    /// path (`dispatcher admin sink dead replay`) exists and each `--flag`
+    /// is one of its options. (`a|b` means either; `[…]`, `<x>` and
+    /// upper-case words are placeholders.)
+    #[test]
+    fn every_command_the_runbooks_and_docs_quote_exists_with_its_flags() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut files = vec![
+            root.join("README.md"),
+            root.join("docs/standards/operations.md"),
+        ];
+        for dir in ["runbooks", "docs"] {
+            for e in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = e.unwrap().path();
+                if path.extension().is_some_and(|x| x == "md") {
+                    files.push(path);
+                }
+            }
+        }
+        let mut quoted = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            let name = file.strip_prefix(&root).unwrap().display().to_string();
+            // Inline code, and lines of code blocks (indented or fenced).
+            for span in text.split('`').skip(1).step_by(2) {
+                if let Some(rest) = span.strip_prefix("dispatcher ") {
+                    quoted.push((name.clone(), rest.to_owned()));
+                }
+            }
+            for line in text.lines() {
+                let line = line.trim_start().trim_start_matches("$ ");
+                if let Some(rest) = line.strip_prefix("dispatcher ") {
+                    let rest = rest.split('#').next().unwrap_or_default();
+                    // Prose that starts a line with the word.
+                    if rest.split_whitespace().next().is_some_and(|w| {
+                        Cli::command().get_subcommands().any(|c| c.get_name() == w)
+                    }) {
+                        quoted.push((name.clone(), rest.to_owned()));
+                    }
+                }
+            }
+        }
+        assert!(
+            quoted.len() > 30,
+            "found only {} quoted commands",
+            quoted.len()
+        );
+        let mut wrong = Vec::new();
+        for (file, rest) in &quoted {
+            let words: Vec<&str> = rest
+                .split_whitespace()
+                .map(|w| w.trim_matches(|c| c == '[' || c == ']' || c == '\\'))
+                .filter(|w| !w.is_empty())
+                .collect();
+            let cli = Cli::command();
+            let mut cmds = vec![&cli];
+            let mut path = String::from("dispatcher");
+            for w in &words {
+                if w.starts_with('-') {
+                    let flag = w
+                        .trim_start_matches('-')
+                        .split('=')
+                        .next()
+                        .unwrap_or_default();
+                    for flag in flag.split('|') {
+                        let flag = flag.trim_start_matches('-');
+                        let known = flag == "help"
+                            || cmds
+                                .iter()
+                                .any(|c| c.get_arguments().any(|a| a.get_long() == Some(flag)));
+                        if !known {
+                            wrong.push(format!("{file}: `{path}` has no --{flag}"));
+                        }
+                    }
+                    continue;
+                }
+                let alternatives: Vec<&str> = w.split('|').collect();
+                let parents = std::mem::take(&mut cmds);
+                let groups = parents.iter().any(|c| c.has_subcommands());
+                if !groups {
+                    cmds = parents; // an argument: stay on this command
+                    continue;
+                }
+                for alt in &alternatives {
+                    match parents.iter().find_map(|c| c.find_subcommand(alt)) {
+                        Some(sub) => cmds.push(sub),
+                        None => wrong.push(format!("{file}: `{path}` has no command {alt:?}")),
+                    }
+                }
+                if cmds.is_empty() {
+                    break;
+                }
+                path = format!("{path} {w}");
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn help_of_help_and_help_of_a_path_parse() {
+        let e = match Cli::try_parse_from(["dispatcher", "help", "--help"]) {
+            Err(e) => e,
+            Ok(_) => panic!("--help printed nothing"),
+        };
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(e.to_string().contains("Print the help of a command"), "{e}");
+        let e = match Cli::try_parse_from(["dispatcher", "admin", "alerts", "--help"]) {
+            Err(e) => e,
+            Ok(_) => panic!("--help printed nothing"),
+        };
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(e.to_string().contains("add-destination"), "{e}");
+    }
 }

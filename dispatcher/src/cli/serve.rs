@@ -227,6 +227,15 @@ pub(crate) struct LimitArgs {
     #[arg(long, env = "DISPATCHER_JOB_RETENTION_SECONDS", conflicts_with = "job_retention_hours",
           value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
     job_retention_seconds: Option<u64>,
+    /// On SIGTERM, seconds `/readyz` answers 503 while requests are still
+    /// served, before the listener closes (default 5; 0 for no load
+    /// balancer).
+    #[arg(long, env = "DISPATCHER_DRAIN_NOT_READY_SECONDS", value_parser = clap::value_parser!(u64).range(0..=300))]
+    drain_not_ready_seconds: Option<u64>,
+    /// Seconds requests in flight get after the listener closes (default
+    /// 10); long-polls answer at once.
+    #[arg(long, env = "DISPATCHER_DRAIN_TIMEOUT_SECONDS", value_parser = clap::value_parser!(u64).range(0..=300))]
+    drain_timeout_seconds: Option<u64>,
     /// Seconds between the pruner's passes (default 60).
     #[arg(long, env = "DISPATCHER_JOB_PRUNE_INTERVAL_SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     job_prune_interval_seconds: Option<u64>,
@@ -239,6 +248,12 @@ impl LimitArgs {
         }
         if let Some(secs) = self.job_retention_seconds {
             s.job_retention = std::time::Duration::from_secs(secs);
+        }
+        if let Some(secs) = self.drain_not_ready_seconds {
+            s.drain_not_ready = std::time::Duration::from_secs(secs);
+        }
+        if let Some(secs) = self.drain_timeout_seconds {
+            s.drain_timeout = std::time::Duration::from_secs(secs);
         }
         if let Some(secs) = self.job_prune_interval_seconds {
             s.job_prune_interval = std::time::Duration::from_secs(secs);

@@ -50,6 +50,18 @@ pub struct AppState {
     pub sts: Option<Arc<crate::objects::sts::StsIssuer>>,
     /// Wakes long-polled claims when tasks may have become ready.
     pub ready: crate::store::ready::ReadySignal,
+    /// Where a shutdown stands: not ready, then closing.
+    pub drain: Drain,
+}
+
+/// A shutdown in two steps (docs/standards/operations.md): first
+/// `not_ready` (`/readyz` answers `503 draining`, everything else is still
+/// served), then `closing` (the listener closes and waiting long-polls
+/// answer with what they have).
+#[derive(Clone, Default)]
+pub struct Drain {
+    pub not_ready: CancellationToken,
+    pub closing: CancellationToken,
 }
 
 impl AppState {
@@ -84,6 +96,7 @@ impl AppState {
             idp: None,
             sts: None,
             ready: Default::default(),
+            drain: Drain::default(),
         }
     }
 
@@ -338,6 +351,11 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    if state.drain.not_ready.is_cancelled() {
+        return Err(ApiError::unavailable(
+            "draining: this replica is shutting down",
+        ));
+    }
     state
         .store
         .ping()
@@ -358,8 +376,10 @@ async fn method_not_allowed() -> ApiError {
     ApiError::method_not_allowed()
 }
 
-/// Serves until `shutdown` is cancelled, then stops accepting and lets
-/// in-flight requests finish.
+/// Serves until `shutdown` is cancelled, then drains: `/readyz` answers
+/// `503 draining` for `drain_not_ready` while requests are still served,
+/// then the listener closes, long-polls answer at once, and requests in
+/// flight get `drain_timeout` to finish before they are cut.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -376,7 +396,33 @@ pub async fn serve(
             }
         }
     });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let drain = state.drain.clone();
+    let (not_ready, bound) = (state.settings.drain_not_ready, state.settings.drain_timeout);
+    let closing = drain.closing.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        drain.not_ready.cancel();
+        if !not_ready.is_zero() {
+            tracing::info!(
+                seconds = not_ready.as_secs_f64(),
+                "draining: /readyz answers 503 before the listener closes"
+            );
+            tokio::time::sleep(not_ready).await;
+        }
+        drain.closing.cancel();
+    });
+    let server = std::future::IntoFuture::into_future(
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(closing.clone().cancelled_owned()),
+    );
+    tokio::select! {
+        served = server => served,
+        _ = async { closing.cancelled().await; tokio::time::sleep(bound).await } => {
+            tracing::warn!(
+                seconds = bound.as_secs_f64(),
+                "requests still in flight after the drain bound; cutting them"
+            );
+            Ok(())
+        }
+    }
 }

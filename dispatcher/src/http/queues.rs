@@ -72,7 +72,19 @@ pub async fn receive(
     } else {
         Some(state.limits.long_poll()?)
     };
-    let messages = state.queue.receive(&queue, max, wait, vis).await?;
+    // When the API closes, a waiting receive answers empty at once (a
+    // message it had just taken shows again after its visibility timeout,
+    // as with SQS).
+    let closing = &state.drain.closing;
+    let wait = if closing.is_cancelled() {
+        Duration::ZERO
+    } else {
+        wait
+    };
+    let messages = tokio::select! {
+        got = state.queue.receive(&queue, max, wait, vis) => got?,
+        _ = closing.cancelled(), if !wait.is_zero() => Vec::new(),
+    };
     Ok(Json(wire::ReceiveResponse { messages }))
 }
 

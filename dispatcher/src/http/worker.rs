@@ -50,14 +50,29 @@ pub async fn claim_batch(
         true => None,
         false => Some(state.limits.long_poll()?),
     };
-    let answers =
-        leases::claim_batch(state.ctx(), &state.ready, &ask, &worker_id, lease, wait).await?;
-    tracing::info!(
-        claimed = answers.iter().filter(|(_, a)| a.is_ok()).count(),
-        worker_id,
-        credential = worker.sub,
-        "tasks claimed (batch)"
-    );
+    let answers = leases::claim_batch(
+        state.ctx(),
+        &state.ready,
+        &state.drain.closing,
+        &ask,
+        &worker_id,
+        lease,
+        wait,
+    )
+    .await?;
+    // An idle worker's long-polls come back empty every few seconds: no
+    // line for those, unless asked for (RUST_LOG=dispatcher=debug).
+    let claimed = answers.iter().filter(|(_, a)| a.is_ok()).count();
+    if claimed > 0 {
+        tracing::info!(
+            claimed,
+            worker_id,
+            credential = worker.sub,
+            "tasks claimed (batch)"
+        );
+    } else {
+        tracing::debug!(worker_id, credential = worker.sub, "no ready task to claim");
+    }
     let claims = answers
         .into_iter()
         .map(|(task_id, answer)| match answer {

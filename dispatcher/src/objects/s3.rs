@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
@@ -43,10 +43,10 @@ pub struct S3Store {
 
 fn unavailable<E, R>(e: SdkError<E, R>) -> ObjectError
 where
-    E: std::error::Error + 'static,
+    E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,
 {
-    ObjectError::Unavailable(DisplayErrorContext(e).to_string())
+    ObjectError::Unavailable(crate::aws::sdk_error_line("S3", &e))
 }
 
 /// The HTTP status of a service error, if the service answered.
@@ -83,7 +83,7 @@ impl S3Store {
                 return Err(ObjectError::Unavailable(format!(
                     "S3 bucket {:?} is unreachable: {}",
                     cfg.bucket,
-                    DisplayErrorContext(e)
+                    crate::aws::sdk_error_line("S3", &e)
                 )))
             }
         }

@@ -8,7 +8,6 @@
 
 use std::time::Duration;
 
-use aws_sdk_sts::error::DisplayErrorContext;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
@@ -132,7 +131,7 @@ impl StsIssuer {
             .duration_seconds(i32::try_from(secs).unwrap_or(3600))
             .send()
             .await
-            .map_err(|e| ObjectError::Unavailable(DisplayErrorContext(e).to_string()))?;
+            .map_err(|e| ObjectError::Unavailable(crate::aws::sdk_error_line("STS", &e)))?;
         let c = out
             .credentials()
             .ok_or_else(|| ObjectError::Unavailable("STS answered no credentials".into()))?;

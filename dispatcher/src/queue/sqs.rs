@@ -62,6 +62,15 @@ fn unavailable(e: impl std::fmt::Display) -> QueueError {
     QueueError::Unavailable(e.to_string())
 }
 
+/// An SQS call's failure, in one line (`crate::aws::sdk_error_line`).
+fn sdk_error<E, R>(e: &aws_sdk_sqs::error::SdkError<E, R>) -> QueueError
+where
+    E: aws_sdk_sqs::error::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    QueueError::Unavailable(crate::aws::sdk_error_line("SQS", e))
+}
+
 /// The service error's code, when SQS answered (not a transport error).
 fn service_code<E: aws_sdk_sqs::error::ProvideErrorMetadata, R>(
     e: &aws_sdk_sqs::error::SdkError<E, R>,
@@ -120,7 +129,7 @@ impl SqsQueue {
                 {
                     missing.push(full)
                 }
-                Err(e) => return Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
+                Err(e) => return Err(sdk_error(&e)),
             }
         }
         if !missing.is_empty() {
@@ -143,7 +152,7 @@ impl SqsQueue {
                 .queue_name(&dlq_name)
                 .send()
                 .await
-                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?
+                .map_err(|e| sdk_error(&e))?
                 .queue_url()
                 .unwrap_or_default()
                 .to_owned();
@@ -153,7 +162,7 @@ impl SqsQueue {
                 .attribute_names(QueueAttributeName::QueueArn)
                 .send()
                 .await
-                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?
+                .map_err(|e| sdk_error(&e))?
                 .attributes()
                 .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
                 .ok_or_else(|| QueueError::Unavailable(format!("no ARN for {dlq_name}")))?;
@@ -166,7 +175,7 @@ impl SqsQueue {
                 .attributes(QueueAttributeName::RedrivePolicy, redrive)
                 .send()
                 .await
-                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+                .map_err(|e| sdk_error(&e))?;
         }
         Ok(())
     }
@@ -190,7 +199,7 @@ impl Queue for SqsQueue {
             .delay_seconds(secs_i32(delay, 900))
             .send()
             .await
-            .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+            .map_err(|e| sdk_error(&e))?;
         Ok(out.message_id().unwrap_or_default().to_owned())
     }
 
@@ -222,7 +231,7 @@ impl Queue for SqsQueue {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+                .map_err(|e| sdk_error(&e))?;
             // Entries answer by the id given above: their index in `chunk`.
             let mut answers: Vec<Result<String, String>> =
                 vec![Err("SQS did not answer for this entry".to_owned()); chunk.len()];
@@ -261,7 +270,7 @@ impl Queue for SqsQueue {
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .send()
             .await
-            .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+            .map_err(|e| sdk_error(&e))?;
         Ok(out
             .messages()
             .iter()
@@ -307,7 +316,7 @@ impl Queue for SqsQueue {
             {
                 Ok(false)
             }
-            Err(e) => Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
+            Err(e) => Err(sdk_error(&e)),
         }
     }
 
@@ -338,7 +347,7 @@ impl Queue for SqsQueue {
                 .set_entries(Some(entries))
                 .send()
                 .await
-                .map_err(|e| unavailable(aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+                .map_err(|e| sdk_error(&e))?;
             let failed: std::collections::HashSet<&str> =
                 result.failed().iter().map(|f| f.id()).collect();
             out.extend((0..chunk.len()).map(|i| !failed.contains(i.to_string().as_str())));
@@ -363,7 +372,7 @@ impl Queue for SqsQueue {
             {
                 Ok(false)
             }
-            Err(e) => Err(unavailable(aws_sdk_sqs::error::DisplayErrorContext(e))),
+            Err(e) => Err(sdk_error(&e)),
         }
     }
 }

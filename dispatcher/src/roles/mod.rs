@@ -7,6 +7,7 @@
 pub mod pruner;
 pub mod reaper;
 pub mod relay;
+pub mod replicas;
 
 use std::sync::Arc;
 
@@ -135,6 +136,13 @@ pub async fn run(
         sts,
     } = adapters;
     let mut tasks = JoinSet::new();
+    // Before anything runs: a replica whose tokens its peers would refuse
+    // (or whose peers' it would) does not start.
+    if roles.api {
+        let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+        let membership = replicas::join(&store, &keys, replicas::replica_name(addr)).await?;
+        tasks.spawn(membership.run(shutdown.clone()));
+    }
     let queue = match queue {
         Some(q) => q,
         None => {

@@ -633,17 +633,45 @@ pub async fn replay_dead(
         .await?;
         return Ok(u64::try_from(n).unwrap_or(0));
     }
-    let done = sqlx::query!(
-        "UPDATE alert_deliveries
-            SET state = 'pending', tries = 0, next_attempt_at = now(), lease_until = NULL
-          WHERE state = 'dead' AND ($1::uuid IS NULL OR org_id = $1)
-            AND (cardinality($2::uuid[]) = 0 OR id = ANY($2))",
-        org,
-        ids,
-    )
-    .execute(data)
-    .await?;
-    Ok(done.rows_affected())
+    replay_dead_reporting(data, org, ids, |_| {}).await
+}
+
+/// Replays in batches of `REPLAY_BATCH`, each its own short transaction
+/// (a million dead deliveries hold no lock for minutes), showing
+/// `progress` the count so far after each.
+pub async fn replay_dead_reporting(
+    data: &PgPool,
+    org: Option<Uuid>,
+    ids: &[Uuid],
+    mut progress: impl FnMut(u64),
+) -> Result<u64, StoreError> {
+    const REPLAY_BATCH: i64 = 1_000;
+    let mut total = 0u64;
+    loop {
+        let done = sqlx::query!(
+            "UPDATE alert_deliveries
+                SET state = 'pending', tries = 0, next_attempt_at = now(), lease_until = NULL
+              WHERE id IN (SELECT id FROM alert_deliveries
+                            WHERE state = 'dead' AND ($1::uuid IS NULL OR org_id = $1)
+                              AND (cardinality($2::uuid[]) = 0 OR id = ANY($2))
+                            LIMIT $3
+                            FOR UPDATE SKIP LOCKED)",
+            org,
+            ids,
+            REPLAY_BATCH,
+        )
+        .execute(data)
+        .await?
+        .rows_affected();
+        total += done;
+        if done == 0 {
+            return Ok(total);
+        }
+        progress(total);
+        if done < REPLAY_BATCH as u64 {
+            return Ok(total);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -44,6 +44,18 @@ pub async fn replay_wakeups(
     dry_run: bool,
     hold: Duration,
 ) -> Result<ReplayReport, ReplayError> {
+    replay_wakeups_reporting(queue, store, dry_run, hold, |_| {}).await
+}
+
+/// `replay_wakeups`, showing `progress` the report so far after each batch
+/// of up to 10 messages (the command prints it now and then).
+pub async fn replay_wakeups_reporting(
+    queue: &dyn Queue,
+    store: &Store,
+    dry_run: bool,
+    hold: Duration,
+    mut progress: impl FnMut(&ReplayReport),
+) -> Result<ReplayReport, ReplayError> {
     let source = WAKEUPS;
     let dead = dlq(source);
     let mut report = ReplayReport::default();
@@ -91,5 +103,6 @@ pub async fn replay_wakeups(
         if !handled.is_empty() {
             queue.delete_batch(&dead, &handled).await?;
         }
+        progress(&report);
     }
 }

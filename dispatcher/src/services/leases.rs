@@ -95,10 +95,13 @@ pub fn heartbeat_answer(
 
 /// Claims ready work, waiting up to `wait` for some: looks again whenever
 /// the ready signal says tasks may have become ready (ADR 0017), and at
-/// least every `claim_poll`. Answers as soon as one claim is granted.
+/// least every `claim_poll`. Answers as soon as one claim is granted, or
+/// with nothing when `stop` is cancelled (the API is closing): a claim in
+/// progress is never cut, only the wait.
 pub async fn claim_waiting(
     ctx: Ctx<'_>,
     ready: &ReadySignal,
+    stop: &tokio_util::sync::CancellationToken,
     pick: Pick<'_>,
     worker_id: &str,
     lease: std::time::Duration,
@@ -112,11 +115,12 @@ pub async fn claim_waiting(
         ready.borrow_and_update();
         let claimed = ctx.store.claim_many(pick, worker_id, lease).await?;
         let now = tokio::time::Instant::now();
-        if !claimed.is_empty() || now >= deadline {
+        if !claimed.is_empty() || now >= deadline || stop.is_cancelled() {
             return Ok(claimed);
         }
         let look_again = deadline.min(now + ctx.settings.claim_poll);
         tokio::select! {
+            _ = stop.cancelled() => return Ok(claimed),
             changed = ready.changed() => {
                 if changed.is_err() {
                     // The signal is gone (shutting down): poll instead.
@@ -135,6 +139,7 @@ pub async fn claim_waiting(
 pub async fn claim_batch(
     ctx: Ctx<'_>,
     ready: &ReadySignal,
+    stop: &tokio_util::sync::CancellationToken,
     ask: &ClaimAsk,
     worker_id: &str,
     lease: std::time::Duration,
@@ -147,7 +152,7 @@ pub async fn claim_batch(
     let claimed = if wait.is_zero() {
         ctx.store.claim_many(pick, worker_id, lease).await?
     } else {
-        claim_waiting(ctx, ready, pick, worker_id, lease, wait).await?
+        claim_waiting(ctx, ready, stop, pick, worker_id, lease, wait).await?
     };
     let mut granted = std::collections::HashMap::with_capacity(claimed.len());
     let mut order = Vec::with_capacity(claimed.len());

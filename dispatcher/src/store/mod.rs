@@ -22,6 +22,7 @@ mod orgs;
 mod outbox;
 mod pauses;
 pub mod ready;
+pub mod replicas;
 mod tasks;
 mod transitions;
 
@@ -100,6 +101,11 @@ impl Store {
         MIGRATOR.run(&self.pool).await
     }
 
+    /// The state migrations not applied yet, as `0024 replicas`.
+    pub async fn pending_migrations(&self) -> Result<Vec<String>, sqlx::Error> {
+        pending_migrations(&MIGRATOR, &self.pool).await
+    }
+
     /// Readiness: the database answers.
     pub async fn ping(&self) -> Result<(), sqlx::Error> {
         sqlx::query!("SELECT 1 AS one")
@@ -107,4 +113,30 @@ impl Store {
             .await
             .map(|_| ())
     }
+}
+
+/// `migrator`'s migrations not applied (successfully) to `pool`'s database
+/// yet, oldest first, as `0024 replicas`: what `dispatcher migrate` says
+/// it is about to do. Dynamic SQL: `_sqlx_migrations` is sqlx's own table,
+/// absent before the first migration, so no query macro can describe it.
+pub async fn pending_migrations(
+    migrator: &sqlx::migrate::Migrator,
+    pool: &PgPool,
+) -> Result<Vec<String>, sqlx::Error> {
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
+        .fetch_one(pool)
+        .await?;
+    let applied: std::collections::HashSet<i64> = match table {
+        Some(_) => sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .collect(),
+        None => Default::default(),
+    };
+    Ok(migrator
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+        .map(|m| format!("{:04} {}", m.version, m.description))
+        .collect())
 }

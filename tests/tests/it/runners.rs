@@ -323,8 +323,7 @@ async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str, init_e
         at_limit[0]
             .error()
             .starts_with("the task's output was refused: request body is larger than"),
-        "{}",
-        at_limit[0].error()
+        "{at_limit:?}"
     );
     assert!(!at_limit[0].retryable());
     let warm = lab.ok(json!({})).await;

@@ -10,6 +10,7 @@ pub mod egress;
 pub mod error;
 pub mod http;
 pub mod idp;
+pub mod metrics;
 pub mod objects;
 pub mod profile;
 pub mod queue;

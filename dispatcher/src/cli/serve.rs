@@ -19,6 +19,11 @@ pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "DISPATCHER_BIND", default_value = "127.0.0.1:8080")]
     bind: String,
+    /// Serve Prometheus metrics at `GET /metrics` on this address (its own
+    /// port, kept off the API's load balancer: the series name orgs;
+    /// docs/standards/metrics.md). Off when unset.
+    #[arg(long, env = "DISPATCHER_METRICS_BIND")]
+    metrics_bind: Option<String>,
     /// Apply migrations before serving.
     #[arg(long, env = "DISPATCHER_MIGRATE")]
     migrate: bool,
@@ -337,6 +342,19 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    if let Some(bind) = &args.metrics_bind {
+        let handle = dispatcher::metrics::install()?;
+        let l = tokio::net::TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("binding the metrics address {bind}"))?;
+        tracing::info!(addr = %l.local_addr()?, "metrics at /metrics");
+        tokio::spawn(dispatcher::metrics::serve(
+            l,
+            handle,
+            store.clone(),
+            shutdown.clone(),
+        ));
+    }
     if let Some(idp) = &idp {
         let every = std::time::Duration::from_secs(args.idp.idp_jwks_refresh_minutes.max(1) * 60);
         tokio::spawn(idp.clone().refresh_periodically(every, shutdown.clone()));

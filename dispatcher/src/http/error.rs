@@ -191,6 +191,10 @@ impl ApiError {
     }
 }
 
+/// The stable code of an error answer, in the response's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
@@ -206,6 +210,8 @@ impl IntoResponse for ApiError {
             },
         };
         let mut resp = (self.status, axum::Json(body)).into_response();
+        // For the request metrics (`http::track`): which refusal this was.
+        resp.extensions_mut().insert(ErrorCode(self.code));
         if let Some(secs) = self.retry_after_secs {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

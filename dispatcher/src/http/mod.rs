@@ -328,6 +328,7 @@ pub fn router(state: AppState) -> Router {
         api = api.route(path, mr);
     }
     let api = api
+        .route_layer(axum::middleware::from_fn(track))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -344,6 +345,33 @@ pub fn router(state: AppState) -> Router {
         Some(objects) => api.merge(objects),
         None => api,
     }
+}
+
+/// Records each routed request's duration by route template, method and
+/// status, and counts fence refusals by route (`crate::metrics`).
+async fn track(
+    path: axum::extract::MatchedPath,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let method = req.method().as_str().to_owned();
+    let resp = next.run(req).await;
+    let route = path.as_str().to_owned();
+    if matches!(
+        resp.extensions().get::<error::ErrorCode>(),
+        Some(error::ErrorCode("stale_attempt" | "lease_expired"))
+    ) {
+        metrics::counter!(crate::metrics::FENCE_REJECTIONS, "route" => route.clone()).increment(1);
+    }
+    metrics::histogram!(
+        crate::metrics::HTTP_DURATION,
+        "route" => route,
+        "method" => method,
+        "status" => resp.status().as_str().to_owned()
+    )
+    .record(started.elapsed().as_secs_f64());
+    resp
 }
 
 async fn healthz() -> Json<serde_json::Value> {

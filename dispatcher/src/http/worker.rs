@@ -276,6 +276,7 @@ pub async fn complete(
         .store
         .complete(fence(&claims), &completion, &manifests)
         .await?;
+    crate::metrics::completed(&completion);
     tracing::info!(task_id = %claims.sub, attempt = claims.att, state = answer.state.as_str(), "task completed");
     Ok(Json(answer))
 }
@@ -322,6 +323,11 @@ pub async fn complete_batch(
         .map(|(claims, (completion, manifests))| (fence(claims), completion, manifests.as_slice()))
         .collect();
     let answers = state.store.complete_many(&valid).await?;
+    for ((_, completion, _), answer) in valid.iter().zip(&answers) {
+        if answer.is_ok() {
+            crate::metrics::completed(completion);
+        }
+    }
     let results = batch_results(&checked, answers, |claims, answer| {
         tracing::info!(task_id = %claims.sub, attempt = claims.att, state = answer.state.as_str(), "task completed (batch)");
         serde_json::to_value(answer).map_err(|_| ApiError::internal())

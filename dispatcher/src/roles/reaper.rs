@@ -69,6 +69,7 @@ impl Reaper {
                 Ok((task_id, Ok(Some(state)))) => {
                     tracing::info!(%task_id, state = state.as_str(), "expired lease reaped");
                     expired += 1;
+                    metrics::counter!(crate::metrics::LEASE_EXPIRIES).increment(1);
                 }
                 Ok((_, Ok(None))) => {}
                 Ok((task_id, Err(e))) => {

@@ -10,6 +10,7 @@
 mod actions;
 mod alerts;
 mod attempt_writes;
+pub mod backlog;
 mod batches;
 mod bundles;
 mod claim;

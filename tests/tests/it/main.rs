@@ -34,6 +34,7 @@ mod services;
 mod sink;
 mod staging;
 mod task_objects;
+mod telemetry;
 mod tokens;
 mod transport;
 mod wakeups;

@@ -179,14 +179,22 @@ async fn a_waiting_claim_answers_empty_when_its_wait_ends() {
 #[tokio::test]
 async fn a_lost_listener_connection_is_replaced_and_wakes_waiting_claims() {
     let app = TestApp::spawn_with(notify_settings()).await;
-    // The listener's connection is dropped by the server.
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = current_database() AND query ILIKE 'LISTEN%tasks_ready%'",
-    )
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap();
+    // The listener's connection is dropped by the server, once it is
+    // there (the API starts listening as it starts serving).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = current_database() AND query ILIKE 'LISTEN%tasks_ready%'",
+        )
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap();
+        if !ended.is_empty() || std::time::Instant::now() > deadline {
+            break ended;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(ended, vec![true], "one listener per API process");
     let submit = async {
         tokio::time::sleep(Duration::from_millis(1500)).await;

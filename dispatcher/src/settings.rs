@@ -96,7 +96,7 @@ pub struct Settings {
     pub max_events_per_attempt: u32,
     /// Largest total size (bytes of JSON payload) of one attempt's events.
     pub max_event_bytes_per_attempt: u64,
-    /// Largest attempt log (`POST /v1/task/logs`), in bytes of text.
+    /// Largest attempt log (`POST /internal/task-logs`), in bytes of text.
     pub max_log_bytes: usize,
     /// Largest number of dependencies of one task.
     pub max_deps_per_task: usize,

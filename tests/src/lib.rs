@@ -519,6 +519,15 @@ impl TestApp {
         Self::read(resp).await
     }
 
+    /// Stores an attempt's log as its worker does (`POST
+    /// /internal/task-logs`: the worker credential, the attempt by its
+    /// capability token in the body beside `log`'s fields).
+    pub async fn upload_log(&self, capability_token: &str, mut log: Value) -> Response {
+        log["capability_token"] = Value::String(capability_token.to_owned());
+        self.post("/internal/task-logs", &self.worker_token, &log)
+            .await
+    }
+
     pub async fn get(&self, path: &str, token: &str) -> Response {
         let resp = self
             .client

@@ -776,10 +776,8 @@ pub struct LogInfo {
     pub dropped_bytes: u64,
 }
 
-/// `POST /v1/task/logs` (capability token): what the attempt printed, as
-/// the worker captured it (an `exec` task's stderr; a bundle runner's
-/// stdout and stderr during the invocation). A log already stored for the
-/// attempt is replaced. Fenced.
+/// What an attempt printed, as the worker captured it (an `exec` task's
+/// stderr; a bundle runner's stdout and stderr during the invocation).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaskLogRequest {
@@ -787,6 +785,30 @@ pub struct TaskLogRequest {
     /// Bytes the worker left out (it marks the cut in `log` itself).
     #[serde(default)]
     pub dropped_bytes: u64,
+}
+
+/// `POST /internal/task-logs` (worker credential): an attempt's log, the
+/// attempt named by its capability token. The worker credential is
+/// required, not the task token alone: the task's own code holds its
+/// token and must not write what its log says. A log already stored for
+/// the attempt is replaced. Fenced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskLogUpload {
+    pub capability_token: String,
+    pub log: String,
+    #[serde(default)]
+    pub dropped_bytes: u64,
+}
+
+impl TaskLogUpload {
+    pub fn new(capability_token: &str, log: &TaskLogRequest) -> Self {
+        TaskLogUpload {
+            capability_token: capability_token.to_owned(),
+            log: log.log.clone(),
+            dropped_bytes: log.dropped_bytes,
+        }
+    }
 }
 
 /// `POST /internal/task-release` (worker credential): the attempt to hand
@@ -806,7 +828,7 @@ pub struct ReleaseResponse {
     pub state: TaskState,
 }
 
-/// `POST /v1/task/logs`'s answer: what was stored.
+/// `POST /internal/task-logs`'s answer: what was stored.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TaskLogResponse {
     pub bytes: u64,

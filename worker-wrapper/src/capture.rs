@@ -1,4 +1,4 @@
-//! What an attempt printed, captured for its log (`POST /v1/task/logs`):
+//! What an attempt printed, captured for its log (`POST /internal/task-logs`):
 //! an `exec` task's stderr (its stdout is its output), a bundle runner's
 //! stdout and stderr while it serves the attempt (a cold start's init
 //! included). Bounded: past `cap` bytes the head (a quarter) and the tail

@@ -390,7 +390,8 @@ impl Client {
         token: &str,
         req: &wire::TaskLogRequest,
     ) -> Result<wire::TaskLogResponse, CallError> {
-        self.post("/v1/task/logs", token, req).await
+        self.post_worker("/internal/task-logs", &wire::TaskLogUpload::new(token, req))
+            .await
     }
 
     pub async fn buffer_publish(

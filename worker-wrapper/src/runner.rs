@@ -303,7 +303,7 @@ async fn release(cfg: &WorkerConfig, claim: &wire::ClaimResponse, token: &str) {
     }
 }
 
-/// Uploads what the attempt printed, if anything (`POST /v1/task/logs`),
+/// Uploads what the attempt printed, if anything (`POST /internal/task-logs`),
 /// with the tokens it was handed replaced. A log that cannot be stored is
 /// not worth holding the completion for: it is reported and dropped.
 async fn store_log(cfg: &WorkerConfig, claim: &wire::ClaimResponse, token: &str, log: &Shared) {

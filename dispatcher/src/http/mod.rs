@@ -197,7 +197,7 @@ pub const ROUTES: &[RouteSpec] = &[
     route("POST", "/v1/task/buffer-publish", Access::Task),
     route("POST", "/v1/task/complete", Access::Task),
     route("POST", "/v1/task/objects", Access::Task),
-    route("POST", "/v1/task/logs", Access::Task),
+    route("POST", "/internal/task-logs", Access::Worker),
     route("POST", "/v1/task/dataset-stage", Access::Task),
     route("POST", "/v1/task/credentials", Access::Task),
     route("POST", "/v1/jobs", WRITER),
@@ -265,7 +265,7 @@ fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter
         ("POST", "/v1/task/objects") => post(worker::objects),
         ("POST", "/internal/task-release") => post(worker::release),
         // A log's text may be escaped up to six times its size in JSON.
-        ("POST", "/v1/task/logs") => post(worker::logs).layer(DefaultBodyLimit::max(
+        ("POST", "/internal/task-logs") => post(worker::logs).layer(DefaultBodyLimit::max(
             settings.max_log_bytes.saturating_mul(6) + 64 * 1024,
         )),
         ("POST", "/v1/task/dataset-stage") => post(worker::dataset_stage),

@@ -387,28 +387,43 @@ pub async fn release(
     WorkerAuth(_worker): WorkerAuth,
     ApiJson(req): ApiJson<wire::ReleaseRequest>,
 ) -> Result<Json<wire::ReleaseResponse>, ApiError> {
+    let claims = attempt_named(&state, &req.capability_token)?;
+    let task_state = state.store.release(fence(&claims)).await?;
+    tracing::info!(task_id = %claims.sub, attempt = claims.att, state = task_state.as_str(), "task handed back by its worker");
+    Ok(Json(wire::ReleaseResponse { state: task_state }))
+}
+
+/// The attempt a worker call names by its capability token in the body
+/// (checked as the bearer token would be, and counted against the task's
+/// rate).
+fn attempt_named(state: &AppState, capability_token: &str) -> Result<TaskClaims, ApiError> {
     let claims: TaskClaims = state
         .keys
-        .verify(&req.capability_token, crate::tokens::TokenKind::Task)
+        .verify(capability_token, crate::tokens::TokenKind::Task)
         .map_err(|e| {
             let mut api = ApiError::from(e);
             api.message = format!("capability_token: {}", api.message);
             api
         })?;
     state.limits.admit_task(claims.sub, claims.org)?;
-    let task_state = state.store.release(fence(&claims)).await?;
-    tracing::info!(task_id = %claims.sub, attempt = claims.att, state = task_state.as_str(), "task handed back by its worker");
-    Ok(Json(wire::ReleaseResponse { state: task_state }))
+    Ok(claims)
 }
 
 /// Stores what the attempt printed (`services::logs::store`): bounded,
-/// redacted, fenced.
+/// redacted, fenced. The worker credential authenticates the call and the
+/// capability token in the body names the attempt: a task's own code,
+/// which holds only its token, cannot write its log.
 pub async fn logs(
     State(state): State<AppState>,
-    TaskAuth(claims): TaskAuth,
-    ApiJson(req): ApiJson<wire::TaskLogRequest>,
+    WorkerAuth(_worker): WorkerAuth,
+    ApiJson(req): ApiJson<wire::TaskLogUpload>,
 ) -> Result<Json<wire::TaskLogResponse>, ApiError> {
-    Ok(Json(logs::store(state.ctx(), &claims, &req).await?))
+    let claims = attempt_named(&state, &req.capability_token)?;
+    let log = wire::TaskLogRequest {
+        log: req.log,
+        dropped_bytes: req.dropped_bytes,
+    };
+    Ok(Json(logs::store(state.ctx(), &claims, &log).await?))
 }
 
 /// Stages parts of a dataset the task may write (contract: "Staging and

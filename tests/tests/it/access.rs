@@ -118,11 +118,7 @@ async fn world() -> World {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let r = app
-        .post(
-            "/v1/task/logs",
-            &claim.capability_token,
-            &json!({"log": "hello\n"}),
-        )
+        .upload_log(&claim.capability_token, json!({"log": "hello\n"}))
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(

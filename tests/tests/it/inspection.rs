@@ -693,10 +693,9 @@ async fn the_cli_lists_shows_retries_and_pauses_through_the_api_with_a_user_toke
         .await;
     let c = app.claim(job.tasks[0].task_id).await;
     let r = app
-        .post(
-            "/v1/task/logs",
+        .upload_log(
             &c.capability_token,
-            &json!({"log": "writing /data/out\nENOSPC\n"}),
+            json!({"log": "writing /data/out\nENOSPC\n"}),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -804,10 +803,9 @@ async fn the_pruner_deletes_exactly_the_finished_jobs_older_than_the_retention_w
         )
         .await;
         let r = app
-            .post(
-                "/v1/task/logs",
+            .upload_log(
                 &a.capability_token,
-                &json!({"log": format!("old job {i} printed this\n")}),
+                json!({"log": format!("old job {i} printed this\n")}),
             )
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -960,16 +958,37 @@ async fn an_attempts_log_is_stored_bounded_and_redacted_and_served_to_its_org_on
     // Running and silent so far: no log yet.
     let r = app.get(&logs(1), &app.user_token).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    // The task's own code holds only its token: it cannot write its log,
+    // with the token as the bearer nor on the old task route.
+    let forged = json!({"capability_token": first.capability_token, "log": "all fine\n"});
+    let r = app
+        .post("/internal/task-logs", &first.capability_token, &forged)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    let r = app
+        .post(
+            "/v1/task/logs",
+            &first.capability_token,
+            &json!({"log": "all fine\n"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = app.get(&logs(1), &app.user_token).await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "nothing stored: {}",
+        r.body
+    );
     let printed = format!(
         "starting\nmy token is {}\nGET http://x/objects/k?method=GET&expires=1&sig=abcdef0123\n\
          [... 900 bytes dropped ...]\ndone\n",
         first.capability_token
     );
     let r = app
-        .post(
-            "/v1/task/logs",
+        .upload_log(
             &first.capability_token,
-            &json!({"log": printed, "dropped_bytes": 900}),
+            json!({"log": printed, "dropped_bytes": 900}),
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
@@ -977,11 +996,7 @@ async fn an_attempts_log_is_stored_bounded_and_redacted_and_served_to_its_org_on
     assert_eq!(r.body["dropped_bytes"], 900);
     // Too big: refused, and the stored log is unchanged.
     let r = app
-        .post(
-            "/v1/task/logs",
-            &first.capability_token,
-            &json!({"log": "x".repeat(4097)}),
-        )
+        .upload_log(&first.capability_token, json!({"log": "x".repeat(4097)}))
         .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.body);
     app.complete_failed(&first.capability_token, "boom", true)
@@ -1014,11 +1029,7 @@ async fn an_attempts_log_is_stored_bounded_and_redacted_and_served_to_its_org_on
     app.skip_backoff(task).await;
     let second = app.claim(task).await;
     let r = app
-        .post(
-            "/v1/task/logs",
-            &first.capability_token,
-            &json!({"log": "zombie\n"}),
-        )
+        .upload_log(&first.capability_token, json!({"log": "zombie\n"}))
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
     assert_eq!(r.code(), "stale_attempt");
@@ -1029,11 +1040,7 @@ async fn an_attempts_log_is_stored_bounded_and_redacted_and_served_to_its_org_on
     // An upload again replaces the attempt's log.
     for body in ["one\n", "two\n"] {
         let r = app
-            .post(
-                "/v1/task/logs",
-                &second.capability_token,
-                &json!({"log": body}),
-            )
+            .upload_log(&second.capability_token, json!({"log": body}))
             .await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     }

@@ -44,6 +44,7 @@ pub struct Metric {
 
 pub const CLAIMS: &str = "dispatcher_claims_total";
 pub const COMPLETIONS: &str = "dispatcher_completions_total";
+pub const QUEUED_TO_CLAIMED: &str = "dispatcher_task_queued_to_claimed_seconds";
 pub const LEASE_EXPIRIES: &str = "dispatcher_lease_expiries_total";
 pub const FENCE_REJECTIONS: &str = "dispatcher_fence_rejections_total";
 pub const HTTP_DURATION: &str = "dispatcher_http_request_duration_seconds";
@@ -59,6 +60,13 @@ pub const CATALOGUE: &[Metric] = &[
         kind: Kind::Counter,
         labels: &["runtime"],
         help: "Attempts granted by a claim (single or batch).",
+    },
+    Metric {
+        name: QUEUED_TO_CLAIMED,
+        kind: Kind::Histogram,
+        labels: &["runtime"],
+        help:
+            "Seconds from when a task could be claimed (ready, or its lease expired) to its claim.",
     },
     Metric {
         name: COMPLETIONS,

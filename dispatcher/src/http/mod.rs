@@ -337,6 +337,7 @@ pub fn router(state: AppState) -> Router {
         ))
         // Health answers even when every request slot is taken.
         .route("/healthz", get(healthz))
+        .route("/livez", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state);

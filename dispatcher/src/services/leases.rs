@@ -33,8 +33,10 @@ pub async fn claim_answer(
         datasets: claimed.spec.outputs.clone(),
         reads: claimed.spec.reads.clone(),
     };
-    metrics::counter!(crate::metrics::CLAIMS, "runtime" => claimed.spec.runtime.as_str())
-        .increment(1);
+    let runtime = claimed.spec.runtime.as_str();
+    metrics::counter!(crate::metrics::CLAIMS, "runtime" => runtime).increment(1);
+    metrics::histogram!(crate::metrics::QUEUED_TO_CLAIMED, "runtime" => runtime)
+        .record(claimed.queued_seconds);
     let token_expires_at = token_expiry(ctx.settings, claimed.lease_expires_at);
     let capability_token = ctx.keys.mint_task(&scope, token_expires_at);
     // A bundle task's archive: fetched by the worker, checked against the

@@ -35,6 +35,7 @@ struct ClaimRow {
     reads: Vec<String>,
     org_id: Uuid,
     timeout_seconds: Option<i32>,
+    queued_seconds: f64,
 }
 
 struct RefusalRow {
@@ -113,12 +114,21 @@ impl Store {
                  SELECT unnest($1::uuid[]) AS id
                  UNION ALL
                  SELECT id FROM ready
+             ), was AS (
+                 -- Since when each picked task could be claimed, read from
+                 -- the statement's snapshot (before the update below): the
+                 -- queued-to-claimed histogram's start.
+                 SELECT id AS was_id,
+                        CASE WHEN state = 'leased' THEN lease_expires_at
+                             ELSE greatest(updated_at, not_before) END AS since
+                   FROM tasks WHERE id IN (SELECT id FROM picked)
              ), claimed AS (
                  UPDATE tasks
                     SET state = 'leased', attempt = attempt + 1, lease_seconds = $2::int,
                         lease_expires_at = now() + $2::int * interval '1 second',
                         not_before = NULL, updated_at = now()
-                  WHERE id IN (SELECT id FROM picked)
+                   FROM was
+                  WHERE tasks.id = was.was_id AND tasks.id IN (SELECT id FROM picked)
                     AND attempt < max_attempts
                     AND NOT cancel_requested
                     AND ((state = 'ready' AND (not_before IS NULL OR not_before <= now()))
@@ -128,7 +138,8 @@ impl Store {
                                           JOIN jobs j ON j.org_id = p.org_id
                                           JOIN task_specs s ON s.runtime = p.runtime
                                          WHERE j.id = tasks.job_id AND s.task_id = tasks.id))
-              RETURNING id, job_id, attempt, lease_expires_at
+              RETURNING tasks.id, tasks.job_id, tasks.attempt, tasks.lease_expires_at,
+                        greatest(extract(epoch FROM now() - was.since), 0)::float8 AS queued_seconds
              ), ended AS (
                  UPDATE attempts a SET finished_at = now(), outcome = 'lease_expired'
                    FROM claimed c
@@ -140,7 +151,7 @@ impl Store {
              SELECT c.id AS "task_id!", c.job_id AS "job_id!", c.attempt AS "attempt!",
                     c.lease_expires_at AS "lease_expires_at!",
                     s.key, s.runtime, s.bundle, s.inputs, s.outputs, s.reads, j.org_id,
-                    s.timeout_seconds
+                    s.timeout_seconds, c.queued_seconds AS "queued_seconds!"
                FROM claimed c
                JOIN task_specs s ON s.task_id = c.id
                JOIN jobs j ON j.id = c.job_id"#,
@@ -170,6 +181,7 @@ impl Store {
                     attempt: to_u32(row.attempt),
                     lease,
                     lease_expires_at: row.lease_expires_at,
+                    queued_seconds: row.queued_seconds,
                     spec: TaskSpec {
                         key: row.key,
                         runtime,

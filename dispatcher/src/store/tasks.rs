@@ -35,6 +35,9 @@ pub struct Claimed {
     pub lease: Duration,
     pub lease_expires_at: DateTime<Utc>,
     pub spec: TaskSpec,
+    /// Seconds the task could have been claimed before this claim (since it
+    /// became ready, or its last lease expired), by the database's clock.
+    pub queued_seconds: f64,
 }
 
 /// The identity a capability token speaks for. Every fenced write names it.

@@ -106,6 +106,8 @@ async fn a_dispatcher_told_to_stop_answers_not_ready_first_then_ends_its_long_po
         }
     };
     assert_eq!(status("/readyz").await, Some(200));
+    let (ok, err) = run(&["healthcheck", "--url", &base], None).await;
+    assert!(ok, "{err}");
     let worker = stack
         .keys
         .mint_worker("w", chrono::Utc::now() + chrono::Duration::hours(1));
@@ -153,6 +155,14 @@ async fn a_dispatcher_told_to_stop_answers_not_ready_first_then_ends_its_long_po
         !poll.is_finished(),
         "the long-poll ended before the listener closed"
     );
+    assert_eq!(status("/livez").await, Some(200), "alive while not ready");
+    // The container health check says the same, in one line.
+    let (ok, err) = run(&["healthcheck", "--url", &base], None).await;
+    assert!(!ok, "healthcheck passed while draining");
+    assert!(err.contains("503") && err.contains("draining"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (ok, err) = run(&["healthcheck", "--live", "--url", &base], None).await;
+    assert!(ok, "{err}");
     let (code, body, answered) = poll.await.unwrap();
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["claims"], serde_json::json!([]), "{body}");

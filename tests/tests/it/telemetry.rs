@@ -86,6 +86,22 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
         3.0
     );
     assert_eq!(sum(&after, "dispatcher_completions_total", &[]), 3.0);
+    // Each task waited over a second for the worker to start.
+    let queued = "dispatcher_task_queued_to_claimed_seconds";
+    assert_eq!(
+        sum(&after, &format!("{queued}_count"), &["runtime=\"exec\""]),
+        3.0
+    );
+    let waited = sum(&after, &format!("{queued}_sum"), &[]);
+    assert!(
+        (3.0..180.0).contains(&waited),
+        "queued for {waited} s in all"
+    );
+    assert_eq!(
+        sum(&after, &format!("{queued}_bucket"), &["le=\"0.5\""]),
+        0.0,
+        "no task was claimed within half a second"
+    );
     // The backlog drained: its series read zero, not their last value.
     assert_eq!(sum(&after, "dispatcher_tasks_ready", &[&org]), 0.0);
     assert_eq!(

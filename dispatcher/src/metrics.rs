@@ -48,6 +48,8 @@ pub const QUEUED_TO_CLAIMED: &str = "dispatcher_task_queued_to_claimed_seconds";
 pub const LEASE_EXPIRIES: &str = "dispatcher_lease_expiries_total";
 pub const FENCE_REJECTIONS: &str = "dispatcher_fence_rejections_total";
 pub const HTTP_DURATION: &str = "dispatcher_http_request_duration_seconds";
+pub const RATE_LIMITED: &str = "dispatcher_rate_limited_total";
+pub const SINK_BATCHES: &str = "dispatcher_sink_batches_total";
 pub const TASKS_READY: &str = "dispatcher_tasks_ready";
 pub const OLDEST_READY_AGE: &str = "dispatcher_tasks_oldest_ready_age_seconds";
 pub const TASKS_LEASED: &str = "dispatcher_tasks_leased";
@@ -91,6 +93,18 @@ pub const CATALOGUE: &[Metric] = &[
         kind: Kind::Histogram,
         labels: &["route", "method", "status"],
         help: "Seconds from a request's arrival to its answer, by route template.",
+    },
+    Metric {
+        name: RATE_LIMITED,
+        kind: Kind::Counter,
+        labels: &["scope"],
+        help: "Requests refused 429 rate_limited, by the rate that refused them (worker, task, user, org).",
+    },
+    Metric {
+        name: SINK_BATCHES,
+        kind: Kind::Counter,
+        labels: &["result"],
+        help: "Buffer batches the sink judged: ingested, duplicate (already ingested), dead (malformed).",
     },
     Metric {
         name: TASKS_READY,

@@ -71,9 +71,14 @@ impl Limits {
         &self,
         limiter: &DefaultKeyedRateLimiter<K>,
         key: &K,
-        what: &str,
+        what: &'static str,
     ) -> Result<(), ApiError> {
         limiter.check_key(key).map_err(|not_until| {
+            let scope = match what {
+                "worker credential" => "worker",
+                other => other,
+            };
+            metrics::counter!(crate::metrics::RATE_LIMITED, "scope" => scope).increment(1);
             let wait = not_until.wait_time_from(self.clock.now());
             ApiError::rate_limited(
                 "rate_limited",

@@ -216,6 +216,16 @@ impl Sink {
         };
         match result {
             Ok(outcome) => {
+                let counted = match &outcome {
+                    Outcome::Ingested { .. } => Some("ingested"),
+                    Outcome::Duplicate => Some("duplicate"),
+                    Outcome::Dead(_) => Some("dead"),
+                    Outcome::Skipped(_) => None,
+                };
+                if let Some(result) = counted {
+                    metrics::counter!(crate::metrics::SINK_BATCHES, "result" => result)
+                        .increment(1);
+                }
                 match &outcome {
                     Outcome::Ingested { rows } => {
                         tracing::info!(batch_id = %pointer.batch_id, rows, "buffer batch ingested")

@@ -43,6 +43,10 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
         "DISPATCHER_METRICS_BIND".into(),
         format!("127.0.0.1:{port}"),
     ));
+    // One user request a second: a burst of them shows as refusals.
+    stack
+        .profile_env
+        .push(("DISPATCHER_RATE_PER_USER".into(), "1,1".into()));
     stack.start_dispatcher("").await;
     let url = format!("http://127.0.0.1:{port}/metrics");
     // Three ready tasks and no worker: the backlog is what the gauges say.
@@ -151,6 +155,54 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
     assert!(
         counted >= 4.0 && buckets == counted,
         "{counted} requests, {buckets} in +Inf"
+    );
+    // The sink ingests each published batch once, after its task ended.
+    let published = count("/v1/task/buffer-publish");
+    assert!(published >= 3.0, "{published} batches published");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = scrape(&url).await;
+        let ingested = sum(
+            &m,
+            "dispatcher_sink_batches_total",
+            &["result=\"ingested\""],
+        );
+        if ingested == published {
+            assert_eq!(
+                sum(&m, "dispatcher_sink_batches_total", &["result=\"dead\""]),
+                0.0
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ingested} of {published} ingested"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Refusals by the user's rate, counted by scope.
+    let http = reqwest::Client::new();
+    let mut refused = 0.0;
+    for _ in 0..5 {
+        let r = http
+            .get(format!("{}/v1/jobs", stack.url()))
+            .bearer_auth(stack.user_token())
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 429 {
+            refused += 1.0;
+        }
+    }
+    assert!(refused >= 3.0, "only {refused} of 5 refused");
+    let limited = scrape(&url).await;
+    assert_eq!(
+        sum(
+            &limited,
+            "dispatcher_rate_limited_total",
+            &["scope=\"user\""]
+        ),
+        refused
     );
     assert!(
         after

@@ -140,6 +140,12 @@ pub const CATALOGUE: &[Metric] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Whether a recorder is installed (`serve --metrics-bind`): callers that
+/// would build labels for nothing ask first.
+pub fn enabled() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// Installs the process's Prometheus recorder (once; later calls answer
 /// the same handle). Latency histograms get buckets from 1 ms to 5 min.
 pub fn install() -> anyhow::Result<PrometheusHandle> {

@@ -355,6 +355,9 @@ async fn track(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
+    if !crate::metrics::enabled() {
+        return next.run(req).await;
+    }
     let started = std::time::Instant::now();
     let method = req.method().as_str().to_owned();
     let resp = next.run(req).await;

@@ -148,7 +148,7 @@ mod tests {
     }
 
     #[test]
-    fn every_step_of_the_documented_rotation_is_compatible_and_skipping_one_is_not() {
+    fn every_step_of_the_documented_rotation_is_compatible_and_leaving_one_out_is_not() {
         let old = replica("old", "A", &["A"]);
         let step2 = replica("step2", "A", &["A", "B"]);
         let step3 = replica("step3", "B", &["A", "B"]);
@@ -157,7 +157,7 @@ mod tests {
             assert_eq!(mismatch(a, b), None, "{} beside {}", a.name, b.name);
             assert_eq!(mismatch(b, a), None, "{} beside {}", b.name, a.name);
         }
-        // Skipping step 2: the new signer beside an old replica.
+        // Step 2 left out: the new signer beside an old replica.
         assert!(mismatch(&step3, &old)
             .unwrap()
             .contains("does not verify this replica"));

@@ -227,12 +227,9 @@ pub async fn handle(
     } else {
         invoke(&cfg, &claim, receipt, &token, &log).await
     };
-    let token = token.lock().map(|t| t.clone()).unwrap_or_default();
-    if !matches!(ended, Ended::Abandoned(_)) {
-        // Before the completion ends the lease, which fences the upload.
-        store_log(&cfg, &claim, &token, &log).await;
-    }
     if matches!(ended, Ended::HandBack) {
+        let token = current(&token);
+        store_log(&cfg, &claim, &token, &log).await;
         release(&cfg, &claim, &token).await;
         cfg.wakeups.delete(receipt).await;
         return Handled::HandedBack;
@@ -266,13 +263,27 @@ pub async fn handle(
         // A failure message is the end of what the task printed: the
         // tokens it was handed do not go with it.
         if let Some(error) = req.error.as_mut() {
-            for secret in [token.as_str(), claim.capability_token.as_str()] {
+            for secret in [current(&token).as_str(), claim.capability_token.as_str()] {
                 if !secret.is_empty() {
                     error.message = error.message.replace(secret, "[REDACTED]");
                 }
             }
         }
-        complete(&cfg, &claim, &token, &req).await;
+        // The log upload (before the completion ends the lease, which
+        // fences it) and the completion keep the lease alive: a large
+        // output can take longer to send than a short lease lasts.
+        let finish = async {
+            store_log(&cfg, &claim, &current(&token), &log).await;
+            complete(&cfg, &claim, &token, &req).await;
+        };
+        tokio::pin!(finish);
+        tokio::select! {
+            biased;
+            () = &mut finish => {}
+            // Lost, cancelled or handed back while completing: the
+            // completion is still the attempt's last word.
+            _ = keep_alive(&cfg, &claim, receipt, None, &token) => finish.await,
+        }
     }
     cfg.wakeups.delete(receipt).await;
     Handled::Done
@@ -329,6 +340,11 @@ async fn store_log(cfg: &WorkerConfig, claim: &wire::ClaimResponse, token: &str,
             tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, "storing the task's log timed out")
         }
     }
+}
+
+/// The newest capability token (heartbeats replace it).
+fn current(token: &Mutex<String>) -> String {
+    token.lock().map(|t| t.clone()).unwrap_or_default()
 }
 
 fn failed(message: String, retryable: bool) -> wire::CompleteRequest {
@@ -479,7 +495,7 @@ const COMPLETE_RETRY_FOR: Duration = Duration::from_secs(15 * 60);
 async fn complete(
     cfg: &WorkerConfig,
     claim: &wire::ClaimResponse,
-    token: &str,
+    token: &Mutex<String>,
     req: &wire::CompleteRequest,
 ) {
     let mut req = req.clone();
@@ -487,7 +503,7 @@ async fn complete(
     let give_up = tokio::time::Instant::now() + COMPLETE_RETRY_FOR;
     let mut refused_output = false;
     while tokio::time::Instant::now() < give_up {
-        match cfg.calls.complete(token, &req).await {
+        match cfg.calls.complete(&current(token), &req).await {
             Ok(r) => {
                 tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, state = r.state.as_str(), "completed");
                 return;

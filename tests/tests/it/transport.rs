@@ -22,22 +22,38 @@ struct Seen {
     calls: Vec<(String, usize, usize, Option<u16>, u16)>,
 }
 
-/// Forwards to `upstream`, failing by the call's kind and number: the first
-/// complete-batch with 503 unforwarded, the second forwarded and its answer
-/// replaced by 502; every third heartbeat-batch 503; the first two single
-/// completes 503 unforwarded and the third forwarded then 502.
-async fn chaos_proxy(upstream: String) -> (String, Arc<Mutex<Seen>>) {
+/// Which calls a proxy fails: given the path and how many calls to it came
+/// before and this one (from 1), whether to answer 503 without forwarding,
+/// and whether to forward and then replace the answer by 502.
+type Rule = Arc<dyn Fn(&str, usize) -> (bool, bool) + Send + Sync>;
+
+/// The first complete-batch fails with 503 unforwarded, the second is
+/// forwarded and its answer replaced by 502; every third heartbeat-batch
+/// 503; the first two single completes 503 unforwarded and the third
+/// forwarded then 502.
+fn chaos(path: &str, n: usize) -> (bool, bool) {
+    match path {
+        "/v1/task/complete-batch" => (n == 1, n == 2),
+        "/v1/task/heartbeat-batch" => (n % 3 == 0, false),
+        "/v1/task/complete" => (n <= 2, n == 3),
+        _ => (false, false),
+    }
+}
+
+/// Forwards to `upstream`, failing the calls `rule` says.
+async fn chaos_proxy(upstream: String, rule: Rule) -> (String, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let counts: Arc<Mutex<std::collections::HashMap<String, usize>>> = Default::default();
     let http = reqwest::Client::new();
     let (seen2, counts2) = (seen.clone(), counts.clone());
     let app = axum::Router::new().fallback(
         move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
-            let (seen, counts, http, upstream) = (
+            let (seen, counts, http, upstream, rule) = (
                 seen2.clone(),
                 counts2.clone(),
                 http.clone(),
                 upstream.clone(),
+                rule.clone(),
             );
             async move {
                 let path = uri.path().to_owned();
@@ -52,12 +68,7 @@ async fn chaos_proxy(upstream: String) -> (String, Arc<Mutex<Seen>>) {
                     .and_then(|v| v["entries"].as_array().map(|a| a.len()))
                     .unwrap_or(1);
                 // (fail before forwarding, replace the answer after it)
-                let (before, after) = match path.as_str() {
-                    "/v1/task/complete-batch" => (n == 1, n == 2),
-                    "/v1/task/heartbeat-batch" => (n % 3 == 0, false),
-                    "/v1/task/complete" => (n <= 2, n == 3),
-                    _ => (false, false),
-                };
+                let (before, after) = rule(&path, n);
                 if before {
                     seen.lock()
                         .unwrap()
@@ -136,7 +147,7 @@ async fn rule_no_task_is_failed_by_a_transport_answer_batches_over_the_body_limi
         .profile_env
         .push(("WORKER_BATCH_WINDOW_MS".into(), "300".into()));
     stack.start_dispatcher("").await;
-    let (proxy, seen) = chaos_proxy(stack.url()).await;
+    let (proxy, seen) = chaos_proxy(stack.url(), Arc::new(chaos)).await;
     let n = 16;
     let at = Utc::now().timestamp() + 6;
     let bundle = big_output_bundle(&stack);
@@ -250,4 +261,57 @@ async fn rule_a_worker_credential_expiring_during_long_tasks_is_read_again_from_
     let log = worker.log_text();
     assert!(log.contains("worker credential reloaded"), "{log}");
     assert!(!log.contains("refused the worker credential"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_a_completion_that_takes_longer_than_the_lease_keeps_it_alive_until_it_lands() {
+    let mut stack = Stack::new().await;
+    stack.start_dispatcher("").await;
+    // Every completion is refused with 503 for 5 s after the first one
+    // arrives: the worker's retries outlast its 2 s lease several times.
+    let first: Arc<std::sync::OnceLock<std::time::Instant>> = Default::default();
+    let rule: Rule = Arc::new(move |path: &str, _n: usize| {
+        if !path.starts_with("/v1/task/complete") {
+            return (false, false);
+        }
+        let since = first.get_or_init(std::time::Instant::now).elapsed();
+        (since < Duration::from_secs(5), false)
+    });
+    let (proxy, seen) = chaos_proxy(stack.url(), rule).await;
+    let (_, ids) = stack
+        .submit(json!({"name": "slow-completion", "tasks": [
+            {"key": "t", "runtime": "exec", "bundle": "/bin/true", "max_attempts": 1}]}))
+        .await;
+    let worker = stack.start_worker(&WorkerOpts {
+        dispatcher_url: Some(proxy),
+        ..WorkerOpts::new("slow-completion")
+    });
+    stack.wait_all_finished(Duration::from_secs(60)).await;
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT t.state, a.outcome FROM tasks t JOIN attempts a ON a.task_id = t.id
+          WHERE t.id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        vec![("succeeded".to_owned(), "succeeded".to_owned())],
+        "{}",
+        worker.log_text()
+    );
+    // Heartbeats went on between the first refused completion and the
+    // one that landed.
+    let seen = seen.lock().unwrap();
+    let completes: Vec<usize> = (0..seen.calls.len())
+        .filter(|&i| seen.calls[i].0.starts_with("/v1/task/complete"))
+        .collect();
+    let (from, to) = (completes[0], *completes.last().unwrap());
+    assert_eq!(seen.calls[to].4, 200, "{:?}", seen.calls);
+    let beats = seen.calls[from..to]
+        .iter()
+        .filter(|c| c.0.starts_with("/v1/task/heartbeat") && c.4 == 200)
+        .count();
+    assert!(beats >= 2, "heartbeats while completing: {:?}", seen.calls);
 }

@@ -166,6 +166,8 @@ pub struct NewJob {
     pub tasks: Vec<NewTask>,
     /// Past this long after submission the job is cancelled.
     pub deadline: Option<std::time::Duration>,
+    /// The W3C `traceparent` its attempts continue (ADR 0023).
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -326,6 +328,7 @@ pub fn new_job(req: wire::SubmitJobRequest, settings: &Settings) -> Result<NewJo
         name,
         tasks,
         deadline,
+        traceparent: None,
     })
 }
 

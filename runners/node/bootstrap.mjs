@@ -106,6 +106,12 @@ for (;;) {
   }
   const id = next.headers["lambda-runtime-aws-request-id"];
   const deadline = Number(next.headers["lambda-runtime-deadline-ms"] ?? 0);
+  // The invocation's trace context, for the handler's own tracing (W3C,
+  // and X-Ray's form as AWS's runtime clients set it).
+  for (const [name, variable] of [["traceparent", "TRACEPARENT"], ["lambda-runtime-trace-id", "_X_AMZN_TRACE_ID"]]) {
+    if (next.headers[name]) process.env[variable] = next.headers[name];
+    else delete process.env[variable];
+  }
   inFlight = id;
   let out;
   try {

@@ -50,7 +50,13 @@ export class Task {
     for (const attempt of [1, 2]) {
       const r = await fetch(this.url + path, {
         method: "POST",
-        headers: { authorization: `Bearer ${await this.token(attempt === 2)}`, "content-type": "application/json" },
+        headers: {
+          authorization: `Bearer ${await this.token(attempt === 2)}`,
+          "content-type": "application/json",
+          // The invocation's trace context: the dispatcher's span of this
+          // call joins the task's trace.
+          ...(process.env.TRACEPARENT ? { traceparent: process.env.TRACEPARENT } : {}),
+        },
         body: JSON.stringify(body),
       });
       const text = await r.text();

@@ -105,6 +105,13 @@ def main():
             sys.exit(1)
         headers = {k.title(): v for k, v in headers.items()}
         request_id = headers["Lambda-Runtime-Aws-Request-Id"]
+        # The invocation's trace context, for the handler's own tracing
+        # (W3C, and X-Ray's form as AWS's runtime clients set it).
+        for name, var in (("Traceparent", "TRACEPARENT"), ("Lambda-Runtime-Trace-Id", "_X_AMZN_TRACE_ID")):
+            if headers.get(name):
+                os.environ[var] = headers[name]
+            else:
+                os.environ.pop(var, None)
         try:
             envelope = json.loads(body)
             context = Context(headers, envelope)

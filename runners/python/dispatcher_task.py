@@ -9,6 +9,7 @@ token's lifetime. Standard library only.
 import base64
 import hashlib
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -63,10 +64,13 @@ class Task:
     def call(self, path, body):
         data = json.dumps(body).encode()
         for attempt in (1, 2):
-            req = urllib.request.Request(
-                self.url + path, data=data, method="POST",
-                headers={"Authorization": f"Bearer {self.token(refresh=attempt == 2)}",
-                         "Content-Type": "application/json"})
+            headers = {"Authorization": f"Bearer {self.token(refresh=attempt == 2)}",
+                       "Content-Type": "application/json"}
+            # The invocation's trace context: the dispatcher's span of
+            # this call joins the task's trace.
+            if os.environ.get("TRACEPARENT"):
+                headers["traceparent"] = os.environ["TRACEPARENT"]
+            req = urllib.request.Request(self.url + path, data=data, method="POST", headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=60) as r:
                     return json.loads(r.read() or b"null")

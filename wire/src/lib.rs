@@ -161,6 +161,10 @@ pub struct ClaimResponse {
     /// SHA-256 is the task's `bundle` digest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_url: Option<String>,
+    /// The job's W3C trace context, which the attempt's span continues
+    /// (absent when the job has none). Not a credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -160,15 +160,18 @@ fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Command::Run(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
-            match rt.block_on(run(*args, credential.unwrap_or_default()))? {
+            let format = match std::env::var("LOG_FORMAT") {
+                Ok(f) => f.parse().map_err(anyhow::Error::msg)?,
+                Err(_) => dispatcher_telemetry::LogFormat::Json,
+            };
+            let telemetry = {
+                let _in_runtime = rt.enter();
+                dispatcher_telemetry::init("worker-wrapper", "info", format)?
+            };
+            let stopped = rt.block_on(run(*args, credential.unwrap_or_default()));
+            // What is buffered goes out while the runtime still runs.
+            drop(telemetry);
+            match stopped? {
                 Stopped::Drained => Ok(()),
                 Stopped::HandedBack => std::process::exit(HANDED_BACK_EXIT),
             }

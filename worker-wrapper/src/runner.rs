@@ -7,6 +7,7 @@ use std::time::Duration;
 use dispatcher_wire as wire;
 use reqwest::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Instrument as _;
 
 use crate::capture::{LogBuffer, Shared};
 use crate::client::CallError;
@@ -217,6 +218,38 @@ pub async fn handle(
             }
         },
     };
+    // The attempt's span (ADR 0023): its fields are on every log line of
+    // the attempt, and it continues the job's trace when traces are on.
+    let span = tracing::info_span!(
+        "task.attempt",
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        job_id = %claim.job_id,
+        task_id = %claim.task_id,
+        attempt = claim.attempt,
+        org_id = %claim.org_id,
+        task_key = claim.task.key.as_str(),
+        runtime = claim.task.runtime.as_str(),
+        outcome = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    dispatcher_telemetry::continue_from(&span, claim.traceparent.as_deref());
+    attempt(cfg, claim, receipt).instrument(span).await
+}
+
+/// The context a task's code runs under, handed to it as `TRACEPARENT`:
+/// its attempt's span when traces are on, else the job's own.
+pub fn udf_traceparent(claim: &wire::ClaimResponse) -> Option<String> {
+    dispatcher_telemetry::traceparent_of(&tracing::Span::current())
+        .or_else(|| claim.traceparent.clone())
+}
+
+/// Runs a claimed attempt to its end: the task, its log, its completion.
+async fn attempt(
+    cfg: Arc<WorkerConfig>,
+    claim: wire::ClaimResponse,
+    receipt: Option<&str>,
+) -> Handled {
     tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, key = claim.task.key, "claimed");
     // The newest capability token: heartbeats refresh it, completion uses it.
     let token = Arc::new(Mutex::new(claim.capability_token.clone()));
@@ -505,6 +538,16 @@ async fn complete(
     while tokio::time::Instant::now() < give_up {
         match cfg.calls.complete(&current(token), &req).await {
             Ok(r) => {
+                let span = tracing::Span::current();
+                let outcome = match req.outcome {
+                    wire::Outcome::Succeeded => "succeeded",
+                    wire::Outcome::Failed => {
+                        span.record("otel.status_code", "ERROR");
+                        "failed"
+                    }
+                    wire::Outcome::Cancelled => "cancelled",
+                };
+                span.record("outcome", outcome);
                 tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, state = r.state.as_str(), "completed");
                 return;
             }
@@ -564,7 +607,7 @@ async fn run(
         attempt.finish(None).await;
         return Ended::SpawnFailed(format!("cannot write the token file: {e}"));
     }
-    let vars = [
+    let mut vars = vec![
         ("DISPATCHER_URL", cfg.dispatcher_url.clone()),
         ("DISPATCHER_TASK_TOKEN", claim.capability_token.clone()),
         (
@@ -578,6 +621,9 @@ async fn run(
         ("DISPATCHER_OBJECT_PREFIX", claim.object_prefix.clone()),
         ("DISPATCHER_OUTPUTS", claim.task.outputs.join(",")),
     ];
+    if let Some(tp) = udf_traceparent(claim) {
+        vars.push(("TRACEPARENT", tp));
+    }
     let mut cmd = attempt.command(program, &vars);
     cmd.args(argv)
         .stdin(std::process::Stdio::piped())

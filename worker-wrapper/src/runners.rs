@@ -611,6 +611,7 @@ impl Runners {
                 function_name(&claim.task.bundle)
             ),
             token,
+            traceparent: crate::runner::udf_traceparent(claim),
         });
         let ended = tokio::select! {
             answer = rx => match answer {

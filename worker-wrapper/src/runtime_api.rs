@@ -43,6 +43,9 @@ pub struct Invocation {
     pub function_arn: String,
     /// The task's newest capability token, for the token endpoint.
     pub token: Arc<Mutex<String>>,
+    /// The W3C trace context the handler runs under, sent as `traceparent`
+    /// and, in X-Ray form, as `lambda-runtime-trace-id` (ADR 0023).
+    pub traceparent: Option<String>,
 }
 
 /// How the runner answered an invocation.
@@ -321,13 +324,24 @@ fn event_response(inv: &Invocation) -> Response {
     set("lambda-runtime-aws-request-id", &inv.request_id);
     set("lambda-runtime-deadline-ms", &inv.deadline_ms.to_string());
     set("lambda-runtime-invoked-function-arn", &inv.function_arn);
+    // The attempt's trace when it has one (the runner clients set
+    // `TRACEPARENT` from it for the handler), else a fresh unsampled id.
+    let xray = inv
+        .traceparent
+        .as_deref()
+        .and_then(dispatcher_telemetry::xray_trace_id);
+    if let Some(tp) = inv.traceparent.as_deref().filter(|_| xray.is_some()) {
+        set("traceparent", tp);
+    }
     set(
         "lambda-runtime-trace-id",
-        &format!(
-            "Root=1-{:08x}-{};Sampled=0",
-            now_ms() / 1000,
-            &uuid::Uuid::new_v4().simple().to_string()[..24]
-        ),
+        &xray.unwrap_or_else(|| {
+            format!(
+                "Root=1-{:08x}-{};Sampled=0",
+                now_ms() / 1000,
+                &uuid::Uuid::new_v4().simple().to_string()[..24]
+            )
+        }),
     );
     set("content-type", "application/json");
     (StatusCode::OK, headers, inv.event.clone()).into_response()
@@ -514,6 +528,7 @@ mod tests {
             deadline_ms,
             function_arn: "arn:aws:lambda:local:000000000000:function:t".into(),
             token: Arc::new(Mutex::new("tok".into())),
+            traceparent: None,
         }
     }
 

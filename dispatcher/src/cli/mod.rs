@@ -283,14 +283,23 @@ pub async fn main() -> Result<()> {
         Command::Dev(_) => "warn",
         _ => "info,sqlx=warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Services log JSON lines by default, the one-shot commands and `dev`
+    // text (`LOG_FORMAT` chooses).
+    let format = match std::env::var("LOG_FORMAT") {
+        Ok(f) => f.parse().map_err(anyhow::Error::msg)?,
+        Err(_) => match cli.command {
+            Command::Serve(_) => dispatcher_telemetry::LogFormat::Json,
+            _ => dispatcher_telemetry::LogFormat::Text,
+        },
+    };
+    let telemetry = dispatcher_telemetry::init("dispatcher", default_filter, format)?;
+    let result = run(cli).await;
+    // The spans still buffered go out (blocking, so off the runtime's threads).
+    let _ = tokio::task::spawn_blocking(move || drop(telemetry)).await;
+    result
+}
+
+async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Dev(args) => dev::run(args).await,

@@ -53,9 +53,21 @@ fn page(state: &AppState, q: Option<PageQuery>) -> Result<TaskPage, ApiError> {
 pub async fn submit(
     State(state): State<AppState>,
     Writer(user): Writer,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<wire::SubmitJobRequest>,
 ) -> Result<(StatusCode, Json<wire::JobView>), ApiError> {
-    let job = domain::new_job(req, &state.settings)?;
+    let mut job = domain::new_job(req, &state.settings)?;
+    // Its attempts continue this request's span when traces are on, else
+    // the caller's context as given; a malformed one is ignored, as the
+    // W3C recommendation says.
+    job.traceparent =
+        dispatcher_telemetry::traceparent_of(&tracing::Span::current()).or_else(|| {
+            headers
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(dispatcher_telemetry::parse)
+                .map(|sc| dispatcher_telemetry::format(&sc))
+        });
     let view = state
         .store
         .submit_job(user.org, Some(user.sub), &job)

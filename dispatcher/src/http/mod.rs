@@ -329,6 +329,7 @@ pub fn router(state: AppState) -> Router {
     }
     let api = api
         .route_layer(axum::middleware::from_fn(track))
+        .route_layer(axum::middleware::from_fn(trace))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
@@ -346,6 +347,39 @@ pub fn router(state: AppState) -> Router {
         Some(objects) => api.merge(objects),
         None => api,
     }
+}
+
+/// Runs each routed request in a server span named by its method and route
+/// template, continuing the caller's `traceparent`; its trace id is on
+/// every log line written while it is served (ADR 0023).
+async fn trace(
+    path: axum::extract::MatchedPath,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument as _;
+    let span = tracing::info_span!(
+        "request",
+        otel.name = format!("{} {}", req.method(), path.as_str()),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = %req.method(),
+        http.route = path.as_str(),
+        http.response.status_code = tracing::field::Empty,
+        org_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    let incoming = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    dispatcher_telemetry::continue_from(&span, incoming);
+    let resp = next.run(req).instrument(span.clone()).await;
+    span.record("http.response.status_code", resp.status().as_u16());
+    if resp.status().is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    resp
 }
 
 /// Records each routed request's duration by route template, method and

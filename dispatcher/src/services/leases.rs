@@ -70,6 +70,7 @@ pub async fn claim_answer(
         object_prefix: scope.attempt_prefix(),
         org_id: claimed.org_id,
         bundle_url,
+        traceparent: claimed.traceparent,
     })
 }
 

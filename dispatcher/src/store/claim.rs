@@ -36,6 +36,7 @@ struct ClaimRow {
     org_id: Uuid,
     timeout_seconds: Option<i32>,
     queued_seconds: f64,
+    traceparent: Option<String>,
 }
 
 struct RefusalRow {
@@ -151,7 +152,7 @@ impl Store {
              SELECT c.id AS "task_id!", c.job_id AS "job_id!", c.attempt AS "attempt!",
                     c.lease_expires_at AS "lease_expires_at!",
                     s.key, s.runtime, s.bundle, s.inputs, s.outputs, s.reads, j.org_id,
-                    s.timeout_seconds, c.queued_seconds AS "queued_seconds!"
+                    s.timeout_seconds, c.queued_seconds AS "queued_seconds!", j.traceparent
                FROM claimed c
                JOIN task_specs s ON s.task_id = c.id
                JOIN jobs j ON j.id = c.job_id"#,
@@ -182,6 +183,7 @@ impl Store {
                     lease,
                     lease_expires_at: row.lease_expires_at,
                     queued_seconds: row.queued_seconds,
+                    traceparent: row.traceparent,
                     spec: TaskSpec {
                         key: row.key,
                         runtime,

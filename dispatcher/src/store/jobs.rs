@@ -138,8 +138,9 @@ impl Store {
         }
         let deadline_secs: Option<f64> = job.deadline.map(|d| d.as_secs_f64());
         let inserted = sqlx::query!(
-            "INSERT INTO jobs (id, org_id, name, state, created_by, tasks_unfinished, deadline_at)
-             VALUES ($1, $2, $3, 'running', $4, $5, now() + $6 * interval '1 second')
+            "INSERT INTO jobs (id, org_id, name, state, created_by, tasks_unfinished, deadline_at,
+                               traceparent)
+             VALUES ($1, $2, $3, 'running', $4, $5, now() + $6 * interval '1 second', $7)
              RETURNING created_at, deadline_at",
             job_id,
             org_id,
@@ -147,6 +148,7 @@ impl Store {
             created_by,
             i32::try_from(n).unwrap_or(i32::MAX),
             deadline_secs,
+            job.traceparent.as_deref(),
         )
         .fetch_one(&mut *tx)
         .await?;

@@ -38,6 +38,8 @@ pub struct Claimed {
     /// Seconds the task could have been claimed before this claim (since it
     /// became ready, or its last lease expired), by the database's clock.
     pub queued_seconds: f64,
+    /// The job's trace context (ADR 0023).
+    pub traceparent: Option<String>,
 }
 
 /// The identity a capability token speaks for. Every fenced write names it.

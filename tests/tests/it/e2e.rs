@@ -102,8 +102,9 @@ async fn e2e_happy_path_on_the_aws_profile() {
 fn assert_workers_took_work_from(stack: &Stack, source: &str) {
     for w in ["w1", "w2"] {
         let log = std::fs::read_to_string(stack.dir.join(format!("{w}.log"))).expect("worker log");
+        // (The worker logs JSON lines by default.)
         assert!(
-            log.contains(&format!("source=\"{source}\"")),
+            log.contains(&format!("\"source\":\"{source}\"")),
             "{w} did not take its work from {source}:\n{log}"
         );
     }

@@ -334,7 +334,7 @@ async fn migrate_names_the_pending_migrations_then_says_up_to_date() {
         .filter(|f| f.ends_with(".sql"))
         .max()
         .unwrap();
-    let newest = newest.trim_end_matches(".sql").replacen('_', " ", 1);
+    let newest = newest.trim_end_matches(".sql").replace('_', " ");
     let (ok, first) = run(&["migrate"], Some(url.as_str())).await;
     let (ok2, second) = run(&["migrate"], Some(url.as_str())).await;
     for db in [name.clone(), format!("{name}_data")] {

@@ -211,3 +211,297 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
         "an org id outside the org label"
     );
 }
+
+/// A span as the in-process OTLP receiver got it.
+#[derive(Debug, Clone)]
+struct Got {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    attributes: BTreeMap<String, String>,
+}
+
+/// An OTLP/HTTP trace receiver (`POST /v1/traces`, protobuf): its base URL
+/// and what it received.
+async fn otlp_receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Got>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as V;
+    use prost::Message as _;
+    let got: std::sync::Arc<std::sync::Mutex<Vec<Got>>> = Default::default();
+    let sink = got.clone();
+    let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+        .as_ref()
+        .and_then(|v| v.value.as_ref())
+    {
+        Some(V::StringValue(s)) => s.clone(),
+        Some(V::IntValue(i)) => i.to_string(),
+        Some(V::BoolValue(b)) => b.to_string(),
+        Some(V::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    };
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("an OTLP trace export");
+                let mut spans = sink.lock().unwrap();
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| &r.attributes)
+                        .find(|kv| kv.key == "service.name")
+                        .map(|kv| text(&kv.value))
+                        .unwrap_or_default();
+                    for s in rs.scope_spans.into_iter().flat_map(|ss| ss.spans) {
+                        spans.push(Got {
+                            service: service.clone(),
+                            name: s.name,
+                            trace_id: hex::encode(&s.trace_id),
+                            span_id: hex::encode(&s.span_id),
+                            parent: hex::encode(&s.parent_span_id),
+                            attributes: s
+                                .attributes
+                                .iter()
+                                .map(|kv| (kv.key.clone(), text(&kv.value)))
+                                .collect(),
+                        });
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, got)
+}
+
+#[tokio::test]
+async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_as_its_child() {
+    let mut stack = Stack::new().await;
+    let (otlp, got) = otlp_receiver().await;
+    for (k, v) in [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("LOG_FORMAT", "json"),
+    ] {
+        stack.profile_env.push((k.into(), v.into()));
+    }
+    stack.start_dispatcher("").await;
+    // Each task prints the TRACEPARENT it was given.
+    let probe = stack.dir.join("print-traceparent.sh");
+    std::fs::write(
+        &probe,
+        "#!/bin/sh\nprintf '{\"traceparent\": \"%s\"}' \"$TRACEPARENT\"\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&probe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    // One task of each kind: a program, and a Python and a Node handler
+    // (whose runner clients set TRACEPARENT per invocation).
+    let fixture = |name: &str| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/bundles")
+            .join(name)
+    };
+    let python = stack.push_bundle(&fixture("python-probe"), None);
+    let node = stack.push_bundle(&fixture("node-probe"), None);
+    let tasks = json!([
+        {"key": "exec", "runtime": "exec", "bundle": probe.display().to_string()},
+        {"key": "python", "runtime": "python", "bundle": python, "inputs": {"do": "traceparent"}},
+        {"key": "node", "runtime": "node", "bundle": node, "inputs": {"do": "traceparent"}},
+    ]);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/jobs", stack.url()))
+        .bearer_auth(stack.user_token())
+        .header("traceparent", format!("00-{trace}-{caller}-01"))
+        .json(&json!({"name": "traced", "tasks": tasks}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let job: serde_json::Value = resp.json().await.unwrap();
+    let job_id = job["job_id"].as_str().unwrap().to_owned();
+    let worker = stack.start_worker(&WorkerOpts::new("traced"));
+    stack.wait_all_finished(Duration::from_secs(60)).await;
+
+    // The job stored its submission's span, a child of the caller's.
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT traceparent FROM jobs WHERE id = $1::uuid")
+            .bind(&job_id)
+            .fetch_one(&stack.db.pool)
+            .await
+            .unwrap();
+    let stored = stored.expect("the job stores a traceparent");
+    assert!(stored.starts_with(&format!("00-{trace}-")), "{stored}");
+    let submission = stored.split('-').nth(2).unwrap().to_owned();
+    assert_ne!(submission, caller);
+
+    // Each UDF saw a TRACEPARENT of the submitted trace.
+    let outputs: Vec<(uuid::Uuid, String, serde_json::Value)> = sqlx::query_as(
+        "SELECT t.id, s.key, a.completion->'output' FROM tasks t
+           JOIN task_specs s ON s.task_id = t.id
+           JOIN attempts a ON a.task_id = t.id WHERE t.job_id = $1::uuid",
+    )
+    .bind(&job_id)
+    .fetch_all(&stack.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(outputs.len(), 3, "{outputs:?}");
+
+    // Spans arrive within the batch delay (100 ms) of ending.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let attempts = loop {
+        let spans = got.lock().unwrap().clone();
+        let attempts: Vec<Got> = spans
+            .iter()
+            .filter(|s| s.name == "task.attempt")
+            .cloned()
+            .collect();
+        let submitted = spans
+            .iter()
+            .any(|s| s.name == "POST /v1/jobs" && s.span_id == submission);
+        let handler_calls = spans
+            .iter()
+            .filter(|s| s.name == "POST /v1/task/events" && s.trace_id == trace)
+            .count();
+        if attempts.len() >= 3 && submitted && handler_calls >= 2 {
+            break attempts;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "spans so far: {spans:#?}\n{}",
+            worker.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let spans = got.lock().unwrap().clone();
+    let post = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/jobs" && s.span_id == submission)
+        .unwrap();
+    assert_eq!(
+        (
+            post.service.as_str(),
+            post.trace_id.as_str(),
+            post.parent.as_str()
+        ),
+        ("dispatcher", trace, caller)
+    );
+    assert_eq!(post.attributes["http.route"], "/v1/jobs");
+    assert_eq!(post.attributes["http.response.status_code"], "201");
+    for (task_id, key, output) in &outputs {
+        let seen = output["traceparent"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{key}: {output}"));
+        let span = attempts
+            .iter()
+            .find(|s| s.attributes.get("task_id") == Some(&task_id.to_string()))
+            .unwrap_or_else(|| panic!("no attempt span for {task_id}: {attempts:#?}"));
+        assert_eq!(span.service, "worker-wrapper");
+        assert_eq!(span.trace_id, trace);
+        assert_eq!(span.parent, submission, "the attempt continues the job");
+        assert_eq!(span.attributes["job_id"], job_id);
+        assert_eq!(span.attributes["attempt"], "1");
+        assert_eq!(span.attributes["org_id"], stack.org_id.to_string());
+        assert_eq!(span.attributes["outcome"], "succeeded");
+        // The UDF's context is a child of its attempt's span.
+        assert_eq!(seen, format!("00-{trace}-{}-01", span.span_id), "{key}");
+        if key != "exec" {
+            // The runtime API's X-Ray form of the same context.
+            assert_eq!(
+                output["xray"],
+                format!(
+                    "Root=1-{}-{};Parent={};Sampled=1",
+                    &trace[..8],
+                    &trace[8..],
+                    span.span_id
+                ),
+                "{key}"
+            );
+            // The handler's call to the dispatcher carried it: the
+            // dispatcher's span of that call is the attempt's child.
+            assert!(
+                spans.iter().any(|s| s.name == "POST /v1/task/events"
+                    && s.service == "dispatcher"
+                    && s.trace_id == trace
+                    && s.parent == span.span_id),
+                "{key}: no dispatcher span under {}: {spans:#?}",
+                span.span_id
+            );
+        }
+    }
+    // Every log line of an attempt carries its ids and trace id (JSON).
+    let log = worker.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"completed\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    let line: serde_json::Value = serde_json::from_str(line).unwrap();
+    let span = line["spans"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "task.attempt"))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(span["trace_id"], trace);
+    assert_eq!(span["job_id"], job_id.as_str());
+    assert!(
+        span["task_id"].is_string() && span["attempt"] == 1,
+        "{span}"
+    );
+}
+
+#[tokio::test]
+async fn traces_a_jobs_traceparent_is_stored_as_given_or_not_at_all_and_handed_to_its_claim() {
+    let app = dispatcher_tests::TestApp::spawn().await;
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let submit = |traceparent: &'static str| {
+        let app = &app;
+        async move {
+            let r = app
+                .client
+                .post(app.url("/v1/jobs"))
+                .bearer_auth(&app.user_token)
+                .header("traceparent", traceparent)
+                .json(&json!({"name": "t", "tasks": [
+                    {"key": "a", "runtime": "exec", "bundle": "/bin/true"}]}))
+                .send()
+                .await
+                .unwrap();
+            // A malformed context is ignored (the W3C recommendation), never
+            // a refusal of the job.
+            assert_eq!(r.status(), 201, "{traceparent:?}");
+            let job: serde_json::Value = r.json().await.unwrap();
+            let id = uuid::Uuid::parse_str(job["job_id"].as_str().unwrap()).unwrap();
+            let task = uuid::Uuid::parse_str(job["tasks"][0]["task_id"].as_str().unwrap()).unwrap();
+            let stored: Option<String> =
+                sqlx::query_scalar("SELECT traceparent FROM jobs WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&app.db.pool)
+                    .await
+                    .unwrap();
+            (stored, task)
+        }
+    };
+    // Traces are off in this process: the caller's context is kept as given.
+    let (stored, task) = submit(given).await;
+    assert_eq!(stored.as_deref(), Some(given));
+    assert_eq!(app.claim(task).await.traceparent.as_deref(), Some(given));
+    for bad in [
+        "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "garbage",
+    ] {
+        let (stored, task) = submit(bad).await;
+        assert_eq!(stored, None, "{bad:?}");
+        assert_eq!(app.claim(task).await.traceparent, None);
+    }
+}

@@ -9,38 +9,13 @@
 //! installed and every record is a no-op.
 
 use std::collections::BTreeSet;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::store::Store;
 
-/// What kind of series a metric is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Counter,
-    Gauge,
-    Histogram,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Counter => "counter",
-            Kind::Gauge => "gauge",
-            Kind::Histogram => "histogram",
-        }
-    }
-}
-
-/// One metric: its name, kind, labels and help text.
-#[derive(Debug)]
-pub struct Metric {
-    pub name: &'static str,
-    pub kind: Kind,
-    pub labels: &'static [&'static str],
-    pub help: &'static str,
-}
+pub use dispatcher_telemetry::metrics::{enabled, Kind, Metric};
 
 pub const CLAIMS: &str = "dispatcher_claims_total";
 pub const COMPLETIONS: &str = "dispatcher_completions_total";
@@ -55,6 +30,12 @@ pub const OLDEST_READY_AGE: &str = "dispatcher_tasks_oldest_ready_age_seconds";
 pub const TASKS_LEASED: &str = "dispatcher_tasks_leased";
 pub const OUTBOX_ROWS: &str = "dispatcher_outbox_rows";
 pub const DB_POOL: &str = "dispatcher_db_pool_connections";
+pub const RELAY_LAG: &str = "dispatcher_outbox_oldest_pending_age_seconds";
+pub const SINK_PENDING: &str = "dispatcher_sink_batches_pending";
+pub const SINK_LAG: &str = "dispatcher_sink_oldest_pending_age_seconds";
+pub const ALERT_DELIVERIES: &str = "dispatcher_alert_deliveries_total";
+pub const DATASET_COMMITS: &str = "dispatcher_dataset_commits_total";
+pub const RETENTION_DELETIONS: &str = "dispatcher_retention_deletions_total";
 
 pub const CATALOGUE: &[Metric] = &[
     Metric {
@@ -136,40 +117,47 @@ pub const CATALOGUE: &[Metric] = &[
         labels: &["state"],
         help: "This process's pooled database connections, in use or idle.",
     },
+    Metric {
+        name: RELAY_LAG,
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Seconds the oldest pending outbox row has waited for the relay (0: none pending), at the scrape.",
+    },
+    Metric {
+        name: SINK_PENDING,
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Buffer batches published and not yet ingested or dead, at the scrape.",
+    },
+    Metric {
+        name: SINK_LAG,
+        kind: Kind::Gauge,
+        labels: &[],
+        help: "Seconds the oldest pending buffer batch has waited for the sink (0: none pending), at the scrape.",
+    },
+    Metric {
+        name: ALERT_DELIVERIES,
+        kind: Kind::Counter,
+        labels: &["result"],
+        help: "Webhook delivery tries: delivered, retry (failed, tried again later), dead (given up).",
+    },
+    Metric {
+        name: DATASET_COMMITS,
+        kind: Kind::Counter,
+        labels: &[],
+        help: "Dataset versions committed by completions answered 200 (a replayed completion counts again).",
+    },
+    Metric {
+        name: RETENTION_DELETIONS,
+        kind: Kind::Counter,
+        labels: &["kind"],
+        help: "Rows and objects deleted past their retention: job (with its tasks), log_object, outbox_row.",
+    },
 ];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-
-/// Whether a recorder is installed (`serve --metrics-bind`): callers that
-/// would build labels for nothing ask first.
-pub fn enabled() -> bool {
-    HANDLE.get().is_some()
-}
-
-/// Installs the process's Prometheus recorder (once; later calls answer
-/// the same handle). Latency histograms get buckets from 1 ms to 5 min.
+/// Installs the process's Prometheus recorder with this catalogue.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
-    if let Some(h) = HANDLE.get() {
-        return Ok(h.clone());
-    }
-    let buckets = [
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        300.0,
-    ];
-    let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
-        .build_recorder();
-    let handle = recorder.handle();
-    metrics::set_global_recorder(recorder)
-        .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
-    for m in CATALOGUE {
-        match m.kind {
-            Kind::Counter => metrics::describe_counter!(m.name, m.help),
-            Kind::Gauge => metrics::describe_gauge!(m.name, m.help),
-            Kind::Histogram => metrics::describe_histogram!(m.name, m.help),
-        }
-    }
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    dispatcher_telemetry::metrics::install(CATALOGUE)
 }
 
 /// Samples the gauges read from the database, then renders every metric in
@@ -188,6 +176,10 @@ async fn sample(store: &Store) -> Result<(), crate::error::StoreError> {
     let outbox = store.outbox_counts().await?;
     metrics::gauge!(OUTBOX_ROWS, "state" => "pending").set(outbox.pending as f64);
     metrics::gauge!(OUTBOX_ROWS, "state" => "dead").set(outbox.dead as f64);
+    let lag = store.lag_sample().await?;
+    metrics::gauge!(RELAY_LAG).set(lag.relay_seconds);
+    metrics::gauge!(SINK_PENDING).set(lag.sink_pending as f64);
+    metrics::gauge!(SINK_LAG).set(lag.sink_seconds);
     let pool = store.pool();
     let (size, idle) = (pool.size() as f64, pool.num_idle() as f64);
     metrics::gauge!(DB_POOL, "state" => "in_use").set(size - idle);
@@ -228,8 +220,11 @@ fn set_backlog(backlog: &crate::store::backlog::Backlog) {
     seen.1.extend(leased);
 }
 
-/// Counts a completion answered 200.
-pub fn completed(c: &crate::domain::Completion) {
+/// Counts a completion answered 200, and the versions it committed.
+pub fn completed(c: &crate::domain::Completion, answer: &dispatcher_wire::CompleteResponse) {
+    if !answer.versions.is_empty() {
+        metrics::counter!(DATASET_COMMITS).increment(answer.versions.len() as u64);
+    }
     let outcome = match c {
         crate::domain::Completion::Succeeded { .. } => "succeeded",
         crate::domain::Completion::Failed { .. } => "failed",
@@ -245,86 +240,32 @@ pub async fn serve(
     store: Store,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let (handle, store) = (handle.clone(), store.clone());
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4; charset=utf-8",
-                    )],
-                    scrape(&handle, &store).await,
-                )
-            }
-        }),
-    );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let render = move || {
+        let (handle, store) = (handle.clone(), store.clone());
+        async move { scrape(&handle, &store).await }
+    };
+    dispatcher_telemetry::metrics::serve(
+        listener,
+        render,
+        async move { shutdown.cancelled().await },
+    )
+    .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use std::path::Path;
 
     fn root() -> &'static Path {
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
     }
 
-    /// `| `name` | type | labels | …` rows of docs/standards/metrics.md.
-    fn documented() -> BTreeMap<String, (String, Vec<String>)> {
-        let text = std::fs::read_to_string(root().join("docs/standards/metrics.md")).unwrap();
-        text.lines()
-            .filter(|l| l.starts_with("| `dispatcher_"))
-            .map(|l| {
-                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-                let name = cells[1].trim_matches('`').to_owned();
-                let kind = cells[2].split_whitespace().next().unwrap_or("").to_owned();
-                let labels = cells[3]
-                    .split(',')
-                    .map(|c| c.trim().trim_matches('`').to_owned())
-                    .filter(|c| !c.is_empty())
-                    .collect();
-                (name, (kind, labels))
-            })
-            .collect()
-    }
-
     #[test]
     fn the_catalogue_and_docs_standards_metrics_md_name_the_same_metrics() {
-        let docs = documented();
-        let code: BTreeMap<String, (String, Vec<String>)> = CATALOGUE
-            .iter()
-            .map(|m| {
-                let labels = m.labels.iter().map(|l| l.to_string()).collect();
-                (m.name.to_owned(), (m.kind.as_str().to_owned(), labels))
-            })
-            .collect();
-        for (name, row) in &code {
-            assert_eq!(
-                docs.get(name),
-                Some(row),
-                "{name}: the docs' row differs or is missing"
-            );
-        }
-        for name in docs.keys() {
-            assert!(
-                code.contains_key(name),
-                "{name} is documented but not in the code"
-            );
-        }
-        for m in CATALOGUE {
-            assert!(m.name.starts_with("dispatcher_"), "{}", m.name);
-            match m.kind {
-                Kind::Counter => assert!(m.name.ends_with("_total"), "{}", m.name),
-                _ => assert!(!m.name.ends_with("_total"), "{}", m.name),
-            }
-        }
+        let doc = std::fs::read_to_string(root().join("docs/standards/metrics.md")).unwrap();
+        let wrong = dispatcher_telemetry::metrics::disagreements(CATALOGUE, &doc, "dispatcher_");
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 
     /// Every recording names its metric by a catalogue constant, so no
@@ -332,61 +273,15 @@ mod tests {
     /// its documentation).
     #[test]
     fn no_metric_is_recorded_under_a_name_outside_the_catalogue() {
-        fn walk(dir: &Path, found: &mut Vec<String>) {
-            for e in std::fs::read_dir(dir).unwrap() {
-                let path = e.unwrap().path();
-                if path.is_dir() {
-                    walk(&path, found);
-                } else if path.extension().is_some_and(|x| x == "rs") {
-                    let text = std::fs::read_to_string(&path).unwrap();
-                    // Tests may record what they like.
-                    let text = text.split("#[cfg(test)]").next().unwrap_or_default();
-                    for macro_name in ["counter!(", "gauge!(", "histogram!("] {
-                        for (i, _) in text.match_indices(macro_name) {
-                            let arg = text[i + macro_name.len()..].trim_start();
-                            let name: String = arg
-                                .chars()
-                                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
-                                .collect();
-                            let constant = name.rsplit("::").next().unwrap_or_default();
-                            // `m.name`: `install` describing the catalogue.
-                            let known = constant == "m"
-                                || source_constants()
-                                    .get(constant)
-                                    .is_some_and(|value| CATALOGUE.iter().any(|m| m.name == value));
-                            if !known {
-                                found.push(format!(
-                                    "{}: {macro_name}{}",
-                                    path.display(),
-                                    &arg[..arg.len().min(40)]
-                                ));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        let mut found = Vec::new();
-        walk(&root().join("dispatcher/src"), &mut found);
+        let found = dispatcher_telemetry::metrics::unknown_recordings(
+            &root().join("dispatcher/src"),
+            &root().join("dispatcher/src/metrics.rs"),
+            CATALOGUE,
+        );
         assert!(
             found.is_empty(),
             "metrics recorded by a name not in the catalogue:\n{}",
             found.join("\n")
         );
-    }
-
-    /// This module's `pub const X: &str = "dispatcher_…";`, name → value.
-    fn source_constants() -> BTreeMap<String, String> {
-        let text = std::fs::read_to_string(root().join("dispatcher/src/metrics.rs")).unwrap();
-        text.lines()
-            .filter_map(|l| l.strip_prefix("pub const "))
-            .filter_map(|l| {
-                let (name, value) = l.split_once(": &str = ")?;
-                Some((
-                    name.to_owned(),
-                    value.trim_end_matches(';').trim_matches('"').to_owned(),
-                ))
-            })
-            .collect()
     }
 }

@@ -14,6 +14,8 @@
 //!   one of its submission, a claim hands it to the worker, and the worker
 //!   hands its attempt's to the UDF as `TRACEPARENT`.
 
+pub mod metrics;
+
 use std::collections::HashMap;
 use std::sync::OnceLock;
 

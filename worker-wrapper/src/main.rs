@@ -5,6 +5,7 @@
 mod batch;
 mod capture;
 mod client;
+mod metrics;
 mod runner;
 mod runners;
 mod runtime_api;
@@ -15,7 +16,7 @@ mod wakeups;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -87,6 +88,10 @@ struct RunArgs {
     /// worker logs nothing between them).
     #[arg(long, env = "WORKER_WAIT_SECONDS", default_value_t = 10)]
     wait_seconds: u32,
+    /// Serve Prometheus metrics at `/metrics` on this address (off by
+    /// default; `docs/standards/metrics.md`).
+    #[arg(long, env = "WORKER_METRICS_BIND")]
+    metrics_bind: Option<std::net::SocketAddr>,
     /// Visibility timeout of received wake-ups (heartbeats extend it).
     #[arg(long, default_value_t = 30)]
     visibility_seconds: u32,
@@ -286,6 +291,18 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
     });
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
+    if let Some(addr) = args.metrics_bind {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener {addr}"))?;
+        let (slots, stop) = (args.concurrency.max(1), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, slots, stop).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+        tracing::info!(%addr, "serving metrics");
+    }
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let mut running: JoinSet<Handled> = JoinSet::new();
     if !sandbox.is_isolated() {
@@ -404,9 +421,11 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
                 None => slots.clone().acquire_owned().await?,
             };
             let cfg = cfg.clone();
+            ::metrics::gauge!(crate::metrics::SLOTS_BUSY).increment(1.0);
             running.spawn(async move {
                 let handled = runner::handle(cfg, msg, task_id, claimed).await;
                 drop(permit);
+                ::metrics::gauge!(crate::metrics::SLOTS_BUSY).decrement(1.0);
                 handled
             });
         }

@@ -250,22 +250,38 @@ async fn attempt(
     claim: wire::ClaimResponse,
     receipt: Option<&str>,
 ) -> Handled {
+    let began = std::time::Instant::now();
+    let runtime = claim.task.runtime.as_str();
+    let (handled, outcome) = run_attempt(cfg, &claim, receipt).await;
+    let labels = [("runtime", runtime), ("outcome", outcome)];
+    metrics::counter!(crate::metrics::ATTEMPTS, &labels).increment(1);
+    metrics::histogram!(crate::metrics::ATTEMPT_DURATION, &labels)
+        .record(began.elapsed().as_secs_f64());
+    handled
+}
+
+/// [`attempt`]'s work; also says how the attempt ended, for the metrics.
+async fn run_attempt(
+    cfg: Arc<WorkerConfig>,
+    claim: &wire::ClaimResponse,
+    receipt: Option<&str>,
+) -> (Handled, &'static str) {
     tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, key = claim.task.key, "claimed");
     // The newest capability token: heartbeats refresh it, completion uses it.
     let token = Arc::new(Mutex::new(claim.capability_token.clone()));
     // What the attempt prints, whichever way it ends.
     let log = LogBuffer::shared(cfg.log_max_bytes);
     let ended = if claim.task.runtime == wire::Runtime::Exec {
-        run(&cfg, &claim, receipt, &token, &log).await
+        run(&cfg, claim, receipt, &token, &log).await
     } else {
-        invoke(&cfg, &claim, receipt, &token, &log).await
+        invoke(&cfg, claim, receipt, &token, &log).await
     };
     if matches!(ended, Ended::HandBack) {
         let token = current(&token);
-        store_log(&cfg, &claim, &token, &log).await;
-        release(&cfg, &claim, &token).await;
+        store_log(&cfg, claim, &token, &log).await;
+        release(&cfg, claim, &token).await;
         cfg.wakeups.delete(receipt).await;
-        return Handled::HandedBack;
+        return (Handled::HandedBack, "handed_back");
     }
     let request = match ended {
         Ended::HandBack => None,
@@ -292,7 +308,13 @@ async fn attempt(
         Ended::SpawnFailed(why) => Some(failed(why, true)),
         Ended::Refused(why) => Some(failed(why, false)),
     };
+    let mut ended_as = "abandoned";
     if let Some(mut req) = request {
+        ended_as = match req.outcome {
+            wire::Outcome::Succeeded => "succeeded",
+            wire::Outcome::Failed => "failed",
+            wire::Outcome::Cancelled => "cancelled",
+        };
         // A failure message is the end of what the task printed: the
         // tokens it was handed do not go with it.
         if let Some(error) = req.error.as_mut() {
@@ -306,8 +328,8 @@ async fn attempt(
         // fences it) and the completion keep the lease alive: a large
         // output can take longer to send than a short lease lasts.
         let finish = async {
-            store_log(&cfg, &claim, &current(&token), &log).await;
-            complete(&cfg, &claim, &token, &req).await;
+            store_log(&cfg, claim, &current(&token), &log).await;
+            complete(&cfg, claim, &token, &req).await;
         };
         tokio::pin!(finish);
         tokio::select! {
@@ -315,11 +337,11 @@ async fn attempt(
             () = &mut finish => {}
             // Lost, cancelled or handed back while completing: the
             // completion is still the attempt's last word.
-            _ = keep_alive(&cfg, &claim, receipt, None, &token) => finish.await,
+            _ = keep_alive(&cfg, claim, receipt, None, &token) => finish.await,
         }
     }
     cfg.wakeups.delete(receipt).await;
-    Handled::Done
+    (Handled::Done, ended_as)
 }
 
 /// Hands the task back (`POST /internal/task-release`), retrying transient

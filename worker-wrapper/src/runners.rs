@@ -432,6 +432,8 @@ impl Runners {
             )));
         }
         tracing::info!(digest = %digest, runtime = manifest.runtime.as_str(), "runner starting (cold)");
+        metrics::counter!(crate::metrics::COLD_STARTS, "runtime" => manifest.runtime.as_str())
+            .increment(1);
         let host = Host::start(Some(uid.unwrap_or_else(own_uid)))
             .await
             .map_err(|e| Invoked::Unavailable(format!("cannot listen for the runner: {e}")))?;
@@ -641,6 +643,13 @@ impl Runners {
             ms = began.elapsed().as_secs_f64() * 1000.0,
             "invocation ended"
         );
+        let runtime = claim.task.runtime.as_str();
+        metrics::histogram!(
+            crate::metrics::INVOKE_DURATION,
+            "runtime" => runtime,
+            "start" => if cold { "cold" } else { "warm" }
+        )
+        .record(began.elapsed().as_secs_f64());
         runner.settle().await;
         // Output between invocations is no attempt's.
         runner

@@ -276,7 +276,7 @@ pub async fn complete(
         .store
         .complete(fence(&claims), &completion, &manifests)
         .await?;
-    crate::metrics::completed(&completion);
+    crate::metrics::completed(&completion, &answer);
     tracing::info!(task_id = %claims.sub, attempt = claims.att, state = answer.state.as_str(), "task completed");
     Ok(Json(answer))
 }
@@ -324,8 +324,8 @@ pub async fn complete_batch(
         .collect();
     let answers = state.store.complete_many(&valid).await?;
     for ((_, completion, _), answer) in valid.iter().zip(&answers) {
-        if answer.is_ok() {
-            crate::metrics::completed(completion);
+        if let Ok(answer) = answer {
+            crate::metrics::completed(completion, answer);
         }
     }
     let results = batch_results(&checked, answers, |claims, answer| {

@@ -52,11 +52,15 @@ impl Pruner {
                     .prune_finished_jobs(self.settings.job_retention, batch)
                     .await?;
                 total.jobs += n;
+                metrics::counter!(crate::metrics::RETENTION_DELETIONS, "kind" => "job")
+                    .increment(n);
                 jobs_left = n == u64::from(batch);
             }
             let n = crate::services::logs::delete_queued(&self.store, self.objects.as_ref(), batch)
                 .await? as u64;
             total.objects += n;
+            metrics::counter!(crate::metrics::RETENTION_DELETIONS, "kind" => "log_object")
+                .increment(n);
             if (!jobs_left && n < u64::from(batch)) || shutdown.is_cancelled() {
                 return Ok(total);
             }

@@ -127,6 +127,8 @@ impl Reaper {
             .store
             .purge_sent_outbox(self.settings.outbox_retention)
             .await?;
+        metrics::counter!(crate::metrics::RETENTION_DELETIONS, "kind" => "outbox_row")
+            .increment(report.purged);
         Ok(report)
     }
 

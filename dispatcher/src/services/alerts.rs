@@ -370,6 +370,8 @@ impl AlertDelivery {
                 )
                 .execute(&self.data)
                 .await?;
+                metrics::counter!(crate::metrics::ALERT_DELIVERIES, "result" => "delivered")
+                    .increment(1);
                 tracing::info!(delivery = %d.id, tries = d.tries, "alert delivered");
             }
             Tried::Failed {
@@ -403,6 +405,9 @@ impl AlertDelivery {
                 )
                 .execute(&self.data)
                 .await?;
+                let result = if dead { "dead" } else { "retry" };
+                metrics::counter!(crate::metrics::ALERT_DELIVERIES, "result" => result)
+                    .increment(1);
                 tracing::warn!(delivery = %d.id, tries, ?status, error, dead, "alert delivery failed");
             }
             Tried::Fatal(error) => {
@@ -414,6 +419,8 @@ impl AlertDelivery {
                 )
                 .execute(&self.data)
                 .await?;
+                metrics::counter!(crate::metrics::ALERT_DELIVERIES, "result" => "dead")
+                    .increment(1);
                 tracing::warn!(delivery = %d.id, error, "alert delivery dead");
             }
         }

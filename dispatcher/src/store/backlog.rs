@@ -23,7 +23,30 @@ pub struct Backlog {
     pub leased: Vec<(String, i64)>,
 }
 
+/// How far behind the relay and the sink are.
+#[derive(Debug)]
+pub struct Lag {
+    pub relay_seconds: f64,
+    pub sink_pending: i64,
+    pub sink_seconds: f64,
+}
+
 impl Store {
+    /// The oldest pending outbox row's age, and the pending buffer batches
+    /// with the oldest one's age (each from its partial index).
+    pub async fn lag_sample(&self) -> Result<Lag, StoreError> {
+        Ok(sqlx::query_as!(
+            Lag,
+            r#"SELECT coalesce((SELECT extract(epoch FROM now() - min(created_at))
+                                  FROM outbox WHERE state = 'pending'), 0)::float8 AS "relay_seconds!",
+                      (SELECT count(*) FROM buffer_publishes WHERE state = 'pending') AS "sink_pending!",
+                      coalesce((SELECT extract(epoch FROM now() - min(created_at))
+                                  FROM buffer_publishes WHERE state = 'pending'), 0)::float8 AS "sink_seconds!""#,
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// One look at the backlog (reads `tasks_ready_fifo_idx`'s rows only for
     /// ready tasks, and the leased ones).
     pub async fn backlog_sample(&self) -> Result<Backlog, StoreError> {

@@ -55,6 +55,8 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
         .await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let before = scrape(&url).await;
+    // The sink and relay lag gauges are sampled (and read 0 with nothing pending).
+    assert_eq!(before.get("dispatcher_sink_batches_pending"), Some(&0.0));
     let org = format!("org=\"{}\"", stack.org_id);
     assert_eq!(
         sum(
@@ -73,9 +75,39 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
     assert!((1.0..60.0).contains(&age), "oldest ready age {age}");
     assert_eq!(sum(&before, "dispatcher_claims_total", &[]), 0.0);
 
-    let _worker = stack.start_worker(&WorkerOpts::new("metrics"));
+    let worker_port = dispatcher_tests::free_port();
+    stack.profile_env.push((
+        "WORKER_METRICS_BIND".into(),
+        format!("127.0.0.1:{worker_port}"),
+    ));
+    let _worker = stack.start_worker(&WorkerOpts {
+        concurrency: 4,
+        ..WorkerOpts::new("metrics")
+    });
     stack.wait_all_finished(Duration::from_secs(60)).await;
     let after = scrape(&url).await;
+    // The worker's own: its slots, all free again, and its three attempts
+    // with their durations (each sample task sleeps 10 ms).
+    let worker = scrape(&format!("http://127.0.0.1:{worker_port}/metrics")).await;
+    assert_eq!(
+        worker.get("worker_wrapper_slots"),
+        Some(&4.0),
+        "{worker:#?}"
+    );
+    assert_eq!(worker.get("worker_wrapper_slots_busy"), Some(&0.0));
+    let ok = ["runtime=\"exec\"", "outcome=\"succeeded\""];
+    assert_eq!(sum(&worker, "worker_wrapper_attempts_total", &ok), 3.0);
+    assert_eq!(sum(&worker, "worker_wrapper_attempts_total", &[]), 3.0);
+    assert_eq!(
+        sum(
+            &worker,
+            "worker_wrapper_attempt_duration_seconds_count",
+            &ok
+        ),
+        3.0
+    );
+    let ran = sum(&worker, "worker_wrapper_attempt_duration_seconds_sum", &ok);
+    assert!((0.03..60.0).contains(&ran), "attempts took {ran} s in all");
     assert_eq!(
         sum(&after, "dispatcher_claims_total", &["runtime=\"exec\""]),
         3.0,
@@ -172,6 +204,14 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
                 sum(&m, "dispatcher_sink_batches_total", &["result=\"dead\""]),
                 0.0
             );
+            // Nothing is left for the sink or the relay: no lag.
+            for gauge in [
+                "dispatcher_sink_batches_pending",
+                "dispatcher_sink_oldest_pending_age_seconds",
+                "dispatcher_outbox_oldest_pending_age_seconds",
+            ] {
+                assert_eq!(m.get(gauge), Some(&0.0), "{gauge}: {m:#?}");
+            }
             break;
         }
         assert!(
@@ -294,6 +334,11 @@ async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_a
     ] {
         stack.profile_env.push((k.into(), v.into()));
     }
+    let worker_port = dispatcher_tests::free_port();
+    stack.profile_env.push((
+        "WORKER_METRICS_BIND".into(),
+        format!("127.0.0.1:{worker_port}"),
+    ));
     stack.start_dispatcher("").await;
     // Each task prints the TRACEPARENT it was given.
     let probe = stack.dir.join("print-traceparent.sh");
@@ -438,6 +483,24 @@ async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_a
                 span.span_id
             );
         }
+    }
+    // One cold start per bundle runtime, each invocation timed.
+    let metrics = scrape(&format!("http://127.0.0.1:{worker_port}/metrics")).await;
+    for runtime in ["python", "node"] {
+        let r = format!("runtime=\"{runtime}\"");
+        assert_eq!(
+            sum(&metrics, "worker_wrapper_runner_cold_starts_total", &[&r]),
+            1.0,
+            "{metrics:#?}"
+        );
+        assert_eq!(
+            sum(
+                &metrics,
+                "worker_wrapper_invoke_duration_seconds_count",
+                &[&r, "start=\"cold\""]
+            ),
+            1.0
+        );
     }
     // Every log line of an attempt carries its ids and trace id (JSON).
     let log = worker.log_text();

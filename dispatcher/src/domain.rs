@@ -845,3 +845,40 @@ mod tests {
         }
     }
 }
+
+/// A worker's capacity report, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Presence {
+    pub worker_id: String,
+    pub slots: i32,
+    pub busy: i32,
+    pub runtimes: Vec<String>,
+}
+
+/// Checks a `POST /internal/worker-presence` body: an id of 1 to 200
+/// characters, 1 to 10 000 slots, at most `slots` busy, at least one
+/// runtime (each once).
+pub fn worker_presence(p: wire::WorkerPresence) -> Result<Presence, Invalid> {
+    let id = p.worker_id.trim();
+    if id.is_empty() || id.chars().count() > 200 {
+        return Err(Invalid::new("worker_id", "must be 1 to 200 characters"));
+    }
+    if !(1..=10_000).contains(&p.slots) {
+        return Err(Invalid::new("slots", "must be 1 to 10000"));
+    }
+    if p.busy > p.slots {
+        return Err(Invalid::new("busy", "must be at most slots"));
+    }
+    let mut runtimes: Vec<String> = p.runtimes.iter().map(|r| r.as_str().to_owned()).collect();
+    runtimes.sort();
+    runtimes.dedup();
+    if runtimes.is_empty() {
+        return Err(Invalid::new("runtimes", "must name at least one runtime"));
+    }
+    Ok(Presence {
+        worker_id: id.to_owned(),
+        slots: i32::try_from(p.slots).unwrap_or(i32::MAX),
+        busy: i32::try_from(p.busy).unwrap_or(i32::MAX),
+        runtimes,
+    })
+}

@@ -36,6 +36,8 @@ pub const SINK_LAG: &str = "dispatcher_sink_oldest_pending_age_seconds";
 pub const ALERT_DELIVERIES: &str = "dispatcher_alert_deliveries_total";
 pub const DATASET_COMMITS: &str = "dispatcher_dataset_commits_total";
 pub const RETENTION_DELETIONS: &str = "dispatcher_retention_deletions_total";
+pub const WORKER_SLOTS: &str = "dispatcher_worker_slots";
+pub const READY_PER_SLOT: &str = "dispatcher_ready_tasks_per_slot";
 
 pub const CATALOGUE: &[Metric] = &[
     Metric {
@@ -153,6 +155,18 @@ pub const CATALOGUE: &[Metric] = &[
         labels: &["kind"],
         help: "Rows and objects deleted past their retention: job (with its tasks), log_object, outbox_row.",
     },
+    Metric {
+        name: WORKER_SLOTS,
+        kind: Kind::Gauge,
+        labels: &["runtime", "state"],
+        help: "Slots (state total) and busy slots (state busy) of the workers that reported in the last 30 s, by runtime they run.",
+    },
+    Metric {
+        name: READY_PER_SLOT,
+        kind: Kind::Gauge,
+        labels: &["runtime"],
+        help: "Ready tasks of every org per slot of the workers running the runtime (with no slot: the ready count), at the scrape.",
+    },
 ];
 
 /// Installs the process's Prometheus recorder with this catalogue.
@@ -172,10 +186,12 @@ pub async fn scrape(handle: &PrometheusHandle, store: &Store) -> String {
 }
 
 async fn sample(store: &Store) -> Result<(), crate::error::StoreError> {
-    set_backlog(&store.backlog_sample().await?);
     let outbox = store.outbox_counts().await?;
     metrics::gauge!(OUTBOX_ROWS, "state" => "pending").set(outbox.pending as f64);
     metrics::gauge!(OUTBOX_ROWS, "state" => "dead").set(outbox.dead as f64);
+    let backlog = store.backlog_sample().await?;
+    set_backlog(&backlog);
+    set_capacity(&backlog, &store.slots_by_runtime().await?);
     let lag = store.lag_sample().await?;
     metrics::gauge!(RELAY_LAG).set(lag.relay_seconds);
     metrics::gauge!(SINK_PENDING).set(lag.sink_pending as f64);
@@ -218,6 +234,32 @@ fn set_backlog(backlog: &crate::store::backlog::Backlog) {
     }
     seen.0.extend(ready);
     seen.1.extend(leased);
+}
+
+/// Sets the worker slot gauges and the backlog per slot, for every runtime
+/// with ready tasks or slots (a runtime seen before and gone reads 0).
+fn set_capacity(
+    backlog: &crate::store::backlog::Backlog,
+    slots: &[crate::store::workers::RuntimeSlots],
+) {
+    static SEEN: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ready: std::collections::BTreeMap<String, i64> = Default::default();
+    for b in &backlog.ready {
+        *ready.entry(b.runtime.clone()).or_default() += b.ready;
+    }
+    let mut now: BTreeSet<String> = ready.keys().cloned().collect();
+    now.extend(slots.iter().map(|s| s.runtime.clone()));
+    for runtime in now.iter().chain(seen.iter()) {
+        let s = slots.iter().find(|s| &s.runtime == runtime);
+        let (total, busy) = s.map_or((0, 0), |s| (s.slots, s.busy));
+        let r = runtime.clone();
+        metrics::gauge!(WORKER_SLOTS, "runtime" => r.clone(), "state" => "total").set(total as f64);
+        metrics::gauge!(WORKER_SLOTS, "runtime" => r.clone(), "state" => "busy").set(busy as f64);
+        let waiting = ready.get(runtime).copied().unwrap_or(0) as f64;
+        metrics::gauge!(READY_PER_SLOT, "runtime" => r).set(waiting / total.max(1) as f64);
+    }
+    seen.extend(now);
 }
 
 /// Counts a completion answered 200, and the versions it committed.

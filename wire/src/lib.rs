@@ -303,6 +303,20 @@ pub struct EventDeliveries {
     pub deliveries: Vec<DeliveryView>,
 }
 
+/// `POST /internal/worker-presence`: a worker's capacity, sent every few
+/// seconds; the dispatcher's backlog-per-slot signal sums it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerPresence {
+    pub worker_id: String,
+    /// Tasks it runs at once (1 to 10 000).
+    pub slots: u32,
+    /// Slots holding a task now (at most `slots`).
+    pub busy: u32,
+    /// The runtimes it claims.
+    pub runtimes: Vec<Runtime>,
+}
+
 // -------------------------------------------------------------- batches ---
 
 /// `POST /internal/task-claim-batch`: the given `task_ids`, or up to

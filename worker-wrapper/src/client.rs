@@ -174,7 +174,9 @@ impl Client {
             .await
             .map_err(|e| CallError::Transport(e.to_string()))?;
         if status.is_success() {
-            return serde_json::from_slice(&bytes)
+            // A 204 has no body: read as `null` (a `()` answer).
+            let body: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+            return serde_json::from_slice(body)
                 .map_err(|e| CallError::Transport(format!("bad answer: {e}")));
         }
         match serde_json::from_slice::<wire::ErrorBody>(&bytes) {
@@ -383,6 +385,11 @@ impl Client {
             },
         )
         .await
+    }
+
+    /// Reports this worker's capacity (`POST /internal/worker-presence`).
+    pub async fn presence(&self, report: &wire::WorkerPresence) -> Result<(), CallError> {
+        self.post_worker("/internal/worker-presence", report).await
     }
 
     pub async fn log(

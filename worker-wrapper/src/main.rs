@@ -185,6 +185,35 @@ fn main() -> Result<()> {
     }
 }
 
+/// Reports the worker's slots, busy slots and runtimes every 10 s (and at
+/// once), for the dispatcher's backlog per slot. A failed report is
+/// logged at debug: the claim loop already says when the dispatcher is
+/// unreachable.
+async fn report_presence(
+    cfg: Arc<runner::WorkerConfig>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    total: usize,
+    shutdown: CancellationToken,
+) {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let report = dispatcher_wire::WorkerPresence {
+            worker_id: cfg.worker_id.clone(),
+            slots: u32::try_from(total).unwrap_or(u32::MAX),
+            busy: u32::try_from(busy.load(std::sync::atomic::Ordering::Relaxed).min(total))
+                .unwrap_or(0),
+            runtimes: cfg.runners.runtimes().to_vec(),
+        };
+        if let Err(e) = cfg.calls.client().presence(&report).await {
+            tracing::debug!(error = %e, "reporting this worker's slots failed");
+        }
+    }
+}
+
 /// The worker credential: from the file if given, else from
 /// `WORKER_CREDENTIAL`, which is then removed from this process's
 /// environment.
@@ -304,6 +333,14 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
         tracing::info!(%addr, "serving metrics");
     }
     let slots = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    // Slots running a task (not those waiting in a claim for one).
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(report_presence(
+        cfg.clone(),
+        busy.clone(),
+        args.concurrency.max(1),
+        shutdown.clone(),
+    ));
     let mut running: JoinSet<Handled> = JoinSet::new();
     if !sandbox.is_isolated() {
         tracing::warn!("--insecure-shared-uid: tasks run as this user and are not isolated from each other or from this user's files");
@@ -422,9 +459,12 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
             };
             let cfg = cfg.clone();
             ::metrics::gauge!(crate::metrics::SLOTS_BUSY).increment(1.0);
+            busy.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let busy = busy.clone();
             running.spawn(async move {
                 let handled = runner::handle(cfg, msg, task_id, claimed).await;
                 drop(permit);
+                busy.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                 ::metrics::gauge!(crate::metrics::SLOTS_BUSY).decrement(1.0);
                 handled
             });

@@ -105,6 +105,14 @@ pub(crate) enum AdminCommand {
     /// Outbox rows the relay dead-lettered: status, requeue.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// The workers that reported in the last `--within-seconds`: id,
+    /// credential, slots, busy slots, runtimes, when first and last seen.
+    Workers {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long, default_value_t = 60)]
+        within_seconds: u64,
+    },
     /// Create an org (or find it by name); prints its id.
     CreateOrg {
         #[command(flatten)]
@@ -300,6 +308,26 @@ pub(crate) async fn admin(cmd: AdminCommand) -> Result<()> {
                     row.tries,
                     row.created_at.to_rfc3339(),
                     row.last_error.unwrap_or_default()
+                );
+            }
+        }
+        AdminCommand::Workers { db, within_seconds } => {
+            let store = connect(&db, settings, 2).await?;
+            let workers = store.workers_seen(within_seconds as f64).await?;
+            if workers.is_empty() {
+                eprintln!("no worker reported in the last {within_seconds} s");
+            }
+            let now = chrono::Utc::now();
+            for w in workers {
+                println!(
+                    "{}  credential={}  slots={}  busy={}  runtimes={}  seen {:.0} s ago  since {}",
+                    w.worker_id,
+                    w.credential,
+                    w.slots,
+                    w.busy,
+                    w.runtimes.join(","),
+                    (now - w.seen_at).num_milliseconds() as f64 / 1000.0,
+                    w.started_at.to_rfc3339(),
                 );
             }
         }

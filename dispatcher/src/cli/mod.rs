@@ -55,7 +55,7 @@ pub(crate) enum Command {
     /// Operator commands on the database: orgs and their members
     /// (create-org, add-member, remove-member, list-members,
     /// unbind-identity), alerts, the sink's batches, dataset retention, the
-    /// wake-ups dlq, sqs set-up, the outbox.
+    /// wake-ups dlq, sqs set-up, the outbox, the workers seen recently.
     #[command(subcommand)]
     Admin(AdminCommand),
     /// UDF bundles: push a directory, print its digest, tag a bundle.

@@ -183,6 +183,7 @@ pub const ROUTES: &[RouteSpec] = &[
     route("POST", "/internal/task-claim", Access::Worker),
     route("POST", "/internal/task-claim-batch", Access::Worker),
     route("POST", "/internal/task-release", Access::Worker),
+    route("POST", "/internal/worker-presence", Access::Worker),
     route("POST", "/v1/task/heartbeat-batch", Access::Worker),
     route("POST", "/v1/task/complete-batch", Access::Worker),
     route("POST", "/internal/queues/{queue}/receive", Access::Worker),
@@ -249,27 +250,11 @@ pub const ROUTES: &[RouteSpec] = &[
 /// The handler of one route of `ROUTES`.
 fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter<AppState> {
     use axum::routing::{delete, put};
+    if let Some(h) = worker_handler(spec, settings) {
+        return h;
+    }
     match (spec.method, spec.path) {
         ("GET", "/.well-known/jwks.json") => get(jwks),
-        ("POST", "/internal/task-claim") => post(worker::claim),
-        ("POST", "/internal/task-claim-batch") => post(worker::claim_batch),
-        ("POST", "/v1/task/heartbeat-batch") => post(worker::heartbeat_batch),
-        ("POST", "/v1/task/complete-batch") => post(worker::complete_batch),
-        ("POST", "/internal/queues/{queue}/receive") => post(queues::receive),
-        ("POST", "/internal/queues/{queue}/visibility") => post(queues::change_visibility),
-        ("POST", "/internal/queues/{queue}/delete") => post(queues::delete),
-        ("POST", "/v1/task/heartbeat") => post(worker::heartbeat),
-        ("POST", "/v1/task/events") => post(worker::events),
-        ("POST", "/v1/task/buffer-publish") => post(worker::buffer_publish),
-        ("POST", "/v1/task/complete") => post(worker::complete),
-        ("POST", "/v1/task/objects") => post(worker::objects),
-        ("POST", "/internal/task-release") => post(worker::release),
-        // A log's text may be escaped up to six times its size in JSON.
-        ("POST", "/internal/task-logs") => post(worker::logs).layer(DefaultBodyLimit::max(
-            settings.max_log_bytes.saturating_mul(6) + 64 * 1024,
-        )),
-        ("POST", "/v1/task/dataset-stage") => post(worker::dataset_stage),
-        ("POST", "/v1/task/credentials") => post(worker::credentials),
         ("POST", "/v1/jobs") => post(jobs::submit),
         ("GET", "/v1/jobs") => get(jobs::list),
         ("GET", "/v1/jobs/{job_id}") => get(jobs::get),
@@ -307,6 +292,36 @@ fn handler(spec: &RouteSpec, settings: &Settings) -> axum::routing::MethodRouter
         ("DELETE", "/v1/org/members/{user_id}") => delete(orgs::remove_member),
         (method, path) => panic!("ROUTES names {method} {path}, which has no handler"),
     }
+}
+
+/// The handler of a worker or task route of `ROUTES` (`None`: another's).
+fn worker_handler(
+    spec: &RouteSpec,
+    settings: &Settings,
+) -> Option<axum::routing::MethodRouter<AppState>> {
+    Some(match (spec.method, spec.path) {
+        ("POST", "/internal/task-claim") => post(worker::claim),
+        ("POST", "/internal/task-claim-batch") => post(worker::claim_batch),
+        ("POST", "/v1/task/heartbeat-batch") => post(worker::heartbeat_batch),
+        ("POST", "/v1/task/complete-batch") => post(worker::complete_batch),
+        ("POST", "/internal/queues/{queue}/receive") => post(queues::receive),
+        ("POST", "/internal/queues/{queue}/visibility") => post(queues::change_visibility),
+        ("POST", "/internal/queues/{queue}/delete") => post(queues::delete),
+        ("POST", "/v1/task/heartbeat") => post(worker::heartbeat),
+        ("POST", "/v1/task/events") => post(worker::events),
+        ("POST", "/v1/task/buffer-publish") => post(worker::buffer_publish),
+        ("POST", "/v1/task/complete") => post(worker::complete),
+        ("POST", "/v1/task/objects") => post(worker::objects),
+        ("POST", "/internal/task-release") => post(worker::release),
+        ("POST", "/internal/worker-presence") => post(worker::presence),
+        // A log's text may be escaped up to six times its size in JSON.
+        ("POST", "/internal/task-logs") => post(worker::logs).layer(DefaultBodyLimit::max(
+            settings.max_log_bytes.saturating_mul(6) + 64 * 1024,
+        )),
+        ("POST", "/v1/task/dataset-stage") => post(worker::dataset_stage),
+        ("POST", "/v1/task/credentials") => post(worker::credentials),
+        _ => return None,
+    })
 }
 
 pub fn router(state: AppState) -> Router {

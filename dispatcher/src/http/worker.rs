@@ -4,6 +4,7 @@
 //! `services::staging`, `services::task_objects`) and shape answers.
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::Json;
 use dispatcher_wire as wire;
 
@@ -391,6 +392,22 @@ pub async fn release(
     let task_state = state.store.release(fence(&claims)).await?;
     tracing::info!(task_id = %claims.sub, attempt = claims.att, state = task_state.as_str(), "task handed back by its worker");
     Ok(Json(wire::ReleaseResponse { state: task_state }))
+}
+
+/// Records a worker's capacity (`Store::worker_present`): its slots, busy
+/// slots and runtimes, for the backlog per slot. `204`; a report out of
+/// range is `400 invalid_request` and records nothing.
+pub async fn presence(
+    State(state): State<AppState>,
+    WorkerAuth(worker): WorkerAuth,
+    ApiJson(req): ApiJson<wire::WorkerPresence>,
+) -> Result<StatusCode, ApiError> {
+    let p = domain::worker_presence(req)?;
+    state
+        .store
+        .worker_present(&p.worker_id, &worker.sub, p.slots, p.busy, &p.runtimes)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The attempt a worker call names by its capability token in the body

@@ -129,6 +129,7 @@ impl Reaper {
             .await?;
         metrics::counter!(crate::metrics::RETENTION_DELETIONS, "kind" => "outbox_row")
             .increment(report.purged);
+        self.store.forget_old_workers().await?;
         Ok(report)
     }
 

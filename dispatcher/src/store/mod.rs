@@ -26,6 +26,7 @@ pub mod ready;
 pub mod replicas;
 mod tasks;
 mod transitions;
+pub mod workers;
 
 pub use alerts::{Destination, RouteSpec};
 pub use batches::{DeadBatch, DeadFilter, PendingBatch, SinkBatch};

@@ -74,6 +74,15 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
     );
     assert!((1.0..60.0).contains(&age), "oldest ready age {age}");
     assert_eq!(sum(&before, "dispatcher_claims_total", &[]), 0.0);
+    // No worker yet: the backlog per slot is the ready count itself.
+    assert_eq!(
+        sum(
+            &before,
+            "dispatcher_ready_tasks_per_slot",
+            &["runtime=\"exec\""]
+        ),
+        3.0
+    );
 
     let worker_port = dispatcher_tests::free_port();
     stack.profile_env.push((
@@ -108,6 +117,43 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
     );
     let ran = sum(&worker, "worker_wrapper_attempt_duration_seconds_sum", &ok);
     assert!((0.03..60.0).contains(&ran), "attempts took {ran} s in all");
+    // The worker reported its 4 slots (at its start, then every 10 s): the
+    // dispatcher counts them for the runtimes it runs, and nothing waits.
+    let exec = ["runtime=\"exec\""];
+    assert_eq!(
+        sum(
+            &after,
+            "dispatcher_worker_slots",
+            &[exec[0], "state=\"total\""]
+        ),
+        4.0,
+        "{after:#?}"
+    );
+    assert_eq!(
+        sum(
+            &after,
+            "dispatcher_worker_slots",
+            &[exec[0], "state=\"busy\""]
+        ),
+        0.0
+    );
+    assert_eq!(sum(&after, "dispatcher_ready_tasks_per_slot", &exec), 0.0);
+    // The operator's list says the same.
+    let listed = std::process::Command::new(dispatcher_tests::stack::binary("dispatcher"))
+        .args(["admin", "workers"])
+        .env("DATABASE_URL", stack.db.url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success(), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("metrics "))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains("slots=4  busy=0") && line.contains("exec"),
+        "{line}"
+    );
     assert_eq!(
         sum(&after, "dispatcher_claims_total", &["runtime=\"exec\""]),
         3.0,
@@ -567,4 +613,80 @@ async fn traces_a_jobs_traceparent_is_stored_as_given_or_not_at_all_and_handed_t
         assert_eq!(stored, None, "{bad:?}");
         assert_eq!(app.claim(task).await.traceparent, None);
     }
+}
+
+#[tokio::test]
+async fn a_workers_presence_is_recorded_with_its_credential_and_a_report_out_of_range_changes_nothing(
+) {
+    let app = dispatcher_tests::TestApp::spawn().await;
+    let rows = || async {
+        sqlx::query_as::<_, (String, String, i32, i32, Vec<String>)>(
+            "SELECT worker_id, credential, slots, busy, runtimes FROM worker_presence",
+        )
+        .fetch_all(&app.db.pool)
+        .await
+        .unwrap()
+    };
+    for (bad, field) in [
+        (
+            json!({"worker_id": "w", "slots": 0, "busy": 0, "runtimes": ["exec"]}),
+            "slots",
+        ),
+        (
+            json!({"worker_id": "w", "slots": 2, "busy": 3, "runtimes": ["exec"]}),
+            "busy",
+        ),
+        (
+            json!({"worker_id": "w", "slots": 2, "busy": 0, "runtimes": []}),
+            "runtimes",
+        ),
+        (
+            json!({"worker_id": " ", "slots": 2, "busy": 0, "runtimes": ["exec"]}),
+            "worker_id",
+        ),
+        (
+            json!({"worker_id": "w", "slots": 2, "busy": 0, "runtimes": ["cobol"]}),
+            "runtimes",
+        ),
+        (
+            json!({"worker_id": "w", "slots": 2, "busy": 0, "runtimes": ["exec"], "x": 1}),
+            "x",
+        ),
+    ] {
+        let r = app
+            .post("/internal/worker-presence", &app.worker_token, &bad)
+            .await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert_eq!(r.body["error"]["code"], "invalid_request", "{}", r.body);
+        assert!(
+            r.body["error"]["message"].as_str().unwrap().contains(field),
+            "{}",
+            r.body
+        );
+    }
+    assert!(rows().await.is_empty(), "a refused report wrote nothing");
+    // A task's token is no worker credential.
+    let r = app
+        .post("/internal/worker-presence", &app.user_token, &json!({}))
+        .await;
+    assert_eq!(r.status, 401);
+    let ok =
+        json!({"worker_id": "w", "slots": 4, "busy": 1, "runtimes": ["python", "exec", "python"]});
+    let r = app
+        .post("/internal/worker-presence", &app.worker_token, &ok)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        rows().await,
+        vec![(
+            "w".into(),
+            "test-worker".into(),
+            4,
+            1,
+            vec!["exec".into(), "python".into()]
+        )]
+    );
+    let slots = app.store.slots_by_runtime().await.unwrap();
+    let exec = slots.iter().find(|s| s.runtime == "exec").unwrap();
+    assert_eq!((exec.slots, exec.busy), (4, 1));
 }

@@ -275,6 +275,133 @@ pub fn completed(c: &crate::domain::Completion, answer: &dispatcher_wire::Comple
     metrics::counter!(COMPLETIONS, "outcome" => outcome).increment(1);
 }
 
+/// How each background role's passes went, for the health detail.
+#[derive(Debug, Default, Clone)]
+struct RolePasses {
+    last: Option<chrono::DateTime<chrono::Utc>>,
+    last_ok: Option<chrono::DateTime<chrono::Utc>>,
+    passes: u64,
+    failures: u64,
+    last_error: Option<String>,
+}
+
+static ROLES: Mutex<std::collections::BTreeMap<&'static str, RolePasses>> =
+    Mutex::new(std::collections::BTreeMap::new());
+
+/// Records one pass of a background role's loop (`relay`, `reaper`,
+/// `pruner`, `sink`, `alert_router`, `alert_delivery`, `replicas`) and
+/// how it went; the health detail shows the last.
+pub fn role_pass<T, E: std::fmt::Display>(role: &'static str, result: &Result<T, E>) {
+    let now = chrono::Utc::now();
+    let mut roles = ROLES.lock().unwrap_or_else(|p| p.into_inner());
+    let r = roles.entry(role).or_default();
+    r.last = Some(now);
+    r.passes += 1;
+    match result {
+        Ok(_) => r.last_ok = Some(now),
+        Err(e) => {
+            r.failures += 1;
+            r.last_error = Some(e.to_string());
+        }
+    }
+}
+
+/// The operator's health detail (`GET /health` on the metrics listener):
+/// each background role's last pass, the relay's and sink's lag, the
+/// backlog per slot, the pool, the migrations. `status` is `ok`, or
+/// `degraded` with its `problems` (a role's last pass failed, a sample
+/// failed, or migrations are pending); 200 either way (readiness is
+/// `/readyz`'s).
+pub async fn health_detail(store: &Store) -> serde_json::Value {
+    use serde_json::json;
+    let now = chrono::Utc::now();
+    let ago = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| (now - t).num_milliseconds() as f64 / 1000.0)
+    };
+    let mut problems: Vec<String> = Vec::new();
+    let roles: serde_json::Map<String, serde_json::Value> = ROLES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|(name, r)| {
+            if r.last != r.last_ok {
+                problems.push(format!("{name}: its last pass failed"));
+            }
+            let v = json!({
+                "last_pass_seconds_ago": ago(r.last),
+                "last_ok_seconds_ago": ago(r.last_ok),
+                "passes": r.passes,
+                "failures": r.failures,
+                "last_error": r.last_error,
+            });
+            ((*name).to_owned(), v)
+        })
+        .collect();
+    let lag = match store.lag_sample().await {
+        Ok(l) => json!({"relay_seconds": l.relay_seconds, "sink_pending": l.sink_pending,
+                        "sink_seconds": l.sink_seconds}),
+        Err(e) => {
+            problems.push(format!("lag: {e}"));
+            serde_json::Value::Null
+        }
+    };
+    let capacity = match (store.backlog_sample().await, store.slots_by_runtime().await) {
+        (Ok(backlog), Ok(slots)) => capacity_detail(&backlog, &slots),
+        (Err(e), _) | (_, Err(e)) => {
+            problems.push(format!("capacity: {e}"));
+            serde_json::Value::Null
+        }
+    };
+    let pool = store.pool();
+    let migrations = match store.pending_migrations().await {
+        Ok(pending) => {
+            if !pending.is_empty() {
+                problems.push(format!("{} migrations pending", pending.len()));
+            }
+            json!({"known": crate::store::migration_count(), "pending": pending})
+        }
+        Err(e) => {
+            problems.push(format!("migrations: {e}"));
+            serde_json::Value::Null
+        }
+    };
+    json!({
+        "status": if problems.is_empty() { "ok" } else { "degraded" },
+        "problems": problems,
+        "version": env!("CARGO_PKG_VERSION"),
+        "roles": roles,
+        "lag": lag,
+        "capacity": capacity,
+        "pool": {"size": pool.size(), "idle": pool.num_idle(),
+                 "max": pool.options().get_max_connections()},
+        "migrations": migrations,
+    })
+}
+
+/// Ready tasks, slots, busy slots and ready per slot, by runtime.
+fn capacity_detail(
+    backlog: &crate::store::backlog::Backlog,
+    slots: &[crate::store::workers::RuntimeSlots],
+) -> serde_json::Value {
+    let mut by: std::collections::BTreeMap<String, (i64, i64, i64)> = Default::default();
+    for b in &backlog.ready {
+        by.entry(b.runtime.clone()).or_default().0 += b.ready;
+    }
+    for s in slots {
+        let e = by.entry(s.runtime.clone()).or_default();
+        (e.1, e.2) = (s.slots, s.busy);
+    }
+    by.into_iter()
+        .map(|(runtime, (ready, slots, busy))| {
+            let per_slot = ready as f64 / slots.max(1) as f64;
+            let v = serde_json::json!({"ready": ready, "slots": slots, "busy": busy,
+                                       "ready_per_slot": per_slot});
+            (runtime, v)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 /// Serves `GET /metrics` on its own listener until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -282,15 +409,23 @@ pub async fn serve(
     store: Store,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    let render = move || {
-        let (handle, store) = (handle.clone(), store.clone());
-        async move { scrape(&handle, &store).await }
+    let render = {
+        let store = store.clone();
+        move || {
+            let (handle, store) = (handle.clone(), store.clone());
+            async move { scrape(&handle, &store).await }
+        }
     };
-    dispatcher_telemetry::metrics::serve(
-        listener,
-        render,
-        async move { shutdown.cancelled().await },
-    )
+    let health = axum::Router::new().route(
+        "/health",
+        axum::routing::get(move || {
+            let store = store.clone();
+            async move { axum::Json(health_detail(&store).await) }
+        }),
+    );
+    dispatcher_telemetry::metrics::serve(listener, render, health, async move {
+        shutdown.cancelled().await
+    })
     .await
 }
 

@@ -73,17 +73,19 @@ pub fn install(catalogue: &[Metric]) -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Serves `GET /metrics` on its own listener until `shutdown` resolves,
-/// answering what `render` gives (in the Prometheus text format).
+/// answering what `render` gives (in the Prometheus text format), beside
+/// the routes of `more` (such as an operator's health detail).
 pub async fn serve<F, R>(
     listener: tokio::net::TcpListener,
     render: R,
+    more: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()>
 where
     R: Fn() -> F + Clone + Send + Sync + 'static,
     F: Future<Output = String> + Send + 'static,
 {
-    let app = axum::Router::new().route(
+    let app = more.route(
         "/metrics",
         axum::routing::get(move || {
             let render = render.clone();

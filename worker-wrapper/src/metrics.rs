@@ -69,11 +69,9 @@ pub async fn serve(
             handle.render()
         }
     };
-    dispatcher_telemetry::metrics::serve(
-        listener,
-        render,
-        async move { shutdown.cancelled().await },
-    )
+    dispatcher_telemetry::metrics::serve(listener, render, axum::Router::new(), async move {
+        shutdown.cancelled().await
+    })
     .await?;
     Ok(())
 }

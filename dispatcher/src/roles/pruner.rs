@@ -78,7 +78,9 @@ impl Pruner {
             "job pruner started"
         );
         loop {
-            match self.prune_once(&shutdown).await {
+            let pass = self.prune_once(&shutdown).await;
+            crate::metrics::role_pass("pruner", &pass);
+            match pass {
                 Ok(Pruned {
                     jobs: 0,
                     objects: 0,

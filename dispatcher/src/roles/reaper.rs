@@ -146,7 +146,9 @@ impl Reaper {
         let mut next_pass = tokio::time::Instant::now();
         loop {
             if tokio::time::Instant::now() >= next_pass {
-                if let Err(e) = self.reap_once().await {
+                let pass = self.reap_once().await;
+                crate::metrics::role_pass("reaper", &pass);
+                if let Err(e) = pass {
                     tracing::warn!(error = %e, "reaper pass failed");
                 }
                 next_pass = tokio::time::Instant::now() + period;

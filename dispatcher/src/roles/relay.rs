@@ -103,7 +103,9 @@ impl Relay {
         let mut listener = self.listen().await;
         tracing::info!(notify = listener.is_some(), "outbox relay started");
         loop {
-            match self.relay_once().await {
+            let pass = self.relay_once().await;
+            crate::metrics::role_pass("relay", &pass);
+            match pass {
                 Ok(n) if n >= self.settings.relay_batch as usize => continue,
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "outbox relay pass failed"),

@@ -109,7 +109,9 @@ impl Membership {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            match self.store.replica_heartbeat(&self.me, STALE).await {
+            let beat = self.store.replica_heartbeat(&self.me, STALE).await;
+            crate::metrics::role_pass("replicas", &beat);
+            match beat {
                 Ok(peers) => {
                     for peer in peers {
                         if let Some(why) = mismatch(&self.me, &peer) {

@@ -257,7 +257,9 @@ impl AlertRouter {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tick.tick() => {
-                    if let Err(e) = self.route_once().await {
+                    let pass = self.route_once().await;
+                    crate::metrics::role_pass("alert_router", &pass);
+                    if let Err(e) = pass {
                         tracing::warn!(error = %e, "alert routing pass failed");
                     }
                 }
@@ -432,13 +434,16 @@ impl AlertDelivery {
         loop {
             let worked = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                r = self.deliver_once() => match r {
-                    Ok(n) => n > 0,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "alert delivery pass failed");
-                        false
+                r = self.deliver_once() => {
+                    crate::metrics::role_pass("alert_delivery", &r);
+                    match r {
+                        Ok(n) => n > 0,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "alert delivery pass failed");
+                            false
+                        }
                     }
-                },
+                }
             };
             if !worked {
                 tokio::select! {

@@ -137,6 +137,7 @@ impl Sink {
                 _ = shutdown.cancelled() => break,
                 r = self.receive(self.settings.queue_max_wait) => r,
             };
+            crate::metrics::role_pass("sink", &received);
             match received {
                 Ok(got) => {
                     failures = 0;

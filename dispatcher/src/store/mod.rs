@@ -117,6 +117,14 @@ impl Store {
     }
 }
 
+/// How many state migrations this build knows.
+pub fn migration_count() -> usize {
+    MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .count()
+}
+
 /// `migrator`'s migrations not applied (successfully) to `pool`'s database
 /// yet, oldest first, as `0024 replicas`: what `dispatcher migrate` says
 /// it is about to do. Dynamic SQL: `_sqlx_migrations` is sqlx's own table,

@@ -138,6 +138,35 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
         0.0
     );
     assert_eq!(sum(&after, "dispatcher_ready_tasks_per_slot", &exec), 0.0);
+    // The operator's health detail, beside /metrics: every role looped
+    // lately without a failure, nothing lags, the slots are the worker's,
+    // every migration is applied.
+    let health: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok", "{health:#}");
+    for role in [
+        "relay",
+        "reaper",
+        "pruner",
+        "sink",
+        "alert_router",
+        "alert_delivery",
+        "replicas",
+    ] {
+        let r = &health["roles"][role];
+        let ago = r["last_pass_seconds_ago"].as_f64().unwrap_or(f64::MAX);
+        assert!(ago < 30.0 && r["failures"] == 0, "{role}: {r}");
+    }
+    assert_eq!(health["lag"]["sink_pending"], 0, "{health:#}");
+    assert_eq!(health["capacity"]["exec"]["slots"], 4, "{health:#}");
+    assert_eq!(health["capacity"]["exec"]["ready_per_slot"], 0.0);
+    assert_eq!(health["migrations"]["pending"], json!([]));
+    assert!(health["migrations"]["known"].as_u64().unwrap() >= 26);
+    assert!(health["pool"]["max"].as_u64().unwrap() >= 1);
     // The operator's list says the same.
     let listed = std::process::Command::new(dispatcher_tests::stack::binary("dispatcher"))
         .args(["admin", "workers"])

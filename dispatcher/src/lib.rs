@@ -3,6 +3,7 @@
 //! `docs/architecture.md` is the map of this crate.
 
 pub mod aws;
+pub mod breaker;
 pub mod bundles;
 pub mod datadb;
 pub mod domain;

@@ -38,6 +38,9 @@ pub const DATASET_COMMITS: &str = "dispatcher_dataset_commits_total";
 pub const RETENTION_DELETIONS: &str = "dispatcher_retention_deletions_total";
 pub const WORKER_SLOTS: &str = "dispatcher_worker_slots";
 pub const READY_PER_SLOT: &str = "dispatcher_ready_tasks_per_slot";
+pub const BREAKERS: &str = "dispatcher_breakers";
+pub const BREAKER_FAST_FAILS: &str = "dispatcher_breaker_calls_failed_fast_total";
+pub const BREAKER_OPENED: &str = "dispatcher_breaker_opened_total";
 
 pub const CATALOGUE: &[Metric] = &[
     Metric {
@@ -167,6 +170,24 @@ pub const CATALOGUE: &[Metric] = &[
         labels: &["runtime"],
         help: "Ready tasks of every org per slot of the workers running the runtime (with no slot: the ready count), at the scrape.",
     },
+    Metric {
+        name: BREAKERS,
+        kind: Kind::Gauge,
+        labels: &["kind", "state"],
+        help: "Circuit breakers of this process by what they guard (sqs, s3, webhook) and state (closed, open, half_open), at the scrape.",
+    },
+    Metric {
+        name: BREAKER_FAST_FAILS,
+        kind: Kind::Counter,
+        labels: &["kind"],
+        help: "Calls an open breaker failed at once, without reaching the dependency.",
+    },
+    Metric {
+        name: BREAKER_OPENED,
+        kind: Kind::Counter,
+        labels: &["kind"],
+        help: "Times a breaker opened (a failed probe opens it again).",
+    },
 ];
 
 /// Installs the process's Prometheus recorder with this catalogue.
@@ -181,6 +202,7 @@ pub async fn scrape(handle: &PrometheusHandle, store: &Store) -> String {
     if let Err(e) = sample(store).await {
         tracing::warn!(error = %e, "sampling the database gauges failed");
     }
+    set_breakers(&crate::breaker::all());
     handle.run_upkeep();
     handle.render()
 }
@@ -262,6 +284,22 @@ fn set_capacity(
     seen.extend(now);
 }
 
+/// Sets the breaker gauges and counters from the live breakers (every
+/// kind and state is written, zero when none is in it).
+fn set_breakers(all: &[crate::breaker::BreakerView]) {
+    for kind in ["sqs", "s3", "webhook"] {
+        let of: Vec<_> = all.iter().filter(|b| b.kind == kind).collect();
+        for state in ["closed", "open", "half_open"] {
+            let n = of.iter().filter(|b| b.state == state).count();
+            metrics::gauge!(BREAKERS, "kind" => kind, "state" => state).set(n as f64);
+        }
+        let fast: u64 = of.iter().map(|b| b.calls_failed_fast).sum();
+        metrics::counter!(BREAKER_FAST_FAILS, "kind" => kind).absolute(fast);
+        let opened: u64 = of.iter().map(|b| b.times_opened).sum();
+        metrics::counter!(BREAKER_OPENED, "kind" => kind).absolute(opened);
+    }
+}
+
 /// Counts a completion answered 200, and the versions it committed.
 pub fn completed(c: &crate::domain::Completion, answer: &dispatcher_wire::CompleteResponse) {
     if !answer.versions.is_empty() {
@@ -308,10 +346,10 @@ pub fn role_pass<T, E: std::fmt::Display>(role: &'static str, result: &Result<T,
 
 /// The operator's health detail (`GET /health` on the metrics listener):
 /// each background role's last pass, the relay's and sink's lag, the
-/// backlog per slot, the pool, the migrations. `status` is `ok`, or
-/// `degraded` with its `problems` (a role's last pass failed, a sample
-/// failed, or migrations are pending); 200 either way (readiness is
-/// `/readyz`'s).
+/// backlog per slot, the circuit breakers, the pool, the migrations.
+/// `status` is `ok`, or `degraded` with its `problems` (a role's last pass
+/// failed, a sample failed, a breaker is not closed, or migrations are
+/// pending); 200 either way (readiness is `/readyz`'s).
 pub async fn health_detail(store: &Store) -> serde_json::Value {
     use serde_json::json;
     let now = chrono::Utc::now();
@@ -352,6 +390,10 @@ pub async fn health_detail(store: &Store) -> serde_json::Value {
             serde_json::Value::Null
         }
     };
+    let breakers = crate::breaker::all();
+    for b in breakers.iter().filter(|b| b.state != "closed") {
+        problems.push(format!("breaker {} is {}", b.name, b.state));
+    }
     let pool = store.pool();
     let migrations = match store.pending_migrations().await {
         Ok(pending) => {
@@ -372,6 +414,7 @@ pub async fn health_detail(store: &Store) -> serde_json::Value {
         "roles": roles,
         "lag": lag,
         "capacity": capacity,
+        "breakers": breakers,
         "pool": {"size": pool.size(), "idle": pool.num_idle(),
                  "max": pool.options().get_max_connections()},
         "migrations": migrations,

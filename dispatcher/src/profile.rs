@@ -8,7 +8,8 @@
 
 use std::sync::Arc;
 
-use crate::objects::{S3Config, S3Store};
+use crate::breaker::{Breaker, BreakerConfig};
+use crate::objects::{Guarded, S3Config, S3Store};
 use crate::queue::{Queue, SqsConfig, SqsQueue};
 use crate::settings::{Settings, Wakeups};
 use crate::store::Store;
@@ -149,11 +150,13 @@ impl ProfileArgs {
     }
 
     /// The profile's object store: the directory (local) or the bucket,
-    /// which must exist (aws).
-    pub async fn objects(&self) -> anyhow::Result<Objects> {
+    /// which must exist (aws), behind a circuit breaker.
+    pub async fn objects(&self, breaker: BreakerConfig) -> anyhow::Result<Objects> {
         if self.is_aws() {
-            let s3 = S3Store::connect(&self.s3()).await?;
-            return Ok(Objects::Store(Arc::new(s3)));
+            let s3 = Arc::new(S3Store::connect(&self.s3()).await?);
+            let name = format!("s3:{}", self.s3_bucket);
+            let guarded = Guarded::new(s3, Breaker::new("s3", name, breaker));
+            return Ok(Objects::Store(Arc::new(guarded)));
         }
         Ok(Objects::LocalDir {
             dir: self.objects_dir.clone(),
@@ -170,16 +173,26 @@ impl ProfileArgs {
     }
 
     /// The profile's queue for `services::run`: `None` for local (the
-    /// Postgres queue), SQS for aws after checking that every queue and the
-    /// bucket exist.
-    pub async fn services_queue(&self) -> anyhow::Result<Option<Arc<dyn Queue>>> {
+    /// Postgres queue), SQS behind a circuit breaker for aws after checking
+    /// that every queue and the bucket exist.
+    pub async fn services_queue(
+        &self,
+        breaker: BreakerConfig,
+    ) -> anyhow::Result<Option<Arc<dyn Queue>>> {
         if !self.is_aws() {
             return Ok(None);
         }
         let sqs = SqsQueue::connect(&self.queues.sqs()).await;
         let s3 = S3Store::connect(&self.s3()).await;
         match (sqs, s3) {
-            (Ok(q), Ok(_)) => Ok(Some(Arc::new(q))),
+            (Ok(q), Ok(_)) => {
+                let name = format!("sqs:{}*", self.queues.sqs_queue_prefix);
+                let breaker = Breaker::new("sqs", name, breaker);
+                Ok(Some(Arc::new(crate::queue::Guarded::new(
+                    Arc::new(q),
+                    breaker,
+                ))))
+            }
             (q, s) => {
                 let problems: Vec<String> = [
                     q.err().map(|e| e.to_string()),

@@ -254,6 +254,9 @@ pub struct Settings {
     /// alerts may reach although they are internal; every other host must
     /// resolve only to public addresses (see `egress`).
     pub alert_allow_hosts: Vec<String>,
+    /// When the circuit breakers around SQS, S3 and each webhook
+    /// destination open, and for how long (`crate::breaker`).
+    pub breaker: crate::breaker::BreakerConfig,
     /// Named crash points (debug builds only; see `failpoint`).
     pub failpoints: Vec<String>,
 }
@@ -352,6 +355,7 @@ impl Default for Settings {
             alert_retry_base: Duration::from_secs(1),
             alert_retry_cap: Duration::from_secs(300),
             alert_allow_hosts: Vec::new(),
+            breaker: crate::breaker::BreakerConfig::default(),
             task_timeout_max: Duration::from_secs(24 * 3600),
             job_deadline_max: Duration::from_secs(7 * 24 * 3600),
             failpoints: Vec::new(),

@@ -51,6 +51,56 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback TCP forwarder to `target` that a test can cut: while down,
+/// it takes each connection and drops it at once, so the dependency
+/// behind it is unreachable to the code under test; up again, it forwards.
+pub struct Switch {
+    pub port: u16,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections it took while down.
+    pub refused: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Switch {
+    pub async fn start(target: std::net::SocketAddr) -> Switch {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (up.clone(), refused.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !flag.load(Ordering::SeqCst) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Switch { port, up, refused }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts (false) or restores (true) the dependency. Connections already
+    /// forwarded stay; new ones are dropped while down.
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn refused(&self) -> usize {
+        self.refused.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// Waits until `ready` answers true for a server process the harness
 /// started; panics if the process exits first (saying `if_exits`) or after
 /// `timeout`.

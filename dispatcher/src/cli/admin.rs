@@ -174,7 +174,7 @@ pub(crate) enum AdminCommand {
 pub(crate) async fn operator_objects(
     profile: &dispatcher::profile::ProfileArgs,
 ) -> Result<Arc<dyn dispatcher::objects::ObjectStore>> {
-    Ok(match profile.objects().await? {
+    Ok(match profile.objects(Default::default()).await? {
         dispatcher::profile::Objects::Store(s) => s,
         dispatcher::profile::Objects::LocalDir { dir, .. } => Arc::new(
             // No URL is presigned here, so any secret does; a random one.

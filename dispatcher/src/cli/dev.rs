@@ -194,9 +194,9 @@ pub async fn run(args: DevArgs) -> Result<()> {
             .create_aws_resources(settings.queue_max_receives)
             .await?;
     }
-    let queue = args.profile.services_queue().await?;
+    let queue = args.profile.services_queue(settings.breaker).await?;
     let objects = match args.profile.is_aws() {
-        true => args.profile.objects().await?,
+        true => args.profile.objects(settings.breaker).await?,
         false => dispatcher::profile::Objects::LocalDir {
             dir: args.state_dir.join("objects"),
             public_url: None,

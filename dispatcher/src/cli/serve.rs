@@ -168,6 +168,13 @@ pub(crate) struct SinkArgs {
     /// delivery role may take it.
     #[arg(long, env = "DISPATCHER_ALERT_LEASE_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     alert_lease_seconds: Option<u64>,
+    /// Failures in a row of SQS, S3 or one webhook destination that open
+    /// its circuit breaker (calls then fail fast).
+    #[arg(long, env = "DISPATCHER_BREAKER_FAILURES", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    breaker_failures: Option<u32>,
+    /// Seconds an open breaker fails calls fast before one probe goes.
+    #[arg(long, env = "DISPATCHER_BREAKER_OPEN_SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    breaker_open_seconds: Option<u64>,
 }
 
 impl SinkArgs {
@@ -183,6 +190,12 @@ impl SinkArgs {
             s.alert_delivery_lease = std::time::Duration::from_secs(t);
             // A webhook try ends before its lease does.
             s.alert_delivery_timeout = s.alert_delivery_timeout.min(s.alert_delivery_lease / 2);
+        }
+        if let Some(n) = self.breaker_failures {
+            s.breaker.failures = n;
+        }
+        if let Some(t) = self.breaker_open_seconds {
+            s.breaker.open_for = std::time::Duration::from_secs(t);
         }
         if let Some(n) = self.sink_concurrency {
             s.sink_concurrency = usize::from(n);
@@ -318,8 +331,8 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             .map(|o| dispatcher::datadb::lazy_pool(o, args.sink.data_max_connections))
     });
     let data = data.transpose()?;
-    let queue = args.profile.services_queue().await?;
-    let objects = args.profile.objects().await?;
+    let queue = args.profile.services_queue(settings.breaker).await?;
+    let objects = args.profile.objects(settings.breaker).await?;
     let sts = match (&args.sts_role_arn, args.profile.is_aws()) {
         (Some(arn), true) => Some(Arc::new(
             dispatcher::objects::sts::StsIssuer::new(&args.profile.s3(), arn).await,

@@ -107,6 +107,17 @@ impl ApiError {
         e
     }
 
+    /// `503 unavailable` for a call refused by an open circuit breaker,
+    /// with `Retry-After` until its probe.
+    pub fn circuit_open(open: &crate::breaker::Open) -> Self {
+        let mut e = Self::unavailable(format!(
+            "{} is failing; calls to it fail fast for now",
+            open.name
+        ));
+        e.retry_after_secs = Some(open.retry_after.as_secs_f64().ceil().max(1.0) as u64);
+        e
+    }
+
     pub fn internal() -> Self {
         let mut e = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,

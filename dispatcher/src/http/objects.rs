@@ -57,6 +57,7 @@ async fn serve(
     outcome.map_err(|e| match e {
         ObjectError::NotFound(k) => ApiError::not_found(format!("no object {k:?}")),
         ObjectError::InvalidKey(k, why) => ApiError::invalid("key", format!("{k:?} {why}")),
+        ObjectError::Open(open) => ApiError::circuit_open(&open),
         other => {
             tracing::warn!(error = %other, "object store failed");
             ApiError::unavailable("object store unavailable")

@@ -48,6 +48,7 @@ impl From<QueueError> for ApiError {
                 tracing::warn!(error = m, "queue unavailable");
                 ApiError::unavailable("queue unavailable")
             }
+            QueueError::Open(open) => ApiError::circuit_open(&open),
         }
     }
 }

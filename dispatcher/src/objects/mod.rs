@@ -8,10 +8,12 @@
 //! * [`S3Store`], the aws profile's: Amazon S3 (or any S3-compatible store
 //!   through an endpoint override, path-style) through `aws-sdk-s3`.
 
+mod guarded;
 pub mod local;
 mod s3;
 pub mod sts;
 
+pub use guarded::Guarded;
 pub use local::LocalDirStore;
 pub use s3::{S3Config, S3Store};
 
@@ -36,6 +38,9 @@ pub enum ObjectError {
     InvalidKey(String, &'static str),
     #[error("object store unavailable: {0}")]
     Unavailable(String),
+    /// Refused at once: the store's circuit breaker is open.
+    #[error("object store unavailable: {0}")]
+    Open(#[from] crate::breaker::Open),
 }
 
 /// Whether `key` is a key (`domain::object_key_rule`).

@@ -10,9 +10,11 @@
 //! * [`SqsQueue`], the aws profile's: Amazon SQS (or any server speaking its
 //!   protocol) through `aws-sdk-sqs`, with a redrive policy to each DLQ.
 
+mod guarded;
 mod pg;
 mod sqs;
 
+pub use guarded::Guarded;
 pub use pg::PgQueue;
 pub use sqs::{SqsConfig, SqsQueue};
 
@@ -66,6 +68,9 @@ pub enum QueueError {
     UnknownQueue(String),
     #[error("queue unavailable: {0}")]
     Unavailable(String),
+    /// Refused at once: the queue's circuit breaker is open.
+    #[error("queue unavailable: {0}")]
+    Open(#[from] crate::breaker::Open),
 }
 
 impl From<sqlx::Error> for QueueError {

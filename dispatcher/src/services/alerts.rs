@@ -27,6 +27,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::breaker::Breaker;
 use crate::error::StoreError;
 use crate::services::query::{self, Scalar};
 use crate::settings::{backoff, Settings};
@@ -287,6 +288,25 @@ enum Tried {
     },
     /// Retrying cannot help (the destination is gone or not allowed).
     Fatal(String),
+    /// Not tried, or tried as the probe of an open breaker: the destination
+    /// is down, which is no fault of this delivery, so the try is not spent.
+    Deferred {
+        retry_after: Duration,
+        why: String,
+    },
+}
+
+impl Tried {
+    /// What the try says about the destination: `Some(why)` it is failing
+    /// (unreachable, timed out, 5xx or 429), `None` it answered.
+    fn destination_failure(&self) -> Option<String> {
+        match self {
+            Tried::Failed { status, error, .. } if status.is_none_or(|s| s >= 500 || s == 429) => {
+                Some(error.clone())
+            }
+            _ => None,
+        }
+    }
 }
 
 pub struct AlertDelivery {
@@ -296,6 +316,8 @@ pub struct AlertDelivery {
     /// Resolves through `guard` only, no proxy, no redirect.
     http: reqwest::Client,
     guard: crate::egress::Guard,
+    /// One circuit breaker per destination, made on its first delivery.
+    breakers: std::sync::Mutex<std::collections::HashMap<Uuid, Arc<Breaker>>>,
 }
 
 /// `Retry-After`: seconds, or an HTTP date.
@@ -322,12 +344,38 @@ impl AlertDelivery {
             settings,
             http,
             guard,
+            breakers: Default::default(),
         }
     }
 
-    /// Takes due deliveries (leasing them) and tries each once; how many.
+    fn breaker(&self, destination: Uuid) -> Arc<Breaker> {
+        let mut all = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(destination)
+            .or_insert_with(|| {
+                Breaker::new(
+                    "webhook",
+                    format!("webhook:{destination}"),
+                    self.settings.breaker,
+                )
+            })
+            .clone()
+    }
+
+    /// Destinations whose breaker is open and not yet due for its probe:
+    /// their deliveries are not taken at all.
+    fn refusing(&self) -> Vec<Uuid> {
+        let all = self.breakers.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .filter(|(_, b)| b.refusing())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Takes due deliveries (leasing them) and tries each once, through
+    /// its destination's breaker; how many were taken.
     pub async fn deliver_once(&self) -> Result<usize, StoreError> {
         let lease = self.settings.alert_delivery_lease.as_secs_f64();
+        let refusing = self.refusing();
         let due: Vec<Due> = sqlx::query_as!(
             Due,
             "UPDATE alert_deliveries d
@@ -335,12 +383,14 @@ impl AlertDelivery {
                FROM (SELECT id FROM alert_deliveries
                       WHERE state = 'pending' AND next_attempt_at <= now()
                         AND (lease_until IS NULL OR lease_until <= now())
+                        AND NOT (destination_id = ANY($3))
                       ORDER BY next_attempt_at LIMIT $2
                       FOR UPDATE SKIP LOCKED) due
               WHERE d.id = due.id
              RETURNING d.id, d.destination_id, d.payload, d.tries",
             lease,
             i64::try_from(self.settings.alert_delivery_concurrency).unwrap_or(8),
+            &refusing,
         )
         .fetch_all(&self.data)
         .await?;
@@ -348,8 +398,9 @@ impl AlertDelivery {
         let mut running = tokio::task::JoinSet::new();
         for d in due {
             let (store, http, guard) = (self.store.clone(), self.http.clone(), self.guard.clone());
+            let breaker = self.breaker(d.destination_id);
             running.spawn(async move {
-                let tried = try_once(&store, &http, &guard, &d).await;
+                let tried = through(&breaker, try_once(&store, &http, &guard, &d)).await;
                 (d, tried)
             });
         }
@@ -412,6 +463,22 @@ impl AlertDelivery {
                     .increment(1);
                 tracing::warn!(delivery = %d.id, tries, ?status, error, dead, "alert delivery failed");
             }
+            Tried::Deferred { retry_after, why } => {
+                sqlx::query!(
+                    "UPDATE alert_deliveries
+                        SET tries = greatest(tries - 1, 0), lease_until = NULL, last_error = $2,
+                            next_attempt_at = now() + $3 * interval '1 second'
+                      WHERE id = $1 AND state = 'pending'",
+                    d.id,
+                    &why,
+                    retry_after.as_secs_f64(),
+                )
+                .execute(&self.data)
+                .await?;
+                metrics::counter!(crate::metrics::ALERT_DELIVERIES, "result" => "deferred")
+                    .increment(1);
+                tracing::debug!(delivery = %d.id, why, "alert delivery deferred");
+            }
             Tried::Fatal(error) => {
                 sqlx::query!(
                     "UPDATE alert_deliveries SET state = 'dead', last_error = $2, lease_until = NULL
@@ -453,6 +520,42 @@ impl AlertDelivery {
             }
         }
         tracing::info!("alert delivery stopped");
+    }
+}
+
+/// One try through the destination's breaker: not made while it is open;
+/// a failed probe is deferred, not spent.
+async fn through(breaker: &Breaker, attempt: impl std::future::Future<Output = Tried>) -> Tried {
+    let permit = match breaker.admit() {
+        Ok(p) => p,
+        Err(open) => {
+            return Tried::Deferred {
+                retry_after: open.retry_after,
+                why: open.to_string(),
+            }
+        }
+    };
+    let probe = permit.is_probe();
+    let tried = attempt.await;
+    if let Tried::Fatal(_) = tried {
+        permit.neutral();
+        return tried;
+    }
+    match tried.destination_failure() {
+        None => {
+            permit.success();
+            tried
+        }
+        Some(why) => {
+            permit.failure(why.clone());
+            match probe {
+                true => Tried::Deferred {
+                    retry_after: breaker.retry_after(),
+                    why: format!("the destination's breaker probe failed: {why}"),
+                },
+                false => tried,
+            }
+        }
     }
 }
 

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::sink::{drain, fixture, Fixture};
 
 #[derive(Debug, Clone)]
-struct Seen {
+pub(super) struct Seen {
     id: String,
     timestamp: String,
     signature: String,
@@ -30,24 +30,24 @@ struct Seen {
 }
 
 #[derive(Default)]
-struct Behaviour {
+pub(super) struct Behaviour {
     /// The first N calls fail (the first with 429 and `Retry-After: 1`).
-    fail_first: usize,
+    pub(super) fail_first: usize,
     /// Every call fails (503).
-    never: bool,
+    pub(super) never: bool,
     /// The first call hangs this long before answering 200.
-    hang_first: Option<Duration>,
-    calls: usize,
-    seen: Vec<Seen>,
+    pub(super) hang_first: Option<Duration>,
+    pub(super) calls: usize,
+    pub(super) seen: Vec<Seen>,
 }
 
-struct Receiver {
-    url: String,
-    state: Arc<Mutex<Behaviour>>,
+pub(super) struct Receiver {
+    pub(super) url: String,
+    pub(super) state: Arc<Mutex<Behaviour>>,
 }
 
 impl Receiver {
-    async fn start(b: Behaviour) -> Receiver {
+    pub(super) async fn start(b: Behaviour) -> Receiver {
         let state = Arc::new(Mutex::new(b));
         let shared = state.clone();
         let app = axum::Router::new().route(
@@ -107,6 +107,11 @@ impl Receiver {
             let _ = axum::serve(listener, app).await;
         });
         Receiver { url, state }
+    }
+
+    /// The `webhook-id` of every call, in order.
+    pub(super) fn ids(&self) -> Vec<String> {
+        self.seen().into_iter().map(|s| s.id).collect()
     }
 
     fn seen(&self) -> Vec<Seen> {

@@ -94,6 +94,11 @@ async fn invariant_7_a_crash_between_manifest_and_commit_leaves_no_version_and_t
     let orphan = manifests[0].key.clone();
 
     // The lease runs out; the retry (a new attempt) stages and commits once.
+    let metrics_port = dispatcher_tests::free_port();
+    stack.profile_env.push((
+        "DISPATCHER_METRICS_BIND".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ));
     stack.start_dispatcher("").await;
     let second = caller.claim(&worker, task, 2).await;
     assert_eq!(second["attempt"], 2);
@@ -112,6 +117,20 @@ async fn invariant_7_a_crash_between_manifest_and_commit_leaves_no_version_and_t
     let (_, replay) = caller.post("/v1/task/complete", token, done).await.unwrap();
     assert_eq!(replay, answer, "a replay answers the same");
     assert_eq!(versions().await, 1, "the retried task committed once");
+    // The commit counter counts versions per completion answered 200: the
+    // commit and its replay (docs/standards/metrics.md).
+    let scraped = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        scraped
+            .lines()
+            .any(|l| l == "dispatcher_dataset_commits_total 2"),
+        "{scraped}"
+    );
     let parts: Vec<String> = sqlx::query_scalar("SELECT key FROM dataset_parts")
         .fetch_all(&stack.db.pool)
         .await

@@ -4,6 +4,7 @@
 mod access;
 mod alerts;
 mod batches;
+mod breakers;
 mod bundles;
 mod commit;
 mod commit_model;

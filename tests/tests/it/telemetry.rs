@@ -47,6 +47,10 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
     stack
         .profile_env
         .push(("DISPATCHER_RATE_PER_USER".into(), "1,1".into()));
+    // The pruner looks every second (the retention counters, at the end).
+    stack
+        .profile_env
+        .push(("DISPATCHER_JOB_PRUNE_INTERVAL_SECONDS".into(), "1".into()));
     stack.start_dispatcher("").await;
     let url = format!("http://127.0.0.1:{port}/metrics");
     // Three ready tasks and no worker: the backlog is what the gauges say.
@@ -325,6 +329,43 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
             .all(|k| !k.contains(&stack.org_id.to_string()) || k.contains("org=")),
         "an org id outside the org label"
     );
+    assert_eq!(
+        sum(&after, "dispatcher_retention_deletions_total", &[]),
+        0.0
+    );
+
+    // The job ages past its retention (7 days): the pruner deletes it and
+    // the log objects of its three attempts, and counts each.
+    let logs: i64 = sqlx::query_scalar("SELECT count(*) FROM attempts WHERE log_key IS NOT NULL")
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE jobs SET finished_at = now() - interval '8 days'")
+        .execute(&stack.db.pool)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = scrape(&url).await;
+        let jobs = sum(
+            &m,
+            "dispatcher_retention_deletions_total",
+            &["kind=\"job\""],
+        );
+        let objects = sum(
+            &m,
+            "dispatcher_retention_deletions_total",
+            &["kind=\"log_object\""],
+        );
+        if jobs == 1.0 && objects == logs as f64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{jobs} jobs and {objects} of {logs} log objects deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A span as the in-process OTLP receiver got it.

@@ -466,8 +466,8 @@ async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_a
     std::fs::set_permissions(&probe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller = "00f067aa0ba902b7";
-    // One task of each kind: a program, and a Python and a Node handler
-    // (whose runner clients set TRACEPARENT per invocation).
+    // One task of each kind: a program, and a Python, a Node and a Rust
+    // handler (whose runner clients set TRACEPARENT per invocation).
     let fixture = |name: &str| {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("fixtures/bundles")
@@ -475,10 +475,24 @@ async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_a
     };
     let python = stack.push_bundle(&fixture("python-probe"), None);
     let node = stack.push_bundle(&fixture("node-probe"), None);
+    let rust_dir = stack.dir.join("rust-probe");
+    std::fs::create_dir_all(&rust_dir).unwrap();
+    std::fs::copy(
+        dispatcher_tests::stack::binary("udf-rust-probe"),
+        rust_dir.join("bootstrap"),
+    )
+    .expect("the rust probe is built (cargo build --workspace --bins)");
+    std::fs::write(
+        rust_dir.join("bundle.json"),
+        r#"{"runtime": "rust", "handler": "bootstrap", "timeout_seconds": 30}"#,
+    )
+    .unwrap();
+    let rust = stack.push_bundle(&rust_dir, None);
     let tasks = json!([
         {"key": "exec", "runtime": "exec", "bundle": probe.display().to_string()},
         {"key": "python", "runtime": "python", "bundle": python, "inputs": {"do": "traceparent"}},
         {"key": "node", "runtime": "node", "bundle": node, "inputs": {"do": "traceparent"}},
+        {"key": "rust", "runtime": "rust", "bundle": rust, "inputs": {"do": "traceparent"}},
     ]);
     let resp = reqwest::Client::new()
         .post(format!("{}/v1/jobs", stack.url()))
@@ -516,7 +530,7 @@ async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_a
     .fetch_all(&stack.db.pool)
     .await
     .unwrap();
-    assert_eq!(outputs.len(), 3, "{outputs:?}");
+    assert_eq!(outputs.len(), 4, "{outputs:?}");
 
     // Spans arrive within the batch delay (100 ms) of ending.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -534,7 +548,7 @@ async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_a
             .iter()
             .filter(|s| s.name == "POST /v1/task/events" && s.trace_id == trace)
             .count();
-        if attempts.len() >= 3 && submitted && handler_calls >= 2 {
+        if attempts.len() >= 4 && submitted && handler_calls >= 3 {
             break attempts;
         }
         assert!(
@@ -576,6 +590,9 @@ async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_a
         assert_eq!(span.attributes["outcome"], "succeeded");
         // The UDF's context is a child of its attempt's span.
         assert_eq!(seen, format!("00-{trace}-{}-01", span.span_id), "{key}");
+        if key == "rust" {
+            assert_eq!(output["client"], seen, "the Rust client's own copy");
+        }
         if key != "exec" {
             // The runtime API's X-Ray form of the same context.
             assert_eq!(
@@ -602,7 +619,7 @@ async fn traces_a_submitted_traceparent_reaches_each_attempts_span_and_the_udf_a
     }
     // One cold start per bundle runtime, each invocation timed.
     let metrics = scrape(&format!("http://127.0.0.1:{worker_port}/metrics")).await;
-    for runtime in ["python", "node"] {
+    for runtime in ["python", "node", "rust"] {
         let r = format!("runtime=\"{runtime}\"");
         assert_eq!(
             sum(&metrics, "worker_wrapper_runner_cold_starts_total", &[&r]),

@@ -111,6 +111,10 @@ pub struct Task {
     pub job_id: String,
     pub key: String,
     pub attempt: u64,
+    /// The W3C trace context the invocation runs under (the attempt's
+    /// child), also set as `TRACEPARENT` and sent on every call, so spans
+    /// the handler starts join the job's trace.
+    pub traceparent: Option<String>,
     pub object_prefix: String,
     pub outputs: Vec<String>,
     pub reads: Vec<String>,
@@ -179,6 +183,7 @@ impl Task {
             job_id: s(&t["job_id"]),
             key: s(&t["key"]),
             attempt: t["attempt"].as_u64().unwrap_or(0),
+            traceparent: None,
             object_prefix: s(&t["object_prefix"]),
             outputs: strings(&t["outputs"]),
             reads: strings(&t["reads"]),
@@ -217,14 +222,15 @@ impl Task {
     /// `401`).
     pub async fn call(&self, path: &str, body: &Value) -> Result<Value, TaskError> {
         for attempt in 1..=2 {
-            let resp = self
+            let mut req = self
                 .http
                 .post(format!("{}{path}", self.url))
                 .bearer_auth(self.token(attempt == 2).await)
-                .json(body)
-                .send()
-                .await
-                .map_err(transport)?;
+                .json(body);
+            if let Some(tp) = &self.traceparent {
+                req = req.header("traceparent", tp);
+            }
+            let resp = req.send().await.map_err(transport)?;
             let status = resp.status().as_u16();
             let text = resp.text().await.map_err(transport)?;
             if (200..300).contains(&status) {
@@ -365,8 +371,39 @@ impl Task {
     }
 }
 
+/// The W3C `traceparent` of a Lambda trace header
+/// (`Root=1-{8 hex}-{24 hex};Parent={16 hex};Sampled={0|1}`), when it has a
+/// parent; the host derives the header from the attempt's context.
+pub fn traceparent_from_xray(header: &str) -> Option<String> {
+    let field = |name: &str| {
+        header
+            .split(';')
+            .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))
+    };
+    let root = field("Root")?.strip_prefix("1-")?;
+    let (time, rest) = root.split_once('-')?;
+    let trace = format!("{time}{rest}");
+    let parent = field("Parent")?;
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(&trace, 32) || !hex(parent, 16) || trace.bytes().all(|b| b == b'0') {
+        return None;
+    }
+    let sampled = if field("Sampled") == Some("1") {
+        "01"
+    } else {
+        "00"
+    };
+    Some(format!(
+        "00-{}-{}-{sampled}",
+        trace.to_ascii_lowercase(),
+        parent.to_ascii_lowercase()
+    ))
+}
+
 /// Serves invocations with `handler(inputs, task)` until the process is
-/// stopped.
+/// stopped. Each invocation's trace context (from the Lambda trace header)
+/// is the task's `traceparent` and the process's `TRACEPARENT` while it
+/// runs (invocations are served one at a time).
 pub async fn run<F, Fut, E>(handler: F) -> Result<(), lambda_runtime::Error>
 where
     F: Fn(Value, Task) -> Fut,
@@ -375,8 +412,47 @@ where
 {
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Value>| {
-        let (task, inputs) = Task::from_event(&event.payload, event.context.deadline);
+        let (mut task, inputs) = Task::from_event(&event.payload, event.context.deadline);
+        task.traceparent = event
+            .context
+            .xray_trace_id
+            .as_deref()
+            .and_then(traceparent_from_xray);
+        match &task.traceparent {
+            // One invocation at a time: the variable is this invocation's,
+            // as `_X_AMZN_TRACE_ID` is (`lambda_runtime` sets it alike).
+            Some(tp) => std::env::set_var("TRACEPARENT", tp),
+            None => std::env::remove_var("TRACEPARENT"),
+        }
         handler(inputs, task)
     }))
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::traceparent_from_xray;
+
+    #[test]
+    fn a_lambda_trace_header_becomes_the_traceparent_it_was_made_from() {
+        let tp = traceparent_from_xray(
+            "Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7;Sampled=1",
+        );
+        assert_eq!(
+            tp.as_deref(),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        let unsampled = traceparent_from_xray(
+            "Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Parent=00f067aa0ba902b7;Sampled=0",
+        );
+        assert!(unsampled.unwrap().ends_with("-00"));
+        for bad in [
+            "",
+            "Root=1-4bf92f35-77b34da6a3ce929d0e0e4736;Sampled=0",
+            "Root=1-00000000-000000000000000000000000;Parent=00f067aa0ba902b7",
+            "Root=1-4bf92f35-77b3;Parent=00f067aa0ba902b7",
+        ] {
+            assert_eq!(traceparent_from_xray(bad), None, "{bad}");
+        }
+    }
 }

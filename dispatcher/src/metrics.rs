@@ -445,6 +445,111 @@ fn capacity_detail(
         .into()
 }
 
+/// The CloudWatch Embedded Metric Format lines of one sample: per runtime
+/// `ReadyTasksPerSlot` (the autoscaling signal, as
+/// `dispatcher_ready_tasks_per_slot`), `ReadyTasks` and `WorkerSlots`
+/// (dimension `Runtime`; every runtime, 0 when idle, so the series never
+/// goes missing), and the lags and dead rows the alarms watch
+/// (`OutboxDeadRows`, `OutboxOldestPendingAgeSeconds`,
+/// `SinkOldestPendingAgeSeconds`, no dimension).
+pub async fn emf_lines(
+    store: &Store,
+    namespace: &str,
+) -> Result<Vec<String>, crate::error::StoreError> {
+    use serde_json::json;
+    let backlog = store.backlog_sample().await?;
+    let slots = store.slots_by_runtime().await?;
+    let outbox = store.outbox_counts().await?;
+    let lag = store.lag_sample().await?;
+    let ts = chrono::Utc::now().timestamp_millis();
+    let metric = |names: &[&str], dims: &[&str]| {
+        let metrics: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let unit = if n.ends_with("Seconds") {
+                    "Seconds"
+                } else {
+                    "Count"
+                };
+                json!({"Name": n, "Unit": unit})
+            })
+            .collect();
+        json!({"Timestamp": ts, "CloudWatchMetrics": [
+            {"Namespace": namespace, "Dimensions": [dims], "Metrics": metrics}
+        ]})
+    };
+    let mut runtimes: BTreeSet<String> =
+        ["exec", "python", "node", "rust"].map(String::from).into();
+    runtimes.extend(backlog.ready.iter().map(|b| b.runtime.clone()));
+    runtimes.extend(slots.iter().map(|s| s.runtime.clone()));
+    let mut lines = Vec::new();
+    for runtime in runtimes {
+        let ready: i64 = backlog
+            .ready
+            .iter()
+            .filter(|b| b.runtime == runtime)
+            .map(|b| b.ready)
+            .sum();
+        let total = slots
+            .iter()
+            .find(|s| s.runtime == runtime)
+            .map_or(0, |s| s.slots);
+        let line = json!({
+            "_aws": metric(&["ReadyTasksPerSlot", "ReadyTasks", "WorkerSlots"], &["Runtime"]),
+            "Runtime": runtime,
+            "ReadyTasksPerSlot": ready as f64 / total.max(1) as f64,
+            "ReadyTasks": ready,
+            "WorkerSlots": total,
+        });
+        lines.push(line.to_string());
+    }
+    let names = [
+        "OutboxDeadRows",
+        "OutboxOldestPendingAgeSeconds",
+        "SinkOldestPendingAgeSeconds",
+    ];
+    let line = json!({
+        "_aws": metric(&names, &[]),
+        "OutboxDeadRows": outbox.dead,
+        "OutboxOldestPendingAgeSeconds": lag.relay_seconds,
+        "SinkOldestPendingAgeSeconds": lag.sink_seconds,
+    });
+    lines.push(line.to_string());
+    Ok(lines)
+}
+
+/// Prints [`emf_lines`] to stdout every `every` until `shutdown` (each
+/// replica does; the alarms and the scaling policy read the Maximum, which
+/// duplicates do not change).
+pub async fn publish_emf(
+    store: Store,
+    namespace: String,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let sample = emf_lines(&store, &namespace).await;
+        role_pass("emf", &sample);
+        match sample {
+            Ok(lines) => {
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                for line in lines {
+                    let _ = writeln!(out, "{line}");
+                }
+                let _ = out.flush();
+            }
+            Err(e) => tracing::warn!(error = %e, "sampling the backlog for CloudWatch failed"),
+        }
+    }
+}
+
 /// Serves `GET /metrics` on its own listener until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,

@@ -304,9 +304,21 @@ impl Stack {
             .env("DISPATCHER_SINK_VISIBILITY_SECONDS", "2")
             .env("RUST_LOG", "info,sqlx=warn")
             .envs(self.profile_env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
+            .stdout(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("dispatcher.stdout"))
+                    .expect("dispatcher stdout"),
+            )
             .stderr(log);
         cmd
+    }
+
+    /// What the dispatchers of this stack printed on stdout (their logs are
+    /// on stderr).
+    pub fn dispatcher_stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("dispatcher.stdout")).unwrap_or_default()
     }
 
     /// Starts another `dispatcher serve` (all roles) on the same database,

@@ -160,6 +160,15 @@ pub(crate) struct DbArgs {
     /// same server (created by `migrate`).
     #[arg(long, env = "DATA_DATABASE_URL", hide_env_values = true)]
     data_database_url: Option<String>,
+    /// The state database's password, when DATABASE_URL holds none (a
+    /// secret injected on its own, e.g. the RDS-managed one's `password`).
+    #[arg(long, env = "DATABASE_PASSWORD", hide_env_values = true)]
+    database_password: Option<String>,
+    /// The data database's password, when DATA_DATABASE_URL holds none
+    /// (default: DATABASE_PASSWORD when the data database is derived from
+    /// DATABASE_URL).
+    #[arg(long, env = "DATA_DATABASE_PASSWORD", hide_env_values = true)]
+    data_database_password: Option<String>,
 }
 
 impl DbArgs {
@@ -195,9 +204,33 @@ impl DbArgs {
         Ok(url)
     }
 
+    /// The state database's connection options: the URL, with
+    /// DATABASE_PASSWORD when given.
+    fn options(&self) -> Result<sqlx::postgres::PgConnectOptions> {
+        let opts: sqlx::postgres::PgConnectOptions = self
+            .url()?
+            .parse()
+            .context("DATABASE_URL is not a Postgres URL")?;
+        Ok(match &self.database_password {
+            Some(p) => opts.password(p),
+            None => opts,
+        })
+    }
+
     fn data_options(&self) -> Result<sqlx::postgres::PgConnectOptions> {
-        dispatcher::datadb::options(self.url()?, self.data_database_url.as_deref())
-            .context("DATA_DATABASE_URL is not a Postgres URL")
+        let opts = dispatcher::datadb::options(self.url()?, self.data_database_url.as_deref())
+            .context("DATA_DATABASE_URL is not a Postgres URL")?;
+        let password = match &self.data_database_url {
+            Some(_) => self.data_database_password.as_ref(),
+            None => self
+                .data_database_password
+                .as_ref()
+                .or(self.database_password.as_ref()),
+        };
+        Ok(match password {
+            Some(p) => opts.password(p),
+            None => opts,
+        })
     }
 
     /// Applies the state migrations through `store`, then creates the data
@@ -220,10 +253,7 @@ impl DbArgs {
                 started.elapsed().as_secs_f64()
             );
         }
-        let server: sqlx::postgres::PgConnectOptions = self
-            .url()?
-            .parse()
-            .context("DATABASE_URL is not a Postgres URL")?;
+        let server = self.options()?;
         dispatcher::datadb::ensure_reporting(&server, &self.data_options()?, |line| {
             eprintln!("{line}")
         })
@@ -271,7 +301,7 @@ impl KeyArgs {
 }
 
 pub(crate) async fn connect(db: &DbArgs, settings: Arc<Settings>, max: u32) -> Result<Store> {
-    Store::connect(db.url()?, max, settings)
+    Store::connect_with(db.options()?, max, settings)
         .await
         .context("connecting to Postgres (set DATABASE_URL)")
 }
@@ -439,6 +469,7 @@ mod tests {
         let mut files = vec![
             root.join("README.md"),
             root.join("docs/standards/operations.md"),
+            root.join("terraform/README.md"),
         ];
         for dir in ["runbooks", "docs"] {
             for e in std::fs::read_dir(root.join(dir)).unwrap() {

@@ -24,6 +24,14 @@ pub(crate) struct ServeArgs {
     /// docs/standards/metrics.md). Off when unset.
     #[arg(long, env = "DISPATCHER_METRICS_BIND")]
     metrics_bind: Option<String>,
+    /// Print the backlog signal and the lags the alarms watch to stdout as
+    /// CloudWatch Embedded Metric Format lines in this namespace, every
+    /// `--backlog-emf-seconds` (the ECS log driver ships them; the worker
+    /// fleet's autoscaling reads them: terraform/). Off when unset.
+    #[arg(long, env = "DISPATCHER_BACKLOG_EMF_NAMESPACE")]
+    backlog_emf_namespace: Option<String>,
+    #[arg(long, env = "DISPATCHER_BACKLOG_EMF_SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    backlog_emf_seconds: u64,
     /// Apply migrations before serving.
     #[arg(long, env = "DISPATCHER_MIGRATE")]
     migrate: bool,
@@ -47,6 +55,11 @@ pub(crate) struct ServeArgs {
     /// attempt (its policy must allow S3 reads and writes on the bucket).
     #[arg(long, env = "DISPATCHER_STS_ROLE_ARN")]
     sts_role_arn: Option<String>,
+    /// aws profile: the bucket's SSE-KMS key; each task's session policy
+    /// then allows it through S3 (without it, tasks cannot read or write
+    /// SSE-KMS objects with their credentials).
+    #[arg(long, env = "DISPATCHER_S3_KMS_KEY_ARN", requires = "sts_role_arn")]
+    s3_kms_key_arn: Option<String>,
 }
 
 /// Users from an identity provider (ADR 0012): its tokens are accepted on
@@ -335,7 +348,9 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
     let objects = args.profile.objects(settings.breaker).await?;
     let sts = match (&args.sts_role_arn, args.profile.is_aws()) {
         (Some(arn), true) => Some(Arc::new(
-            dispatcher::objects::sts::StsIssuer::new(&args.profile.s3(), arn).await,
+            dispatcher::objects::sts::StsIssuer::new(&args.profile.s3(), arn)
+                .await
+                .with_kms_key(args.s3_kms_key_arn.clone()),
         )),
         (Some(_), false) => bail!("--sts-role-arn needs --profile aws"),
         (None, _) => None,
@@ -365,6 +380,15 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<()> {
             l,
             handle,
             store.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(namespace) = args.backlog_emf_namespace.clone() {
+        let every = std::time::Duration::from_secs(args.backlog_emf_seconds);
+        tokio::spawn(dispatcher::metrics::publish_emf(
+            store.clone(),
+            namespace,
+            every,
             shutdown.clone(),
         ));
     }

@@ -30,6 +30,7 @@ pub fn session_policy(
     prefix: &str,
     readable: &[String],
     until: DateTime<Utc>,
+    kms_key: Option<&str>,
 ) -> Result<String, usize> {
     let own = format!("arn:aws:s3:::{bucket}/{prefix}*");
     let mut gets = vec![own.clone()];
@@ -41,17 +42,22 @@ pub fn session_policy(
     let within = json!({"DateLessThan": {
         "aws:CurrentTime": until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     }});
-    let policy = json!({
-        "Version": "2012-10-17",
-        "Statement": [
-            {"Sid": "WriteOwnPrefix", "Effect": "Allow",
-             "Action": ["s3:PutObject", "s3:AbortMultipartUpload"], "Resource": [own],
-             "Condition": within},
-            {"Sid": "ReadOwnAndReadable", "Effect": "Allow",
-             "Action": ["s3:GetObject"], "Resource": gets, "Condition": within},
-        ]
-    })
-    .to_string();
+    let mut statements = vec![
+        json!({"Sid": "WriteOwnPrefix", "Effect": "Allow",
+               "Action": ["s3:PutObject", "s3:AbortMultipartUpload"], "Resource": [own],
+               "Condition": within}),
+        json!({"Sid": "ReadOwnAndReadable", "Effect": "Allow",
+               "Action": ["s3:GetObject"], "Resource": gets, "Condition": within}),
+    ];
+    // SSE-KMS objects: S3 uses the key as the requester, and a session's
+    // rights are its role's and its policy's intersection, so the policy
+    // names the key, and only through S3 (review of terraform/, ADR 0010).
+    if let Some(key) = kms_key {
+        statements.push(json!({"Sid": "ObjectKeyThroughS3", "Effect": "Allow",
+            "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": [key],
+            "Condition": {"StringLike": {"kms:ViaService": "s3.*.amazonaws.com"}}}));
+    }
+    let policy = json!({"Version": "2012-10-17", "Statement": statements}).to_string();
     if policy.len() > MAX_POLICY_CHARS {
         Err(policy.len())
     } else {
@@ -84,6 +90,8 @@ pub struct StsIssuer {
     role_arn: String,
     pub bucket: String,
     pub region: String,
+    /// The bucket's SSE-KMS key, which each session policy then names.
+    pub kms_key_arn: Option<String>,
 }
 
 impl std::fmt::Debug for StsIssuer {
@@ -110,7 +118,14 @@ impl StsIssuer {
             role_arn: role_arn.to_owned(),
             bucket: cfg.bucket.clone(),
             region: cfg.region.clone(),
+            kms_key_arn: None,
         }
+    }
+
+    /// Names the bucket's SSE-KMS key in every session policy.
+    pub fn with_kms_key(mut self, arn: Option<String>) -> Self {
+        self.kms_key_arn = arn;
+        self
     }
 
     /// `AssumeRole` with the session policy, for `duration` (clamped to
@@ -158,6 +173,7 @@ mod tests {
             "orgs/o/jobs/j/tasks/t/attempts/2/",
             &["orgs/o/jobs/x/tasks/y/attempts/1/part.jsonl".into()],
             until,
+            None,
         )
         .unwrap();
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();
@@ -187,6 +203,19 @@ mod tests {
         let many: Vec<String> = (0..100)
             .map(|i| format!("orgs/o/k/{i}/part.jsonl"))
             .collect();
-        assert!(session_policy("b", "p/", &many, until).is_err());
+        assert!(session_policy("b", "p/", &many, until, None).is_err());
+        // With the bucket's key: the key alone, through S3 alone.
+        let key = "arn:aws:kms:eu-west-1:123456789012:key/k";
+        let p = session_policy("b", "p/", &[], until, Some(key)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(v["Statement"][2]["Resource"], json!([key]));
+        assert_eq!(
+            v["Statement"][2]["Action"],
+            json!(["kms:GenerateDataKey", "kms:Decrypt"])
+        );
+        assert_eq!(
+            v["Statement"][2]["Condition"]["StringLike"]["kms:ViaService"],
+            "s3.*.amazonaws.com"
+        );
     }
 }

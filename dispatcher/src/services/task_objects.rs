@@ -124,15 +124,21 @@ pub async fn credentials(
         .store
         .committed_part_keys(claims.org, &claims.reads)
         .await?;
-    let policy =
-        sts::session_policy(&sts.bucket, &prefix, &readable, lease_end).map_err(|len| {
-            StoreError::Limit(format!(
-                "a session policy for the {} readable parts would be {len} characters; \
+    let policy = sts::session_policy(
+        &sts.bucket,
+        &prefix,
+        &readable,
+        lease_end,
+        sts.kms_key_arn.as_deref(),
+    )
+    .map_err(|len| {
+        StoreError::Limit(format!(
+            "a session policy for the {} readable parts would be {len} characters; \
              STS takes {}: read them through POST /v1/task/objects",
-                readable.len(),
-                sts::MAX_POLICY_CHARS
-            ))
-        })?;
+            readable.len(),
+            sts::MAX_POLICY_CHARS
+        ))
+    })?;
     let left = (crate::tokens::from_timestamp(claims.exp) - Utc::now())
         .to_std()
         .unwrap_or_default();

@@ -71,7 +71,16 @@ impl Store {
         max_connections: u32,
         settings: Arc<Settings>,
     ) -> Result<Self, sqlx::Error> {
-        let options: PgConnectOptions = url.parse()?;
+        Self::connect_with(url.parse()?, max_connections, settings).await
+    }
+
+    /// As [`Store::connect`], with options built elsewhere (a password
+    /// given apart from the URL).
+    pub async fn connect_with(
+        options: PgConnectOptions,
+        max_connections: u32,
+        settings: Arc<Settings>,
+    ) -> Result<Self, sqlx::Error> {
         // No ping before each checkout (sqlx's default): it costs a round
         // trip per transaction. A connection that died is found by the
         // statement that uses it; that call answers 503 (retryable) and the

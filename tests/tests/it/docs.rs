@@ -138,3 +138,100 @@ fn every_route_is_in_the_openapi_document_with_its_method() {
     }
     assert!(missing.is_empty(), "not in docs/openapi.yaml: {missing:?}");
 }
+
+/// The IAM actions an SDK call needs, for every call the AWS adapters make;
+/// `None` for the set-up calls only `admin sqs create-queues` and test
+/// servers make (production creates queues and buckets with Terraform).
+fn iam_action(sdk_call: &str) -> Option<Option<&'static str>> {
+    Some(match sdk_call {
+        "send_message" | "send_message_batch" => Some("sqs:SendMessage"),
+        "receive_message" => Some("sqs:ReceiveMessage"),
+        "delete_message" | "delete_message_batch" => Some("sqs:DeleteMessage"),
+        "change_message_visibility" | "change_message_visibility_batch" => {
+            Some("sqs:ChangeMessageVisibility")
+        }
+        "get_queue_url" => Some("sqs:GetQueueUrl"),
+        "get_object" | "head_object" => Some("s3:GetObject"),
+        "put_object" => Some("s3:PutObject"),
+        "delete_object" => Some("s3:DeleteObject"),
+        "list_objects_v2" | "head_bucket" => Some("s3:ListBucket"),
+        "assume_role" => Some("sts:AssumeRole"),
+        "create_queue" | "get_queue_attributes" | "create_bucket" => None,
+        _ => return None,
+    })
+}
+
+/// The quoted `service:Action` strings of one `aws_iam_policy_document`.
+fn policy_actions(tf: &str, document: &str) -> std::collections::BTreeSet<String> {
+    let start = tf
+        .find(&format!(
+            "data \"aws_iam_policy_document\" \"{document}\" {{"
+        ))
+        .unwrap_or_else(|| panic!("no policy document {document}"));
+    let block = &tf[start..];
+    let block = &block[..block.find("\n}\n").expect("the block ends")];
+    block
+        .split('"')
+        .filter(|s| {
+            s.split_once(':').is_some_and(|(svc, a)| {
+                ["sqs", "s3", "kms", "sts", "secretsmanager"].contains(&svc)
+                    && a.chars().all(|c| c.is_ascii_alphanumeric())
+                    && !a.is_empty()
+            })
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn terraform_iam_grants_exactly_the_calls_the_code_makes() {
+    let mut needed = std::collections::BTreeSet::new();
+    let mut unknown = Vec::new();
+    for file in [
+        "dispatcher/src/queue/sqs.rs",
+        "dispatcher/src/objects/s3.rs",
+        "dispatcher/src/objects/sts.rs",
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        let flat: String = text.split_whitespace().collect::<Vec<_>>().join("");
+        for (i, _) in flat.match_indices("client.") {
+            let call: String = flat[i + "client.".len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            if !flat[i + "client.".len() + call.len()..].starts_with("()") {
+                continue;
+            }
+            match iam_action(&call) {
+                Some(Some(action)) => {
+                    needed.insert(action.to_owned());
+                }
+                Some(None) => {}
+                None => unknown.push(format!("{file}: {call}")),
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "SDK calls without their IAM action here: {unknown:?}"
+    );
+    // SSE-KMS: S3 uses the key on the caller's behalf.
+    needed.extend(["kms:GenerateDataKey".to_owned(), "kms:Decrypt".to_owned()]);
+    let tf = std::fs::read_to_string(root().join("terraform/modules/iam/main.tf")).unwrap();
+    assert_eq!(policy_actions(&tf, "dispatcher"), needed);
+    // A worker receives its wake-ups through the same SQS adapter (receive,
+    // delete, visibility, and the URL at connect), from one queue.
+    let wakeups = std::fs::read_to_string(root().join("worker-wrapper/src/wakeups.rs")).unwrap();
+    for call in [".receive(", ".delete(", ".change_visibility("] {
+        assert!(wakeups.contains(call), "the worker no longer calls {call}");
+    }
+    let worker: std::collections::BTreeSet<String> = [
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+        "sqs:GetQueueUrl",
+    ]
+    .map(String::from)
+    .into();
+    assert_eq!(policy_actions(&tf, "worker"), worker);
+}

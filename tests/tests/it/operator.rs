@@ -449,3 +449,40 @@ async fn create_queues_honours_the_profile_sdk_errors_are_one_line_and_empty_lis
         "{err}"
     );
 }
+
+/// RDS refuses plaintext (`rds.force_ssl`, terraform/modules/database):
+/// the store and the binaries speak TLS when the URL asks for it, and take
+/// the password apart from the URL (`DATABASE_PASSWORD`, as ECS injects the
+/// RDS-managed secret's `password`).
+#[tokio::test]
+async fn the_database_is_reached_over_tls_when_the_url_asks_and_the_password_may_come_apart() {
+    let db = dispatcher_tests::TestDb::new().await;
+    let url = db.url();
+    let tls = format!(
+        "{url}{}sslmode=require",
+        if url.contains('?') { '&' } else { '?' }
+    );
+    let store = dispatcher::store::Store::connect(&tls, 2, Default::default())
+        .await
+        .expect("a TLS connection (sqlx built with rustls)");
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(ssl, "the connection is encrypted");
+    let out = tokio::process::Command::new(binary("dispatcher"))
+        .args(["admin", "workers"])
+        .env("DATABASE_URL", &tls)
+        .env("DATABASE_PASSWORD", "injected-apart")
+        .env_remove("DATA_DATABASE_URL")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("injected-apart"), "{stderr}");
+}

@@ -47,6 +47,13 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
     stack
         .profile_env
         .push(("DISPATCHER_RATE_PER_USER".into(), "1,1".into()));
+    // The backlog for CloudWatch, every second (terraform/ scales on it).
+    for (k, v) in [
+        ("DISPATCHER_BACKLOG_EMF_NAMESPACE", "DispatcherTest"),
+        ("DISPATCHER_BACKLOG_EMF_SECONDS", "1"),
+    ] {
+        stack.profile_env.push((k.into(), v.into()));
+    }
     // The pruner looks every second (the retention counters, at the end).
     stack
         .profile_env
@@ -78,6 +85,38 @@ async fn metrics_after_a_small_job_count_its_claims_completions_backlog_and_requ
     );
     assert!((1.0..60.0).contains(&age), "oldest ready age {age}");
     assert_eq!(sum(&before, "dispatcher_claims_total", &[]), 0.0);
+    // The same signal as CloudWatch Embedded Metric Format lines on stdout:
+    // the exec runtime's, and every other runtime's at 0.
+    let emf: Vec<serde_json::Value> = stack
+        .dispatcher_stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let of = |runtime: &str| {
+        emf.iter()
+            .rev()
+            .find(|l| l["Runtime"] == runtime)
+            .cloned()
+            .unwrap_or_else(|| panic!("no EMF line for {runtime}: {emf:?}"))
+    };
+    let exec = of("exec");
+    assert_eq!(exec["ReadyTasksPerSlot"], 3.0, "{exec}");
+    assert_eq!(exec["ReadyTasks"], 3);
+    let declared = &exec["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(declared["Namespace"], "DispatcherTest");
+    assert_eq!(declared["Dimensions"], json!([["Runtime"]]));
+    assert!(declared["Metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["Name"] == "ReadyTasksPerSlot"));
+    assert_eq!(of("rust")["ReadyTasksPerSlot"], 0.0);
+    let totals = emf
+        .iter()
+        .rev()
+        .find(|l| l.get("OutboxDeadRows").is_some())
+        .expect("the outbox and lag line");
+    assert_eq!(totals["OutboxDeadRows"], 0);
     // No worker yet: the backlog per slot is the ready count itself.
     assert_eq!(
         sum(

@@ -17,9 +17,9 @@ pub static DATA_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migration
 /// state database's with `_data` appended to its name.
 pub fn options(state_url: &str, explicit: Option<&str>) -> Result<PgConnectOptions, sqlx::Error> {
     match explicit {
-        Some(url) => url.parse(),
+        Some(url) => crate::store::parse_url(url),
         None => {
-            let state: PgConnectOptions = state_url.parse()?;
+            let state = crate::store::parse_url(state_url)?;
             let name = format!("{}_data", state.get_database().unwrap_or("postgres"));
             Ok(state.database(&name))
         }

@@ -270,8 +270,7 @@ async fn template(admin: &PgConnectOptions) -> String {
 impl TestDb {
     pub async fn new() -> TestDb {
         let url = database_url();
-        let admin: PgConnectOptions = url
-            .parse()
+        let admin: PgConnectOptions = dispatcher::store::parse_url(&url)
             .unwrap_or_else(|e| panic!("DATABASE_URL {url:?} is not a Postgres URL: {e}"));
         let name = format!("test_{}", Uuid::new_v4().simple());
         let mut conn = admin.connect().await.unwrap_or_else(|e| {

@@ -5,6 +5,7 @@
 mod batch;
 mod capture;
 mod client;
+mod ecs;
 mod metrics;
 mod runner;
 mod runners;
@@ -92,6 +93,11 @@ struct RunArgs {
     /// default; `docs/standards/metrics.md`).
     #[arg(long, env = "WORKER_METRICS_BIND")]
     metrics_bind: Option<std::net::SocketAddr>,
+    /// On ECS: protect this task from scale-in while any slot runs a task
+    /// (through the ECS agent at `ECS_AGENT_URI`), so the autoscaler stops
+    /// idle workers first.
+    #[arg(long, env = "WORKER_ECS_TASK_PROTECTION")]
+    ecs_task_protection: bool,
     /// Visibility timeout of received wake-ups (heartbeats extend it).
     #[arg(long, default_value_t = 30)]
     visibility_seconds: u32,
@@ -341,6 +347,19 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
         args.concurrency.max(1),
         shutdown.clone(),
     ));
+    if args.ecs_task_protection {
+        let agent = std::env::var("ECS_AGENT_URI").map_err(|_| {
+            anyhow::anyhow!(
+                "--ecs-task-protection needs ECS_AGENT_URI (ECS sets it in a task's containers)"
+            )
+        })?;
+        tokio::spawn(ecs::protect_while_busy(
+            ecs::Protection::new(&agent),
+            busy.clone(),
+            Duration::from_secs(1),
+            shutdown.clone(),
+        ));
+    }
     let mut running: JoinSet<Handled> = JoinSet::new();
     if !sandbox.is_isolated() {
         tracing::warn!("--insecure-shared-uid: tasks run as this user and are not isolated from each other or from this user's files");

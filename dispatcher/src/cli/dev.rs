@@ -58,7 +58,8 @@ const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/dispatcher_dev";
 
 /// Creates the database named in `url` if it does not exist.
 async fn ensure_database(url: &str) -> Result<()> {
-    let opts: PgConnectOptions = url.parse().context("DATABASE_URL is not a Postgres URL")?;
+    let opts: PgConnectOptions =
+        dispatcher::store::parse_url(&url).context("DATABASE_URL is not a Postgres URL")?;
     let name = opts.get_database().unwrap_or("postgres").to_owned();
     let mut conn = opts
         .clone()
@@ -167,7 +168,7 @@ pub async fn run(args: DevArgs) -> Result<()> {
     });
     let store = Store::connect(&url, 16, settings.clone()).await?;
     store.migrate().await.context("applying migrations")?;
-    let server: sqlx::postgres::PgConnectOptions = url.parse()?;
+    let server = dispatcher::store::parse_url(&url)?;
     let data_options = dispatcher::datadb::options(&url, None)?;
     dispatcher::datadb::ensure(&server, &data_options)
         .await

@@ -207,9 +207,7 @@ impl DbArgs {
     /// The state database's connection options: the URL, with
     /// DATABASE_PASSWORD when given.
     fn options(&self) -> Result<sqlx::postgres::PgConnectOptions> {
-        let opts: sqlx::postgres::PgConnectOptions = self
-            .url()?
-            .parse()
+        let opts = dispatcher::store::parse_url(self.url()?)
             .context("DATABASE_URL is not a Postgres URL")?;
         Ok(match &self.database_password {
             Some(p) => opts.password(p),

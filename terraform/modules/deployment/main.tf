@@ -50,14 +50,16 @@ module "database" {
 }
 
 module "iam" {
-  source      = "../iam"
-  name        = local.name
-  account_id  = var.account_id
-  queue_arns  = module.queues.queue_arns
-  dlq_arns    = module.queues.dlq_arns
-  bucket_arn  = module.storage.bucket_arn
-  kms_key_arn = module.kms.key_arn
-  secret_arns = concat(values(module.database.secret_arns), [var.signing_key_secret_arn, var.worker_credential_secret_arn])
+  source       = "../iam"
+  name         = local.name
+  account_id   = var.account_id
+  region       = var.region
+  cluster_name = local.name
+  queue_arns   = module.queues.queue_arns
+  dlq_arns     = module.queues.dlq_arns
+  bucket_arn   = module.storage.bucket_arn
+  kms_key_arn  = module.kms.key_arn
+  secret_arns  = concat(values(module.database.secret_arns), [var.signing_key_secret_arn, var.worker_credential_secret_arn])
 }
 
 module "service" {

@@ -3,8 +3,9 @@
 # * dispatcher: the six queues (send, receive, delete, visibility, URL),
 #   the objects bucket (get and head, put, delete, list), the key, and
 #   AssumeRole on the task-objects role alone;
-# * worker: the wake-up queue alone (receive, delete, visibility, URL);
-#   no bucket, no database (ADR 0009);
+# * worker: the wake-up queue alone (receive, delete, visibility, URL),
+#   and its own task's scale-in protection (through the ECS agent); no
+#   bucket, no database (ADR 0009);
 # * task-objects: what `POST /v1/task/credentials` hands a task, under a
 #   session policy that narrows it to one attempt's prefix (ADR 0010);
 # * execution: pulls images, writes logs, reads the database secrets.
@@ -89,6 +90,11 @@ data "aws_iam_policy_document" "worker" {
       "sqs:GetQueueUrl",
     ]
     resources = [var.queue_arns["wakeups"]]
+  }
+  statement {
+    sid       = "ScaleInProtection"
+    actions   = ["ecs:UpdateTaskProtection"]
+    resources = ["arn:${local.p}:ecs:${var.region}:${var.account_id}:task/${var.cluster_name}/*"]
   }
 }
 

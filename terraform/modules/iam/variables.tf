@@ -32,3 +32,13 @@ variable "secret_arns" {
   description = "The database secrets the dispatcher's tasks receive at start."
   type        = list(string)
 }
+
+variable "region" {
+  description = "The AWS region (task ARNs are built from it)."
+  type        = string
+}
+
+variable "cluster_name" {
+  description = "The ECS cluster the workers run in (their scale-in protection is limited to its tasks)."
+  type        = string
+}

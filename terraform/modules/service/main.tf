@@ -289,6 +289,7 @@ resource "aws_ecs_task_definition" "worker" {
       { name = "WORKER_CONCURRENCY", value = tostring(var.worker_slots) },
       { name = "WORKER_SCRATCH_DIR", value = "/scratch" },
       { name = "WORKER_METRICS_BIND", value = "0.0.0.0:9465" },
+      { name = "WORKER_ECS_TASK_PROTECTION", value = "true" },
     ])
     secrets = [
       { name = "WORKER_CREDENTIAL", valueFrom = var.worker_credential_secret_arn },

@@ -436,24 +436,7 @@ async fn alerts_a_real_dispatcher_sigkilled_mid_delivery_loses_nothing() {
         stack.profile_env.push((k.into(), v.into()));
     }
     // Every event of the sample stream goes to the receiver.
-    let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
-    store
-        .create_alert_destination(
-            stack.org_id,
-            "ops",
-            &receiver.url,
-            &dispatcher::services::alerts::new_secret(),
-        )
-        .await
-        .unwrap();
-    let (stream, _, _, _) = store
-        .dataset_for_query(stack.org_id, "sample_events")
-        .await
-        .unwrap();
-    store
-        .create_alert_route(stack.org_id, "all", stream, "ops", None)
-        .await
-        .unwrap();
+    route_samples_to(&stack, &receiver).await;
     stack.start_dispatcher("").await;
     let _worker = stack.start_worker(&WorkerOpts::new("alerts"));
     stack
@@ -500,6 +483,34 @@ async fn alerts_a_real_dispatcher_sigkilled_mid_delivery_loses_nothing() {
         2,
         "the interrupted delivery was retried under its webhook-id"
     );
+}
+
+/// A destination `ops` at the receiver and a route of every event of the
+/// stack's sample stream to it (before the dispatcher starts); the
+/// destination's id.
+pub(super) async fn route_samples_to(
+    stack: &dispatcher_tests::stack::Stack,
+    receiver: &Receiver,
+) -> Uuid {
+    let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
+    let destination = store
+        .create_alert_destination(
+            stack.org_id,
+            "ops",
+            &receiver.url,
+            &dispatcher::services::alerts::new_secret(),
+        )
+        .await
+        .unwrap();
+    let (stream, _, _, _) = store
+        .dataset_for_query(stack.org_id, "sample_events")
+        .await
+        .unwrap();
+    store
+        .create_alert_route(stack.org_id, "all", stream, "ops", None)
+        .await
+        .unwrap();
+    destination.id
 }
 
 /// A TCP listener on loopback that counts the connections it accepts.

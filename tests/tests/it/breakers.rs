@@ -15,7 +15,7 @@ use dispatcher_tests::stack::{Stack, WorkerOpts};
 use dispatcher_tests::{Switch, TestApp};
 use serde_json::{json, Value};
 
-use super::alerts::{Behaviour, Receiver};
+use super::alerts::{route_samples_to, Behaviour, Receiver};
 
 fn breaker(name: &str) -> Arc<Breaker> {
     Breaker::new(
@@ -205,24 +205,7 @@ async fn breakers_a_failing_webhook_destination_is_left_alone_while_open_and_get
     ] {
         stack.profile_env.push((k.into(), v));
     }
-    let store = dispatcher::store::Store::new(stack.db.pool.clone(), Default::default());
-    let destination = store
-        .create_alert_destination(
-            stack.org_id,
-            "ops",
-            &receiver.url,
-            &dispatcher::services::alerts::new_secret(),
-        )
-        .await
-        .unwrap();
-    let (stream, _, _, _) = store
-        .dataset_for_query(stack.org_id, "sample_events")
-        .await
-        .unwrap();
-    store
-        .create_alert_route(stack.org_id, "all", stream, "ops", None)
-        .await
-        .unwrap();
+    let destination = route_samples_to(&stack, &receiver).await;
     stack.start_dispatcher("").await;
     let _worker = stack.start_worker(&WorkerOpts::new("breaker"));
     stack
@@ -230,7 +213,7 @@ async fn breakers_a_failing_webhook_destination_is_left_alone_while_open_and_get
         .await;
 
     // The destination fails: after three failures its breaker opens.
-    let name = format!("webhook:{}", destination.id);
+    let name = format!("webhook:{destination}");
     let health_url = format!("http://127.0.0.1:{metrics_port}/health");
     let deadline = Instant::now() + Duration::from_secs(60);
     let health: Value = loop {

@@ -174,7 +174,7 @@ fn policy_actions(tf: &str, document: &str) -> std::collections::BTreeSet<String
         .split('"')
         .filter(|s| {
             s.split_once(':').is_some_and(|(svc, a)| {
-                ["sqs", "s3", "kms", "sts", "secretsmanager"].contains(&svc)
+                ["sqs", "s3", "kms", "sts", "secretsmanager", "ecs"].contains(&svc)
                     && a.chars().all(|c| c.is_ascii_alphanumeric())
                     && !a.is_empty()
             })
@@ -230,8 +230,12 @@ fn terraform_iam_grants_exactly_the_calls_the_code_makes() {
         "sqs:DeleteMessage",
         "sqs:ChangeMessageVisibility",
         "sqs:GetQueueUrl",
+        "ecs:UpdateTaskProtection",
     ]
     .map(String::from)
     .into();
     assert_eq!(policy_actions(&tf, "worker"), worker);
+    // The protection goes through the ECS agent, asked for by ecs.rs.
+    let ecs = std::fs::read_to_string(root().join("worker-wrapper/src/ecs.rs")).unwrap();
+    assert!(ecs.contains("/task-protection/v1/state"));
 }

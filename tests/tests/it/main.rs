@@ -30,6 +30,7 @@ mod query;
 mod races;
 mod retention;
 mod runners;
+mod scaling;
 mod secrets;
 mod services;
 mod sink;

@@ -470,6 +470,16 @@ async fn the_database_is_reached_over_tls_when_the_url_asks_and_the_password_may
         .await
         .unwrap();
     assert!(ssl, "the connection is encrypted");
+    // Without an sslmode, a loopback server is reached in plain text
+    // (TLS there costs time and protects nothing).
+    let plain = dispatcher::store::Store::connect(&url, 1, Default::default())
+        .await
+        .unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(plain.pool())
+        .await
+        .unwrap();
+    assert!(!ssl, "no TLS on loopback unless asked for");
     let out = tokio::process::Command::new(binary("dispatcher"))
         .args(["admin", "workers"])
         .env("DATABASE_URL", &tls)

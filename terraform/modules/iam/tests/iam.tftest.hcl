@@ -3,8 +3,10 @@ mock_provider "aws" {
 }
 
 variables {
-  name       = "dispatcher-test"
-  account_id = "123456789012"
+  name         = "dispatcher-test"
+  account_id   = "123456789012"
+  region       = "eu-west-1"
+  cluster_name = "dispatcher-test"
   queue_arns = {
     wakeups = "arn:aws:sqs:eu-west-1:123456789012:t-wakeups"
     buffers = "arn:aws:sqs:eu-west-1:123456789012:t-buffers"
@@ -38,12 +40,15 @@ run "each_role_grants_exactly_the_calls_its_code_makes" {
   assert {
     condition = toset(flatten(data.aws_iam_policy_document.worker.statement[*].actions)) == toset([
       "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueUrl",
+      "ecs:UpdateTaskProtection",
     ])
-    error_message = "the worker's actions: the wake-up queue, nothing else"
+    error_message = "the worker's actions: the wake-up queue and its scale-in protection, nothing else"
   }
   assert {
-    condition     = flatten(data.aws_iam_policy_document.worker.statement[*].resources) == [var.queue_arns.wakeups]
-    error_message = "the worker reaches the wake-up queue alone (ADR 0009)"
+    condition = flatten(data.aws_iam_policy_document.worker.statement[*].resources) == [
+      var.queue_arns.wakeups, "arn:aws:ecs:eu-west-1:123456789012:task/dispatcher-test/*",
+    ]
+    error_message = "the worker reaches the wake-up queue alone (ADR 0009) and its cluster's tasks' protection"
   }
   assert {
     condition = toset(flatten(data.aws_iam_policy_document.task_objects.statement[*].actions)) == toset([

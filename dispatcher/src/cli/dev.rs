@@ -59,7 +59,7 @@ const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/dispatcher_dev";
 /// Creates the database named in `url` if it does not exist.
 async fn ensure_database(url: &str) -> Result<()> {
     let opts: PgConnectOptions =
-        dispatcher::store::parse_url(&url).context("DATABASE_URL is not a Postgres URL")?;
+        dispatcher::store::parse_url(url).context("DATABASE_URL is not a Postgres URL")?;
     let name = opts.get_database().unwrap_or("postgres").to_owned();
     let mut conn = opts
         .clone()

@@ -12,12 +12,12 @@ run "the_objects_bucket_is_private_encrypted_versioned_and_logged" {
   command = plan
 
   assert {
-    condition = alltrue([for b in [aws_s3_bucket_public_access_block.objects, aws_s3_bucket_public_access_block.access_logs] :
+    condition = alltrue([for b in values(aws_s3_bucket_public_access_block.this) :
     b.block_public_acls && b.block_public_policy && b.ignore_public_acls && b.restrict_public_buckets])
     error_message = "nothing public: every public access block is on"
   }
   assert {
-    condition     = aws_s3_bucket_ownership_controls.objects.rule[0].object_ownership == "BucketOwnerEnforced"
+    condition     = aws_s3_bucket_ownership_controls.this["objects"].rule[0].object_ownership == "BucketOwnerEnforced"
     error_message = "ACLs are off: the bucket owner owns every object"
   }
   assert {

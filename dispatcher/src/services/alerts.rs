@@ -537,7 +537,7 @@ async fn through(breaker: &Breaker, attempt: impl std::future::Future<Output = T
     };
     let probe = permit.is_probe();
     let tried = attempt.await;
-    if let Tried::Fatal(_) = tried {
+    if let Tried::Fatal(_) | Tried::Deferred { .. } = tried {
         permit.neutral();
         return tried;
     }
@@ -568,11 +568,12 @@ async fn try_once(
     let dest = match store.alert_destination(d.destination_id).await {
         Ok(Some(dest)) => dest,
         Ok(None) => return Tried::Fatal("the destination was deleted".into()),
+        // Our database, not the receiver: nothing was sent, so no try is
+        // spent and the destination's breaker learns nothing.
         Err(e) => {
-            return Tried::Failed {
-                status: None,
-                error: format!("reading the destination: {e}"),
-                retry_after: None,
+            return Tried::Deferred {
+                retry_after: Duration::from_secs(1),
+                why: format!("reading the destination: {e}"),
             }
         }
     };

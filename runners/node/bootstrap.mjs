@@ -114,6 +114,7 @@ for (;;) {
   }
   inFlight = id;
   let out;
+  let task;
   try {
     const envelope = JSON.parse(next.body.toString("utf8"));
     const context = {
@@ -123,11 +124,12 @@ for (;;) {
       memoryLimitInMB: process.env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE,
       deadlineMs: deadline,
       getRemainingTimeInMillis: () => Math.max(0, deadline - Date.now()),
-      task: new Task(envelope),
+      task: (task = new Task(envelope)),
     };
     const result = await handler(envelope.inputs ?? {}, context);
     out = JSON.stringify(result === undefined ? null : result);
   } catch (err) {
+    task?.close();
     await call("POST", `/runtime/invocation/${id}/error`, errorBody(err), {
       "Lambda-Runtime-Function-Error-Type": "Unhandled",
       "Content-Type": "application/json",
@@ -135,6 +137,7 @@ for (;;) {
     inFlight = null;
     continue;
   }
+  task.close();
   const answer = await call("POST", `/runtime/invocation/${id}/response`, out, {
     "Content-Type": "application/json",
   });

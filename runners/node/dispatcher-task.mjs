@@ -34,6 +34,25 @@ export class Task {
       objectPrefix: t.object_prefix ?? "", outputs: t.outputs ?? [], reads: t.reads ?? [],
     });
     this._seq = 0;
+    // As a Lambda function there is no host to ask (ADR 0026): the token
+    // is refreshed here by a heartbeat of the attempt's own, every
+    // `refresh_seconds`, while the invocation runs.
+    if (!this._tokenUrl && d.refresh_seconds) {
+      this._refresher = setInterval(async () => {
+        try {
+          this._token = (await this.call("/v1/task/heartbeat", {})).capability_token;
+        } catch {
+          this.close(); // stale or gone: the attempt is over
+        }
+      }, d.refresh_seconds * 1000);
+      this._refresher.unref();
+    }
+  }
+
+  /** Ends the invocation's token refresh. */
+  close() {
+    if (this._refresher) clearInterval(this._refresher);
+    this._refresher = undefined;
   }
 
   async token(refresh = false) {

@@ -112,16 +112,20 @@ def main():
                 os.environ[var] = headers[name]
             else:
                 os.environ.pop(var, None)
+        context = None
         try:
             envelope = json.loads(body)
             context = Context(headers, envelope)
             result = handler(envelope.get("inputs", {}), context)
             out = json.dumps(result).encode()
         except Exception as exc:  # the handler failed: report it, stay warm
+            if context is not None:
+                context.task.close()
             call("POST", f"/runtime/invocation/{request_id}/error", error_body(exc),
                  {"Lambda-Runtime-Function-Error-Type": "Unhandled",
                   "Content-Type": "application/json"})
             continue
+        context.task.close()
         status, _, answer = call("POST", f"/runtime/invocation/{request_id}/response", out,
                                  {"Content-Type": "application/json"})
         if status >= 400:

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +49,24 @@ class Task:
         self.outputs = t.get("outputs", [])
         self.reads = t.get("reads", [])
         self._seq = 0
+        # As a Lambda function there is no host to ask (ADR 0026): the
+        # token is refreshed here by a heartbeat of the attempt's own, every
+        # `refresh_seconds`, while the invocation runs.
+        self._done = threading.Event()
+        every = d.get("refresh_seconds")
+        if not self._token_url and every:
+            threading.Thread(target=self._refresh, args=(float(every),), daemon=True).start()
+
+    def _refresh(self, every):
+        while not self._done.wait(every):
+            try:
+                self._token = self.call("/v1/task/heartbeat", {})["capability_token"]
+            except Exception:  # stale or gone: the attempt is over
+                return
+
+    def close(self):
+        """Ends the invocation's token refresh."""
+        self._done.set()
 
     # -- the token --------------------------------------------------------
     def token(self, refresh=False):

@@ -57,6 +57,8 @@ pub struct WorkerOpts {
     /// `WORKER_EXEC` (`off`, `any` or a list of programs); by default
     /// `any`, on either profile, since most tests run exec tasks.
     pub exec: Option<String>,
+    /// More environment of the worker process.
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerOpts {
@@ -71,6 +73,7 @@ impl WorkerOpts {
             insecure_shared_uid: false,
             dispatcher_url: None,
             exec: None,
+            env: Vec::new(),
         }
     }
 }
@@ -461,6 +464,7 @@ impl Stack {
             .env("WORKER_LEASE_SECONDS", opts.lease_seconds.to_string())
             .env("RUST_LOG", "info")
             .envs(self.profile_env.iter().map(|(k, v)| (k, v)))
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log"))
             .process_group(0)

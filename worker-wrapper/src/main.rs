@@ -6,6 +6,8 @@ mod batch;
 mod capture;
 mod client;
 mod ecs;
+mod invoke_server;
+mod lambda;
 mod metrics;
 mod runner;
 mod runners;
@@ -45,6 +47,9 @@ enum Command {
     Run(Box<RunArgs>),
     /// A demonstration task (reads inputs on stdin; see `sample.rs`).
     SampleTask,
+    /// Serve the Lambda Invoke API on this machine, running each function's
+    /// runner here: to try and test the Lambda path without AWS (ADR 0026).
+    InvokeServer(invoke_server::Args),
 }
 
 #[derive(Args)]
@@ -150,6 +155,23 @@ struct RunArgs {
     /// Kubernetes and ECS wait after SIGTERM by default.
     #[arg(long, env = "WORKER_DRAIN_SECONDS", default_value_t = 20)]
     drain_seconds: u64,
+    /// Run bundle tasks as Lambda functions (ADR 0026): the function of a
+    /// task, named from this template with `{org}` (the org id, 32 hex
+    /// digits), `{bundle}` (12 hex digits of its bundle's digest) and
+    /// `{runtime}`, is invoked with the attempt's capability token.
+    #[arg(long, env = "WORKER_LAMBDA_FUNCTION")]
+    lambda_function: Option<String>,
+    /// The runtimes run as Lambda functions when --lambda-function is set.
+    #[arg(
+        long,
+        env = "WORKER_LAMBDA_RUNTIMES",
+        default_value = "python,node,rust"
+    )]
+    lambda_runtimes: String,
+    /// A Lambda-compatible endpoint instead of AWS (`invoke-server`);
+    /// by default AWS_ENDPOINT_URL's.
+    #[arg(long, env = "WORKER_LAMBDA_ENDPOINT_URL")]
+    lambda_endpoint_url: Option<String>,
     #[command(flatten)]
     profile: dispatcher::profile::QueueProfileArgs,
 }
@@ -164,7 +186,7 @@ fn main() -> Result<()> {
             sandbox::harden_self()?;
             Some(credential(args)?)
         }
-        Command::SampleTask => None,
+        Command::SampleTask | Command::InvokeServer(_) => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -188,6 +210,17 @@ fn main() -> Result<()> {
             }
         }
         Command::SampleTask => rt.block_on(sample::main()),
+        Command::InvokeServer(args) => {
+            let _telemetry = {
+                let _in_runtime = rt.enter();
+                dispatcher_telemetry::init(
+                    "invoke-server",
+                    "info",
+                    dispatcher_telemetry::LogFormat::Json,
+                )?
+            };
+            rt.block_on(invoke_server::main(args))
+        }
     }
 }
 
@@ -306,6 +339,35 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
             }
         });
     }
+    let lambda = match &args.lambda_function {
+        None => None,
+        Some(template) => {
+            let runtimes = args
+                .lambda_runtimes
+                .split(',')
+                .map(str::trim)
+                .filter(|r| !r.is_empty())
+                .map(|r| match dispatcher_wire::Runtime::parse(r) {
+                    Some(dispatcher_wire::Runtime::Exec) | None => bail!(
+                        "--lambda-runtimes {r:?}: expected python, node or rust (comma-separated)"
+                    ),
+                    Some(rt) => Ok(rt),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let endpoint = args
+                .lambda_endpoint_url
+                .as_deref()
+                .or(args.profile.aws_endpoint_url.as_deref());
+            let l =
+                lambda::Lambda::new(template, runtimes, &args.profile.aws_region, endpoint).await?;
+            tracing::info!(
+                template,
+                runtimes = args.lambda_runtimes,
+                "bundle tasks run as Lambda functions"
+            );
+            Some(Arc::new(l))
+        }
+    };
     let wakeups = Wakeups::open(&args.profile, client.clone(), &args.queue).await?;
     let source = wakeups.describe();
     let cfg = Arc::new(WorkerConfig {
@@ -315,6 +377,7 @@ async fn run(args: RunArgs, credential: String) -> Result<Stopped> {
         lease_seconds: args.lease_seconds,
         sandbox: sandbox.clone(),
         runners: runners.clone(),
+        lambda,
         default_timeout,
         exec,
         calls: batch::Calls::new(

@@ -27,6 +27,8 @@ pub struct WorkerConfig {
     pub sandbox: Arc<Sandbox>,
     /// Runner processes of bundle tasks.
     pub runners: Arc<Runners>,
+    /// Bundle tasks of these runtimes run as Lambda functions instead.
+    pub lambda: Option<Arc<crate::lambda::Lambda>>,
     /// An exec task's bound when its claim names none.
     pub default_timeout: Duration,
     /// Which host programs `exec` tasks may start.
@@ -130,6 +132,9 @@ enum Ended {
     Abandoned(String),
     /// The worker is stopping: the task was killed, to be handed back.
     HandBack,
+    /// Lambda had no concurrency for the task's function: handed back,
+    /// its attempt given back, to be claimed again after a pause.
+    Throttled(String),
     SpawnFailed(String),
     /// The task asks for what this worker does not allow: failed, not
     /// retried (the fleet's policy answers every attempt the same).
@@ -273,6 +278,8 @@ async fn run_attempt(
     let log = LogBuffer::shared(cfg.log_max_bytes);
     let ended = if claim.task.runtime == wire::Runtime::Exec {
         run(&cfg, claim, receipt, &token, &log).await
+    } else if let Some(lambda) = cfg.lambda.as_ref().filter(|l| l.runs(claim.task.runtime)) {
+        invoke_lambda(&cfg, lambda, claim, receipt, &token, &log).await
     } else {
         invoke(&cfg, claim, receipt, &token, &log).await
     };
@@ -283,8 +290,17 @@ async fn run_attempt(
         cfg.wakeups.delete(receipt).await;
         return (Handled::HandedBack, "handed_back");
     }
+    if let Ended::Throttled(why) = &ended {
+        tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, why, "throttled; handing the task back");
+        release(&cfg, claim, &current(&token)).await;
+        cfg.wakeups.delete(receipt).await;
+        // The slot pauses, so that a throttled function is not invoked
+        // again at once by this worker.
+        tokio::time::sleep(THROTTLE_PAUSE).await;
+        return (Handled::Done, "throttled");
+    }
     let request = match ended {
-        Ended::HandBack => None,
+        Ended::HandBack | Ended::Throttled(_) => None,
         Ended::Abandoned(why) => {
             tracing::warn!(task_id = %claim.task_id, attempt = claim.attempt, why, "attempt abandoned without completing");
             None
@@ -495,6 +511,43 @@ async fn invoke(
         invoked = cfg.runners.invoke(claim, &cfg.dispatcher_url, token.clone(), log.clone()) => Ended::Invoked(invoked),
         stop = keep_alive(cfg, claim, receipt, None, token) => match stop {
             // The invocation's future is dropped: its runner's group is killed.
+            Stop::Cancel => Ended::Cancelled,
+            Stop::Lost(why) => Ended::Abandoned(why),
+            Stop::HandBack => Ended::HandBack,
+        },
+    }
+}
+
+/// How long a slot pauses after Lambda throttled its task.
+const THROTTLE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Runs a bundle task as its Lambda function, heartbeating meanwhile.
+async fn invoke_lambda(
+    cfg: &WorkerConfig,
+    lambda: &crate::lambda::Lambda,
+    claim: &wire::ClaimResponse,
+    receipt: Option<&str>,
+    token: &Arc<Mutex<String>>,
+    log: &Shared,
+) -> Ended {
+    let secs = match claim.task.timeout_seconds {
+        0 => cfg.default_timeout.as_secs(),
+        s => u64::from(s),
+    };
+    let event = crate::runners::envelope(claim, &cfg.dispatcher_url, &current(token), None);
+    let event = serde_json::to_vec(&event).unwrap_or_default();
+    tracing::info!(function = lambda.function_name(claim), "invoking");
+    tokio::select! {
+        out = lambda.invoke(claim, event, secs, log) => match out {
+            crate::lambda::Outcome::Invoked(invoked) => Ended::Invoked(invoked),
+            crate::lambda::Outcome::Throttled(why) => Ended::Throttled(why),
+            crate::lambda::Outcome::TooLargeEvent(n) => Ended::Refused(format!(
+                "the task's event ({n} bytes) is over Lambda's {} byte request limit",
+                crate::lambda::MAX_REQUEST_BYTES
+            )),
+        },
+        // The call is dropped; the function may run on, fenced.
+        stop = keep_alive(cfg, claim, receipt, None, token) => match stop {
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
             Stop::HandBack => Ended::HandBack,

@@ -170,7 +170,7 @@ async fn download(http: &reqwest::Client, url: &str) -> Result<Vec<u8>> {
 }
 
 /// The runtime files, written where runners can read them.
-fn write_runtime(dir: &Path) -> Result<()> {
+pub fn write_runtime(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     for (sub, files) in [
         (
@@ -588,22 +588,11 @@ impl Runners {
         let deadline_ms =
             chrono::Utc::now().timestamp_millis() + i64::try_from(secs * 1000).unwrap_or(i64::MAX);
         let current = token.lock().map(|t| t.clone()).unwrap_or_default();
-        let envelope = json!({
-            "inputs": claim.task.inputs,
-            "task": {
-                "task_id": claim.task_id, "job_id": claim.job_id, "key": claim.task.key,
-                "attempt": claim.attempt, "object_prefix": claim.object_prefix,
-                "outputs": claim.task.outputs, "reads": claim.task.reads,
-            },
-            "dispatcher": {
-                "url": dispatcher_url,
-                "token": current,
-                "token_url": format!(
-                    "http://{}/2018-06-01/dispatcher/invocation/{request_id}/token",
-                    runner.host.address()
-                ),
-            },
-        });
+        let token_url = format!(
+            "http://{}/2018-06-01/dispatcher/invocation/{request_id}/token",
+            runner.host.address()
+        );
+        let envelope = envelope(claim, dispatcher_url, &current, Some(&token_url));
         let rx = runner.host.invoke(Invocation {
             request_id: request_id.clone(),
             event: serde_json::to_vec(&envelope).unwrap_or_default(),
@@ -663,6 +652,34 @@ impl Runners {
         }
         ended
     }
+}
+
+/// The event an invocation gets (ADR 0013): the task's inputs, what the
+/// task is, and how to reach the task API with the attempt's capability
+/// token — nothing else. With `token_url` (the local host) the runner asks
+/// it for the token the wrapper's heartbeats refreshed; without it (a
+/// Lambda function, ADR 0026) the runner's client refreshes the token
+/// itself every `refresh_seconds` with a heartbeat of its own.
+pub fn envelope(
+    claim: &wire::ClaimResponse,
+    dispatcher_url: &str,
+    token: &str,
+    token_url: Option<&str>,
+) -> serde_json::Value {
+    let mut dispatcher = json!({"url": dispatcher_url, "token": token});
+    match token_url {
+        Some(url) => dispatcher["token_url"] = json!(url),
+        None => dispatcher["refresh_seconds"] = json!(claim.heartbeat_interval_seconds.max(1)),
+    }
+    json!({
+        "inputs": claim.task.inputs,
+        "task": {
+            "task_id": claim.task_id, "job_id": claim.job_id, "key": claim.task.key,
+            "attempt": claim.attempt, "object_prefix": claim.object_prefix,
+            "outputs": claim.task.outputs, "reads": claim.task.reads,
+        },
+        "dispatcher": dispatcher,
+    })
 }
 
 fn own_uid() -> u32 {

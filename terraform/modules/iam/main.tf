@@ -4,7 +4,8 @@
 #   the objects bucket (get and head, put, delete, list), the key, and
 #   AssumeRole on the task-objects role alone;
 # * worker: the wake-up queue alone (receive, delete, visibility, URL),
-#   and its own task's scale-in protection (through the ECS agent); no
+#   its own task's scale-in protection (through the ECS agent), and the
+#   invocation of the UDF runner functions, `<name>-udf-*` (ADR 0026); no
 #   bucket, no database (ADR 0009);
 # * task-objects: what `POST /v1/task/credentials` hands a task, under a
 #   session policy that narrows it to one attempt's prefix (ADR 0010);
@@ -95,6 +96,11 @@ data "aws_iam_policy_document" "worker" {
     sid       = "ScaleInProtection"
     actions   = ["ecs:UpdateTaskProtection"]
     resources = ["arn:${local.p}:ecs:${var.region}:${var.account_id}:task/${var.cluster_name}/*"]
+  }
+  statement {
+    sid       = "InvokeRunners"
+    actions   = ["lambda:InvokeFunction"]
+    resources = ["arn:${local.p}:lambda:${var.region}:${var.account_id}:function:${var.name}-udf-*"]
   }
 }
 

@@ -174,7 +174,7 @@ fn policy_actions(tf: &str, document: &str) -> std::collections::BTreeSet<String
         .split('"')
         .filter(|s| {
             s.split_once(':').is_some_and(|(svc, a)| {
-                ["sqs", "s3", "kms", "sts", "secretsmanager", "ecs"].contains(&svc)
+                ["sqs", "s3", "kms", "sts", "secretsmanager", "ecs", "lambda"].contains(&svc)
                     && a.chars().all(|c| c.is_ascii_alphanumeric())
                     && !a.is_empty()
             })
@@ -231,10 +231,15 @@ fn terraform_iam_grants_exactly_the_calls_the_code_makes() {
         "sqs:ChangeMessageVisibility",
         "sqs:GetQueueUrl",
         "ecs:UpdateTaskProtection",
+        "lambda:InvokeFunction",
     ]
     .map(String::from)
     .into();
     assert_eq!(policy_actions(&tf, "worker"), worker);
+    // The runner functions are invoked by lambda.rs (ADR 0026), and by
+    // nothing else of the worker's.
+    let lambda = std::fs::read_to_string(root().join("worker-wrapper/src/lambda.rs")).unwrap();
+    assert!(lambda.contains(".invoke()"));
     // The protection goes through the ECS agent, asked for by ecs.rs.
     let ecs = std::fs::read_to_string(root().join("worker-wrapper/src/ecs.rs")).unwrap();
     assert!(ecs.contains("/task-protection/v1/state"));

@@ -21,6 +21,7 @@ mod idp;
 mod input;
 mod inspection;
 mod isolation;
+mod lambda;
 mod limits;
 mod model;
 mod objects;

@@ -24,7 +24,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -103,8 +103,11 @@ fn transport(e: reqwest::Error) -> TaskError {
 /// The task an invocation runs, and a client of its API.
 pub struct Task {
     url: String,
-    token: Mutex<String>,
+    token: Arc<Mutex<String>>,
     token_url: Option<String>,
+    /// As a Lambda function (no host to ask), how often the token is
+    /// refreshed by a heartbeat of the attempt's own (ADR 0026).
+    refresh_seconds: Option<u64>,
     http: reqwest::Client,
     seq: AtomicU64,
     pub task_id: String,
@@ -172,8 +175,9 @@ impl Task {
         let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
         let task = Task {
             url: s(&d["url"]).trim_end_matches('/').to_owned(),
-            token: Mutex::new(s(&d["token"])),
+            token: Arc::new(Mutex::new(s(&d["token"]))),
             token_url: d["token_url"].as_str().map(str::to_owned),
+            refresh_seconds: d["refresh_seconds"].as_u64().filter(|s| *s > 0),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(300))
                 .build()
@@ -191,6 +195,46 @@ impl Task {
         };
         let inputs = event.get("inputs").cloned().unwrap_or_else(|| json!({}));
         (task, inputs)
+    }
+
+    /// Without a host to ask, refreshes the token every `refresh_seconds`
+    /// with a heartbeat until the returned task is aborted (at the end of
+    /// the invocation) or the attempt is over.
+    fn refresher(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if self.token_url.is_some() {
+            return None;
+        }
+        let every = Duration::from_secs(self.refresh_seconds?);
+        let (http, url, token) = (self.http.clone(), self.url.clone(), self.token.clone());
+        Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let current = token.lock().map(|t| t.clone()).unwrap_or_default();
+                let fresh = async {
+                    let resp = http
+                        .post(format!("{url}/v1/task/heartbeat"))
+                        .bearer_auth(current)
+                        .json(&json!({}))
+                        .send()
+                        .await
+                        .ok()?;
+                    if !resp.status().is_success() {
+                        return None;
+                    }
+                    let v: Value = resp.json().await.ok()?;
+                    v["capability_token"].as_str().map(str::to_owned)
+                };
+                match fresh.await {
+                    Some(t) => {
+                        if let Ok(mut cur) = token.lock() {
+                            *cur = t;
+                        }
+                    }
+                    // Stale or gone: the attempt is over.
+                    None => return,
+                }
+            }
+        }))
     }
 
     /// The newest capability token: asked of the host when it is within a
@@ -424,7 +468,15 @@ where
             Some(tp) => std::env::set_var("TRACEPARENT", tp),
             None => std::env::remove_var("TRACEPARENT"),
         }
-        handler(inputs, task)
+        let refresher = task.refresher();
+        let answer = handler(inputs, task);
+        async move {
+            let answer = answer.await;
+            if let Some(r) = refresher {
+                r.abort();
+            }
+            answer
+        }
     }))
     .await
 }

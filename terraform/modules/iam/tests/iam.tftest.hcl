@@ -40,13 +40,14 @@ run "each_role_grants_exactly_the_calls_its_code_makes" {
   assert {
     condition = toset(flatten(data.aws_iam_policy_document.worker.statement[*].actions)) == toset([
       "sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:GetQueueUrl",
-      "ecs:UpdateTaskProtection",
+      "ecs:UpdateTaskProtection", "lambda:InvokeFunction",
     ])
-    error_message = "the worker's actions: the wake-up queue and its scale-in protection, nothing else"
+    error_message = "the worker's actions: the wake-up queue, its scale-in protection and the runner functions, nothing else"
   }
   assert {
     condition = flatten(data.aws_iam_policy_document.worker.statement[*].resources) == [
       var.queue_arns.wakeups, "arn:aws:ecs:eu-west-1:123456789012:task/dispatcher-test/*",
+      "arn:aws:lambda:eu-west-1:123456789012:function:dispatcher-test-udf-*",
     ]
     error_message = "the worker reaches the wake-up queue alone (ADR 0009) and its cluster's tasks' protection"
   }

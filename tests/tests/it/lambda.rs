@@ -94,11 +94,8 @@ fn probe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bundles/python-probe")
 }
 
-/// Its attempts: (outcome, completion).
-async fn run(stack: &Stack, task: Value) -> (Uuid, Vec<(String, Value)>) {
-    let (job, ids) = stack
-        .submit(json!({"name": "lambda", "tasks": [task]}))
-        .await;
+/// Waits (at most a minute) for the job to end; its state.
+async fn ended(stack: &Stack, job: Uuid) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
@@ -107,11 +104,19 @@ async fn run(stack: &Stack, task: Value) -> (Uuid, Vec<(String, Value)>) {
             .await
             .unwrap();
         if state != "running" {
-            break;
+            return state;
         }
         assert!(Instant::now() < deadline, "job {job} still running");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Its attempts: (outcome, completion).
+async fn run(stack: &Stack, task: Value) -> (Uuid, Vec<(String, Value)>) {
+    let (job, ids) = stack
+        .submit(json!({"name": "lambda", "tasks": [task]}))
+        .await;
+    ended(stack, job).await;
     let rows: Vec<(Option<String>, Option<Value>)> = sqlx::query_as(
         "SELECT outcome, completion FROM attempts WHERE task_id = $1 ORDER BY attempt",
     )
@@ -281,20 +286,12 @@ async fn lambda_a_task_runs_through_the_invoke_path_output_dataset_errors_timeou
             task(json!({"do": "sleep_first", "seconds": 1}), json!({"key": "b"})),
         ]}))
         .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
-            .bind(job)
-            .fetch_one(&stack.db.pool)
-            .await
-            .unwrap();
-        if state != "running" {
-            assert_eq!(state, "succeeded", "{}", worker.log_text());
-            break;
-        }
-        assert!(Instant::now() < deadline, "throttled job still running");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert_eq!(
+        ended(&stack, job).await,
+        "succeeded",
+        "{}",
+        worker.log_text()
+    );
     let attempts: Vec<i32> = sqlx::query_scalar(
         "SELECT max(attempt) FROM attempts WHERE task_id = ANY($1) AND outcome = 'succeeded' GROUP BY task_id",
     )

@@ -240,29 +240,41 @@ async fn invoke(
         let _ = f.write_all(&body);
         let _ = f.write_all(b"\n");
     }
-    let (response, keep) = match warm {
-        Some(env) => run(env, &body, timeout, tail).await,
-        None => match server.start(&name, &dir).await {
-            Ok(env) => run(env, &body, timeout, tail).await,
-            Err(InitError {
-                error_type,
-                message,
-            }) => (
-                function_error(
-                    json!({"errorType": error_type, "errorMessage": message}),
+    // As in Lambda, an invocation runs to its end even if the caller goes
+    // away (a worker past the task's timeout): it runs in a task of its
+    // own, which also gives its slot back.
+    let done = tokio::spawn(async move {
+        let (response, keep) = match warm {
+            Some(env) => run(env, &body, timeout, tail).await,
+            None => match server.start(&name, &dir).await {
+                Ok(env) => run(env, &body, timeout, tail).await,
+                Err(InitError {
+                    error_type,
+                    message,
+                }) => (
+                    function_error(
+                        json!({"errorType": error_type, "errorMessage": message}),
+                        None,
+                    ),
                     None,
                 ),
-                None,
-            ),
-        },
-    };
-    let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
-    let f = state.entry(name).or_default();
-    f.running -= 1;
-    if let Some(env) = keep {
-        f.idle.push(env);
-    }
-    response
+            },
+        };
+        let mut state = server.state.lock().unwrap_or_else(|p| p.into_inner());
+        let f = state.entry(name).or_default();
+        f.running -= 1;
+        if let Some(env) = keep {
+            f.idle.push(env);
+        }
+        response
+    });
+    done.await.unwrap_or_else(|e| {
+        aws_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ServiceException",
+            &e.to_string(),
+        )
+    })
 }
 
 /// Runs one invocation on `env`; the answer, and the environment if it

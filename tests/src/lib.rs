@@ -225,24 +225,31 @@ async fn template(admin: &PgConnectOptions) -> String {
             .await
             .expect("applying migrations to the template");
         pool.close().await;
-        // A closed pool's sessions end asynchronously; a rename (and a
-        // copy) needs the database to have none.
-        for _ in 0..100 {
-            let sessions: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE datname = $1")
-                    .bind(&building)
-                    .fetch_one(&mut conn)
-                    .await
-                    .expect("counting the template's sessions");
-            if sessions == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        sqlx::query(&format!("ALTER DATABASE {building} RENAME TO {name}"))
+        // A closed pool's sessions end asynchronously, and an autovacuum
+        // worker may be in the new database; a rename (and a copy) needs it
+        // to have no session, so the stragglers are ended and the rename
+        // tried again until it lands.
+        let rename = format!("ALTER DATABASE {building} RENAME TO {name}");
+        let mut tries = 0;
+        loop {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(&building)
             .execute(&mut conn)
             .await
-            .expect("naming the template");
+            .expect("ending the template's sessions");
+            match sqlx::query(&rename).execute(&mut conn).await {
+                Ok(_) => break,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    eprintln!("naming the template, try {tries}: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("naming the template: {e}"),
+            }
+        }
         // Templates of other migrations are stale.
         let stale: Vec<String> = sqlx::query_scalar(
             "SELECT datname FROM pg_database WHERE datname LIKE 'test\\_tmpl\\_%' AND datname <> $1",

@@ -274,14 +274,18 @@ async fn run_attempt(
     tracing::info!(task_id = %claim.task_id, attempt = claim.attempt, key = claim.task.key, "claimed");
     // The newest capability token: heartbeats refresh it, completion uses it.
     let token = Arc::new(Mutex::new(claim.capability_token.clone()));
+    // When the lease was last renewed (the claim took it): one schedule of
+    // heartbeats runs through every phase of the attempt, so moving from
+    // running to completing never leaves a gap longer than the interval.
+    let beat = Mutex::new(tokio::time::Instant::now());
     // What the attempt prints, whichever way it ends.
     let log = LogBuffer::shared(cfg.log_max_bytes);
     let ended = if claim.task.runtime == wire::Runtime::Exec {
-        run(&cfg, claim, receipt, &token, &log).await
+        run(&cfg, claim, receipt, &token, &beat, &log).await
     } else if let Some(lambda) = cfg.lambda.as_ref().filter(|l| l.runs(claim.task.runtime)) {
-        invoke_lambda(&cfg, lambda, claim, receipt, &token, &log).await
+        invoke_lambda(&cfg, lambda, claim, receipt, &token, &beat, &log).await
     } else {
-        invoke(&cfg, claim, receipt, &token, &log).await
+        invoke(&cfg, claim, receipt, &token, &beat, &log).await
     };
     if matches!(ended, Ended::HandBack) {
         let token = current(&token);
@@ -353,7 +357,7 @@ async fn run_attempt(
             () = &mut finish => {}
             // Lost, cancelled or handed back while completing: the
             // completion is still the attempt's last word.
-            _ = keep_alive(&cfg, claim, receipt, None, &token) => finish.await,
+            _ = keep_alive(&cfg, claim, receipt, None, &token, &beat) => finish.await,
         }
     }
     cfg.wakeups.delete(receipt).await;
@@ -505,11 +509,12 @@ async fn invoke(
     claim: &wire::ClaimResponse,
     receipt: Option<&str>,
     token: &Arc<Mutex<String>>,
+    beat: &Mutex<tokio::time::Instant>,
     log: &Shared,
 ) -> Ended {
     tokio::select! {
         invoked = cfg.runners.invoke(claim, &cfg.dispatcher_url, token.clone(), log.clone()) => Ended::Invoked(invoked),
-        stop = keep_alive(cfg, claim, receipt, None, token) => match stop {
+        stop = keep_alive(cfg, claim, receipt, None, token, beat) => match stop {
             // The invocation's future is dropped: its runner's group is killed.
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
@@ -528,6 +533,7 @@ async fn invoke_lambda(
     claim: &wire::ClaimResponse,
     receipt: Option<&str>,
     token: &Arc<Mutex<String>>,
+    beat: &Mutex<tokio::time::Instant>,
     log: &Shared,
 ) -> Ended {
     let secs = match claim.task.timeout_seconds {
@@ -547,7 +553,7 @@ async fn invoke_lambda(
             )),
         },
         // The call is dropped; the function may run on, fenced.
-        stop = keep_alive(cfg, claim, receipt, None, token) => match stop {
+        stop = keep_alive(cfg, claim, receipt, None, token, beat) => match stop {
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
             Stop::HandBack => Ended::HandBack,
@@ -660,6 +666,7 @@ async fn run(
     claim: &wire::ClaimResponse,
     receipt: Option<&str>,
     token: &Mutex<String>,
+    beat: &Mutex<tokio::time::Instant>,
     log: &Shared,
 ) -> Ended {
     let mut argv = claim.task.bundle.split_whitespace();
@@ -743,7 +750,7 @@ async fn run(
             Err(e) => Ended::SpawnFailed(format!("waiting for the task failed: {e}")),
         },
         _ = tokio::time::sleep(Duration::from_secs(secs)) => Ended::TimedOut(secs),
-        stop = keep_alive(cfg, claim, receipt, Some(&attempt), token) => match stop {
+        stop = keep_alive(cfg, claim, receipt, Some(&attempt), token, beat) => match stop {
             Stop::Cancel => Ended::Cancelled,
             Stop::Lost(why) => Ended::Abandoned(why),
             Stop::HandBack => Ended::HandBack,
@@ -764,17 +771,21 @@ async fn keep_alive(
     receipt: Option<&str>,
     attempt: Option<&Attempt>,
     current: &Mutex<String>,
+    beat: &Mutex<tokio::time::Instant>,
 ) -> Stop {
     let interval = Duration::from_secs(u64::from(claim.heartbeat_interval_seconds.max(1)));
     let visibility = claim.heartbeat_interval_seconds.saturating_mul(3).max(1);
     loop {
+        let due = *beat.lock().unwrap_or_else(|p| p.into_inner()) + interval;
         tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep_until(due) => {}
             _ = cfg.hand_back.cancelled() => return Stop::HandBack,
         }
         let token = current.lock().map(|t| t.clone()).unwrap_or_default();
+        let sent = tokio::time::Instant::now();
         match cfg.calls.heartbeat(&token).await {
             Ok(hb) => {
+                *beat.lock().unwrap_or_else(|p| p.into_inner()) = sent;
                 let token = hb.capability_token;
                 if let Ok(mut t) = current.lock() {
                     t.clone_from(&token);
@@ -800,7 +811,9 @@ async fn keep_alive(
                 return Stop::Lost(format!("lease lost: {code}: {message}"));
             }
             Err(e) => {
-                tracing::warn!(task_id = %claim.task_id, error = %e, "heartbeat failed; retrying")
+                tracing::warn!(task_id = %claim.task_id, error = %e, "heartbeat failed; retrying");
+                // Tried again an interval on, not at once.
+                *beat.lock().unwrap_or_else(|p| p.into_inner()) = sent;
             }
         }
     }

@@ -20,6 +20,8 @@ struct Seen {
     /// (path, request bytes, entries, dispatcher's status or None when the
     /// proxy answered itself, what the worker got)
     calls: Vec<(String, usize, usize, Option<u16>, u16)>,
+    /// (path, when the call reached the proxy), every call.
+    arrived: Vec<(String, std::time::Instant)>,
 }
 
 /// Which calls a proxy fails: given the path and how many calls to it came
@@ -57,6 +59,10 @@ async fn chaos_proxy(upstream: String, rule: Rule) -> (String, Arc<Mutex<Seen>>)
             );
             async move {
                 let path = uri.path().to_owned();
+                seen.lock()
+                    .unwrap()
+                    .arrived
+                    .push((path.clone(), std::time::Instant::now()));
                 let n = {
                     let mut c = counts.lock().unwrap();
                     let n = c.entry(path.clone()).or_default();
@@ -314,4 +320,66 @@ async fn rule_a_completion_that_takes_longer_than_the_lease_keeps_it_alive_until
         .filter(|c| c.0.starts_with("/v1/task/heartbeat") && c.4 == 200)
         .count();
     assert!(beats >= 2, "heartbeats while completing: {:?}", seen.calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rule_heartbeats_keep_one_schedule_from_the_claim_through_running_and_completing() {
+    let mut stack = Stack::new().await;
+    stack.start_dispatcher("").await;
+    // The task ends 1.9 s after its claim, 0.9 s after its first heartbeat
+    // (lease 2 s, interval 1 s); its completions are refused for 3 s. A
+    // heartbeat loop that started again with the completion would leave
+    // 1.9 s between two renewals of a 2 s lease.
+    let first: Arc<std::sync::OnceLock<std::time::Instant>> = Default::default();
+    let rule: Rule = Arc::new(move |path: &str, _n: usize| {
+        if !path.starts_with("/v1/task/complete") {
+            return (false, false);
+        }
+        let since = first.get_or_init(std::time::Instant::now).elapsed();
+        (since < Duration::from_secs(3), false)
+    });
+    let (proxy, seen) = chaos_proxy(stack.url(), rule).await;
+    stack
+        .submit(json!({"name": "one-schedule", "tasks": [
+            {"key": "t", "runtime": "exec", "bundle": "/bin/sleep 1.9", "max_attempts": 1}]}))
+        .await;
+    let worker = stack.start_worker(&WorkerOpts {
+        dispatcher_url: Some(proxy),
+        ..WorkerOpts::new("one-schedule")
+    });
+    stack.wait_all_finished(Duration::from_secs(60)).await;
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM attempts")
+        .fetch_one(&stack.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "succeeded", "{}", worker.log_text());
+    let seen = seen.lock().unwrap();
+    // The renewals of the lease: the claim that took it, then every
+    // heartbeat until the completion that landed.
+    let claimed = seen
+        .arrived
+        .iter()
+        .position(|(p, _)| p.starts_with("/internal/task-claim"))
+        .expect("a claim");
+    let landed = seen
+        .arrived
+        .iter()
+        .rposition(|(p, _)| p.starts_with("/v1/task/complete"))
+        .unwrap();
+    // (Later claims are the worker's other slots asking for more.)
+    let renewals: Vec<std::time::Instant> = std::iter::once(seen.arrived[claimed].1)
+        .chain(
+            seen.arrived[claimed..landed]
+                .iter()
+                .filter(|(p, _)| p.starts_with("/v1/task/heartbeat"))
+                .map(|(_, at)| *at),
+        )
+        .collect();
+    assert!(renewals.len() >= 4, "{:?}", seen.arrived);
+    let widest = renewals.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        widest < Duration::from_millis(1_500),
+        "{widest:?} between two renewals of a 2 s lease (interval 1 s): {:?}",
+        seen.arrived
+    );
 }

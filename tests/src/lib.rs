@@ -27,6 +27,7 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
+pub mod invoke;
 pub mod moto;
 pub mod s3s;
 pub mod stack;

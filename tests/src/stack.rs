@@ -567,6 +567,28 @@ impl Stack {
 
     /// Waits until no task of the database is unfinished; panics with the
     /// counts on timeout.
+    /// Waits (at most `timeout`, then panics) for job `job` to leave
+    /// `running`; its state then.
+    pub async fn job_ended(&self, job: Uuid, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+                .bind(job)
+                .fetch_one(&self.db.pool)
+                .await
+                .expect("the job's state");
+            if state != "running" {
+                return state;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job} still running after {timeout:?}; logs in {}",
+                self.dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn wait_all_finished(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {

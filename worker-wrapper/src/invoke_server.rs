@@ -121,8 +121,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         functions: args.functions.clone(),
         runtime_dir,
         events,
-        python: args.python,
-        node: args.node,
+        python: interpreter(&args.python),
+        node: interpreter(&args.node),
         state: Mutex::new(HashMap::new()),
     });
     let app = Router::new()
@@ -136,6 +136,15 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     tracing::info!(%addr, functions = %args.functions.display(), "invoke server listening");
     axum::serve(listener, app).await?;
     Ok(())
+}
+
+/// The interpreter an environment runs: a program anyone may run first (as
+/// the worker's runners pick it), so that a shim in root's home, which sets
+/// variables of its own, is not what a function's environment shows.
+fn interpreter(name: &str) -> String {
+    crate::runners::program_for_tasks(name, true)
+        .or_else(|| crate::runners::program_for_tasks(name, false))
+        .unwrap_or_else(|| name.to_owned())
 }
 
 fn aws_error(status: StatusCode, error_type: &str, message: &str) -> Response {

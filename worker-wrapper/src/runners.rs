@@ -218,7 +218,7 @@ fn runnable_by_others(path: &Path) -> bool {
 /// The program a runner runs as `name`: itself if it holds a `/`, else the
 /// first of `PATH` that a task may run (root's own tools, such as a pyenv
 /// shim under `/root`, are skipped when tasks run under uids of their own).
-fn program_for_tasks(name: &str, isolated: bool) -> Option<String> {
+pub(crate) fn program_for_tasks(name: &str, isolated: bool) -> Option<String> {
     let ok = |p: &Path| p.is_file() && (!isolated || runnable_by_others(p));
     if name.contains('/') {
         return ok(Path::new(name)).then(|| name.to_owned());

@@ -4,111 +4,15 @@
 //! same runners as the local path behind the runtime host.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use dispatcher_tests::stack::{binary, Stack, WorkerOpts};
+use dispatcher_tests::invoke::InvokeServer;
+use dispatcher_tests::stack::{Stack, WorkerOpts};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-struct InvokeServer {
-    child: Child,
-    url: String,
-    functions: PathBuf,
-    events: PathBuf,
-    log: PathBuf,
-}
-
-impl Drop for InvokeServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.functions);
-    }
-}
-
-impl InvokeServer {
-    fn start() -> InvokeServer {
-        let dir = std::env::temp_dir().join(format!("invoke-{}", Uuid::new_v4().simple()));
-        let functions = dir.join("functions");
-        std::fs::create_dir_all(&functions).unwrap();
-        let (address, events, log) = (
-            dir.join("address"),
-            dir.join("events.jsonl"),
-            dir.join("server.log"),
-        );
-        let child = Command::new(binary("worker-wrapper"))
-            .args(["invoke-server", "--listen", "127.0.0.1:0", "--functions"])
-            .arg(&functions)
-            .arg("--address-file")
-            .arg(&address)
-            .arg("--events-file")
-            .arg(&events)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("invoke-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let addr = loop {
-            if let Ok(a) = std::fs::read_to_string(&address) {
-                if !a.is_empty() {
-                    break a;
-                }
-            }
-            assert!(Instant::now() < deadline, "the invoke server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        InvokeServer {
-            child,
-            url: format!("http://{addr}"),
-            functions,
-            events,
-            log,
-        }
-    }
-
-    /// Deploys `bundle` (a directory) as function `name`.
-    fn deploy(&self, name: &str, bundle: &Path, settings: Value) {
-        std::os::unix::fs::symlink(bundle, self.functions.join(name)).unwrap();
-        std::fs::write(
-            self.functions.join(format!("{name}.json")),
-            settings.to_string(),
-        )
-        .unwrap();
-    }
-
-    fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
 fn probe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bundles/python-probe")
-}
-
-/// Waits (at most a minute) for the job to end; its state.
-async fn ended(stack: &Stack, job: Uuid) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let state: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
-            .bind(job)
-            .fetch_one(&stack.db.pool)
-            .await
-            .unwrap();
-        if state != "running" {
-            return state;
-        }
-        assert!(Instant::now() < deadline, "job {job} still running");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Its attempts: (outcome, completion).
@@ -116,7 +20,7 @@ async fn run(stack: &Stack, task: Value) -> (Uuid, Vec<(String, Value)>) {
     let (job, ids) = stack
         .submit(json!({"name": "lambda", "tasks": [task]}))
         .await;
-    ended(stack, job).await;
+    stack.job_ended(job, Duration::from_secs(60)).await;
     let rows: Vec<(Option<String>, Option<Value>)> = sqlx::query_as(
         "SELECT outcome, completion FROM attempts WHERE task_id = $1 ORDER BY attempt",
     )
@@ -287,7 +191,7 @@ async fn lambda_a_task_runs_through_the_invoke_path_output_dataset_errors_timeou
         ]}))
         .await;
     assert_eq!(
-        ended(&stack, job).await,
+        stack.job_ended(job, Duration::from_secs(60)).await,
         "succeeded",
         "{}",
         worker.log_text()

@@ -2,13 +2,17 @@
 //! with `dispatcher bundle push`, run behind the wrapper's Runtime API
 //! host. Success, warm reuse, handler exception, timeout, crash, init
 //! failure, oversized response, the environment allowlist, and a task that
-//! outlives its first capability token. (Protocol misuse with raw HTTP is
+//! outlives its first capability token. The same suite runs on both
+//! paths: the worker's own runners, and the Lambda path (ADR 0026), where
+//! the worker invokes each bundle's function through `aws-sdk-lambda`
+//! against `worker-wrapper invoke-server`. (Protocol misuse with raw HTTP is
 //! in `worker-wrapper/src/runtime_api.rs`.)
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use dispatcher_tests::invoke::InvokeServer;
 use dispatcher_tests::stack::{Stack, Worker, WorkerOpts};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -43,15 +47,26 @@ impl Attempt {
     }
 }
 
+/// Where a bundle task runs.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Via {
+    /// On the worker's own runner, behind its runtime host.
+    Local,
+    /// As the bundle's Lambda function, invoked by the worker.
+    Lambda,
+}
+
 struct Lab {
     stack: Stack,
     worker: Worker,
     runtime: &'static str,
     digest: String,
+    /// The Invoke API, on the Lambda path.
+    invoke: Option<InvokeServer>,
 }
 
 impl Lab {
-    async fn new(runtime: &'static str, bundle: &Path) -> Lab {
+    async fn new(runtime: &'static str, bundle: &Path, path: Via) -> Lab {
         let mut stack = Stack::new().await;
         // A token outlives its lease by 1 s here (60 s by default), so a
         // task of a few seconds outlives its first token.
@@ -59,15 +74,62 @@ impl Lab {
             .profile_env
             .push(("DISPATCHER_TOKEN_GRACE_SECONDS".into(), "1".into()));
         stack.start_dispatcher("").await;
-        let digest = stack.push_bundle(bundle, Some(&format!("{runtime}-probe")));
         let mut opts = WorkerOpts::new(&format!("runner-{runtime}"));
         opts.concurrency = 1;
+        let invoke = (path == Via::Lambda).then(InvokeServer::start);
+        if let Some(server) = &invoke {
+            opts.env = vec![
+                ("WORKER_LAMBDA_FUNCTION".into(), "udf-{org}-{bundle}".into()),
+                ("WORKER_LAMBDA_ENDPOINT_URL".into(), server.url.clone()),
+                ("AWS_ACCESS_KEY_ID".into(), "invoke-test".into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), "invoke-test".into()),
+            ];
+        }
         let worker = stack.start_worker(&opts);
-        Lab {
+        let mut lab = Lab {
             stack,
             worker,
             runtime,
-            digest,
+            digest: String::new(),
+            invoke,
+        };
+        lab.digest = lab.push(bundle, Some(&format!("{runtime}-probe")));
+        lab
+    }
+
+    /// Pushes a bundle (and, on the Lambda path, deploys it as its org's
+    /// function, with a 30 s timeout); its digest.
+    fn push(&self, bundle: &Path, tag: Option<&str>) -> String {
+        let digest = self.stack.push_bundle(bundle, tag);
+        if let Some(server) = &self.invoke {
+            server.deploy(
+                &self.function(&digest),
+                bundle,
+                json!({"timeout_seconds": 30}),
+            );
+        }
+        digest
+    }
+
+    fn function(&self, digest: &str) -> String {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        format!("udf-{}-{}", self.stack.org_id.simple(), &hex[..12])
+    }
+
+    /// How many times an environment of the bundle was started (its init).
+    fn cold_starts(&self, digest: &str) -> usize {
+        match &self.invoke {
+            None => self
+                .worker
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("runner starting (cold)") && l.contains(digest))
+                .count(),
+            Some(server) => server
+                .log_text()
+                .lines()
+                .filter(|l| l.contains("cold start") && l.contains(&self.function(digest)))
+                .count(),
         }
     }
 
@@ -187,8 +249,14 @@ fn allowlist(runtime: &str) -> BTreeSet<String> {
     keys
 }
 
-async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str, init_error: &str) {
-    let lab = Lab::new(runtime, bundle).await;
+async fn scenarios(
+    runtime: &'static str,
+    bundle: &Path,
+    exception: &str,
+    init_error: &str,
+    path: Via,
+) {
+    let lab = Lab::new(runtime, bundle, path).await;
 
     // Success, then warm reuse: the same process, its module state kept.
     let first = lab.ok(json!({})).await;
@@ -268,7 +336,13 @@ async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str, init_e
     let fresh = timed[1].output();
     assert_ne!(fresh["pid"].as_i64(), Some(pid));
     assert_eq!(fresh["calls"], 1, "a new runner re-initialised");
-    assert!(!alive(pid), "the timed-out runner's process is gone");
+    if path == Via::Local {
+        assert!(!alive(pid), "the timed-out runner's process is gone");
+    } else {
+        // Nothing stops a Lambda function before its own timeout (30 s
+        // here): it runs on, its calls fenced, and ends then.
+        assert!(alive(pid), "the timed-out function runs on");
+    }
     let pid = fresh["pid"].as_i64().unwrap();
 
     // A crash mid-invocation: Runtime.ExitError, then a restart.
@@ -363,7 +437,7 @@ async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str, init_e
         format!(r#"{{"runtime": "{runtime}", "handler": "missing.handler"}}"#),
     )
     .unwrap();
-    let broken_digest = lab.stack.push_bundle(&broken, None);
+    let broken_digest = lab.push(&broken, None);
     let init = lab
         .run(&broken_digest, json!({}), json!({"max_attempts": 3}))
         .await;
@@ -375,13 +449,21 @@ async fn scenarios(runtime: &'static str, bundle: &Path, exception: &str, init_e
     );
     assert!(!init[0].retryable());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let starts = lab
-        .worker
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("runner starting (cold)") && l.contains(&broken_digest))
-        .count();
-    assert_eq!(starts, 1, "one init for the broken bundle");
+    assert_eq!(
+        lab.cold_starts(&broken_digest),
+        1,
+        "one init for the broken bundle"
+    );
+    if path == Via::Lambda {
+        // Every task ran as its function; the worker started no runner.
+        assert!(
+            !lab.worker.log_text().contains("runner starting"),
+            "{}",
+            lab.worker.log_text()
+        );
+        let events = lab.invoke.as_ref().unwrap().events().len();
+        assert!(events >= 15, "{events} invocations");
+    }
     let _ = std::fs::remove_dir_all(&broken);
 }
 
@@ -392,6 +474,20 @@ async fn python_runner_success_warm_exception_timeout_crash_init_size_env_and_to
         &fixture("python-probe"),
         "ValueError: boom from python",
         "Runtime.ImportModuleError",
+        Via::Local,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_path_python_runner_success_warm_exception_timeout_crash_init_size_env_and_token_refresh(
+) {
+    scenarios(
+        "python",
+        &fixture("python-probe"),
+        "ValueError: boom from python",
+        "Runtime.ImportModuleError",
+        Via::Lambda,
     )
     .await;
 }
@@ -403,6 +499,20 @@ async fn node_runner_success_warm_exception_timeout_crash_init_size_env_and_toke
         &fixture("node-probe"),
         "TypeError: boom from node",
         "Runtime.ImportModuleError",
+        Via::Local,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_path_node_runner_success_warm_exception_timeout_crash_init_size_env_and_token_refresh(
+) {
+    scenarios(
+        "node",
+        &fixture("node-probe"),
+        "TypeError: boom from node",
+        "Runtime.ImportModuleError",
+        Via::Lambda,
     )
     .await;
 }
@@ -433,6 +543,22 @@ async fn rust_runner_success_warm_exception_timeout_crash_init_size_env_and_toke
         &bundle,
         "ProbeError: boom from rust",
         "Runtime.InvalidEntrypoint",
+        Via::Local,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(bundle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_path_rust_runner_success_warm_exception_timeout_crash_init_size_env_and_token_refresh(
+) {
+    let bundle = rust_bundle();
+    scenarios(
+        "rust",
+        &bundle,
+        "ProbeError: boom from rust",
+        "Runtime.InvalidEntrypoint",
+        Via::Lambda,
     )
     .await;
     let _ = std::fs::remove_dir_all(bundle);
@@ -609,7 +735,7 @@ async fn invariant_11_a_cancelled_bundle_task_leaves_no_process_running_under_it
         0,
         "this test needs root: tasks run under uids of their own only then"
     );
-    let lab = Lab::new("python", &fixture("python-probe")).await;
+    let lab = Lab::new("python", &fixture("python-probe"), Via::Local).await;
     let mark = format!("PROBE_MARK=m2-{}", Uuid::new_v4().simple());
     let (job, _) = lab
         .stack

@@ -8,3 +8,11 @@ signing_key_secret_arn       = "arn:aws:secretsmanager:eu-west-1:123456789012:se
 worker_credential_secret_arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:dispatcher/worker-credential-AbCdEf"
 dispatcher_image             = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/dispatcher@sha256:0000000000000000000000000000000000000000000000000000000000000000"
 worker_image                 = "123456789012.dkr.ecr.eu-west-1.amazonaws.com/worker@sha256:0000000000000000000000000000000000000000000000000000000000000000"
+# One runner function, so that the plan scan judges one.
+lambda_runtimes = ["python"]
+runner_functions = {
+  probe = {
+    org     = "0123456789abcdef0123456789abcdef", bundle = "a1b2c3d4e5f6", runtime = "python",
+    handler = "probe.handler", package_key = "lambda/udf-0123456789abcdef0123456789abcdef-a1b2c3d4e5f6.zip"
+  }
+}

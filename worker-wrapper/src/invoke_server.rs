@@ -428,6 +428,17 @@ impl Server {
             ),
             _ => (dir.join(&manifest.handler).display().to_string(), vec![]),
         };
+        // A package of scripts/package-lambda carries its own runner, which
+        // Lambda's managed runtime starts through AWS_LAMBDA_EXEC_WRAPPER:
+        // the wrapper gets the runtime's command as its arguments.
+        let wrapper = dir.join(".dispatcher/wrapper");
+        let (program, args) = if manifest.runtime != wire::Runtime::Rust && wrapper.is_file() {
+            let mut wrapped = vec![PathBuf::from(&program)];
+            wrapped.extend(args);
+            (wrapper.display().to_string(), wrapped)
+        } else {
+            (program, args)
+        };
         tracing::info!(
             function = name,
             runtime = manifest.runtime.as_str(),

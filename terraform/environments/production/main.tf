@@ -17,4 +17,6 @@ module "deployment" {
   dispatcher_count             = 2
   worker_min                   = 2
   worker_max                   = 20
+  runner_functions             = var.runner_functions
+  lambda_runtimes              = var.lambda_runtimes
 }

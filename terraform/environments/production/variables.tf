@@ -53,3 +53,24 @@ variable "worker_image" {
   description = "The worker wrapper's image, pinned by digest."
   type        = string
 }
+
+variable "runner_functions" {
+  description = "The UDF runner functions, one per org and bundle (terraform/README.md, \"Lambda runners\")."
+  type = map(object({
+    org                  = string
+    bundle               = string
+    runtime              = string
+    handler              = string
+    package_key          = string
+    memory_mb            = optional(number, 1024)
+    timeout_seconds      = optional(number, 900)
+    reserved_concurrency = optional(number, 10)
+  }))
+  default = {}
+}
+
+variable "lambda_runtimes" {
+  description = "The runtimes the workers run as Lambda functions; empty: all on the workers."
+  type        = list(string)
+  default     = []
+}

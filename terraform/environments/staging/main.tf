@@ -21,4 +21,6 @@ module "deployment" {
   dispatcher_count             = 1
   worker_min                   = 1
   worker_max                   = 4
+  runner_functions             = var.runner_functions
+  lambda_runtimes              = var.lambda_runtimes
 }

@@ -5,6 +5,7 @@
 locals {
   name         = "${var.name}-${var.environment}"
   queue_prefix = "${local.name}-"
+  udf_prefix   = coalesce(var.function_prefix, "udf-${substr(var.environment, 0, 4)}")
 }
 
 module "kms" {
@@ -59,7 +60,9 @@ module "iam" {
   dlq_arns     = module.queues.dlq_arns
   bucket_arn   = module.storage.bucket_arn
   kms_key_arn  = module.kms.key_arn
-  secret_arns  = concat(values(module.database.secret_arns), [var.signing_key_secret_arn, var.worker_credential_secret_arn])
+  # The worker may invoke the runner functions alone.
+  function_prefix = local.udf_prefix
+  secret_arns     = concat(values(module.database.secret_arns), [var.signing_key_secret_arn, var.worker_credential_secret_arn])
 }
 
 module "service" {
@@ -87,6 +90,21 @@ module "service" {
   worker_max                   = var.worker_max
   worker_slots                 = var.worker_slots
   backlog_target               = var.backlog_target
+  lambda_function              = module.runners.function_template
+  lambda_runtimes              = var.lambda_runtimes
+}
+
+module "runners" {
+  source          = "../runners"
+  function_prefix = local.udf_prefix
+  account_id      = var.account_id
+  region          = var.region
+  vpc_id          = module.network.vpc_id
+  vpc_cidr        = module.network.cidr
+  subnet_ids      = module.network.private_subnet_ids
+  kms_key_arn     = module.kms.key_arn
+  package_bucket  = module.storage.bucket
+  functions       = var.runner_functions
 }
 
 module "alarms" {

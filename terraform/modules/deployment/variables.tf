@@ -132,3 +132,30 @@ variable "backlog_target" {
   type        = number
   default     = 1
 }
+
+variable "function_prefix" {
+  description = "Name prefix of the UDF runner functions (at most 18 characters; default udf-<first 4 letters of the environment>)."
+  type        = string
+  default     = null
+}
+
+variable "runner_functions" {
+  description = "The UDF runner functions, one per org and bundle (modules/runners: its variable `functions`). Each costs nothing idle; invocations are billed per GB-second."
+  type = map(object({
+    org                  = string
+    bundle               = string
+    runtime              = string
+    handler              = string
+    package_key          = string
+    memory_mb            = optional(number, 1024)
+    timeout_seconds      = optional(number, 900)
+    reserved_concurrency = optional(number, 10)
+  }))
+  default = {}
+}
+
+variable "lambda_runtimes" {
+  description = "The runtimes the workers run as Lambda functions (python, node, rust); empty: every task runs on the workers."
+  type        = list(string)
+  default     = []
+}

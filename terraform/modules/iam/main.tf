@@ -5,7 +5,7 @@
 #   AssumeRole on the task-objects role alone;
 # * worker: the wake-up queue alone (receive, delete, visibility, URL),
 #   its own task's scale-in protection (through the ECS agent), and the
-#   invocation of the UDF runner functions, `<name>-udf-*` (ADR 0026); no
+#   invocation of the UDF runner functions, `<function_prefix>-*` (ADR 0026); no
 #   bucket, no database (ADR 0009);
 # * task-objects: what `POST /v1/task/credentials` hands a task, under a
 #   session policy that narrows it to one attempt's prefix (ADR 0010);
@@ -100,7 +100,7 @@ data "aws_iam_policy_document" "worker" {
   statement {
     sid       = "InvokeRunners"
     actions   = ["lambda:InvokeFunction"]
-    resources = ["arn:${local.p}:lambda:${var.region}:${var.account_id}:function:${var.name}-udf-*"]
+    resources = ["arn:${local.p}:lambda:${var.region}:${var.account_id}:function:${var.function_prefix}-*"]
   }
 }
 

@@ -42,3 +42,8 @@ variable "cluster_name" {
   description = "The ECS cluster the workers run in (their scale-in protection is limited to its tasks)."
   type        = string
 }
+
+variable "function_prefix" {
+  description = "Name prefix of the UDF runner functions (modules/runners): the worker may invoke those alone."
+  type        = string
+}

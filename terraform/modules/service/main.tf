@@ -290,6 +290,9 @@ resource "aws_ecs_task_definition" "worker" {
       { name = "WORKER_SCRATCH_DIR", value = "/scratch" },
       { name = "WORKER_METRICS_BIND", value = "0.0.0.0:9465" },
       { name = "WORKER_ECS_TASK_PROTECTION", value = "true" },
+      ], length(var.lambda_runtimes) == 0 ? [] : [
+      { name = "WORKER_LAMBDA_FUNCTION", value = var.lambda_function },
+      { name = "WORKER_LAMBDA_RUNTIMES", value = join(",", var.lambda_runtimes) },
     ])
     secrets = [
       { name = "WORKER_CREDENTIAL", valueFrom = var.worker_credential_secret_arn },

@@ -185,3 +185,19 @@ variable "metric_namespace" {
   type        = string
   default     = "Dispatcher"
 }
+
+variable "lambda_function" {
+  description = "The worker's WORKER_LAMBDA_FUNCTION template (modules/runners output), used when lambda_runtimes is not empty."
+  type        = string
+  default     = ""
+}
+
+variable "lambda_runtimes" {
+  description = "The runtimes the workers run as Lambda functions (ADR 0026); empty: none."
+  type        = list(string)
+  default     = []
+  validation {
+    condition     = alltrue([for r in var.lambda_runtimes : contains(["python", "node", "rust"], r)])
+    error_message = "Runtimes are python, node or rust."
+  }
+}

@@ -247,3 +247,89 @@ async fn lambda_a_task_runs_through_the_invoke_path_output_dataset_errors_timeou
         assert!(!text.contains("invoke-test"), "an AWS credential leaked");
     }
 }
+
+/// Unpacks a zip with its files' modes (as Lambda does into /var/task).
+fn unzip(zip: &Path, into: &Path) {
+    let script = "import sys, zipfile, os\n\
+                  z = zipfile.ZipFile(sys.argv[1])\n\
+                  for i in z.infolist():\n\
+                  \x20   p = z.extract(i, sys.argv[2])\n\
+                  \x20   os.chmod(p, (i.external_attr >> 16) & 0o777)\n";
+    let ok = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(zip)
+        .arg(into)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "unzipping {}", zip.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_a_package_of_package_lambda_starts_its_own_runner_through_the_exec_wrapper() {
+    let mut stack = Stack::new().await;
+    stack.start_dispatcher("").await;
+    let server = InvokeServer::start();
+    let mut opts = WorkerOpts::new("lambda-packaged");
+    opts.env = vec![
+        ("WORKER_LAMBDA_FUNCTION".into(), "udf-{org}-{bundle}".into()),
+        ("WORKER_LAMBDA_ENDPOINT_URL".into(), server.url.clone()),
+        ("AWS_ACCESS_KEY_ID".into(), "invoke-test".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "invoke-test".into()),
+    ];
+    let worker = stack.start_worker(&opts);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let work = std::env::temp_dir().join(format!("packaged-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&work).unwrap();
+    for (runtime, bootstrap) in [("python", "bootstrap.py"), ("node", "bootstrap.mjs")] {
+        let bundle = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/bundles")
+            .join(format!("{runtime}-probe"));
+        let zip = work.join(format!("{runtime}.zip"));
+        let out = std::process::Command::new(root.join("scripts/package-lambda"))
+            .arg(&bundle)
+            .arg(&zip)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let unpacked = work.join(runtime);
+        assert!(!unpacked.exists());
+        unzip(&zip, &unpacked);
+        let digest = stack.push_bundle(&bundle, None);
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        server.deploy(
+            &format!("udf-{}-{}", stack.org_id.simple(), &hex[..12]),
+            &unpacked,
+            json!({"timeout_seconds": 30}),
+        );
+        let (_, ok) = run(
+            &stack,
+            json!({"key": "t", "runtime": runtime, "bundle": digest, "inputs": {},
+                   "max_attempts": 1}),
+        )
+        .await;
+        assert_eq!(ok[0].0, "succeeded", "{ok:?}\n{}", worker.log_text());
+        // The warm environment's process is the package's own runner, as
+        // its wrapper started it.
+        let pid = ok[0].1["output"]["pid"].as_i64().unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains(&format!("/.dispatcher/runner/{bootstrap}")),
+            "{cmdline}"
+        );
+    }
+    // A bundle without a manifest is refused with a clear message.
+    let out = std::process::Command::new(root.join("scripts/package-lambda"))
+        .arg(&work)
+        .arg(work.join("none.zip"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no readable bundle.json"));
+    let _ = std::fs::remove_dir_all(&work);
+}

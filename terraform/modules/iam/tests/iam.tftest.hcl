@@ -3,10 +3,11 @@ mock_provider "aws" {
 }
 
 variables {
-  name         = "dispatcher-test"
-  account_id   = "123456789012"
-  region       = "eu-west-1"
-  cluster_name = "dispatcher-test"
+  name            = "dispatcher-test"
+  account_id      = "123456789012"
+  region          = "eu-west-1"
+  cluster_name    = "dispatcher-test"
+  function_prefix = "udf-test"
   queue_arns = {
     wakeups = "arn:aws:sqs:eu-west-1:123456789012:t-wakeups"
     buffers = "arn:aws:sqs:eu-west-1:123456789012:t-buffers"
@@ -47,7 +48,7 @@ run "each_role_grants_exactly_the_calls_its_code_makes" {
   assert {
     condition = flatten(data.aws_iam_policy_document.worker.statement[*].resources) == [
       var.queue_arns.wakeups, "arn:aws:ecs:eu-west-1:123456789012:task/dispatcher-test/*",
-      "arn:aws:lambda:eu-west-1:123456789012:function:dispatcher-test-udf-*",
+      "arn:aws:lambda:eu-west-1:123456789012:function:udf-test-*",
     ]
     error_message = "the worker reaches the wake-up queue alone (ADR 0009) and its cluster's tasks' protection"
   }

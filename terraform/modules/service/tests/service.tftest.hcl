@@ -88,3 +88,25 @@ run "a_fleet_of_zero_is_refused" {
   }
   expect_failures = [var.worker_min]
 }
+
+run "workers_invoke_the_runner_functions_only_when_lambda_runtimes_are_set" {
+  command = plan
+  variables {
+    lambda_function = "udf-test-{org}-{bundle}"
+    lambda_runtimes = ["python", "node"]
+  }
+
+  assert {
+    condition     = contains(jsondecode(aws_ecs_task_definition.worker.container_definitions)[0].environment, { name = "WORKER_LAMBDA_FUNCTION", value = "udf-test-{org}-{bundle}" }) && contains(jsondecode(aws_ecs_task_definition.worker.container_definitions)[0].environment, { name = "WORKER_LAMBDA_RUNTIMES", value = "python,node" })
+    error_message = "the worker's template and runtimes"
+  }
+}
+
+run "without_lambda_runtimes_every_task_runs_on_the_workers" {
+  command = plan
+
+  assert {
+    condition     = length([for e in jsondecode(aws_ecs_task_definition.worker.container_definitions)[0].environment : e if startswith(e.name, "WORKER_LAMBDA_")]) == 0
+    error_message = "no Lambda settings by default"
+  }
+}
